@@ -1,0 +1,91 @@
+"""The gateway's SQLite store (WAL, synchronous=FULL): an ack is only sent after
+the transaction holding its reading has reached the disk."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import sqlite_utils
+
+from gridledger.wire import Reading
+
+from .ingest import ChainHead
+
+__all__ = ["GatewayStore"]
+
+
+class GatewayStore:
+    def __init__(self, path: Path | str):
+        conn = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        self.db = sqlite_utils.Database(conn)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=FULL")
+        self.db.execute("PRAGMA busy_timeout=5000")
+        readings = self.db["readings"]
+        if not readings.exists():
+            readings.create({"meter": str, "seq": int, "t": int, "dt": int, "prev": str, "kid": str,
+                             "c": str, "sig": str, "hash": str, "received_at": float},
+                            pk=("meter", "seq"))
+            readings.create_index(["t"])
+        if not self.db["evidence"].exists():
+            self.db["evidence"].create({"id": int, "meter": str, "seq": int, "reason": str,
+                                        "payload": str, "received_at": float}, pk="id")
+        if not self.db["rejections"].exists():
+            self.db["rejections"].create({"reason": str, "count": int}, pk="reason")
+
+    def heads(self) -> dict[str, ChainHead]:
+        rows = self.db.execute(
+            "SELECT r.meter, r.seq, r.hash FROM readings r JOIN "
+            "(SELECT meter, MAX(seq) AS seq FROM readings GROUP BY meter) m "
+            "ON r.meter = m.meter AND r.seq = m.seq").fetchall()
+        return {meter: ChainHead(seq, h) for meter, seq, h in rows}
+
+    def stored_hash(self, meter: str, seq: int) -> str | None:
+        row = self.db.execute("SELECT hash FROM readings WHERE meter=? AND seq=?", [meter, seq]).fetchone()
+        return row[0] if row else None
+
+    def commit(self, accepted: Iterable[Reading], evidence: Iterable[tuple[Reading, str]],
+               rejections: Mapping[str, int]) -> None:
+        """One durable transaction for a batch of readings, evidence and counters."""
+        now = time.time()
+        conn = self.db.conn
+        # Plain executemany inside one explicit transaction: sqlite-utils' insert_all
+        # commits on its own, which would split the batch.
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.executemany(
+                "INSERT INTO readings(meter, seq, t, dt, prev, kid, c, sig, hash, received_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [(r.meter, r.seq, r.t, r.dt, r.prev, r.kid, r.c, r.sig, r.hash, now) for r in accepted])
+            conn.executemany(
+                "INSERT INTO evidence(meter, seq, reason, payload, received_at) VALUES (?, ?, ?, ?, ?)",
+                [(r.meter, r.seq, reason, r.to_json().decode(), now) for r, reason in evidence])
+            conn.executemany(
+                "INSERT INTO rejections(reason, count) VALUES (?, ?) "
+                "ON CONFLICT(reason) DO UPDATE SET count = count + excluded.count",
+                list(rejections.items()))
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+    def rejection_counts(self) -> dict[str, int]:
+        return dict(self.db.execute("SELECT reason, count FROM rejections").fetchall())
+
+    def readings(self, meter: str | None = None) -> list[Reading]:
+        sql = "SELECT meter, seq, t, dt, prev, kid, c, sig FROM readings"
+        args: list = []
+        if meter is not None:
+            sql += " WHERE meter = ?"
+            args.append(meter)
+        sql += " ORDER BY meter, seq"
+        return [Reading(*row) for row in self.db.execute(sql, args).fetchall()]
+
+    def count_by_meter(self) -> dict[str, int]:
+        return dict(self.db.execute("SELECT meter, COUNT(*) FROM readings GROUP BY meter").fetchall())
+
+    def close(self) -> None:
+        self.db.conn.close()

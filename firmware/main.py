@@ -1,0 +1,5 @@
+# Entry point: boards run main.py at boot; the Unix port runs
+# `micropython main.py CONFIG`.
+import meter
+
+meter.main()

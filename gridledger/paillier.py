@@ -1,0 +1,123 @@
+"""Paillier keys and raw operations (g = n + 1), on `phe` with gmpy2 underneath.
+
+Raw integer operations only; slot packing lives in `wire`. The private key is
+whole here: a testbed shortcut that threshold trustees replace.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import gmpy2
+from phe import paillier as phe_paillier
+
+from .errors import ConfigError
+from .wire import kid_of
+
+__all__ = ["PublicKey", "generate", "load_public", "load_private", "save_keypair",
+           "encrypt_raw", "add_ciphertexts", "in_ciphertext_space"]
+
+
+@dataclass(frozen=True, slots=True)
+class PublicKey:
+    n: int
+
+    def __post_init__(self) -> None:
+        if self.n < 3 or self.n % 2 == 0:
+            raise ConfigError("Paillier modulus must be odd and > 2")
+
+    @property
+    def nsquare(self) -> int:
+        return self.n * self.n
+
+    @property
+    def kid(self) -> str:
+        return kid_of(self.n)
+
+    @property
+    def bits(self) -> int:
+        return self.n.bit_length()
+
+    def to_phe(self) -> phe_paillier.PaillierPublicKey:
+        return phe_paillier.PaillierPublicKey(self.n)
+
+
+def encrypt_raw(n: int, m: int, r: int | None = None) -> int:
+    """c = (1 + m n) r^n mod n^2; r drawn uniformly from Z*_n unless given."""
+    if not 0 <= m < n:
+        raise ValueError("plaintext out of range")
+    nsq = gmpy2.mpz(n) * n
+    if r is None:
+        while True:
+            r = secrets.randbelow(n)
+            if r > 1 and gmpy2.gcd(r, n) == 1:
+                break
+    return int((1 + gmpy2.mpz(m) * n) * gmpy2.powmod(r, n, nsq) % nsq)
+
+
+def in_ciphertext_space(n: int, c: int) -> bool:
+    """c is a unit of Z_{n^2}: 0 < c < n^2 and gcd(c, n) = 1."""
+    return 0 < c < n * n and gmpy2.gcd(c, n) == 1
+
+
+def add_ciphertexts(n: int, cs: Iterable[int]) -> int:
+    """The ciphertext of the sum of the plaintexts: the product mod n^2."""
+    nsq = gmpy2.mpz(n) * n
+    acc = gmpy2.mpz(1)
+    for c in cs:
+        acc = acc * c % nsq
+    return int(acc)
+
+
+def generate(bits: int = 2048) -> tuple[phe_paillier.PaillierPublicKey, phe_paillier.PaillierPrivateKey]:
+    if bits < 2048:
+        raise ConfigError("Paillier modulus must be at least 2048 bits (DESIGN section 4)")
+    return phe_paillier.generate_paillier_keypair(n_length=bits)
+
+
+def save_keypair(directory: Path, pub: phe_paillier.PaillierPublicKey,
+                 priv: phe_paillier.PaillierPrivateKey) -> tuple[Path, Path]:
+    directory.mkdir(parents=True, exist_ok=True)
+    pub_path = directory / "paillier.pub.json"
+    key_path = directory / "paillier.key.json"
+    pub_path.write_text(json.dumps({"n": str(pub.n), "kid": kid_of(pub.n), "bits": pub.n.bit_length()}, indent=1))
+    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump({"warning": "TESTBED SHORTCUT: the whole Paillier private key in one file. "
+                              "Production keys are split among threshold trustees.",
+                   "n": str(pub.n), "p": str(priv.p), "q": str(priv.q)}, f, indent=1)
+    return pub_path, key_path
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read key file {path}: {exc}") from exc
+
+
+def load_public(path: Path) -> PublicKey:
+    obj = _read_json(path)
+    try:
+        pk = PublicKey(int(obj["n"]))
+    except (KeyError, ValueError) as exc:
+        raise ConfigError(f"{path}: no valid modulus 'n'") from exc
+    if "kid" in obj and obj["kid"] != pk.kid:
+        raise ConfigError(f"{path}: kid {obj['kid']} does not match n")
+    return pk
+
+
+def load_private(path: Path) -> phe_paillier.PaillierPrivateKey:
+    obj = _read_json(path)
+    try:
+        n, p, q = int(obj["n"]), int(obj["p"]), int(obj["q"])
+    except (KeyError, ValueError) as exc:
+        raise ConfigError(f"{path}: needs n, p, q") from exc
+    if p * q != n:
+        raise ConfigError(f"{path}: p*q != n")
+    return phe_paillier.PaillierPrivateKey(phe_paillier.PaillierPublicKey(n), p, q)

@@ -1,0 +1,166 @@
+"""Wire format v1 (DESIGN section 4): readings, their signed bytes and hash, slot packing.
+
+This is the CPython twin of ``firmware/wire.py``; ``tests/vectors/readings_v1.json``
+pins both to the same bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from typing import Callable, Mapping
+
+from .errors import Rejected
+
+__all__ = [
+    "VERSION", "METER_ID_RE", "SLOT_BITS", "BANDS", "SLOTS", "ZERO_HASH", "MAX_PAYLOAD",
+    "Reading", "parse_reading", "make_reading", "signed_bytes", "kid_of",
+    "pack_slots", "unpack_slots", "slot_index", "readings_topic", "ack_topic", "nack_topic",
+]
+
+VERSION = 1
+SLOT_BITS = 48
+BANDS = 8
+SLOTS = 2 * BANDS  # slot = 2*band + direction (0 import, 1 export)
+ZERO_HASH = "0" * 64
+# A 4096-bit modulus gives 2048 hex digits of ciphertext; anything much larger is abuse.
+MAX_PAYLOAD = 8192
+
+METER_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,32}\Z")
+_HEX64_RE = re.compile(r"[0-9a-f]{64}\Z")
+_KID_RE = re.compile(r"[0-9a-f]{16}\Z")
+_SIG_RE = re.compile(r"[0-9a-f]{128}\Z")
+_CT_RE = re.compile(r"[0-9a-f]{1,4096}\Z")
+_SLOT_MAX = (1 << SLOT_BITS) - 1
+
+_INT_FIELDS = ("v", "seq", "t", "dt")
+_STR_FIELDS = ("meter", "prev", "kid", "c", "sig")
+
+
+def readings_topic(area: str, meter: str) -> str:
+    return f"gl/v1/{area}/meters/{meter}/readings"
+
+
+def ack_topic(area: str, meter: str) -> str:
+    return f"gl/v1/{area}/meters/{meter}/ack"
+
+
+def nack_topic(area: str, meter: str) -> str:
+    return f"gl/v1/{area}/meters/{meter}/nack"
+
+
+def kid_of(n: int) -> str:
+    """Key id: hex of the first 8 bytes of SHA-256 of the decimal modulus."""
+    return hashlib.sha256(str(n).encode()).digest()[:8].hex()
+
+
+def slot_index(band: int, direction: int) -> int:
+    if not (0 <= band < BANDS and direction in (0, 1)):
+        raise ValueError(f"no slot for band {band} direction {direction}")
+    return 2 * band + direction
+
+
+def pack_slots(values: Mapping[int, int]) -> int:
+    """Pack {slot: watt-hours} into one plaintext, 48 bits per slot."""
+    m = 0
+    for s, v in values.items():
+        if not 0 <= s < SLOTS:
+            raise ValueError(f"slot {s} out of range")
+        if not 0 <= v <= _SLOT_MAX:
+            raise ValueError(f"value {v} does not fit a {SLOT_BITS}-bit slot")
+        m |= v << (SLOT_BITS * s)
+    return m
+
+
+def unpack_slots(m: int) -> list[int]:
+    """The 16 slot values of a (possibly summed) plaintext."""
+    if m < 0 or m >> (SLOT_BITS * SLOTS):
+        raise ValueError("plaintext is not a packed slot vector")
+    return [(m >> (SLOT_BITS * s)) & _SLOT_MAX for s in range(SLOTS)]
+
+
+def signed_bytes(meter: str, seq: int, t: int, dt: int, prev: str, kid: str, c: str) -> bytes:
+    return "\n".join(("gl-reading-v1", meter, str(seq), str(t), str(dt), prev, kid, c)).encode("ascii")
+
+
+@dataclass(frozen=True, slots=True)
+class Reading:
+    meter: str
+    seq: int
+    t: int
+    dt: int
+    prev: str
+    kid: str
+    c: str
+    sig: str
+    v: int = VERSION
+
+    @property
+    def signed_bytes(self) -> bytes:
+        return signed_bytes(self.meter, self.seq, self.t, self.dt, self.prev, self.kid, self.c)
+
+    @property
+    def hash(self) -> str:
+        return hashlib.sha256(self.signed_bytes).hexdigest()
+
+    @property
+    def ciphertext(self) -> int:
+        return int(self.c, 16)
+
+    def to_json(self) -> bytes:
+        return json.dumps({"v": self.v, "meter": self.meter, "seq": self.seq, "t": self.t,
+                           "dt": self.dt, "prev": self.prev, "kid": self.kid, "c": self.c,
+                           "sig": self.sig}, separators=(",", ":")).encode()
+
+
+def make_reading(*, meter: str, seq: int, t: int, dt: int, prev: str, kid: str, c: int,
+                 sign: Callable[[bytes], bytes]) -> Reading:
+    ch = format(c, "x")
+    sig = sign(signed_bytes(meter, seq, t, dt, prev, kid, ch)).hex()
+    return Reading(meter=meter, seq=seq, t=t, dt=dt, prev=prev, kid=kid, c=ch, sig=sig)
+
+
+def parse_reading(payload: bytes, *, max_size: int = MAX_PAYLOAD) -> Reading:
+    """Check the shape of a v1 reading; raises `Rejected` with the reason.
+
+    Only syntax is checked here; keys, signatures and sequence belong to the gateway.
+    Unknown extra fields are allowed: later wire versions add fields, never change these.
+    """
+    if len(payload) > max_size:
+        raise Rejected("oversized", f"{len(payload)} bytes > {max_size}")
+    try:
+        obj = json.loads(payload)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise Rejected("malformed_json", str(exc)[:120]) from None
+    if not isinstance(obj, dict):
+        raise Rejected("malformed_json", "not a JSON object")
+    meter = obj.get("meter") if isinstance(obj.get("meter"), str) else None
+    seq = obj.get("seq") if type(obj.get("seq")) is int else None
+
+    def reject(reason: str, detail: str) -> Rejected:
+        return Rejected(reason, detail, meter=meter, seq=seq)
+
+    missing = [k for k in _INT_FIELDS + _STR_FIELDS if k not in obj]
+    if missing:
+        raise reject("missing_field", ",".join(missing))
+    for k in _INT_FIELDS:
+        if type(obj[k]) is not int:  # bool is not an int here
+            raise reject("bad_type", f"{k} must be an integer")
+    for k in _STR_FIELDS:
+        if not isinstance(obj[k], str):
+            raise reject("bad_type", f"{k} must be a string")
+    if obj["v"] != VERSION:
+        raise reject("unsupported_version", str(obj["v"]))
+    if not METER_ID_RE.match(obj["meter"]):
+        raise reject("bad_value", "meter id")
+    if obj["seq"] < 1 or obj["t"] < 0 or obj["dt"] <= 0:
+        raise reject("bad_value", "seq >= 1, t >= 0, dt > 0")
+    for k, rx in (("prev", _HEX64_RE), ("kid", _KID_RE), ("sig", _SIG_RE), ("c", _CT_RE)):
+        if not rx.match(obj[k]):
+            raise reject("bad_value", f"{k} is not lowercase hex of the right length")
+    if obj["c"][0] == "0":
+        raise reject("bad_value", "c has leading zeros")
+    return Reading(meter=obj["meter"], seq=obj["seq"], t=obj["t"], dt=obj["dt"], prev=obj["prev"],
+                   kid=obj["kid"], c=obj["c"], sig=obj["sig"])
