@@ -78,6 +78,7 @@ class Meter:
         st = _load(self._state_path) if _exists(self._state_path) else {}
         self.seq = st.get("seq", 0)
         self.prev = st.get("prev", wire.ZERO_HASH)
+        self.spool.discard_after(self.seq)
         last_t = st.get("t")
         if last_t is None:
             # First boot: the first interval is the one under way (a testbed

@@ -50,6 +50,12 @@ class Spool:
         with open(self._file(seq), "rb") as f:
             return f.read()
 
+    def discard_after(self, seq):
+        # Entries above the meter's persisted seq were written but never
+        # committed to its state (power cut in between), so never published.
+        while self.seqs and self.seqs[-1] > seq:
+            os.remove(self._file(self.seqs.pop()))
+
     def drop_through(self, seq):
         # The gateway acknowledged every reading up to seq as durable.
         n = 0

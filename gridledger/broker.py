@@ -116,7 +116,12 @@ def start_amqtt(workdir: Path, port: int | None = None) -> Broker:
     return Broker("amqtt", "127.0.0.1", port, proc, log)
 
 
-def start_broker(workdir: Path, *, allow_fallback: bool = False) -> Broker:
-    if find_mosquitto() is not None or not allow_fallback:
+def start_broker(workdir: Path, kind: str = "mosquitto") -> Broker:
+    """kind: mosquitto, amqtt, or auto (mosquitto when installed, else amqtt)."""
+    if kind == "auto":
+        kind = "mosquitto" if find_mosquitto() is not None else "amqtt"
+    if kind == "mosquitto":
         return start_mosquitto(workdir)
-    return start_amqtt(workdir)
+    if kind == "amqtt":
+        return start_amqtt(workdir)
+    raise BrokerError(f"unknown broker kind {kind!r}")

@@ -78,7 +78,7 @@ def _cmd_testbed_run(args) -> int:
     from .testbed import TestbedPlan, run_testbed
     return run_testbed(TestbedPlan(workdir=Path(args.dir), meters=args.meters, intervals=args.intervals,
                                    seconds_per_interval=args.seconds_per_interval, heap=args.heap,
-                                   allow_fallback_broker=not args.require_mosquitto))
+                                   broker=args.broker))
 
 
 def _cmd_firmware_build(args) -> int:
@@ -123,7 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--seconds-per-interval", type=float, default=1.0, help="real seconds per 15 minutes")
     sp.add_argument("--heap", default="128k", help="MicroPython heap per meter (embedded default 128k)")
     sp.add_argument("--dir", default=".testbed", help="working folder (recreated)")
-    sp.add_argument("--require-mosquitto", action="store_true", help="never fall back to amqtt")
+    sp.add_argument("--broker", choices=["auto", "mosquitto", "amqtt"], default="auto",
+                    help="auto: Mosquitto when installed, else the pure-Python amqtt (demo only)")
 
     fw = roles.add_parser("firmware", help="meter firmware").add_subparsers(dest="action", required=True)
     sp = action(fw, "firmware", "build", "fetch umqtt.simple and compile the firmware with mpy-cross",

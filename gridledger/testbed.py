@@ -43,7 +43,7 @@ class TestbedPlan:
     interval_s: int = 900
     heap: str = "128k"
     start_hour: int = 6
-    allow_fallback_broker: bool = True
+    broker: str = "auto"  # mosquitto | amqtt | auto (amqtt only when mosquitto is missing)
 
 
 def write_meter_config(path: Path, *, meter: str, area: str, state_dir: Path, key_file: Path, n: int,
@@ -137,9 +137,9 @@ def run_testbed(plan: TestbedPlan) -> int:
         entries.append(MeterEntry(m, f"acct-{i + 1:04d}", key.public_hex))
     (wd / "registry.toml").write_text(dump_registry(entries))
 
-    broker: Broker = start_broker(wd / "broker", allow_fallback=plan.allow_fallback_broker)
+    broker: Broker = start_broker(wd / "broker", plan.broker)
     if broker.kind != "mosquitto":
-        _say("[testbed] WARNING: mosquitto is not installed; using the pure-Python amqtt broker (demo only)")
+        _say("[testbed] WARNING: using the pure-Python amqtt broker (demo fallback; production uses Mosquitto)")
     procs: dict[str, subprocess.Popen] = {}
     gateway = None
     try:

@@ -70,7 +70,7 @@ fi
 if ! have_mosquitto; then
     if [ "$MODE" = demo ]; then
         warn "mosquitto could not be installed (no root or sudo?); the demo will use the pure-Python amqtt broker"
-        .venv/bin/python -m pip install -q "amqtt==0.12.1"
+        .venv/bin/python -m pip install -q -e ".[fallback-broker]"
     else
         die "the tests need a real Mosquitto broker: sudo apt-get install mosquitto"
     fi
