@@ -55,3 +55,16 @@ def test_keys_meter_enrolls_and_refuses_duplicates(tmp_path, capsys):
 
 def test_bad_meter_id_is_refused(tmp_path, capsys):
     assert main(["keys", "meter", "--meter", "bad id", "--out", str(tmp_path)]) == 2
+
+
+def test_flash_sh_builds_and_reports_usage_errors(tmp_path):
+    """flash.sh build compiles the bundle; --dry-run changes nothing; an unknown command exits 2."""
+    from conftest import ROOT
+    out = tmp_path / "fw"
+    dry = subprocess.run([str(ROOT / "flash.sh"), "--dry-run", "build", "--out", str(out)], capture_output=True, text=True)
+    assert dry.returncode == 0 and "would run:" in dry.stdout and not out.exists()
+    res = subprocess.run([str(ROOT / "flash.sh"), "build", "--out", str(out)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert (out / "meter.mpy").exists() and (out / "umqtt" / "simple.mpy").exists()
+    bad = subprocess.run([str(ROOT / "flash.sh"), "frobnicate"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "unknown command" in bad.stderr
