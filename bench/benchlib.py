@@ -29,15 +29,24 @@ def load_test_modulus() -> int:
     return int(json.loads(TEST_KEY.read_text())["n"])
 
 
-def samples(fn: Callable[[], object], reps: int, inner: int = 1) -> list[float]:
-    """Seconds per call of fn, one figure per rep; `inner` calls per rep lift fast
-    calls well above the timer's resolution and the loop's own cost."""
-    out = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
+def timed(fn: Callable[..., object], *args) -> float:
+    """Seconds taken by one call fn(*args)."""
+    t0 = time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - t0
+
+
+def round_robin(ops: dict[str, tuple[Callable[[], object], int]], reps: int) -> dict[str, list[float]]:
+    """Seconds per call of each op, `reps` figures each, taking one figure of every op
+    in turn so that a slow spell of the machine is shared among them. Each op is
+    (fn, calls per figure): many calls lift a fast op above the timer's resolution."""
+    def batch(fn: Callable[[], object], inner: int) -> None:
         for _ in range(inner):
             fn()
-        out.append((time.perf_counter() - t0) / inner)
+    out: dict[str, list[float]] = {name: [] for name in ops}
+    for _ in range(reps):
+        for name, (fn, inner) in ops.items():
+            out[name].append(timed(batch, fn, inner) / inner)
     return out
 
 
