@@ -14,16 +14,28 @@ from gridledger.wire import Reading
 
 from .ingest import ChainHead
 
-__all__ = ["GatewayStore"]
+__all__ = ["GatewayStore", "stored_counts"]
+
+
+def stored_counts(path: Path | str) -> dict[str, int]:
+    """Readings stored per meter, read-only: safe beside a running gateway."""
+    if not Path(path).exists():
+        return {}
+    try:
+        with sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5) as conn:
+            return dict(conn.execute("SELECT meter, COUNT(*) FROM readings GROUP BY meter").fetchall())
+    except sqlite3.OperationalError:
+        return {}  # not created yet by the gateway
 
 
 class GatewayStore:
     def __init__(self, path: Path | str):
         conn = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
         self.db = sqlite_utils.Database(conn)
+        # busy_timeout first: switching to WAL takes a lock another process may hold.
+        self.db.execute("PRAGMA busy_timeout=5000")
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")
-        self.db.execute("PRAGMA busy_timeout=5000")
         readings = self.db["readings"]
         if not readings.exists():
             readings.create({"meter": str, "seq": int, "t": int, "dt": int, "prev": str, "kid": str,
@@ -83,9 +95,6 @@ class GatewayStore:
             args.append(meter)
         sql += " ORDER BY meter, seq"
         return [Reading(*row) for row in self.db.execute(sql, args).fetchall()]
-
-    def count_by_meter(self) -> dict[str, int]:
-        return dict(self.db.execute("SELECT meter, COUNT(*) FROM readings GROUP BY meter").fetchall())
 
     def close(self) -> None:
         self.db.conn.close()

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from aggregator.registry import MeterEntry, dump_registry
+from aggregator.store import stored_counts
 from coordinator.totals import EnergyTotals, decrypt_total
 
 from . import paillier
@@ -79,16 +80,6 @@ def read_truth(path: Path) -> dict[int, dict]:
                 rec = json.loads(line)
                 out[rec["seq"]] = rec
     return out
-
-
-def _stored_counts(db: Path) -> dict[str, int]:
-    if not db.exists():
-        return {}
-    try:
-        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1) as c:
-            return dict(c.execute("SELECT meter, COUNT(*) FROM readings GROUP BY meter").fetchall())
-    except sqlite3.Error:
-        return {}
 
 
 def _wait_for_line(log: Path, needle: str, proc: subprocess.Popen, timeout: float) -> None:
@@ -175,7 +166,7 @@ def run_testbed(plan: TestbedPlan) -> int:
         tty = sys.stdout.isatty()
         last_print = 0.0
         while True:
-            stored = sum(_stored_counts(wd / "gateway.db").values())
+            stored = sum(stored_counts(wd / "gateway.db").values())
             running = sum(p.poll() is None for p in procs.values())
             vnow = virt_start + max(0.0, time.time() - real_start) * scale
             vnow = min(vnow, stop_at)

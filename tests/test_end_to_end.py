@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from aggregator.store import GatewayStore
+from aggregator.store import GatewayStore, stored_counts
 from coordinator.totals import decrypt_total
 from gridledger.testbed import meter_process, read_truth, write_meter_config
 from gridledger.wire import ZERO_HASH
@@ -146,16 +146,7 @@ def test_no_reading_lost_when_gateway_and_meter_are_killed(make_run):
     for m in area.meters:
         area.start_meter(m)
 
-    def stored() -> int:
-        if not (area.tmp / "gateway.db").exists():
-            return 0
-        s = GatewayStore(area.tmp / "gateway.db")
-        try:
-            return sum(s.count_by_meter().values())
-        finally:
-            s.close()
-
-    wait_until(lambda: stored() >= 4, 30, "first readings stored")
+    wait_until(lambda: sum(stored_counts(area.tmp / "gateway.db").values()) >= 4, 30, "first readings stored")
     area.gateway.send_signal(signal.SIGKILL)
     area.gateway.wait(5)
     os.kill(area.procs["m1"].pid, signal.SIGKILL)
