@@ -11,7 +11,7 @@ from pathlib import Path
 
 import gmpy2
 
-from gridledger.firmware_build import FIRMWARE_SRC, micropython
+from gridledger.firmware_build import FIRMWARE_SRC, micropython_command
 from gridledger.meterkeys import MeterKey, verifier
 from gridledger.wire import kid_of, make_reading, pack_slots, parse_reading, signed_bytes
 
@@ -32,9 +32,8 @@ def run_micropython(n: int, reps: dict[str, int], timeout: float) -> dict:
     with tempfile.TemporaryDirectory(prefix="gl-bench-") as tmp:
         job = Path(tmp) / "job.json"
         job.write_text(json.dumps({"n": str(n), "seed": SEED.hex(), "reps": reps, **READING}))
-        env = dict(os.environ, MICROPYPATH=f".frozen:{FIRMWARE_SRC}")
-        res = subprocess.run([micropython(), "-X", f"heapsize={HEAP}", str(MP_SCRIPT), str(job)],
-                             env=env, capture_output=True, text=True, timeout=timeout)
+        cmd, env = micropython_command(MP_SCRIPT, job, heap=HEAP, path=[FIRMWARE_SRC])
+        res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     if res.returncode != 0:
         raise RuntimeError(f"micropython exited {res.returncode}:\n{res.stdout}\n{res.stderr}")
     return json.loads(res.stdout.strip().splitlines()[-1])

@@ -30,7 +30,6 @@ def build_readings(n: int, meters: int, count: int) -> tuple[list[MeterKey], lis
     chained to its meter's previous reading, so every one is a fresh accept."""
     keys = [MeterKey(f"bench-{i:04d}", hashlib.sha256(b"gridledger bench meter %d" % i).digest())
             for i in range(meters)]
-    signers = [k.private.sign for k in keys]  # MeterKey.sign rebuilds the key per call
     cts = [encrypt_raw(n, pack_slots({0: 800 + i, 1: i})) for i in range(CIPHERTEXTS)]
     kid = kid_of(n)
     prev = [ZERO_HASH] * meters
@@ -38,7 +37,7 @@ def build_readings(n: int, meters: int, count: int) -> tuple[list[MeterKey], lis
     for i in range(count):
         j, seq = i % meters, i // meters + 1
         r = make_reading(meter=keys[j].meter, seq=seq, t=T0 + 900 * (seq - 1), dt=900, prev=prev[j],
-                         kid=kid, c=cts[i % CIPHERTEXTS], sign=signers[j])
+                         kid=kid, c=cts[i % CIPHERTEXTS], sign=keys[j].sign)
         prev[j] = r.hash
         out.append(r)
     return keys, out

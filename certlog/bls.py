@@ -14,7 +14,7 @@ from typing import Sequence
 
 from py_ecc.bls import G2ProofOfPossession as _ref
 
-__all__ = ["BACKEND", "KeyGen", "SkToPk", "Sign", "Verify", "Aggregate", "FastAggregateVerify",
+__all__ = ["BACKEND", "BlspyBackend", "PyEccBackend", "KeyGen", "SkToPk", "Sign", "Verify", "Aggregate", "FastAggregateVerify",
            "AggregateVerify", "PopProve", "PopVerify", "PUBKEY_LEN", "SIGNATURE_LEN"]
 
 PUBKEY_LEN = 48
@@ -32,7 +32,7 @@ def _valid_sk(sk: int) -> None:
         raise ValueError("secret key out of range")
 
 
-class _PyEcc:
+class PyEccBackend:
     name = "py_ecc"
     SkToPk = staticmethod(_ref.SkToPk)
     Sign = staticmethod(_ref.Sign)
@@ -44,7 +44,7 @@ class _PyEcc:
     PopVerify = staticmethod(_ref.PopVerify)
 
 
-class _Blspy:
+class BlspyBackend:
     name = "blspy"
 
     def __init__(self) -> None:
@@ -116,9 +116,9 @@ class _Blspy:
 def _load():
     choice = os.environ.get("GRIDLEDGER_BLS", "blspy")
     if choice == "py_ecc":
-        return _PyEcc()
+        return PyEccBackend()
     if choice == "blspy":
-        return _Blspy()
+        return BlspyBackend()
     raise ValueError(f"GRIDLEDGER_BLS={choice!r}: choose blspy or py_ecc")
 
 

@@ -8,7 +8,7 @@ import time
 import ed25519
 import paillier
 import wire
-from spool import Spool, _exists
+from spool import Spool, exists
 from uplink import Uplink
 
 
@@ -75,7 +75,7 @@ class Meter:
         self.stop_at = cfg.get("clock", {}).get("stop_at")
         self.spool = Spool(self.dir + "/spool")
         self._state_path = self.dir + "/state.json"
-        st = _load(self._state_path) if _exists(self._state_path) else {}
+        st = _load(self._state_path) if exists(self._state_path) else {}
         self.seq = st.get("seq", 0)
         self.prev = st.get("prev", wire.ZERO_HASH)
         self.spool.discard_after(self.seq)

@@ -4,7 +4,7 @@
 import os
 
 
-def _exists(path):
+def exists(path):
     try:
         os.stat(path)
         return True
@@ -16,7 +16,7 @@ def _mkdirs(path):
     parts = path.split("/")
     for i in range(1, len(parts) + 1):
         p = "/".join(parts[:i])
-        if p and not _exists(p):
+        if p and not exists(p):
             os.mkdir(p)
 
 

@@ -78,6 +78,14 @@ class Broker:
         self.stop()
 
 
+def _launch(kind: str, cmd: list[str], port: int, log: Path) -> Broker:
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
+    _wait_port(port, proc, log)
+    return Broker(kind, "127.0.0.1", port, proc, log)
+
+
 def start_mosquitto(workdir: Path, port: int | None = None, extra_conf: str = "") -> Broker:
     exe = find_mosquitto()
     if exe is None:
@@ -96,24 +104,14 @@ def start_mosquitto(workdir: Path, port: int | None = None, extra_conf: str = ""
         "max_queued_messages 100000\n"
         "max_inflight_messages 100\n"
         + extra_conf)
-    log = workdir / "mosquitto.log"
-    with open(log, "ab") as out:
-        proc = subprocess.Popen([exe, "-c", str(conf)], stdout=out, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
-    _wait_port(port, proc, log)
-    return Broker("mosquitto", "127.0.0.1", port, proc, log)
+    return _launch("mosquitto", [exe, "-c", str(conf)], port, workdir / "mosquitto.log")
 
 
 def start_amqtt(workdir: Path, port: int | None = None) -> Broker:
     workdir.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
-    log = workdir / "amqtt.log"
-    with open(log, "ab") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "gridledger.amqtt_broker", str(port)],
-                                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True)
-    _wait_port(port, proc, log)
-    return Broker("amqtt", "127.0.0.1", port, proc, log)
+    return _launch("amqtt", [sys.executable, "-m", "gridledger.amqtt_broker", str(port)], port,
+                   workdir / "amqtt.log")
 
 
 def start_broker(workdir: Path, kind: str = "mosquitto") -> Broker:

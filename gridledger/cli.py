@@ -30,28 +30,28 @@ def _cmd_keys_paillier(args) -> int:
 
 
 def _cmd_keys_meter(args) -> int:
-    from aggregator.registry import MeterEntry, dump_registry, load_registry
+    from aggregator.registry import MeterEntry, Registry, dump_registry, load_registry
+    from .errors import ConfigError
     from .meterkeys import new_meter_key
     from .wire import METER_ID_RE
     if not METER_ID_RE.match(args.meter):
         raise GridledgerError(f"meter id {args.meter!r} must match [A-Za-z0-9_-]{{1,32}}")
-    key = new_meter_key(args.meter)
     path = Path(args.out) / f"{args.meter}.ed25519.key"
     if path.exists():
         raise GridledgerError(f"{path} exists; refusing to overwrite a meter key")
-    key.write_seed(path)
-    print(f"meter {args.meter}: secret seed {path} (mode 0600), public key {key.public_hex}")
+    key = new_meter_key(args.meter)
+    entries: list[MeterEntry] = []
     if args.registry:
         reg_path = Path(args.registry)
         entries = list(load_registry(reg_path)) if reg_path.exists() else []
         entries.append(MeterEntry(args.meter, args.account or args.meter, key.public_hex))
-        from .errors import ConfigError
-        from aggregator.registry import Registry
         try:
-            Registry(entries)
+            Registry(entries)  # refuses a duplicate id or key before anything is written
         except ConfigError as exc:
-            path.unlink()
             raise GridledgerError(f"not enrolled: {exc}") from exc
+    key.write_seed(path)
+    print(f"meter {args.meter}: secret seed {path} (mode 0600), public key {key.public_hex}")
+    if args.registry:
         reg_path.write_text(dump_registry(entries))
         print(f"enrolled in {reg_path} for account {entries[-1].account}")
     return 0

@@ -19,7 +19,8 @@ from pathlib import Path
 
 from .errors import GridledgerError
 
-__all__ = ["ROOT", "FIRMWARE_SRC", "BUILD", "build_firmware", "fetch_umqtt", "mpy_cross", "micropython"]
+__all__ = ["ROOT", "FIRMWARE_SRC", "BUILD", "build_firmware", "fetch_umqtt", "mpy_cross", "micropython",
+           "micropython_command"]
 
 ROOT = Path(__file__).resolve().parent.parent
 FIRMWARE_SRC = ROOT / "firmware"
@@ -55,6 +56,13 @@ def mpy_cross() -> str:
 
 def micropython() -> str:
     return _tool("micropython")
+
+
+def micropython_command(script: Path, *args, heap: str, path: list[Path]) -> tuple[list[str], dict[str, str]]:
+    """The argv and environment to run `script` under the Unix port with modules from `path`.
+    Keep every argument under 256 characters: the port crashes on longer ones."""
+    env = dict(os.environ, MICROPYPATH=":".join([".frozen", *map(str, path)]))
+    return [micropython(), "-X", f"heapsize={heap}", str(script), *map(str, args)], env
 
 
 def fetch_umqtt(dest: Path = BUILD / "mplib") -> Path:

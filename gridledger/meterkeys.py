@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
@@ -20,10 +20,11 @@ __all__ = ["MeterKey", "new_meter_key", "verifier", "public_hex"]
 class MeterKey:
     meter: str
     seed: bytes  # the 32-byte RFC 8032 private key
+    private: Ed25519PrivateKey = field(init=False, repr=False, compare=False)
 
-    @property
-    def private(self) -> Ed25519PrivateKey:
-        return Ed25519PrivateKey.from_private_bytes(self.seed)
+    def __post_init__(self) -> None:
+        # Parsed once: signing is on the load generator's and benches' hot path.
+        object.__setattr__(self, "private", Ed25519PrivateKey.from_private_bytes(self.seed))
 
     @property
     def public_hex(self) -> str:

@@ -7,10 +7,8 @@ truth and exits non-zero if any differ.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -18,16 +16,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from aggregator.registry import MeterEntry, dump_registry
-from aggregator.store import stored_counts
+from aggregator.store import GatewayStore, stored_counts
 from coordinator.totals import EnergyTotals, decrypt_total
 
 from . import paillier
 from .broker import Broker, start_broker
-from .firmware_build import BUILD, build_firmware, micropython
+from .firmware_build import BUILD, build_firmware, micropython_command
 from .meterkeys import new_meter_key
 from .wire import Reading, kid_of
 
-__all__ = ["TestbedPlan", "run_testbed", "write_meter_config", "meter_process"]
+__all__ = ["TestbedPlan", "run_testbed", "write_meter_config", "meter_process", "gateway_process", "read_truth"]
 
 BOOT_GRACE_S = 3.0  # real seconds between launch and the first virtual interval
 DAY = 86400
@@ -49,7 +47,7 @@ class TestbedPlan:
 
 def write_meter_config(path: Path, *, meter: str, area: str, state_dir: Path, key_file: Path, n: int,
                        host: str, port: int, interval_s: int, clock: dict, seed: int,
-                       solar_wp: int = 0, bands: list[int] | None = None, resend_s: float = 5.0) -> dict:
+                       solar_wp: int = 0, bands: list[int] | None = None, resend_s: float = 5.0) -> None:
     cfg = {
         "meter": meter, "area": area, "state_dir": str(state_dir), "key_file": str(key_file),
         "interval_s": interval_s, "bands": bands or DEFAULT_BANDS, "tz_offset_s": 0,
@@ -60,15 +58,23 @@ def write_meter_config(path: Path, *, meter: str, area: str, state_dir: Path, ke
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(cfg, indent=1))
-    return cfg
+
+
+def _spawn(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+    with open(log, "ab") as out:
+        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                start_new_session=True)
 
 
 def meter_process(config: Path, log: Path, *, heap: str = "128k", firmware: Path = BUILD / "firmware") -> subprocess.Popen:
-    env = dict(os.environ, MICROPYPATH=f".frozen:{firmware}")
-    with open(log, "ab") as out:
-        return subprocess.Popen([micropython(), "-X", f"heapsize={heap}", str(firmware / "main.py"), str(config)],
-                                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                                start_new_session=True)
+    """A meter: the flashed bundle's main.py under the Unix port, as a real process."""
+    cmd, env = micropython_command(firmware / "main.py", config, heap=heap, path=[firmware])
+    return _spawn(cmd, log, env)
+
+
+def gateway_process(config: Path, log: Path) -> subprocess.Popen:
+    """The gateway role as a real process."""
+    return _spawn([sys.executable, "-m", "gridledger", "gateway", "run", "--config", str(config)], log)
 
 
 def read_truth(path: Path) -> dict[int, dict]:
@@ -139,10 +145,7 @@ def run_testbed(plan: TestbedPlan) -> int:
             f'paillier_public = "keys/paillier.pub.json"\n\n'
             f'[mqtt]\nhost = "{broker.host}"\nport = {broker.port}\nclient_id = "gateway-{area}"\n')
         gw_log = wd / "logs" / "gateway.log"
-        with open(gw_log, "ab") as out:
-            gateway = subprocess.Popen([sys.executable, "-m", "gridledger", "gateway", "run",
-                                        "--config", str(wd / "gateway.toml")],
-                                       stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        gateway = gateway_process(wd / "gateway.toml", gw_log)
         _wait_for_line(gw_log, '"mqtt_up"', gateway, 30)
         _say(f"[testbed] {broker.kind} on {broker.host}:{broker.port}; gateway up; "
              f"starting {len(meters)} meters (MicroPython Unix port, heap {plan.heap})")
@@ -154,11 +157,10 @@ def run_testbed(plan: TestbedPlan) -> int:
         clock = {"scale": scale, "real_start": real_start, "virtual_start": virt_start, "stop_at": stop_at}
         for i, m in enumerate(meters):
             mdir = wd / "meters" / m
-            cfg = write_meter_config(mdir / "config.json", meter=m, area=area, state_dir=mdir,
+            write_meter_config(mdir / "config.json", meter=m, area=area, state_dir=mdir,
                                      key_file=mdir / "ed25519.key", n=pub.n, host=broker.host, port=broker.port,
                                      interval_s=plan.interval_s, clock=clock, seed=1000 + i,
                                      solar_wp=3000 if i % 2 else 0)
-            assert cfg["meter"] == m
             procs[m] = meter_process(mdir / "config.json", wd / "logs" / f"{m}.log", heap=plan.heap, firmware=fw)
 
         expected = len(meters) * plan.intervals
@@ -205,11 +207,11 @@ def _kwh(wh: int) -> str:
 
 
 def _report(wd: Path, meters: list[str], priv, intervals: int) -> int:
-    with sqlite3.connect(f"file:{wd / 'gateway.db'}?mode=ro", uri=True) as c:
-        rows = c.execute("SELECT meter, seq, t, dt, prev, kid, c, sig FROM readings ORDER BY meter, seq").fetchall()
-    by_meter: dict[str, list[Reading]] = {m: [] for m in meters}
-    for row in rows:
-        by_meter[row[0]].append(Reading(*row))
+    store = GatewayStore(wd / "gateway.db")  # the gateway has stopped
+    try:
+        by_meter: dict[str, list[Reading]] = {m: store.readings(m) for m in meters}
+    finally:
+        store.close()
     header = f"{'meter':<6} {'readings':>8}  {'import kWh':>11} {'truth':>11}  {'export kWh':>11} {'truth':>11}  ok"
     _say("")
     _say(header)

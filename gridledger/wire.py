@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
 from .errors import Rejected
@@ -96,14 +96,14 @@ class Reading:
     c: str
     sig: str
     v: int = VERSION
+    # Derived once: the gateway needs both for the signature, the chain and the store.
+    signed_bytes: bytes = field(init=False, repr=False, compare=False)
+    hash: str = field(init=False, repr=False, compare=False)
 
-    @property
-    def signed_bytes(self) -> bytes:
-        return signed_bytes(self.meter, self.seq, self.t, self.dt, self.prev, self.kid, self.c)
-
-    @property
-    def hash(self) -> str:
-        return hashlib.sha256(self.signed_bytes).hexdigest()
+    def __post_init__(self) -> None:
+        sb = signed_bytes(self.meter, self.seq, self.t, self.dt, self.prev, self.kid, self.c)
+        object.__setattr__(self, "signed_bytes", sb)
+        object.__setattr__(self, "hash", hashlib.sha256(sb).hexdigest())
 
     @property
     def ciphertext(self) -> int:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +13,7 @@ import aiomqtt
 import pytest
 
 from gridledger.broker import Broker, find_mosquitto, start_mosquitto
-from gridledger.firmware_build import BUILD, FIRMWARE_SRC, build_firmware, fetch_umqtt, micropython
+from gridledger.firmware_build import BUILD, FIRMWARE_SRC, build_firmware, fetch_umqtt, micropython_command
 
 ROOT = Path(__file__).resolve().parent.parent
 VECTORS = ROOT / "tests" / "vectors"
@@ -36,12 +35,8 @@ class MicroPython:
     """Runs code under the `micropython` binary as a real process."""
     path: list[Path]
 
-    def _cmd(self, script: Path, args, heap: str) -> tuple[list[str], dict]:
-        env = dict(os.environ, MICROPYPATH=":".join([".frozen"] + [str(p) for p in self.path]))
-        return [micropython(), "-X", f"heapsize={heap}", str(script), *map(str, args)], env
-
     def run(self, script: Path, *args, heap: str = "256k", timeout: float = 120) -> str:
-        cmd, env = self._cmd(script, args, heap)
+        cmd, env = micropython_command(script, *args, heap=heap, path=self.path)
         res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
         if res.returncode != 0:
             raise AssertionError(f"micropython {script.name} exited {res.returncode}:\n{res.stdout}\n{res.stderr}")
@@ -50,12 +45,6 @@ class MicroPython:
     def run_json(self, script: Path, *args, heap: str = "256k", timeout: float = 120):
         """Run a script whose last stdout line is one JSON value."""
         return json.loads(self.run(script, *args, heap=heap, timeout=timeout).strip().splitlines()[-1])
-
-    def spawn(self, script: Path, *args, heap: str = "128k", log: Path) -> subprocess.Popen:
-        cmd, env = self._cmd(script, args, heap)
-        with open(log, "ab") as out:
-            return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, start_new_session=True)
 
 
 @pytest.fixture(scope="session")
@@ -69,11 +58,6 @@ def mp_source() -> MicroPython:
 def firmware_bundle() -> Path:
     """The mpy-cross bundle exactly as it is flashed to a board."""
     return build_firmware(BUILD / "test-firmware")
-
-
-@pytest.fixture(scope="session")
-def mp_bundle(firmware_bundle) -> MicroPython:
-    return MicroPython([firmware_bundle])
 
 
 class MqttProbe:

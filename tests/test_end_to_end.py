@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import pytest
 
 from aggregator.store import GatewayStore, stored_counts
 from coordinator.totals import decrypt_total
-from gridledger.testbed import meter_process, read_truth, write_meter_config
+from gridledger.testbed import gateway_process, meter_process, read_truth, write_meter_config
 from gridledger.wire import ZERO_HASH
 
 from helpers import N, PRIV, make_area
@@ -59,10 +58,7 @@ class Area:
                                       firmware=self.firmware)
 
     def start_gateway(self) -> None:
-        log = open(self.tmp / "gateway.log", "ab")
-        self.gateway = subprocess.Popen([sys.executable, "-m", "gridledger", "gateway", "run", "--config", str(self.cfg)],
-                                        stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        log.close()
+        self.gateway = gateway_process(self.cfg, self.tmp / "gateway.log")
 
     def stop_gateway(self) -> int:
         self.gateway.send_signal(signal.SIGTERM)

@@ -7,7 +7,6 @@ import subprocess
 import pytest
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-from phe import paillier as phe_paillier
 
 from gridledger.firmware_build import FIRMWARE_SRC, mpy_cross
 from gridledger.meterkeys import MeterKey
@@ -15,11 +14,10 @@ from gridledger.paillier import encrypt_raw
 from gridledger.wire import kid_of, make_reading, pack_slots, parse_reading, unpack_slots
 
 from conftest import MP_SCRIPTS, VECTORS
+from helpers import N, PRIV
 
 READINGS = json.loads((VECTORS / "readings_v1.json").read_text())
-N = int(READINGS["paillier"]["n"])
-PRIV = phe_paillier.PaillierPrivateKey(phe_paillier.PaillierPublicKey(N), int(READINGS["paillier"]["p"]),
-                                       int(READINGS["paillier"]["q"]))
+assert int(READINGS["paillier"]["n"]) == N  # the vectors use the shared test key
 
 
 def test_rfc8032_section_7_1_vectors_under_micropython(mp_source):
