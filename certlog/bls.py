@@ -15,11 +15,11 @@ from typing import Sequence
 from py_ecc.bls import G2ProofOfPossession as _ref
 
 __all__ = ["BACKEND", "BlspyBackend", "PyEccBackend", "KeyGen", "SkToPk", "Sign", "Verify", "Aggregate", "FastAggregateVerify",
-           "AggregateVerify", "PopProve", "PopVerify", "PUBKEY_LEN", "SIGNATURE_LEN"]
+           "AggregateVerify", "PopProve", "PopVerify", "PUBKEY_LEN", "SIGNATURE_LEN", "CURVE_ORDER"]
 
 PUBKEY_LEN = 48
 SIGNATURE_LEN = 96
-_CURVE_ORDER = 0x73EDA753299D7D483339D80809A1D80553BDA402FFFE5BFEFFFFFFFF00000001
+CURVE_ORDER = 0x73EDA753299D7D483339D80809A1D80553BDA402FFFE5BFEFFFFFFFF00000001
 
 
 def KeyGen(ikm: bytes, key_info: bytes = b"") -> int:
@@ -28,7 +28,7 @@ def KeyGen(ikm: bytes, key_info: bytes = b"") -> int:
 
 
 def _valid_sk(sk: int) -> None:
-    if not 0 < sk < _CURVE_ORDER:
+    if not 0 < sk < CURVE_ORDER:
         raise ValueError("secret key out of range")
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,7 +28,9 @@ class SimMeter:
     n: int = N
     seq: int = 0
     prev: str = ZERO_HASH
-    t: int = 1795160700
+    # Aligned interval ends in the recent past, leaving room for 4000 readings
+    # before the gateway's clock-skew check (t at most a few minutes ahead).
+    t: int = field(default_factory=lambda: (int(time.time()) // 900 - 4000) * 900)
     sent: list[Reading] = field(default_factory=list)
 
     def next(self, wh: int = 100, band: int = 0) -> Reading:

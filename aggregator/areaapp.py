@@ -1,0 +1,170 @@
+"""The area-chain app: verified readings and alerts -> account states in an MPT.
+
+State is Ethereum's Merkle Patricia Trie (`trie`), keyed by SHA-256 of the
+account id. A leaf is RLP of
+
+    [meter, seq, latest reading hash, reading count, last t, running encrypted total]
+
+where the running total is the product mod n^2 of every ciphertext the account
+ever produced (DESIGN section 3), so a bill over a period is two leaves away.
+
+A reading transaction is the reading's canonical JSON (`Reading.to_json`); an
+alert is canonical JSON with an "alert" field. Everything is recomputed from the
+transactions alone: signatures, registry membership, key id, ciphertext range,
+seq and prev continuity, time order, roots and totals. The header carries the
+block's encrypted area total and its counts.
+
+Meter replacement: when a registered meter of the account starts a fresh chain
+(seq 1, prev all zeros), the account follows it; count and total continue.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import MutableMapping, Sequence
+
+import gmpy2
+import rlp
+from trie import HexaryTrie
+
+from certlog.app import InvalidBlock, Outcome
+from certlog.block import canonical
+from gridledger.errors import Rejected
+from gridledger.paillier import PublicKey
+from gridledger.wire import ZERO_HASH, Reading, parse_reading
+
+from .registry import Registry
+
+__all__ = ["AreaApp", "AccountState", "account_key", "equivocation_alert", "registry_digest",
+           "MAX_FUTURE_S"]
+
+MAX_FUTURE_S = 300  # a reading may end at most this long after its block's time
+GENESIS_ROOT = HexaryTrie.BLANK_NODE_HASH.hex()
+
+
+def account_key(account: str) -> bytes:
+    return hashlib.sha256(account.encode()).digest()
+
+
+def registry_digest(registry: Registry) -> str:
+    rows = sorted([e.meter, e.account, e.public_key] for e in registry)
+    return hashlib.sha256(canonical(rows)).hexdigest()
+
+
+@dataclass(slots=True)
+class AccountState:
+    meter: str
+    seq: int
+    hash: str
+    count: int
+    last_t: int
+    total: int  # product of the account's ciphertexts mod n^2; 1 (= E(0), r = 1) at first
+
+    def encode(self) -> bytes:
+        return rlp.encode([self.meter.encode(), self.seq, bytes.fromhex(self.hash), self.count,
+                           self.last_t, self.total])
+
+    @classmethod
+    def decode(cls, data: bytes) -> "AccountState":
+        meter, seq, h, count, last_t, total = rlp.decode(data)
+        n = lambda b: int.from_bytes(b, "big")  # noqa: E731
+        return cls(meter.decode(), n(seq), h.hex(), n(count), n(last_t), n(total))
+
+
+def equivocation_alert(a: Reading, b: Reading) -> bytes:
+    """Alert transaction: two validly signed readings of one meter at one seq."""
+    pair = sorted([a.to_json().decode(), b.to_json().decode()])
+    return canonical({"alert": "equivocation", "meter": a.meter, "seq": a.seq, "readings": pair})
+
+
+class AreaApp:
+    name = "area"
+    genesis_root = GENESIS_ROOT
+
+    def __init__(self, area: str, registry: Registry, paillier: PublicKey):
+        self.area = area
+        self.registry = registry
+        self.paillier = paillier
+        self.registry_digest = registry_digest(registry)
+        self._nsq = gmpy2.mpz(paillier.nsquare)
+
+    def execute(self, nodes: MutableMapping[bytes, bytes], parent_root: str, time_ms: int,
+                txs: Sequence[bytes], *, trusted: bool = False) -> Outcome:
+        trie = HexaryTrie(nodes, root_hash=bytes.fromhex(parent_root))
+        accounts: dict[str, AccountState] = {}
+        block_total = gmpy2.mpz(1)
+        readings = alerts = 0
+        for i, tx in enumerate(txs):
+            if tx.startswith(b'{"alert"'):
+                self._alert(i, tx)
+                alerts += 1
+                continue
+            r = self._reading(i, tx, trusted)
+            account = self.registry.get(r.meter).account
+            st = accounts.get(account)
+            if st is None:
+                leaf = trie.get(account_key(account))
+                st = accounts[account] = (AccountState.decode(leaf) if leaf else
+                                          AccountState(r.meter, 0, ZERO_HASH, 0, 0, 1))
+            self._chain(i, r, st, time_ms)
+            c = gmpy2.mpz(r.ciphertext)
+            st.total = int(gmpy2.f_mod(st.total * c, self._nsq))
+            block_total = gmpy2.f_mod(block_total * c, self._nsq)
+            readings += 1
+        for account in sorted(accounts):
+            trie.set(account_key(account), accounts[account].encode())
+        return Outcome(trie.root_hash.hex(), {
+            "area": self.area, "kid": self.paillier.kid, "registry": self.registry_digest,
+            "readings": readings, "alerts": alerts, "total": format(int(block_total), "x")})
+
+    def _reading(self, i: int, tx: bytes, trusted: bool) -> Reading:
+        try:
+            r = parse_reading(tx)
+        except Rejected as exc:
+            raise InvalidBlock("tx_" + exc.reason, exc.detail, index=i) from None
+        if r.to_json() != tx:
+            raise InvalidBlock("tx_not_canonical", "a reading tx is its canonical JSON", index=i)
+        if r.meter not in self.registry:
+            raise InvalidBlock("tx_unknown_meter", r.meter, index=i)
+        if r.kid != self.paillier.kid:
+            raise InvalidBlock("tx_unknown_key_id", r.kid, index=i)
+        c = r.ciphertext
+        if not (0 < c < self.paillier.nsquare and gmpy2.gcd(c, self.paillier.n) == 1):
+            raise InvalidBlock("tx_ciphertext_range", "c is not a unit below n^2", index=i)
+        if not trusted and not self.registry.verify(r.meter, r.signed_bytes, bytes.fromhex(r.sig)):
+            raise InvalidBlock("tx_bad_signature", f"{r.meter} seq {r.seq}", index=i)
+        return r
+
+    @staticmethod
+    def _chain(i: int, r: Reading, st: AccountState, time_ms: int) -> None:
+        if r.meter != st.meter or st.seq == 0:
+            if r.seq != 1 or r.prev != ZERO_HASH:
+                raise InvalidBlock("tx_seq_gap" if r.meter == st.meter else "tx_meter_switch",
+                                   f"{r.meter} must start at seq 1 with a zero prev", index=i)
+        elif r.seq != st.seq + 1:
+            raise InvalidBlock("tx_seq_gap", f"{r.meter}: expected seq {st.seq + 1}, got {r.seq}", index=i)
+        elif r.prev != st.hash:
+            raise InvalidBlock("tx_prev_mismatch", f"{r.meter} seq {r.seq}", index=i)
+        if r.t - r.dt < st.last_t or r.t * 1000 > time_ms + MAX_FUTURE_S * 1000:
+            raise InvalidBlock("tx_clock_skew", f"{r.meter} seq {r.seq}: t {r.t}", index=i)
+        st.meter, st.seq, st.hash, st.last_t = r.meter, r.seq, r.hash, r.t
+        st.count += 1
+
+    def _alert(self, i: int, tx: bytes) -> None:
+        try:
+            obj = json.loads(tx)
+            a, b = (parse_reading(s.encode()) for s in obj["readings"])
+            ok = (canonical(obj) == tx and obj["alert"] == "equivocation" and set(obj) == {
+                  "alert", "meter", "seq", "readings"} and obj["readings"][0] < obj["readings"][1]
+                  and a.meter == b.meter == obj["meter"] and a.seq == b.seq == obj["seq"])
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError, Rejected):
+            ok = False
+        if not ok:
+            raise InvalidBlock("tx_bad_alert", "not a canonical equivocation alert", index=i)
+        if a.meter not in self.registry:
+            raise InvalidBlock("tx_unknown_meter", a.meter, index=i)
+        for r in (a, b):
+            if not self.registry.verify(r.meter, r.signed_bytes, bytes.fromhex(r.sig)):
+                raise InvalidBlock("tx_bad_alert", "an alert reading's signature does not verify", index=i)

@@ -1,0 +1,120 @@
+"""The single writer of a chain: proposes each block, gathers 2f+1 votes, certifies.
+
+One block is in flight at a time. The proposal is durable before it is sent,
+and a restarted proposer re-proposes that very block (a validator that already
+signed it signs the same bytes again; one that did not cannot be asked for a
+different header at that height). Votes are checked one by one as they arrive,
+so a validator signing garbage or a different header is counted and ignored,
+and certification needs only the fastest 2f+1 honest validators.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from typing import Awaitable, Callable, Sequence
+
+from gridledger.logs import event
+
+from .block import Certificate, ChainError, Header, Vote
+from .net import SYNC_BATCH, Topics, decode_json, decode_vote, encode_block
+from .replica import Replica
+
+__all__ = ["Proposer"]
+
+log = logging.getLogger("gridledger.chain.proposer")
+
+Publish = Callable[[str, bytes], Awaitable[None]]
+
+
+class Proposer:
+    def __init__(self, replica: Replica, publish: Publish, *, resend_s: float = 2.0):
+        self.replica = replica
+        self.publish = publish
+        self.resend_s = resend_s
+        self.topics = Topics(replica.chain)
+        self.counts: Counter[str] = Counter()
+        self.last_latency_s: float | None = None
+        self._want: Header | None = None
+        self._votes: dict[int, Vote] = {}
+        self._ready = asyncio.Event()
+
+    def pending(self) -> tuple[Header, list[bytes]] | None:
+        """A proposal stored before a restart, to be certified before anything else."""
+        return self.replica.store.proposal()
+
+    def prepare(self, txs: Sequence[bytes], mark: Callable[[Header], None] | None = None) -> Header:
+        """Build the next block and store it durably, with `mark(header)` in the same transaction."""
+        header = self.replica.build(txs)
+        with self.replica.store.transaction():
+            self.replica.store.put_block(header, list(txs), None)
+            if mark is not None:
+                mark(header)
+        return header
+
+    async def certify(self, header: Header, txs: list[bytes]) -> Certificate:
+        """Send the proposal (again every `resend_s`) until 2f+1 valid votes certify it."""
+        self._want, self._votes = header, {}
+        self._ready.clear()
+        payload = encode_block(header, txs)
+        t0 = time.monotonic()
+        wait = self.resend_s
+        while True:
+            await self.publish(self.topics.proposals, payload)
+            try:
+                await asyncio.wait_for(self._ready.wait(), wait)
+                break
+            except TimeoutError:
+                self.counts["proposal_resent"] += 1
+                event(log, "proposal_resent", logging.WARNING, height=header.height, votes=sorted(self._votes))
+                wait = min(wait * 2, 10.0)
+        cert = self.replica.validators.aggregate(list(self._votes.values()))
+        self._want = None
+        self.replica.commit(header, txs, cert, stored=True)
+        self.last_latency_s = time.monotonic() - t0
+        self.counts["certified"] += 1
+        await self.publish(self.topics.certs, encode_block(header, cert=cert))
+        return cert
+
+    def on_vote(self, payload: bytes) -> None:
+        try:
+            vote = decode_vote(payload)
+        except ChainError as exc:
+            self.counts["vote_" + exc.reason] += 1
+            return
+        want = self._want
+        if want is None or vote.chain != want.chain or vote.height != want.height:
+            self.counts["vote_stale"] += 1
+            return
+        if vote.hash != want.hash:
+            # Only a faulty validator (or a faulty proposer before a restart) gets here.
+            self.counts["vote_conflicting_header"] += 1
+            event(log, "conflicting_vote", logging.WARNING, height=vote.height, validator=vote.validator)
+            return
+        if not self.replica.validators.check_vote(vote):
+            self.counts["vote_bad_signature"] += 1
+            event(log, "bad_vote", logging.WARNING, height=vote.height, validator=vote.validator)
+            return
+        self._votes[vote.validator] = vote
+        if len(self._votes) >= self.replica.validators.quorum:
+            self._ready.set()
+
+    async def on_sync(self, payload: bytes) -> None:
+        """Serve certified blocks to a validator that fell behind."""
+        try:
+            req = decode_json(payload)
+            who, start = req["validator"], req["from"]
+            if type(who) is not int or type(start) is not int or start < 1:
+                raise ValueError
+        except (ChainError, KeyError, TypeError, ValueError):
+            self.counts["sync_malformed"] += 1
+            return
+        for h in range(start, min(start + SYNC_BATCH, self.replica.height + 1)):
+            raw = self.replica.store.raw_block(h)
+            if raw is None or raw[1] is None:
+                break
+            header, cert = Header.decode(raw[0]), Certificate.from_dict(decode_json(raw[1]))
+            await self.publish(self.topics.blocks(who), encode_block(header, raw[2], cert))
+        self.counts["sync_served"] += 1

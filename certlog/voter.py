@@ -1,0 +1,198 @@
+"""A validator: re-runs every proposed block and signs each height at most once.
+
+`Voter` is the rule, without I/O: a header is signed only after the replica has
+re-executed it against the last certified block, and only after the promise
+"at this height I sign this hash" is on disk (SQLite, synchronous=FULL). A crash
+between promise and signature loses nothing: asked again, the validator signs
+the same hash; asked for any other header at that height, it refuses forever.
+
+`ValidatorNode` moves the bytes over MQTT: proposals in, votes out, certificates
+in, and catch-up from the proposer when it has fallen behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+
+import aiomqtt
+
+from gridledger.config import MqttConfig
+from gridledger.logs import event
+
+from . import bls
+from .block import ChainError, Header, Vote, canonical, cert_message
+from .net import SYNC_BATCH, BlockMsg, Topics, decode_block
+from .replica import Replica
+
+__all__ = ["Voter", "ValidatorNode"]
+
+log = logging.getLogger("gridledger.chain.validator")
+
+MAX_FUTURE_MS = 30_000  # a proposal's clock may run this far ahead of ours
+SYNC_RETRY_S = 1.0
+RECONNECT_MAX_S = 10.0
+
+
+class Voter:
+    def __init__(self, replica: Replica, index: int, secret_key: int):
+        if replica.validators.members[index].public_key != bls.SkToPk(secret_key):
+            raise ChainError("wrong_key", f"secret key is not validator {index}'s")
+        self.replica = replica
+        self.index = index
+        self._sk = secret_key
+
+    def vote(self, header: Header, txs: list[bytes], *, now_ms: int | None = None) -> Vote:
+        """Check `header` and sign it, or raise `ChainError` saying why not."""
+        now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+        store = self.replica.store
+        promised = store.vote_for(header.height)
+        if promised is not None and promised != header.hash:
+            raise ChainError("conflicting_header", f"already signed {promised[:16]}… at height {header.height}",
+                             height=header.height)
+        if header.time > now_ms + MAX_FUTURE_MS:
+            raise ChainError("time_in_future", f"{header.time - now_ms} ms ahead", height=header.height)
+        self.replica.check(header, txs)
+        if store.promise(header.height, header.hash) != header.hash:  # raced: keep the first promise
+            raise ChainError("conflicting_header", f"height {header.height}", height=header.height)
+        return self.sign(header)
+
+    def sign(self, header: Header) -> Vote:
+        msg = cert_message(header.chain, header.height, header.hash)
+        return Vote(header.chain, header.height, header.hash, self.index, bls.Sign(self._sk, msg))
+
+
+class ValidatorNode:
+    def __init__(self, voter: Voter, mqtt: MqttConfig, *, name: str):
+        self.voter = voter
+        self.replica = voter.replica
+        self.mqtt = mqtt
+        self.name = name
+        self.topics = Topics(self.replica.chain)
+        self.counts: Counter[str] = Counter()
+        self._pending: dict[str, BlockMsg] = {}   # proposals signed, awaiting their certificate
+        self._stash: BlockMsg | None = None       # a proposal from beyond our head
+        self._last_sync = 0.0
+        self._sync_end = 0
+
+    async def run(self, stop: asyncio.Event) -> None:
+        event(log, "start", validator=self.name, index=self.voter.index, chain=self.replica.chain,
+              height=self.replica.height)
+        m, delay = self.mqtt, 0.5
+        try:
+            while not stop.is_set():
+                try:
+                    async with aiomqtt.Client(m.host, m.port, identifier=m.client_id or f"validator-{self.name}",
+                                              username=m.username, password=m.password,
+                                              keepalive=m.keepalive, clean_session=False) as client:
+                        for t in (self.topics.proposals, self.topics.certs, self.topics.blocks(self.voter.index)):
+                            await client.subscribe(t, qos=1)
+                        event(log, "mqtt_up", host=m.host, port=m.port)
+                        delay = 0.5
+                        await self._request_sync(client, force=True)
+                        await self._serve(client, stop)
+                except aiomqtt.MqttError as exc:
+                    event(log, "mqtt_down", logging.WARNING, error=str(exc), retry_s=delay)
+                    try:
+                        await asyncio.wait_for(stop.wait(), delay)
+                    except TimeoutError:
+                        pass
+                    delay = min(delay * 2, RECONNECT_MAX_S)
+        finally:
+            self.replica.store.conn.close()
+            event(log, "stop", height=self.replica.height, **self.counts)
+
+    async def _serve(self, client: aiomqtt.Client, stop: asyncio.Event) -> None:
+        async def consume() -> None:
+            async for msg in client.messages:
+                payload = msg.payload if isinstance(msg.payload, (bytes, bytearray)) else b""
+                await self.handle(client, msg.topic.value, bytes(payload))
+
+        task = asyncio.create_task(consume())
+        stopper = asyncio.create_task(stop.wait())
+        try:
+            done, _ = await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            if task in done and task.exception() is not None:
+                raise task.exception()
+        finally:
+            for t in (task, stopper):
+                t.cancel()
+            await asyncio.gather(task, stopper, return_exceptions=True)
+
+    async def handle(self, client: aiomqtt.Client, topic: str, payload: bytes) -> None:
+        try:
+            msg = decode_block(payload)
+            if msg.header.chain != self.replica.chain:
+                raise ChainError("wrong_chain", msg.header.chain)
+            if topic == self.topics.proposals:
+                await self._on_proposal(client, msg)
+            elif topic == self.topics.certs:
+                await self._on_cert(client, msg)
+            else:
+                await self._on_block(client, msg)
+        except ChainError as exc:
+            self.counts[exc.reason] += 1
+            event(log, "refused", logging.WARNING, topic=topic.rsplit("/", 1)[-1], reason=exc.reason,
+                  detail=exc.detail, height=exc.height)
+
+    async def _on_proposal(self, client: aiomqtt.Client, msg: BlockMsg) -> None:
+        h, head = msg.header.height, self.replica.height
+        if msg.txs is None:
+            raise ChainError("message_schema", "a proposal carries its transactions")
+        if h <= head or (h == head + 1 and msg.header.hash in self._pending):
+            # A resend: the proposer may have lost our vote. Same hash, same signature.
+            if self.replica.store.vote_for(h) == msg.header.hash:
+                await self._send_vote(client, self.voter.sign(msg.header))
+            return
+        if h > head + 1:
+            self._stash = msg
+            await self._request_sync(client)
+            return
+        vote = self.voter.vote(msg.header, msg.txs)
+        self._pending[msg.header.hash] = msg
+        self.counts["voted"] += 1
+        await self._send_vote(client, vote)
+
+    async def _send_vote(self, client: aiomqtt.Client, vote: Vote) -> None:
+        await client.publish(self.topics.votes, canonical(vote.to_dict()), qos=1)
+
+    async def _on_cert(self, client: aiomqtt.Client, msg: BlockMsg) -> None:
+        h = msg.header.height
+        if h <= self.replica.height or msg.cert is None:
+            return
+        signed = self._pending.get(msg.header.hash)
+        if h == self.replica.height + 1 and signed is not None:
+            self.replica.commit(signed.header, signed.txs, msg.cert)
+            self._certified()
+        else:
+            await self._request_sync(client)
+
+    async def _on_block(self, client: aiomqtt.Client, msg: BlockMsg) -> None:
+        if msg.cert is None or msg.txs is None:
+            raise ChainError("message_schema", "a synced block carries its transactions and certificate")
+        if msg.header.height != self.replica.height + 1:
+            return
+        self.replica.commit(msg.header, msg.txs, msg.cert)
+        self.counts["synced"] += 1
+        self._certified()
+        stash = self._stash
+        if stash is not None and stash.header.height == self.replica.height + 1:
+            self._stash = None
+            await self._on_proposal(client, stash)
+        elif stash is not None and self.replica.height >= self._sync_end:
+            await self._request_sync(client, force=True)  # the batch is done; still behind
+
+    def _certified(self) -> None:
+        self._pending.clear()
+        event(log, "certified", logging.DEBUG, height=self.replica.height)
+
+    async def _request_sync(self, client: aiomqtt.Client, *, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._last_sync < SYNC_RETRY_S:
+            return
+        self._last_sync = now
+        self._sync_end = self.replica.height + SYNC_BATCH
+        await client.publish(self.topics.sync, canonical({"validator": self.voter.index,
+                                                          "from": self.replica.height + 1}), qos=1)

@@ -1,0 +1,140 @@
+"""The certified-log engine in process: build, vote, certify, commit, refuse."""
+
+from __future__ import annotations
+
+import pytest
+
+from certlog import bls, merkle
+from certlog.block import Certificate, ChainError, Header, Vote, cert_message
+from chainkit import make_area, replica, txs_of, validator_keys, validator_set, voters
+
+
+def _round(prop, vs, area, per_meter=3):
+    txs = txs_of(r for m in area.meters.values() for r in [m.next(wh=50 + i) for i in range(per_meter)])
+    header = prop.build(txs)
+    votes = [v.vote(header, txs) for v in vs]
+    cert = prop.validators.aggregate(votes)
+    prop.commit(header, txs, cert)
+    return header, txs, cert, votes
+
+
+def test_blocks_certify_and_every_replica_agrees(tmp_path):
+    sks = validator_keys(4)
+    area = make_area(["m1", "m2", "m3"])
+    vs = voters(tmp_path, area, sks)
+    prop = replica(tmp_path / "gw.db", area, validator_set(sks))
+    for _ in range(3):
+        header, txs, cert, votes = _round(prop, vs, area)
+        assert len(cert.signers) == 3 and cert.signers == (0, 1, 2)
+        for v in vs:
+            v.replica.commit(header, txs, cert)
+    assert prop.height == 3 and {v.replica.state_root for v in vs} == {prop.state_root}
+    assert header.app["readings"] == 9 and header.txs == 9
+    # Restart: a replica reopened from disk resumes at its last certified block.
+    again = replica(tmp_path / "v0.db", area, validator_set(sks))
+    assert again.head == vs[0].replica.head
+
+
+def test_validator_signs_a_height_once_even_after_restart(tmp_path):
+    sks = validator_keys(4)
+    area = make_area(["m1"])
+    vs = voters(tmp_path, area, sks)
+    prop = replica(tmp_path / "gw.db", area, validator_set(sks))
+    txs = txs_of([area.meters["m1"].next()])
+    a = prop.build(txs)
+    vote = vs[0].vote(a, txs)
+    assert vs[0].vote(a, txs).signature == vote.signature  # idempotent
+    b = Header(**{**a.to_dict(), "time": a.time + 1})  # same block, another header
+    with pytest.raises(ChainError) as e:
+        vs[0].vote(b, txs)
+    assert e.value.reason == "conflicting_header"
+    reopened = voters(tmp_path, area, sks)[0]  # the promise is on disk
+    with pytest.raises(ChainError) as e:
+        reopened.vote(b, txs)
+    assert e.value.reason == "conflicting_header"
+
+
+@pytest.mark.parametrize("mutate, reason", [
+    (lambda h, t: (Header(**{**h.to_dict(), "state_root": "ab" * 32}), t), "state_root_mismatch"),
+    (lambda h, t: (Header(**{**h.to_dict(), "app": {**h.app, "total": "2"}}), t), "app_fields_mismatch"),
+    (lambda h, t: (Header(**{**h.to_dict(), "prev": "cd" * 32}), t), "prev_mismatch"),
+    (lambda h, t: (Header(**{**h.to_dict(), "height": 2}), t), "wrong_height"),
+    (lambda h, t: (h, t[:-1]), "tx_count_mismatch"),
+    (lambda h, t: (h, [t[1], t[0]] + t[2:]), "tx_root_mismatch"),
+])
+def test_validators_refuse_bad_proposals(tmp_path, mutate, reason):
+    sks = validator_keys(4)
+    area = make_area(["m1", "m2"])
+    vs = voters(tmp_path, area, sks)
+    prop = replica(tmp_path / "gw.db", area, validator_set(sks))
+    txs = txs_of([area.meters["m1"].next(), area.meters["m2"].next()])
+    header, bad_txs = mutate(prop.build(txs), txs)
+    with pytest.raises(ChainError) as e:
+        vs[1].vote(header, bad_txs)
+    assert e.value.reason == reason
+    assert vs[1].replica.store.vote_for(1) is None  # nothing promised for a refused block
+
+
+def test_forged_reading_in_a_proposal_is_caught_by_validators(tmp_path):
+    """The proposer skips signature checks (done at ingest); validators never do."""
+    sks = validator_keys(4)
+    area = make_area(["m1"])
+    vs = voters(tmp_path, area, sks)
+    prop = replica(tmp_path / "gw.db", area, validator_set(sks))
+    r = area.meters["m1"].next()
+    forged = r.to_json().replace(r.sig.encode(), (("0" if r.sig[0] != "0" else "1") + r.sig[1:]).encode())
+    header = prop.build([forged])
+    with pytest.raises(ChainError) as e:
+        vs[0].vote(header, [forged])
+    assert e.value.reason == "tx_bad_signature"
+
+
+def test_certificates_need_a_quorum_of_valid_distinct_signers(tmp_path):
+    sks = validator_keys(4)
+    vset = validator_set(sks)
+    area = make_area(["m1"])
+    prop = replica(tmp_path / "gw.db", area, vset)
+    txs = txs_of([area.meters["m1"].next()])
+    h = prop.build(txs)
+    msg = cert_message(h.chain, h.height, h.hash)
+    sigs = [bls.Sign(sk, msg) for sk in sks]
+
+    def cert(signers, sig=None):
+        return Certificate(h.chain, h.height, h.hash, tuple(signers),
+                           sig or bls.Aggregate([sigs[i] for i in signers]))
+
+    vset.check_certificate(cert([0, 1, 3]), h)
+    for c, reason in [(cert([0, 1]), "cert_quorum"), (cert([1, 0, 2]), "cert_signers"),
+                      (cert([0, 0, 1]), "cert_signers"), (cert([0, 1, 9], sigs[0]), "cert_signers"),
+                      (cert([0, 1, 2], bls.Aggregate(sigs[:2] + [sigs[3]])), "cert_signature")]:
+        with pytest.raises(ChainError) as e:
+            vset.check_certificate(c, h)
+        assert e.value.reason == reason
+    other = Header(**{**h.to_dict(), "time": h.time + 1})
+    with pytest.raises(ChainError) as e:
+        vset.check_certificate(cert([0, 1, 2]), other)
+    assert e.value.reason == "cert_mismatch"
+    assert not vset.check_vote(Vote(h.chain, h.height, h.hash, 1, sigs[2]))
+
+
+def test_header_encoding_is_canonical_and_strict():
+    h = Header(chain="a", height=1, prev="0" * 64, time=5, tx_root=merkle.EMPTY_ROOT, state_root="1" * 64,
+               txs=0, app={"x": 1})
+    assert Header.decode(h.encode()) == h
+    with pytest.raises(ChainError):
+        Header.decode(h.encode().replace(b":", b": ", 1))
+    for bad in [b"[]", b"{}", b"\xff", h.encode().replace(b'"height":1', b'"height":true')]:
+        with pytest.raises(ChainError):
+            Header.decode(bad)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 7, 8, 13])
+def test_merkle_paths_verify_and_catch_tampering(n):
+    txs = [f"tx{i}".encode() for i in range(n)]
+    root = merkle.root(txs)
+    for i in range(n):
+        p = merkle.path(txs, i)
+        assert merkle.verify_path(root, txs[i], i, n, p)
+        assert not merkle.verify_path(root, txs[i] + b"x", i, n, p)
+        if n > 1:
+            assert not merkle.verify_path(root, txs[i], (i + 1) % n, n, p)
