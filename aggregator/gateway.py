@@ -21,14 +21,17 @@ import aiomqtt
 from gridledger.config import MqttConfig, read_toml, section
 from gridledger.errors import ConfigError
 from gridledger.logs import event
+from gridledger.metrics import MetricsConfig, Snapshot, serve as serve_metrics
 from gridledger.paillier import load_public
 from gridledger.wire import METER_ID_RE, ack_topic, nack_topic
 
-from .ingest import REASONS, Ingest
+from .areaapp import AreaApp
+from .chain import AreaChain
+from .ingest import REASONS, Ingest, class_counts
 from .registry import load_registry
 from .store import GatewayStore
 
-__all__ = ["GatewayConfig", "Gateway", "load_gateway_config"]
+__all__ = ["GatewayConfig", "ChainSettings", "Gateway", "load_gateway_config"]
 
 log = logging.getLogger("gridledger.gateway")
 
@@ -50,10 +53,22 @@ class GatewaySettings:
     max_payload: int = 8192
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ChainSettings:
+    """The area chain the gateway proposes (absent: the gateway only stores readings)."""
+    validators: Path
+    proposer_key: Path         # the gateway's BLS key as the chain's proposer
+    block_max: int = 1000      # readings and alerts per block
+    block_wait_s: float = 0.2  # after a certificate, wait this long for a fuller block
+    resend_s: float = 2.0      # re-send a proposal that has not gathered 2f+1 votes
+
+
 @dataclass(frozen=True, slots=True)
 class GatewayConfig:
     gateway: GatewaySettings
     mqtt: MqttConfig = field(default_factory=MqttConfig)
+    chain: ChainSettings | None = None
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
 
 def load_gateway_config(path: Path) -> GatewayConfig:
@@ -62,7 +77,10 @@ def load_gateway_config(path: Path) -> GatewayConfig:
     gw = section(GatewaySettings, doc, "gateway", path.parent, ("database", "registry", "paillier_public"))
     if not METER_ID_RE.match(gw.area):
         raise ConfigError(f"area id {gw.area!r} must match [A-Za-z0-9_-]{{1,32}}")
-    return GatewayConfig(gw, section(MqttConfig, doc, "mqtt"))
+    chain = section(ChainSettings, doc, "chain", path.parent, ("validators", "proposer_key")) if "chain" in doc else None
+    if chain is not None and not 1 <= chain.block_max <= 100_000:
+        raise ConfigError("[chain] block_max must be between 1 and 100000")
+    return GatewayConfig(gw, section(MqttConfig, doc, "mqtt"), chain, section(MetricsConfig, doc, "metrics"))
 
 
 class Gateway:
@@ -72,11 +90,16 @@ class Gateway:
         self.area = s.area
         self.store = GatewayStore(s.database)
         self.registry = load_registry(s.registry)
-        self.ingest = Ingest(self.registry, load_public(s.paillier_public), self.store.heads(),
+        paillier = load_public(s.paillier_public)
+        self.ingest = Ingest(self.registry, paillier, self.store.heads(),
                              self.store.stored_hash, max_payload=s.max_payload)
         self.queue: asyncio.Queue[aiomqtt.Message] = asyncio.Queue(QUEUE_MAX)
         self.batches = 0
         self._prefix = f"gl/v1/{self.area}/meters/"
+        self.chain: AreaChain | None = None
+        if cfg.chain is not None:
+            self.chain = AreaChain(cfg.chain, self.area, s.database, self.store,
+                                   AreaApp(self.area, self.registry, paillier))
 
     def counters(self) -> dict[str, int]:
         out = {r: 0 for r in REASONS}
@@ -84,13 +107,29 @@ class Gateway:
         out.update(self.ingest.counts)
         return out
 
+    def metrics(self) -> list[Snapshot]:
+        counts = self.counters()
+        out = [
+            Snapshot("gridledger_ingest_readings", "readings by verdict (accept, duplicate) or rejection reason",
+                     "counter", ("result",), {(k,): v for k, v in counts.items()}),
+            Snapshot("gridledger_ingest_rejections_by_class", "rejections by the issue's reason classes",
+                     "counter", ("class",), {(k,): v for k, v in class_counts(counts).items()}),
+            Snapshot("gridledger_ingest_queue", "messages waiting for the checker", "gauge", (),
+                     {(): self.queue.qsize()}),
+            Snapshot("gridledger_ingest_batches", "durable ingest transactions", "counter", (), {(): self.batches}),
+        ]
+        if self.chain is not None:
+            out += self.chain.metrics()
+        return out
+
     def _topic_meter(self, topic: str) -> str:
         # gl/v1/{area}/meters/{meter}/readings
         return topic[len(self._prefix):-len("/readings")]
 
     async def run(self, stop: asyncio.Event) -> None:
-        event(log, "start", area=self.area, meters=len(self.registry), kid=self.ingest.paillier.kid,
-              heads=len(self.ingest.heads))
+        serve_metrics(self.cfg.metrics, self.metrics)
+        event(log, "start", area=self.area, metrics_port=self.cfg.metrics.port or None, meters=len(self.registry), kid=self.ingest.paillier.kid,
+              heads=len(self.ingest.heads), height=self.chain.replica.height if self.chain else None)
         m = self.cfg.mqtt
         delay = 0.5
         try:
@@ -100,6 +139,9 @@ class Gateway:
                                               username=m.username, password=m.password,
                                               keepalive=m.keepalive, clean_session=False) as client:
                         await client.subscribe(f"{self._prefix}+/readings", qos=1)
+                        if self.chain is not None:
+                            for t in self.chain.subscriptions():
+                                await client.subscribe(t, qos=1)
                         event(log, "mqtt_up", host=m.host, port=m.port)
                         delay = 0.5
                         await self._serve(client, stop)
@@ -112,12 +154,16 @@ class Gateway:
                     delay = min(delay * 2, RECONNECT_MAX_S)
         finally:
             self.store.close()
-            event(log, "stop", **self.counters())
+            if self.chain is not None:
+                self.chain.close()
+            event(log, "stop", **(self.chain.status() if self.chain else {}), **self.counters())
 
     async def _serve(self, client: aiomqtt.Client, stop: asyncio.Event) -> None:
         tasks = {asyncio.create_task(self._read(client), name="read"),
                  asyncio.create_task(self._work(client), name="work"),
                  asyncio.create_task(self._status(), name="status")}
+        if self.chain is not None:
+            tasks.add(asyncio.create_task(self.chain.run(client), name="chain"))
         stopper = asyncio.create_task(stop.wait())
         try:
             done, _ = await asyncio.wait(tasks | {stopper}, return_when=asyncio.FIRST_COMPLETED)
@@ -139,13 +185,18 @@ class Gateway:
             await asyncio.gather(*tasks, stopper, return_exceptions=True)
 
     async def _read(self, client: aiomqtt.Client) -> None:
+        chain = self.chain
         async for msg in client.messages:
-            await self.queue.put(msg)
+            if chain is not None and msg.topic.value.startswith(chain.prefix):
+                chain.on_message(client, msg)
+            else:
+                await self.queue.put(msg)
 
     async def _status(self) -> None:
         while True:
             await asyncio.sleep(STATUS_EVERY_S)
-            event(log, "status", queued=self.queue.qsize(), batches=self.batches,
+            chain = self.chain.status() if self.chain else {}
+            event(log, "status", queued=self.queue.qsize(), batches=self.batches, **chain,
                   **{k: v for k, v in self.counters().items() if v})
 
     async def _work(self, client: aiomqtt.Client) -> None:
@@ -189,11 +240,13 @@ class Gateway:
                 event(log, "rejected", logging.WARNING, meter=meter, seq=v.seq, reason=v.reason, detail=v.detail)
                 if METER_ID_RE.match(meter):
                     nacks.append((meter, {"seq": v.seq, "reason": v.reason}))
-                if v.reason == "replayed_seq" and meter in self.ingest.heads:
+                if v.reason in ("replayed_seq", "equivocation") and meter in self.ingest.heads:
                     touched.add(meter)  # re-ack: the meter may have missed its ack
         await asyncio.to_thread(self.store.commit, accepted, evidence, rejected)
         self.ingest.committed()
         self.batches += 1
+        if self.chain is not None and (accepted or evidence):
+            self.chain.more.set()
         for meter in sorted(touched):
             await client.publish(ack_topic(self.area, meter),
                                  json.dumps({"seq": self.ingest.heads[meter].seq}), qos=1)

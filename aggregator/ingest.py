@@ -1,14 +1,47 @@
 """Deciding what to do with one incoming reading: pure logic, no I/O.
 
-Checks run cheapest-first and stop at the first failure: shape, topic, registry,
-key id, ciphertext range, signature, then the meter's hash chain (seq and prev).
+Checks run in this order and stop at the first failure:
+
+1. Who sent what, cheapest first: shape (``parse_reading``: ``oversized`` before
+   decoding, then ``malformed_json``, ``missing_field``, ``bad_type``,
+   ``unsupported_version``, ``bad_value``), ``topic_mismatch``, ``unknown_meter``,
+   ``unknown_key_id``, ``ciphertext_range``, ``bad_signature``. Everything below
+   runs only on readings the registered meter provably signed.
+2. The seq against the meter's head H (the last accepted reading: seq, hash, t).
+   For ``seq <= H.seq`` the gateway compares with the reading it holds at that
+   seq (H itself, one accepted but not yet committed, or the store's):
+
+   - same hash: ``duplicate``, acked again and stored once;
+   - different hash: ``equivocation``, kept as evidence, ``conflicts_with`` is the
+     held reading's hash: the meter signed two readings for one seq;
+   - nothing held (the store no longer has it, or the lookup failed):
+     ``replayed_seq``, not evidence, as there is nothing to prove a conflict
+     against and a captured old reading replayed forever must not fill the store.
+
+   ``seq > H.seq + 1`` is a ``seq_gap``.
+3. For ``seq == H.seq + 1``: ``prev != H.hash`` is ``prev_mismatch``, kept as
+   evidence (``conflicts_with`` is H's hash, None before a meter's first reading).
+4. The clock, last, and only for a reading that would move the head:
+   ``clock_skew`` when ``t > now() + max_future_s`` or when its interval
+   ``[t - dt, t]`` starts before H.t (so t is also strictly after H.t; H.t is 0
+   before the first reading, so no interval starts before 1970). A duplicate
+   is acked whatever the clocks say now, and a forked chain stays evidence
+   whatever its timestamps. A skewed reading is not evidence: the gateway's own
+   clock may be the wrong one, and a reading only ahead of it is taken once the
+   clock catches up.
+
+``Ingest.check`` never raises: every failure is a ``reject`` verdict with a reason
+from ``REASONS``, each counted. A registry verifier that raises counts as a bad
+signature; anything else unexpected (a bug) refuses the reading as
+``malformed_json`` with the error in ``detail``, and never accepts it.
 """
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Callable, Literal
+from typing import Callable, Literal, Mapping
 
 from gridledger.errors import Rejected
 from gridledger.paillier import PublicKey, in_ciphertext_space
@@ -16,19 +49,55 @@ from gridledger.wire import ZERO_HASH, MAX_PAYLOAD, Reading, parse_reading
 
 from .registry import Registry
 
-__all__ = ["ChainHead", "Verdict", "Ingest", "REASONS"]
+__all__ = ["ChainHead", "Verdict", "Ingest", "REASONS", "REASON_CLASS", "REASON_CLASSES",
+           "MAX_FUTURE_S", "class_counts"]
 
-# Every reason a reading can be refused for; counters start at zero for each.
-REASONS = ("oversized", "malformed_json", "missing_field", "bad_type", "bad_value",
-           "unsupported_version", "topic_mismatch", "unknown_meter", "unknown_key_id",
-           "ciphertext_range", "bad_signature", "replayed_seq", "seq_gap", "prev_mismatch")
+# The rejection classes of issue 5, for metrics; each reason below belongs to one.
+REASON_CLASSES = ("schema", "size", "unknown_meter", "key_id", "range", "signature",
+                  "replayed_seq", "gap", "prev_mismatch", "clock_skew", "equivocation")
+
+# Every reason a reading can be refused for, in check order, with its class.
+REASON_CLASS = {
+    "oversized": "size",
+    "malformed_json": "schema",
+    "missing_field": "schema",
+    "bad_type": "schema",
+    "bad_value": "schema",
+    "unsupported_version": "schema",
+    "topic_mismatch": "schema",
+    "unknown_meter": "unknown_meter",
+    "unknown_key_id": "key_id",
+    "ciphertext_range": "range",
+    "bad_signature": "signature",
+    "replayed_seq": "replayed_seq",
+    "equivocation": "equivocation",
+    "seq_gap": "gap",
+    "prev_mismatch": "prev_mismatch",
+    "clock_skew": "clock_skew",
+}
+REASONS = tuple(REASON_CLASS)  # counters start at zero for each
+
+# How far a reading's end may lie ahead of the gateway's clock. Meters keep time
+# by NTP or an RTC that drifts seconds a day; more slack lets a meter with a fast
+# clock claim intervals that have not happened yet.
+MAX_FUTURE_S = 300
+
+
+def class_counts(counts: Mapping[str, int]) -> dict[str, int]:
+    """Per-reason counters summed per class, every class present; other keys ignored."""
+    out = dict.fromkeys(REASON_CLASSES, 0)
+    for reason, n in counts.items():
+        if reason in REASON_CLASS:
+            out[REASON_CLASS[reason]] += n
+    return out
 
 
 @dataclass(slots=True)
 class ChainHead:
-    """The last accepted reading of one meter."""
+    """The last accepted reading of one meter (t = 0: none yet, or not known)."""
     seq: int = 0
     hash: str = ZERO_HASH
+    t: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +108,7 @@ class Verdict:
     detail: str = ""
     seq: int | None = None
     evidence: bool = False  # a validly signed reading that conflicts with the chain
+    conflicts_with: str | None = None  # hash of the held reading it conflicts with
 
 
 @dataclass
@@ -48,6 +118,8 @@ class Ingest:
     heads: dict[str, ChainHead]
     stored_hash: Callable[[str, int], str | None]  # hash of a stored reading, or None
     max_payload: int = MAX_PAYLOAD
+    max_future_s: int = MAX_FUTURE_S
+    now: Callable[[], float] = time.time
     counts: Counter = field(default_factory=Counter)
     _pending: dict[tuple[str, int], str] = field(default_factory=dict)
 
@@ -56,6 +128,8 @@ class Ingest:
             v = self._check(topic_meter, payload)
         except Rejected as r:
             v = Verdict("reject", reason=r.reason, detail=r.detail, seq=r.seq)
+        except Exception as exc:  # a bug must refuse the reading, not accept it or stop the gateway
+            v = Verdict("reject", reason="malformed_json", detail=f"unexpected {exc!r}"[:160])
         self.counts[v.reason or v.kind] += 1
         return v
 
@@ -73,22 +147,51 @@ class Ingest:
             raise Rejected("unknown_key_id", f"kid {r.kid}, area key {self.paillier.kid}", seq=r.seq)
         if not in_ciphertext_space(self.paillier.n, r.ciphertext):
             raise Rejected("ciphertext_range", "c is not a unit below n^2", seq=r.seq)
-        if not self.registry.verify(r.meter, r.signed_bytes, bytes.fromhex(r.sig)):
+        if not self._signed(r):
             raise Rejected("bad_signature", f"seq {r.seq}", seq=r.seq)
-        head = self.heads.setdefault(r.meter, ChainHead())
-        h = r.hash
+
+        head = self.heads.get(r.meter) or ChainHead()  # added to heads only on accept
         if r.seq <= head.seq:
-            known = head.hash if r.seq == head.seq else (
-                self._pending.get((r.meter, r.seq)) or self.stored_hash(r.meter, r.seq))
-            if known == h:
-                return Verdict("duplicate", reading=r, seq=r.seq)
-            return Verdict("reject", reading=r, reason="replayed_seq", seq=r.seq, evidence=True,
-                           detail=f"seq {r.seq} already holds a different reading")
+            return self._used_seq(head, r)
         if r.seq != head.seq + 1:
             raise Rejected("seq_gap", f"expected seq {head.seq + 1}, got {r.seq}", seq=r.seq)
         if r.prev != head.hash:
             return Verdict("reject", reading=r, reason="prev_mismatch", seq=r.seq, evidence=True,
+                           conflicts_with=head.hash if head.seq else None,
                            detail=f"prev does not chain to seq {head.seq}")
-        head.seq, head.hash = r.seq, h
-        self._pending[(r.meter, r.seq)] = h
+        now = self.now()
+        if r.t > now + self.max_future_s:
+            raise Rejected("clock_skew", f"t {r.t} is {r.t - int(now)} s ahead of the gateway", seq=r.seq)
+        if r.t - r.dt < head.t:
+            raise Rejected("clock_skew", f"interval starts at {r.t - r.dt}, before seq {head.seq} ended at {head.t}",
+                           seq=r.seq)
+        head.seq, head.hash, head.t = r.seq, r.hash, r.t
+        self.heads[r.meter] = head
+        self._pending[(r.meter, r.seq)] = r.hash
         return Verdict("accept", reading=r, seq=r.seq)
+
+    def _signed(self, r: Reading) -> bool:
+        try:
+            return self.registry.verify(r.meter, r.signed_bytes, bytes.fromhex(r.sig))
+        except Exception:  # a verifier that cannot decide has not verified
+            return False
+
+    def _used_seq(self, head: ChainHead, r: Reading) -> Verdict:
+        """A validly signed reading for a seq at or below the head: duplicate, equivocation or replay."""
+        lookup = ""
+        if r.seq == head.seq:
+            held = head.hash
+        else:
+            held = self._pending.get((r.meter, r.seq))
+            if held is None:
+                try:
+                    held = self.stored_hash(r.meter, r.seq)
+                except Exception as exc:  # the store cannot answer: no comparison, say why
+                    lookup = f"; lookup failed: {exc!r}"[:120]
+        if held == r.hash:
+            return Verdict("duplicate", reading=r, seq=r.seq)
+        if held is None:
+            return Verdict("reject", reading=r, reason="replayed_seq", seq=r.seq,
+                           detail=f"seq {r.seq} is at or below head {head.seq} and no longer held{lookup}")
+        return Verdict("reject", reading=r, reason="equivocation", seq=r.seq, evidence=True, conflicts_with=held,
+                       detail=f"seq {r.seq} already holds a different reading")

@@ -3,6 +3,7 @@ the transaction holding its reading has reached the disk."""
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import time
 from pathlib import Path
@@ -42,18 +43,23 @@ class GatewayStore:
                              "c": str, "sig": str, "hash": str, "received_at": float},
                             pk=("meter", "seq"))
             readings.create_index(["t"])
+        if "height" not in readings.columns_dict:  # databases from before the chain
+            self.db.execute("ALTER TABLE readings ADD COLUMN height INTEGER")
+        self.db.execute("CREATE INDEX IF NOT EXISTS readings_height ON readings(height)")
         if not self.db["evidence"].exists():
             self.db["evidence"].create({"id": int, "meter": str, "seq": int, "reason": str,
                                         "payload": str, "received_at": float}, pk="id")
+        if "height" not in self.db["evidence"].columns_dict:
+            self.db.execute("ALTER TABLE evidence ADD COLUMN height INTEGER")
         if not self.db["rejections"].exists():
             self.db["rejections"].create({"reason": str, "count": int}, pk="reason")
 
     def heads(self) -> dict[str, ChainHead]:
         rows = self.db.execute(
-            "SELECT r.meter, r.seq, r.hash FROM readings r JOIN "
+            "SELECT r.meter, r.seq, r.hash, r.t FROM readings r JOIN "
             "(SELECT meter, MAX(seq) AS seq FROM readings GROUP BY meter) m "
             "ON r.meter = m.meter AND r.seq = m.seq").fetchall()
-        return {meter: ChainHead(seq, h) for meter, seq, h in rows}
+        return {meter: ChainHead(seq, h, t) for meter, seq, h, t in rows}
 
     def stored_hash(self, meter: str, seq: int) -> str | None:
         row = self.db.execute("SELECT hash FROM readings WHERE meter=? AND seq=?", [meter, seq]).fetchone()
@@ -95,6 +101,30 @@ class GatewayStore:
             args.append(meter)
         sql += " ORDER BY meter, seq"
         return [Reading(*row) for row in self.db.execute(sql, args).fetchall()]
+
+    def unblocked(self, conn: sqlite3.Connection, limit: int) -> tuple[list[int], list[Reading]]:
+        """Readings not yet in a block, in acceptance order (so each meter's in seq order)."""
+        rows = conn.execute("SELECT rowid, meter, seq, t, dt, prev, kid, c, sig FROM readings "
+                            "WHERE height IS NULL ORDER BY rowid LIMIT ?", (limit,)).fetchall()
+        return [r[0] for r in rows], [Reading(*r[1:]) for r in rows]
+
+    def unblocked_equivocations(self, conn: sqlite3.Connection) -> list[tuple[int, Reading, Reading]]:
+        """Equivocation evidence not yet alerted on the chain, with the stored reading it conflicts with."""
+        rows = conn.execute(
+            "SELECT e.id, e.payload, r.meter, r.seq, r.t, r.dt, r.prev, r.kid, r.c, r.sig FROM evidence e "
+            "JOIN readings r ON r.meter = e.meter AND r.seq = e.seq "
+            "WHERE e.reason = 'equivocation' AND e.height IS NULL ORDER BY e.id").fetchall()
+        out = []
+        for row in rows:
+            obj = json.loads(row[1])
+            out.append((row[0], Reading(**{k: obj[k] for k in ("meter", "seq", "t", "dt", "prev", "kid", "c", "sig")}),
+                        Reading(*row[2:])))
+        return out
+
+    @staticmethod
+    def mark_blocked(conn: sqlite3.Connection, height: int, rowids: list[int], evidence_ids: list[int]) -> None:
+        conn.executemany("UPDATE readings SET height = ? WHERE rowid = ?", [(height, r) for r in rowids])
+        conn.executemany("UPDATE evidence SET height = ? WHERE id = ?", [(height, e) for e in evidence_ids])
 
     def close(self) -> None:
         self.db.conn.close()

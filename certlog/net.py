@@ -1,6 +1,6 @@
 """How chain messages travel over MQTT: topics and JSON bodies.
 
-    gl/v1/chains/{chain}/proposals        {"header": {...}, "txs": [str, ...]}
+    gl/v1/chains/{chain}/proposals        {"header": {...}, "txs": [str, ...], "proposer_sig": hex}
     gl/v1/chains/{chain}/votes            {"chain", "height", "hash", "validator", "sig"}
     gl/v1/chains/{chain}/certs            {"header": {...}, "cert": {...}}
     gl/v1/chains/{chain}/sync             {"validator": i, "from": height}
@@ -51,10 +51,14 @@ class BlockMsg:
     header: Header
     txs: list[bytes] | None
     cert: Certificate | None
+    proposer_sig: bytes | None = None
 
 
-def encode_block(header: Header, txs: list[bytes] | None = None, cert: Certificate | None = None) -> bytes:
+def encode_block(header: Header, txs: list[bytes] | None = None, cert: Certificate | None = None,
+                 proposer_sig: bytes | None = None) -> bytes:
     obj: dict[str, Any] = {"header": header.to_dict()}
+    if proposer_sig is not None:
+        obj["proposer_sig"] = proposer_sig.hex()
     if txs is not None:
         obj["txs"] = [t.decode("utf-8") for t in txs]
     if cert is not None:
@@ -76,7 +80,13 @@ def decode_block(payload: bytes) -> BlockMsg:
         except UnicodeEncodeError:
             raise ChainError("message_schema", "txs must be valid UTF-8") from None
     cert = Certificate.from_dict(obj["cert"]) if obj.get("cert") is not None else None
-    return BlockMsg(header, txs, cert)
+    sig = obj.get("proposer_sig")
+    if sig is not None:
+        try:
+            sig = bytes.fromhex(sig)
+        except (TypeError, ValueError):
+            raise ChainError("message_schema", "proposer_sig must be hex") from None
+    return BlockMsg(header, txs, cert, sig)
 
 
 def decode_vote(payload: bytes) -> Vote:

@@ -18,9 +18,11 @@ from typing import Awaitable, Callable, Sequence
 
 from gridledger.logs import event
 
+from . import bls
 from .block import Certificate, ChainError, Header, Vote
 from .net import SYNC_BATCH, Topics, decode_json, decode_vote, encode_block
 from .replica import Replica
+from .validators import proposal_message
 
 __all__ = ["Proposer"]
 
@@ -30,8 +32,11 @@ Publish = Callable[[str, bytes], Awaitable[None]]
 
 
 class Proposer:
-    def __init__(self, replica: Replica, publish: Publish, *, resend_s: float = 2.0):
+    def __init__(self, replica: Replica, publish: Publish, secret_key: int, *, resend_s: float = 2.0,
+                 commit_lock: asyncio.Lock | None = None):
         self.replica = replica
+        self._sk = secret_key
+        self._lock = commit_lock or asyncio.Lock()  # guards the replica's store across threads
         self.publish = publish
         self.resend_s = resend_s
         self.topics = Topics(replica.chain)
@@ -58,7 +63,7 @@ class Proposer:
         """Send the proposal (again every `resend_s`) until 2f+1 valid votes certify it."""
         self._want, self._votes = header, {}
         self._ready.clear()
-        payload = encode_block(header, txs)
+        payload = encode_block(header, txs, proposer_sig=bls.Sign(self._sk, proposal_message(header)))
         t0 = time.monotonic()
         wait = self.resend_s
         while True:
@@ -72,7 +77,8 @@ class Proposer:
                 wait = min(wait * 2, 10.0)
         cert = self.replica.validators.aggregate(list(self._votes.values()))
         self._want = None
-        self.replica.commit(header, txs, cert, stored=True)
+        async with self._lock:
+            await asyncio.to_thread(self.replica.commit, header, txs, cert, stored=True)
         self.last_latency_s = time.monotonic() - t0
         self.counts["certified"] += 1
         await self.publish(self.topics.certs, encode_block(header, cert=cert))

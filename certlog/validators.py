@@ -21,7 +21,7 @@ from . import bls
 from .block import Certificate, ChainError, Header, Vote, cert_message
 
 __all__ = ["ValidatorInfo", "ValidatorSet", "new_secret_key", "write_secret_key", "read_secret_key", "info_for",
-           "load_validator_set", "dump_validator_set"]
+           "load_validator_set", "dump_validator_set", "proposal_message"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,7 +32,9 @@ class ValidatorInfo:
 
 
 class ValidatorSet:
-    def __init__(self, members: Sequence[ValidatorInfo]):
+    """The validators of a chain, and the one proposer whose proposals they consider."""
+
+    def __init__(self, members: Sequence[ValidatorInfo], proposer: ValidatorInfo | None = None):
         if not members:
             raise ConfigError("a validator set needs at least one validator")
         names = [m.name for m in members]
@@ -41,6 +43,9 @@ class ValidatorSet:
         for m in members:
             if not bls.PopVerify(m.public_key, m.pop):
                 raise ConfigError(f"validator {m.name}: proof of possession does not verify")
+        if proposer is not None and not bls.PopVerify(proposer.public_key, proposer.pop):
+            raise ConfigError(f"proposer {proposer.name}: proof of possession does not verify")
+        self.proposer = proposer
         self.members = tuple(members)
         self.n = len(members)
         self.f = (self.n - 1) // 3
@@ -65,6 +70,14 @@ class ValidatorSet:
         return Certificate(first.chain, first.height, first.hash, tuple(v.validator for v in votes),
                            bls.Aggregate([v.signature for v in votes]))
 
+    def check_proposal(self, header: Header, signature: bytes | None) -> None:
+        """Only the chain's proposer may propose: raise `ChainError` otherwise."""
+        if self.proposer is None:
+            return
+        if signature is None or not bls.Verify(self.proposer.public_key, proposal_message(header), signature):
+            raise ChainError("not_from_proposer", "proposal is not signed by the chain's proposer",
+                             height=header.height)
+
     def check_certificate(self, cert: Certificate, header: Header) -> None:
         """Raise `ChainError` unless `cert` certifies exactly this header."""
         if (cert.chain, cert.height, cert.hash) != (header.chain, header.height, header.hash):
@@ -79,6 +92,10 @@ class ValidatorSet:
         pks = [self.members[i].public_key for i in s]
         if not bls.FastAggregateVerify(pks, cert_message(cert.chain, cert.height, cert.hash), cert.signature):
             raise ChainError("cert_signature", "aggregate signature does not verify", height=header.height)
+
+
+def proposal_message(header: Header) -> bytes:
+    return f"gl-propose-v1\n{header.chain}\n{header.height}\n{header.hash}".encode("ascii")
 
 
 def new_secret_key() -> int:
@@ -111,15 +128,19 @@ def info_for(name: str, sk: int) -> ValidatorInfo:
 def load_validator_set(path: Path) -> ValidatorSet:
     try:
         doc = tomllib.loads(Path(path).read_text())
-        members = [ValidatorInfo(v["name"], bytes.fromhex(v["public_key"]), bytes.fromhex(v["pop"]))
-                   for v in doc["validators"]]
+        info = lambda v: ValidatorInfo(v["name"], bytes.fromhex(v["public_key"]), bytes.fromhex(v["pop"]))  # noqa: E731
+        members = [info(v) for v in doc["validators"]]
+        proposer = info(doc["proposer"]) if "proposer" in doc else None
     except (OSError, tomllib.TOMLDecodeError, KeyError, TypeError, ValueError) as exc:
         raise ConfigError(f"cannot read validator set {path}: {exc}") from exc
-    return ValidatorSet(members)
+    return ValidatorSet(members, proposer)
 
 
-def dump_validator_set(members: Sequence[ValidatorInfo]) -> str:
+def dump_validator_set(members: Sequence[ValidatorInfo], proposer: ValidatorInfo | None = None) -> str:
     lines = ["# gridledger validator set: index order matters (certificates name signers by index)", ""]
+    if proposer is not None:
+        lines += ["[proposer]", f'name = "{proposer.name}"', f'public_key = "{proposer.public_key.hex()}"',
+                  f'pop = "{proposer.pop.hex()}"', ""]
     for m in members:
         lines += ["[[validators]]", f'name = "{m.name}"', f'public_key = "{m.public_key.hex()}"',
                   f'pop = "{m.pop.hex()}"', ""]

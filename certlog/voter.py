@@ -146,6 +146,7 @@ class ValidatorNode:
             if self.replica.store.vote_for(h) == msg.header.hash:
                 await self._send_vote(client, self.voter.sign(msg.header))
             return
+        self.replica.validators.check_proposal(msg.header, msg.proposer_sig)
         if h > head + 1:
             self._stash = msg
             await self._request_sync(client)

@@ -14,7 +14,7 @@ from phe import paillier as phe_paillier
 from gridledger.paillier import add_ciphertexts
 from gridledger.wire import BANDS, Reading, unpack_slots
 
-__all__ = ["EnergyTotals", "decrypt_total"]
+__all__ = ["EnergyTotals", "decrypt_total", "decrypt_ciphertext"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,5 +40,9 @@ class EnergyTotals:
 def decrypt_total(priv: phe_paillier.PaillierPrivateKey, readings: Iterable[Reading]) -> EnergyTotals:
     readings = list(readings)
     n = priv.public_key.n
-    c = add_ciphertexts(n, (r.ciphertext for r in readings))
-    return EnergyTotals(len(readings), tuple(unpack_slots(priv.raw_decrypt(c))))
+    return decrypt_ciphertext(priv, add_ciphertexts(n, (r.ciphertext for r in readings)), len(readings))
+
+
+def decrypt_ciphertext(priv: phe_paillier.PaillierPrivateKey, c: int, readings: int = 0) -> EnergyTotals:
+    """Decrypt an aggregate (a product of reading ciphertexts) into slot totals."""
+    return EnergyTotals(readings, tuple(unpack_slots(priv.raw_decrypt(c))))

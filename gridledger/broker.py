@@ -103,6 +103,7 @@ def start_mosquitto(workdir: Path, port: int | None = None, extra_conf: str = ""
         # Gateways keep persistent sessions; let them queue a burst of readings.
         "max_queued_messages 100000\n"
         "max_inflight_messages 100\n"
+        "set_tcp_nodelay true\n"
         + extra_conf)
     return _launch("mosquitto", [exe, "-c", str(conf)], port, workdir / "mosquitto.log")
 

@@ -16,6 +16,10 @@ EXAMPLES = {
     "gateway run": "gridledger gateway run --config gateway.toml",
     "testbed run": "gridledger testbed run --meters 5 --intervals 48",
     "firmware build": "gridledger firmware build",
+    "keys validator": "gridledger keys validator --name v0 --out keys/ --set validators.toml",
+    "validator run": "gridledger validator run --config v0.toml",
+    "chain verify": "gridledger chain verify --config gateway.toml",
+    "loadgen run": "gridledger loadgen run --config gateway.toml --keys lg/ --meters 1000 --readings 10",
 }
 
 
@@ -57,28 +61,77 @@ def _cmd_keys_meter(args) -> int:
     return 0
 
 
-def _cmd_gateway_run(args) -> int:
-    from aggregator.gateway import Gateway, load_gateway_config
+def _cmd_keys_validator(args) -> int:
+    from certlog.validators import (dump_validator_set, info_for, load_validator_set, new_secret_key,
+                                    write_secret_key)
+    from .errors import ConfigError
+    key_path = Path(args.out) / f"{args.name}.bls.key"
+    if key_path.exists():
+        raise ConfigError(f"{key_path} exists; refusing to overwrite a validator key")
+    set_path = Path(args.set) if args.set else None
+    members, proposer = [], None
+    if set_path and set_path.exists():
+        vset = load_validator_set(set_path)
+        members, proposer = list(vset.members), vset.proposer
+    if args.proposer and not set_path:
+        raise ConfigError("--proposer needs --set: the proposer key is named in the validator set")
+    if args.proposer and proposer is not None:
+        raise ConfigError(f"{set_path} already names proposer {proposer.name}")
+    if any(m.name == args.name for m in members) or (proposer and proposer.name == args.name):
+        raise ConfigError(f"{args.name} is already in {set_path}")
+    sk = new_secret_key()
+    write_secret_key(key_path, sk)
+    info = info_for(args.name, sk)
+    print(f"secret key  {key_path}  (mode 0600)\npublic key  {info.public_key.hex()}")
+    if set_path:
+        if args.proposer:
+            set_path.write_text(dump_validator_set(members, info))
+            print(f"named as the chain's proposer in {set_path}")
+        else:
+            set_path.write_text(dump_validator_set(members + [info], proposer))
+            print(f"added as validator {len(members)} to {set_path} (with its proof of possession)")
+    return 0
+
+
+def _run_role(name: str, level: str, role) -> int:
+    """Run `role.run(stop)` until SIGTERM or SIGINT."""
     from .logs import setup_logging
-    setup_logging("gateway", args.log_level)
-    gw = Gateway(load_gateway_config(Path(args.config)))
+    setup_logging(name, level)
 
     async def main() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await gw.run(stop)
+        await role.run(stop)
 
     asyncio.run(main())
     return 0
+
+
+def _cmd_gateway_run(args) -> int:
+    from aggregator.gateway import Gateway, load_gateway_config
+    return _run_role("gateway", args.log_level, Gateway(load_gateway_config(Path(args.config))))
+
+
+def _cmd_validator_run(args) -> int:
+    from aggregator.validator import ValidatorRole, load_validator_config
+    return _run_role("validator", args.log_level, ValidatorRole(load_validator_config(Path(args.config))))
+
+
+def _cmd_chain_verify(args) -> int:
+    import json
+    from aggregator.chain import audit_from_config
+    report = audit_from_config(Path(args.config), Path(args.database) if args.database else None)
+    print(json.dumps(report.to_dict()))
+    return 0 if report.ok else 1
 
 
 def _cmd_testbed_run(args) -> int:
     from .testbed import TestbedPlan, run_testbed
     return run_testbed(TestbedPlan(workdir=Path(args.dir), meters=args.meters, intervals=args.intervals,
                                    seconds_per_interval=args.seconds_per_interval, heap=args.heap,
-                                   broker=args.broker))
+                                   broker=args.broker, validators=args.validators))
 
 
 def _cmd_firmware_build(args) -> int:
@@ -89,6 +142,39 @@ def _cmd_firmware_build(args) -> int:
         if f.is_file():
             print(f"  {f.relative_to(out)}  {f.stat().st_size} bytes")
     return 0
+
+
+def _cmd_loadgen(args) -> int:
+    import json
+    from aggregator.gateway import load_gateway_config
+    from .errors import ConfigError
+    from .loadgen import open_area, run_area
+    cfg = load_gateway_config(Path(args.config)) if args.config else None
+    host = args.host or (cfg.mqtt.host if cfg else "127.0.0.1")
+    port = args.port or (cfg.mqtt.port if cfg else 1883)
+    area_id = args.area or (cfg.gateway.area if cfg else None)
+    public = args.paillier_public or (cfg.gateway.paillier_public if cfg else None)
+    for name, value in (("--meters", args.meters), ("--readings", args.readings), ("--window", args.window)):
+        if value < 1:
+            raise ConfigError(f"{name} must be at least 1, not {value}")
+    if not 0 < port < 65536 or args.timeout <= 0:
+        raise ConfigError("--port must be 1..65535 and --timeout positive")
+    keys = Path(args.keys)
+    if args.generate_only and (keys / "loadgen.json").exists():
+        raise ConfigError(f"{keys} already holds a load area; use another folder")
+    area = open_area(keys, args.meters, area=area_id, paillier_public=Path(public) if public else None)
+    if cfg and cfg.gateway.registry.resolve() != area.registry.resolve():
+        print(f"warning: {args.config} loads registry {cfg.gateway.registry}, not {area.registry}; "
+              "the gateway will nack these meters as unknown_meter", file=sys.stderr)
+    if args.generate_only:
+        print(f"{len(area.keys)} meter keys and registry {area.registry} for area {area.area}; "
+              f"point the gateway's registry at it, then run without --generate-only", file=sys.stderr)
+        print(json.dumps({"meters": len(area.keys), "registry": str(area.registry), "area": area.area}))
+        return 0
+    result = asyncio.run(run_area(area, host, port, args.readings, window=args.window, timeout=args.timeout,
+                                  say=lambda s: print(s, file=sys.stderr, flush=True)))
+    print(json.dumps({"meters": len(area.keys), "area": area.area, **result.summary()}))
+    return 0 if result.complete else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -111,10 +197,30 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--account", help="account the meter bills to (with --registry)")
     sp.add_argument("--registry", help="registry TOML file to enroll the meter in")
 
+    sp = action(keys, "keys", "validator", "generate a validator's BLS12-381 key and proof of possession",
+                _cmd_keys_validator)
+    sp.add_argument("--name", required=True, help="validator name")
+    sp.add_argument("--out", required=True, help="folder for NAME.bls.key")
+    sp.add_argument("--set", help="validator-set TOML to append the public key and proof of possession to")
+    sp.add_argument("--proposer", action="store_true", help="this key is the chain's proposer (the gateway), "
+                    "not a validator")
+
     gw = roles.add_parser("gateway", help="the gateway (aggregator) role").add_subparsers(dest="action", required=True)
     sp = action(gw, "gateway", "run", "run the gateway: MQTT ingest, checks, SQLite, acks", _cmd_gateway_run)
     sp.add_argument("--config", required=True, help="gateway TOML file")
     sp.add_argument("--log-level", default="info")
+
+    va = roles.add_parser("validator", help="an area-chain validator").add_subparsers(dest="action", required=True)
+    sp = action(va, "validator", "run", "run a validator: re-check proposed blocks, sign each height once",
+                _cmd_validator_run)
+    sp.add_argument("--config", required=True, help="validator TOML file")
+    sp.add_argument("--log-level", default="info")
+
+    ch = roles.add_parser("chain", help="certified chains").add_subparsers(dest="action", required=True)
+    sp = action(ch, "chain", "verify", "check a stored area chain offline: every header, certificate, "
+                "root and signature; report the first fault", _cmd_chain_verify)
+    sp.add_argument("--config", required=True, help="a gateway or validator TOML (registry, key, validator set)")
+    sp.add_argument("--database", help="the SQLite file to audit (default: the config's database)")
 
     tb = roles.add_parser("testbed", help="one-machine testbed").add_subparsers(dest="action", required=True)
     sp = action(tb, "testbed", "run", "run broker, gateway and firmware meters in accelerated time", _cmd_testbed_run)
@@ -122,6 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--intervals", type=int, default=48, help="15-minute intervals per meter")
     sp.add_argument("--seconds-per-interval", type=float, default=1.0, help="real seconds per 15 minutes")
     sp.add_argument("--heap", default="128k", help="MicroPython heap per meter (embedded default 128k)")
+    sp.add_argument("--validators", type=int, default=4, help="area-chain validators (N = 3f+1)")
     sp.add_argument("--dir", default=".testbed", help="working folder (recreated)")
     sp.add_argument("--broker", choices=["auto", "mosquitto", "amqtt"], default="auto",
                     help="auto: Mosquitto when installed, else the pure-Python amqtt (demo only)")
@@ -130,6 +237,23 @@ def build_parser() -> argparse.ArgumentParser:
     sp = action(fw, "firmware", "build", "fetch umqtt.simple and compile the firmware with mpy-cross",
                 _cmd_firmware_build)
     sp.add_argument("--out", help="output folder (default build/firmware)")
+
+    lg = roles.add_parser("loadgen", help="load generator: many wire-v1 meters in one process").add_subparsers(
+        dest="action", required=True)
+    sp = action(lg, "loadgen", "run", "publish precomputed readings of many meters to a gateway and "
+                "measure acked readings per second", _cmd_loadgen)
+    sp.add_argument("--config", help="gateway TOML: MQTT host/port, area and Paillier public key come from it")
+    sp.add_argument("--host", help="MQTT broker host (default: --config's, else 127.0.0.1)")
+    sp.add_argument("--port", type=int, help="MQTT broker port (default: --config's, else 1883)")
+    sp.add_argument("--area", help="area id (default: --config's)")
+    sp.add_argument("--paillier-public", help="the area's paillier.pub.json (default: --config's)")
+    sp.add_argument("--keys", required=True, help="folder for the generated meter keys and registry.toml")
+    sp.add_argument("--meters", type=int, default=100)
+    sp.add_argument("--readings", type=int, default=10, help="readings per meter")
+    sp.add_argument("--window", type=int, default=256, help="most unacknowledged readings in flight")
+    sp.add_argument("--timeout", type=float, default=120.0, help="seconds before the run gives up")
+    sp.add_argument("--generate-only", action="store_true",
+                    help="write the meter keys and registry, then exit (start the gateway with that registry)")
     return p
 
 

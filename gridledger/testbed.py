@@ -25,7 +25,8 @@ from .firmware_build import BUILD, build_firmware, micropython_command
 from .meterkeys import new_meter_key
 from .wire import Reading, kid_of
 
-__all__ = ["TestbedPlan", "run_testbed", "write_meter_config", "meter_process", "gateway_process", "read_truth"]
+__all__ = ["TestbedPlan", "run_testbed", "write_meter_config", "meter_process", "gateway_process", "read_truth",
+           "validator_process", "write_chain", "chain_table", "certified_height"]
 
 BOOT_GRACE_S = 3.0  # real seconds between launch and the first virtual interval
 DAY = 86400
@@ -42,6 +43,7 @@ class TestbedPlan:
     interval_s: int = 900
     heap: str = "128k"
     start_hour: int = 6
+    validators: int = 4
     broker: str = "auto"  # mosquitto | amqtt | auto (amqtt only when mosquitto is missing)
 
 
@@ -75,6 +77,51 @@ def meter_process(config: Path, log: Path, *, heap: str = "128k", firmware: Path
 def gateway_process(config: Path, log: Path) -> subprocess.Popen:
     """The gateway role as a real process."""
     return _spawn([sys.executable, "-m", "gridledger", "gateway", "run", "--config", str(config)], log)
+
+
+def validator_process(config: Path, log: Path) -> subprocess.Popen:
+    """An area-chain validator as a real process."""
+    return _spawn([sys.executable, "-m", "gridledger", "validator", "run", "--config", str(config)], log)
+
+
+def write_chain(wd: Path, *, area: str, host: str, port: int, validators: int = 4,
+                registry: str = "registry.toml", paillier_public: str = "keys/paillier.pub.json") -> list[Path]:
+    """Validator keys, the validator set and one config per validator under `wd`;
+    returns the validator configs. The gateway's `[chain]` table is `chain_table()`."""
+    from certlog.validators import dump_validator_set, info_for, new_secret_key, write_secret_key
+    infos, configs = [], []
+    for i in range(validators):
+        name = f"v{i}"
+        sk = new_secret_key()
+        write_secret_key(wd / "validators" / f"{name}.bls.key", sk)
+        infos.append(info_for(name, sk))
+        cfg = wd / "validators" / f"{name}.toml"
+        cfg.write_text(f'[validator]\nname = "{name}"\narea = "{area}"\ndatabase = "{name}.db"\n'
+                       f'secret_key = "{name}.bls.key"\nvalidators = "../validators.toml"\n'
+                       f'registry = "../{registry}"\npaillier_public = "../{paillier_public}"\n\n'
+                       f'[mqtt]\nhost = "{host}"\nport = {port}\nclient_id = "validator-{area}-{name}"\n')
+        configs.append(cfg)
+    sk = new_secret_key()
+    write_secret_key(wd / "proposer.bls.key", sk)
+    (wd / "validators.toml").write_text(dump_validator_set(infos, info_for(f"gateway-{area}", sk)))
+    return configs
+
+
+def chain_table(block_max: int = 1000) -> str:
+    return (f'[chain]\nvalidators = "validators.toml"\nproposer_key = "proposer.bls.key"\n'
+            f'block_max = {block_max}\n')
+
+
+def certified_height(db: Path) -> tuple[int, int]:
+    """(certified height, readings not yet in a certified block), read-only."""
+    import sqlite3
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as conn:
+            h = conn.execute("SELECT COALESCE(MAX(height), 0) FROM chain_blocks WHERE cert IS NOT NULL").fetchone()[0]
+            left = conn.execute("SELECT COUNT(*) FROM readings WHERE height IS NULL OR height > ?", (h,)).fetchone()[0]
+            return h, left
+    except sqlite3.OperationalError:
+        return 0, -1
 
 
 def read_truth(path: Path) -> dict[int, dict]:
@@ -138,21 +185,32 @@ def run_testbed(plan: TestbedPlan) -> int:
     if broker.kind != "mosquitto":
         _say("[testbed] WARNING: using the pure-Python amqtt broker (demo fallback; production uses Mosquitto)")
     procs: dict[str, subprocess.Popen] = {}
+    validators: dict[str, subprocess.Popen] = {}
     gateway = None
     try:
+        vcfgs = write_chain(wd, area=area, host=broker.host, port=broker.port, validators=plan.validators)
+        for cfg in vcfgs:
+            validators[cfg.stem] = validator_process(cfg, wd / "logs" / f"{cfg.stem}.log")
+        for name, proc in validators.items():
+            _wait_for_line(wd / "logs" / f"{name}.log", '"mqtt_up"', proc, 30)
         (wd / "gateway.toml").write_text(
             f'[gateway]\narea = "{area}"\ndatabase = "gateway.db"\nregistry = "registry.toml"\n'
             f'paillier_public = "keys/paillier.pub.json"\n\n'
-            f'[mqtt]\nhost = "{broker.host}"\nport = {broker.port}\nclient_id = "gateway-{area}"\n')
+            f'[mqtt]\nhost = "{broker.host}"\nport = {broker.port}\nclient_id = "gateway-{area}"\n\n'
+            + chain_table())
         gw_log = wd / "logs" / "gateway.log"
         gateway = gateway_process(wd / "gateway.toml", gw_log)
         _wait_for_line(gw_log, '"mqtt_up"', gateway, 30)
-        _say(f"[testbed] {broker.kind} on {broker.host}:{broker.port}; gateway up; "
+        _say(f"[testbed] {broker.kind} on {broker.host}:{broker.port}; {len(validators)} validators (BLS, "
+             f"f={(len(validators) - 1) // 3}) and the gateway up; "
              f"starting {len(meters)} meters (MicroPython Unix port, heap {plan.heap})")
 
         scale = plan.interval_s / plan.seconds_per_interval
         real_start = time.time() + BOOT_GRACE_S
-        virt_start = (int(time.time()) // DAY - 1) * DAY + plan.start_hour * 3600
+        # Virtual time ends in the past, whole days back, so no reading lies ahead of
+        # the gateway's clock (it refuses readings more than 5 minutes in the future).
+        days_back = 1 + (plan.intervals * plan.interval_s + plan.start_hour * 3600) // DAY
+        virt_start = (int(time.time()) // DAY - days_back) * DAY + plan.start_hour * 3600
         stop_at = virt_start + plan.intervals * plan.interval_s
         clock = {"scale": scale, "real_start": real_start, "virtual_start": virt_start, "stop_at": stop_at}
         for i, m in enumerate(meters):
@@ -170,16 +228,18 @@ def run_testbed(plan: TestbedPlan) -> int:
         while True:
             stored = sum(stored_counts(wd / "gateway.db").values())
             running = sum(p.poll() is None for p in procs.values())
+            height, uncertified = certified_height(wd / "gateway.db")
             vnow = virt_start + max(0.0, time.time() - real_start) * scale
             vnow = min(vnow, stop_at)
             line = (f"[testbed] virtual {time.strftime('%Y-%m-%d %H:%M', time.gmtime(vnow))} UTC | "
-                    f"readings stored {stored}/{expected} | meters running {running}/{len(meters)}")
+                    f"readings stored {stored}/{expected} | certified height {height} | "
+                    f"meters running {running}/{len(meters)}")
             if tty:
                 print("\r" + line, end="", flush=True)
             elif time.monotonic() - last_print > 5:
                 _say(line)
                 last_print = time.monotonic()
-            if running == 0:
+            if running == 0 and uncertified == 0:
                 break
             if time.time() > deadline:
                 _say("\n[testbed] timed out waiting for the meters; see logs/")
@@ -195,11 +255,14 @@ def run_testbed(plan: TestbedPlan) -> int:
             _stop(p, 5)
         if gateway is not None:
             _stop(gateway)
+        for p in validators.values():
+            _stop(p, 10)
         broker.stop()
 
     if failed:
         _say(f"[testbed] meters failed: {failed}; see {wd / 'logs'}")
-    return _report(wd, meters, priv, plan.intervals) or (1 if failed else 0)
+    rc = _report(wd, meters, priv, plan.intervals)
+    return _report_chain(wd, priv, list(validators)) or rc or (1 if failed else 0)
 
 
 def _kwh(wh: int) -> str:
@@ -243,4 +306,45 @@ def _report(wd: Path, meters: list[str], priv, intervals: int) -> int:
         _say("[testbed] PASS: every decrypted total equals the simulator's truth")
         return 0
     _say("[testbed] FAIL: decrypted totals differ from the truth")
+    return 1
+
+
+def _report_chain(wd: Path, priv, validators: list[str]) -> int:
+    """Audit every replica offline; decrypt the area total from certified headers alone."""
+    from aggregator.chain import audit_from_config
+    from coordinator.totals import decrypt_ciphertext
+    from certlog.block import Header
+    import sqlite3
+    _say("")
+    reports = {"gateway": audit_from_config(wd / "gateway.toml")}
+    for v in validators:
+        reports[v] = audit_from_config(wd / "validators" / f"{v}.toml")
+    for who, r in reports.items():
+        fault = f"FAULT at {r.fault.height}: {r.fault.reason} {r.fault.detail}" if r.fault else "ok"
+        _say(f"[testbed] chain verify {who:<8} certified height {r.certified:>4}, {r.txs:>5} txs, "
+             f"{r.seconds:.2f} s: {fault}")
+    with sqlite3.connect(f"file:{wd / 'gateway.db'}?mode=ro", uri=True) as conn:
+        headers = [Header.decode(row[0]) for row in conn.execute(
+            "SELECT header FROM chain_blocks WHERE cert IS NOT NULL ORDER BY height")]
+    n = int(json.loads((wd / "keys" / "paillier.pub.json").read_text())["n"])
+    product = 1
+    for h in headers:
+        product = product * int(h.app["total"], 16) % (n * n)
+    readings = sum(h.app["readings"] for h in headers)
+    tot = decrypt_ciphertext(priv, product, readings)
+    _say(f"[testbed] area total from {len(headers)} certified headers ({readings} readings): "
+         f"import {_kwh(tot.import_wh)} kWh, export {_kwh(tot.export_wh)} kWh")
+    store = GatewayStore(wd / "gateway.db")
+    try:
+        stored = decrypt_total(priv, store.readings())
+    finally:
+        store.close()
+    heights = {r.certified for r in reports.values()}
+    if tot.slots != stored.slots or readings != stored.readings:
+        _say("[testbed] FAIL: the certified headers' total differs from the stored readings' total")
+        return 1
+    if all(r.ok for r in reports.values()) and len(heights) == 1:
+        _say("[testbed] PASS: every replica holds the same certified chain and it verifies")
+        return 0
+    _say("[testbed] FAIL: a replica's chain does not verify or replicas disagree")
     return 1

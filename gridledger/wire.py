@@ -131,8 +131,9 @@ def parse_reading(payload: bytes, *, max_size: int = MAX_PAYLOAD) -> Reading:
     if len(payload) > max_size:
         raise Rejected("oversized", f"{len(payload)} bytes > {max_size}")
     try:
-        obj = json.loads(payload)
-    except (UnicodeDecodeError, ValueError) as exc:
+        # Decoded as UTF-8 here: json.loads would also take UTF-16/32 and a BOM.
+        obj = json.loads(payload.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # "[[[[..." fits 8 KiB
         raise Rejected("malformed_json", str(exc)[:120]) from None
     if not isinstance(obj, dict):
         raise Rejected("malformed_json", "not a JSON object")

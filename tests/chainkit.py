@@ -59,3 +59,70 @@ def txs_of(readings) -> list[bytes]:
 
 def load_json(b: bytes):
     return json.loads(b)
+
+
+class ChainBed:
+    """A gateway proposing area1's chain and its validators, as real processes
+    on a real broker, in one temporary folder (helpers.make_area's layout)."""
+
+    def __init__(self, tmp: Path, broker, meters: list[str], *, validators: int = 4, block_max: int = 1000):
+        from gridledger.testbed import chain_table, write_chain
+        import helpers
+        self.tmp, self.broker = tmp, broker
+        self.cfg, self.keys = helpers.make_area(tmp, meters, host=broker.host, port=broker.port)
+        self.validator_cfgs = write_chain(tmp, area=CHAIN, host=broker.host, port=broker.port,
+                                          validators=validators, registry="registry.toml",
+                                          paillier_public="paillier.pub.json")
+        self.cfg.write_text(self.cfg.read_text() + "\n" + chain_table(block_max))
+        self.sims = {m: SimMeter(k) for m, k in self.keys.items()}
+        self.gateway = None
+        self.validators: dict[int, object] = {}
+
+    def start_gateway(self):
+        from gridledger.testbed import gateway_process
+        self.gateway = gateway_process(self.cfg, self.tmp / "gateway.log")
+        self._wait_up("gateway", self.gateway)
+
+    def start_validator(self, i: int):
+        from gridledger.testbed import validator_process
+        self.validators[i] = validator_process(self.validator_cfgs[i], self.tmp / f"v{i}.log")
+        self._wait_up(f"v{i}", self.validators[i])
+
+    def _wait_up(self, name: str, proc, timeout: float = 30) -> None:
+        from helpers import wait_until
+        marker = '"mqtt_up"'
+
+        def up():
+            assert proc.poll() is None, self.log(name)
+            return marker in self.log(name)
+        wait_until(up, timeout, f"{name} to connect")
+
+    def db(self, who: str = "gateway") -> Path:
+        return self.tmp / ("gateway.db" if who == "gateway" else f"validators/{who}.db")
+
+    def heads(self, who: str = "gateway") -> tuple[int, str | None]:
+        import sqlite3
+        try:
+            with sqlite3.connect(f"file:{self.db(who)}?mode=ro", uri=True, timeout=5) as conn:
+                row = conn.execute("SELECT height, hash FROM chain_blocks WHERE cert IS NOT NULL "
+                                   "ORDER BY height DESC LIMIT 1").fetchone()
+        except sqlite3.OperationalError:
+            return 0, None
+        return (row[0], row[1]) if row else (0, None)
+
+    def certificates(self, who: str = "gateway") -> list:
+        import sqlite3
+        from certlog.block import Certificate
+        with sqlite3.connect(f"file:{self.db(who)}?mode=ro", uri=True, timeout=5) as conn:
+            rows = conn.execute("SELECT cert FROM chain_blocks WHERE cert IS NOT NULL ORDER BY height").fetchall()
+        return [Certificate.from_dict(json.loads(r[0])) for r in rows]
+
+    def log(self, name: str) -> str:
+        p = self.tmp / f"{name}.log"
+        return p.read_text()[-4000:] if p.exists() else ""
+
+    def cleanup(self):
+        for p in [self.gateway, *self.validators.values()]:
+            if p is not None and p.poll() is None:
+                p.kill()
+                p.wait()

@@ -6,12 +6,14 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Iterable
 
 from phe import paillier as phe_paillier
 
-from aggregator.registry import MeterEntry, dump_registry
+from aggregator.ingest import Ingest
+from aggregator.registry import MeterEntry, Registry, dump_registry
 from gridledger.meterkeys import MeterKey
-from gridledger.paillier import encrypt_raw
+from gridledger.paillier import PublicKey, encrypt_raw
 from gridledger.wire import ZERO_HASH, Reading, kid_of, make_reading, pack_slots
 
 from conftest import VECTORS
@@ -44,12 +46,36 @@ class SimMeter:
         return r
 
 
+def meter_keys(meters: Iterable[str]) -> dict[str, MeterKey]:
+    """Fixed Ed25519 keys: the i-th meter's seed is 32 bytes of i + 1."""
+    return {m: MeterKey(m, bytes([i + 1]) * 32) for i, m in enumerate(meters)}
+
+
+def make_ingest(keys: dict[str, MeterKey], *, now: Callable[[], float],
+                store: dict[tuple[str, int], str] | None = None) -> Ingest:
+    """The gateway's checks without MQTT or SQLite: `store` maps (meter, seq) to a stored hash."""
+    registry = Registry([MeterEntry(m, f"acct-{m}", k.public_hex) for m, k in keys.items()])
+    held = {} if store is None else store
+    return Ingest(registry, PublicKey(N), {}, lambda meter, seq: held.get((meter, seq)), now=now)
+
+
 def make_area(tmp: Path, meters: list[str], *, host: str, port: int, area: str = "area1") -> tuple[Path, dict[str, MeterKey]]:
     """Write keys, registry and a gateway config; return (config path, meter keys)."""
-    keys = {m: MeterKey(m, bytes([i + 1]) * 32) for i, m in enumerate(meters)}
+    keys = meter_keys(meters)
     (tmp / "registry.toml").write_text(dump_registry([MeterEntry(m, f"acct-{m}", k.public_hex) for m, k in keys.items()]))
     (tmp / "paillier.pub.json").write_text(json.dumps({"n": str(N), "kid": kid_of(N)}))
     cfg = tmp / "gateway.toml"
     cfg.write_text(f'[gateway]\narea = "{area}"\ndatabase = "gateway.db"\nregistry = "registry.toml"\n'
                    f'paillier_public = "paillier.pub.json"\n\n[mqtt]\nhost = "{host}"\nport = {port}\n')
     return cfg, keys
+
+
+def wait_until(pred, timeout: float, what: str, step: float = 0.1):
+    """Poll `pred` until it returns something truthy; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = pred()
+        if value:
+            return value
+        time.sleep(step)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")

@@ -89,6 +89,6 @@ def test_proof_of_possession_rejects_a_rogue_key():
 
 
 def test_out_of_range_secret_keys_are_refused():
-    for sk in (0, bls._CURVE_ORDER):
+    for sk in (0, bls.CURVE_ORDER):
         with pytest.raises(ValueError):
             fast.Sign(sk, MSG)

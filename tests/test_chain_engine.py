@@ -138,3 +138,29 @@ def test_merkle_paths_verify_and_catch_tampering(n):
         assert not merkle.verify_path(root, txs[i] + b"x", i, n, p)
         if n > 1:
             assert not merkle.verify_path(root, txs[i], (i + 1) % n, n, p)
+
+
+def test_cli_builds_a_validator_set_with_proofs_of_possession(tmp_path):
+    import os
+    from certlog.validators import load_validator_set
+    from gridledger.cli import main
+    vs = tmp_path / "validators.toml"
+    for name in ["v0", "v1", "v2", "v3"]:
+        assert main(["keys", "validator", "--name", name, "--out", str(tmp_path / "keys"), "--set", str(vs)]) == 0
+    assert main(["keys", "validator", "--name", "gw", "--out", str(tmp_path / "keys"), "--set", str(vs),
+                 "--proposer"]) == 0
+    vset = load_validator_set(vs)
+    assert (vset.n, vset.f, vset.quorum, vset.proposer.name) == (4, 1, 3, "gw")
+    assert os.stat(tmp_path / "keys" / "v0.bls.key").st_mode & 0o777 == 0o600
+    # refusals: a second proposer, a duplicate name, an existing key file
+    assert main(["keys", "validator", "--name", "gw2", "--out", str(tmp_path / "keys"), "--set", str(vs),
+                 "--proposer"]) == 2
+    assert main(["keys", "validator", "--name", "v1", "--out", str(tmp_path / "k2"), "--set", str(vs)]) == 2
+    assert main(["keys", "validator", "--name", "v0", "--out", str(tmp_path / "keys")]) == 2
+    # a tampered proof of possession is refused when the set is loaded
+    text = vs.read_text()
+    pop = text.split('pop = "')[2][:8]
+    vs.write_text(text.replace(pop, "00000000" if pop != "00000000" else "11111111", 1))
+    from gridledger.errors import ConfigError
+    with pytest.raises(ConfigError):
+        load_validator_set(vs)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import pytest
 
@@ -132,14 +133,15 @@ async def test_topic_mismatch_is_rejected(area):
     await assert_rejected_then_good_accepted(gw, probe, m1, upcoming.to_json(), "topic_mismatch", meter="m2")
 
 
-async def test_replayed_seq_with_other_content_is_rejected_and_kept_as_evidence(area):
-    """A validly signed second reading for a used seq is refused and stored as evidence; the chain is unchanged."""
+async def test_equivocation_is_rejected_and_kept_as_evidence(area):
+    """A validly signed second reading for a used seq is refused as equivocation and stored as evidence;
+    the chain is unchanged."""
     gw, probe, m1, _, tmp = area
     clone = SimMeter(m1.key)  # restarts at seq 1 with different randomness
-    await assert_rejected_then_good_accepted(gw, probe, m1, clone.next().to_json(), "replayed_seq")
+    await assert_rejected_then_good_accepted(gw, probe, m1, clone.next().to_json(), "equivocation")
     db = GatewayStore(tmp / "gateway.db")
     try:
-        assert db.db.execute("SELECT reason, seq FROM evidence").fetchall() == [("replayed_seq", 1)]
+        assert db.db.execute("SELECT reason, seq FROM evidence").fetchall() == [("equivocation", 1)]
         assert [r.hash for r in db.readings("m1")] == [r.hash for r in m1.sent]
     finally:
         db.close()
@@ -152,6 +154,21 @@ async def test_sequence_gap_and_prev_mismatch_are_rejected(area):
     await assert_rejected_then_good_accepted(gw, probe, m1, ahead.to_json(), "seq_gap")
     broken = SimMeter(m1.key, seq=m1.seq, prev="ab" * 32, t=m1.t).next()
     await assert_rejected_then_good_accepted(gw, probe, m1, broken.to_json(), "prev_mismatch")
+
+
+async def test_clock_skew_is_rejected_and_not_evidence(area):
+    """A reading dated beyond the gateway's clock, or whose interval overlaps the last one, is refused
+    as clock_skew and not kept as evidence."""
+    gw, probe, m1, _, tmp = area
+    future = SimMeter(m1.key, seq=m1.seq, prev=m1.prev, t=int(time.time()) + 3600).next()
+    await assert_rejected_then_good_accepted(gw, probe, m1, future.to_json(), "clock_skew")
+    overlapping = SimMeter(m1.key, seq=m1.seq, prev=m1.prev, t=m1.t - 900 + 1).next()  # ends 1 s after m1.t
+    await assert_rejected_then_good_accepted(gw, probe, m1, overlapping.to_json(), "clock_skew")
+    db = GatewayStore(tmp / "gateway.db")
+    try:
+        assert db.db.execute("SELECT COUNT(*) FROM evidence").fetchone()[0] == 0
+    finally:
+        db.close()
 
 
 async def test_duplicates_are_acked_idempotently_and_stored_once(area):

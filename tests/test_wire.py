@@ -72,3 +72,15 @@ def test_parse_rejects_oversized_before_decoding():
     with pytest.raises(Rejected) as exc:
         parse_reading(b"{" + b" " * 10000 + b"}")
     assert exc.value.reason == "oversized"
+
+
+@pytest.mark.parametrize("payload", [
+    b"[" * 3000,  # nesting deeper than Python's recursion limit still fits in 8 KiB
+    b"\xef\xbb\xbf" + json.dumps(good_body()).encode(),  # UTF-8 with a BOM
+    json.dumps(good_body()).encode("utf-16"),  # json.loads alone would take UTF-16 and UTF-32
+], ids=["deep_nesting", "utf8_bom", "utf16"])
+def test_parse_takes_only_plain_utf8_json(payload):
+    """DESIGN section 4 says UTF-8 JSON: anything else is malformed_json, never an exception."""
+    with pytest.raises(Rejected) as exc:
+        parse_reading(payload)
+    assert exc.value.reason == "malformed_json"

@@ -1,0 +1,167 @@
+"""The gateway as proposer of its area chain.
+
+Readings are acked once durable in the gateway's store; this loop then moves
+them, in acceptance order, into blocks: it builds the next block from readings
+not yet in one (plus equivocation alerts), stores the proposal and marks those
+readings in one transaction, and has it certified by the validators before the
+next. After a restart the stored proposal is certified first, unchanged, so an
+acknowledged reading ends up in the chain exactly once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import aiomqtt
+
+from certlog.block import Header
+from certlog.proposer import Proposer
+from certlog.replica import Replica
+from certlog.store import ChainStore, connect
+from certlog import bls
+from certlog.validators import load_validator_set, read_secret_key
+from gridledger.errors import ConfigError
+from gridledger.logs import event
+
+from .areaapp import AreaApp, equivocation_alert
+from .store import GatewayStore
+
+if TYPE_CHECKING:
+    from .gateway import ChainSettings
+
+__all__ = ["AreaChain"]
+
+log = logging.getLogger("gridledger.gateway.chain")
+
+
+class AreaChain:
+    def __init__(self, settings: "ChainSettings", area: str, database: Path, store: GatewayStore, app: AreaApp):
+        self.settings = settings
+        self.gateway_store = store
+        # Its own connection: the ingest commits from a worker thread at the same time.
+        self.conn = connect(database)
+        vset = load_validator_set(settings.validators)
+        self._sk = read_secret_key(settings.proposer_key)
+        if vset.proposer is None or vset.proposer.public_key != bls.SkToPk(self._sk):
+            raise ConfigError(f"{settings.proposer_key} is not the proposer key in {settings.validators}")
+        self.replica = Replica(area, app, ChainStore(self.conn), vset)
+        self.proposer: Proposer | None = None
+        self.prefix = f"gl/v1/chains/{area}/"
+        self.more = asyncio.Event()
+        self.uncertified = 0  # readings waiting for a block, as of the last block built
+        self._db = asyncio.Lock()  # one user of self.conn at a time (threads)
+
+    def subscriptions(self) -> list[str]:
+        return [f"{self.prefix}votes", f"{self.prefix}sync"]
+
+    def status(self) -> dict:
+        p = self.proposer
+        latency = p.last_latency_s if p else None
+        return {"height": self.replica.height,
+                "cert_latency_ms": round(latency * 1000, 1) if latency is not None else None,
+                **(dict(p.counts) if p else {})}
+
+    def metrics(self) -> list:
+        from gridledger.metrics import Snapshot
+        p = self.proposer
+        latency = p.last_latency_s if p and p.last_latency_s is not None else 0.0
+        return [
+            Snapshot("gridledger_chain_height", "last certified height", "gauge", (), {(): self.replica.height}),
+            Snapshot("gridledger_chain_uncertified", "readings acked but not yet in a certified block", "gauge", (),
+                     {(): self.uncertified}),
+            Snapshot("gridledger_chain_cert_latency_seconds", "last block's proposal-to-certificate time", "gauge",
+                     (), {(): latency}),
+            Snapshot("gridledger_chain_events", "proposer events (certified, resent, refused votes)", "counter",
+                     ("event",), {(k,): v for k, v in (p.counts.items() if p else [])}),
+        ]
+
+    def on_message(self, client: aiomqtt.Client, msg: aiomqtt.Message) -> None:
+        if self.proposer is None:
+            return
+        payload = msg.payload if isinstance(msg.payload, (bytes, bytearray)) else b""
+        if msg.topic.value.endswith("/votes"):
+            self.proposer.on_vote(bytes(payload))
+        else:
+            asyncio.get_running_loop().create_task(self._sync(bytes(payload)))
+
+    async def _sync(self, payload: bytes) -> None:
+        async with self._db:
+            await self.proposer.on_sync(payload)
+
+    async def run(self, client: aiomqtt.Client) -> None:
+        async def publish(topic: str, payload: bytes) -> None:
+            await client.publish(topic, payload, qos=1)
+
+        p = self.proposer = Proposer(self.replica, publish, self._sk, resend_s=self.settings.resend_s,
+                                     commit_lock=self._db)
+        async with self._db:
+            pending = await asyncio.to_thread(p.pending)
+        if pending is not None:
+            event(log, "resume_proposal", height=pending[0].height, txs=len(pending[1]))
+            await p.certify(*pending)
+        while True:
+            async with self._db:
+                block = await asyncio.to_thread(self._prepare)
+            if block is None:
+                self.more.clear()
+                try:
+                    await asyncio.wait_for(self.more.wait(), 1.0)
+                except TimeoutError:
+                    pass
+                continue
+            header, txs = block
+            await p.certify(header, txs)
+            event(log, "certified", logging.DEBUG, height=header.height, txs=header.txs,
+                  latency_ms=round(p.last_latency_s * 1000, 1))
+            if header.txs < self.settings.block_max:
+                await asyncio.sleep(self.settings.block_wait_s)
+
+    def _prepare(self) -> tuple[Header, list[bytes]] | None:
+        """Next block from what is durable but not yet in a block (runs in a worker thread)."""
+        store, limit = self.gateway_store, self.settings.block_max
+        alerts = store.unblocked_equivocations(self.conn)[:limit]
+        rowids, readings = store.unblocked(self.conn, limit - len(alerts))
+        self.uncertified = self.conn.execute("SELECT COUNT(*) FROM readings WHERE height IS NULL").fetchone()[0]
+        if not readings and not alerts:
+            return None
+        txs = [equivocation_alert(a, b) for _, a, b in alerts] + [r.to_json() for r in readings]
+
+        def mark(header: Header) -> None:
+            store.mark_blocked(self.conn, header.height, rowids, [e for e, _, _ in alerts])
+
+        return self.proposer.prepare(txs, mark), txs
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def audit_from_config(config: Path, database: Path | None = None):
+    """`chain verify` for an area chain, from a gateway's or a validator's TOML."""
+    from certlog.audit import verify_chain
+    from gridledger.config import read_toml
+    from gridledger.errors import ConfigError
+    from gridledger.paillier import load_public
+
+    from .gateway import load_gateway_config
+    from .registry import load_registry
+    from .validator import load_validator_config
+
+    doc = read_toml(config)
+    if "gateway" in doc:
+        cfg = load_gateway_config(config)
+        if cfg.chain is None:
+            raise ConfigError(f"{config} has no [chain] section")
+        s, validators = cfg.gateway, cfg.chain.validators
+    elif "validator" in doc:
+        s = load_validator_config(config).validator
+        validators = s.validators
+    else:
+        raise ConfigError(f"{config} is neither a gateway nor a validator config")
+    app = AreaApp(s.area, load_registry(s.registry), load_public(s.paillier_public))
+    try:
+        return verify_chain(database or s.database, s.area, app, load_validator_set(validators))
+    except FileNotFoundError as exc:
+        raise ConfigError(f"no database at {exc}") from None

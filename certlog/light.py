@@ -1,0 +1,64 @@
+"""A light client (seed 000's simplified verification).
+
+It keeps only headers and their certificates, checked link by link against the
+validator set, and then believes two kinds of statements without any body or
+state: "this transaction is in block h" (a Merkle path to the certified tx
+root) and "this is the account's state at block h" (an MPT proof against the
+certified state root). Every refusal is a `ChainError` with its reason.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from trie import HexaryTrie
+from trie.exceptions import BadTrieProof
+
+from . import merkle
+from .block import ZERO_HASH, Certificate, ChainError, Header
+from .validators import ValidatorSet
+
+__all__ = ["LightClient"]
+
+
+class LightClient:
+    def __init__(self, chain: str, validators: ValidatorSet):
+        self.chain = chain
+        self.validators = validators
+        self.headers: list[Header] = []
+
+    @property
+    def height(self) -> int:
+        return len(self.headers)
+
+    def add(self, header: Header, cert: Certificate) -> None:
+        """Accept the next certified header, or raise `ChainError`."""
+        h = header.height
+        if header.chain != self.chain:
+            raise ChainError("wrong_chain", header.chain, height=h)
+        if h != self.height + 1:
+            raise ChainError("wrong_height", f"expected {self.height + 1}, got {h}", height=h)
+        if header.prev != (self.headers[-1].hash if self.headers else ZERO_HASH):
+            raise ChainError("prev_mismatch", "prev is not the hash of the parent header", height=h)
+        if self.headers and header.time <= self.headers[-1].time:
+            raise ChainError("time_not_increasing", f"{header.time}", height=h)
+        self.validators.check_certificate(cert, header)
+        self.headers.append(header)
+
+    def header(self, height: int) -> Header:
+        if not 1 <= height <= self.height:
+            raise ChainError("unknown_height", f"no certified header at {height}", height=height)
+        return self.headers[height - 1]
+
+    def verify_tx(self, height: int, tx: bytes, index: int, path: Sequence[str]) -> None:
+        h = self.header(height)
+        if not merkle.verify_path(h.tx_root, tx, index, h.txs, path):
+            raise ChainError("bad_merkle_path", f"tx {index} is not in block {height}", height=height)
+
+    def verify_state(self, height: int, key: bytes, proof: Sequence) -> bytes:
+        """The value under `key` in the certified state at `height` (b"" when absent)."""
+        root = bytes.fromhex(self.header(height).state_root)
+        try:
+            return HexaryTrie.get_from_proof(root, key, proof)
+        except (BadTrieProof, KeyError, ValueError, TypeError, IndexError) as exc:
+            raise ChainError("bad_state_proof", f"{type(exc).__name__}", height=height) from None

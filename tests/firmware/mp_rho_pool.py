@@ -1,0 +1,40 @@
+# Under MicroPython: draw from the firmware's RhoPool with os.urandom replaced by
+# a fixed byte stream, so CPython can replay the same draws. argv[1]: a JSON file
+# {n, cases: [{stream: hex, exp_bits: int|null, m: [hex plaintexts]}]}.
+import sys
+import json
+import binascii
+import paillier
+
+
+class Stream:
+    # Stands in for the os module inside paillier: urandom reads the stream.
+    def __init__(self, data):
+        self.data = data
+        self.at = 0
+
+    def urandom(self, k):
+        if self.at + k > len(self.data):
+            raise ValueError("byte stream exhausted")
+        self.at += k
+        return self.data[self.at - k:self.at]
+
+
+with open(sys.argv[1]) as f:
+    job = json.load(f)
+n = int(job["n"])
+nsq = n * n
+out = []
+for case in job["cases"]:
+    stream = Stream(binascii.unhexlify(case["stream"]))
+    paillier.os = stream
+    pool = paillier.RhoPool(n, len(case["m"]), case["exp_bits"])
+    while not pool.full():
+        pool.refill_one()
+    rho, c = [], []
+    for mh in case["m"]:
+        r = pool.take()
+        rho.append("%x" % r)
+        c.append("%x" % paillier.encrypt_with(n, nsq, int(mh, 16), r))
+    out.append({"exp_bits": pool.exp_bits, "rho": rho, "c": c, "used": stream.at})
+print(json.dumps(out))

@@ -1,0 +1,165 @@
+"""Certified area chains on real parts: Mosquitto, a gateway process proposing,
+validator processes voting, and Byzantine validators played by the test."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+
+import pytest
+
+from certlog import bls
+from certlog.block import Certificate, Header, canonical, cert_message
+from certlog.net import Topics, decode_block, encode_block
+from certlog.validators import proposal_message, read_secret_key
+from gridledger.wire import ack_topic, readings_topic
+
+from chainkit import CHAIN, ChainBed, make_area as make_chain_area, replica, validator_set
+from conftest import MqttProbe
+from helpers import wait_until
+
+TOPICS = Topics(CHAIN)
+
+
+async def _publish_readings(probe: MqttProbe, bed: ChainBed, per_meter: int) -> None:
+    for _ in range(per_meter):
+        for m, sim in bed.sims.items():
+            await probe.publish(readings_topic(CHAIN, m), sim.next().to_json())
+    for m in bed.sims:
+        await probe.expect(ack_topic(CHAIN, m), lambda b: b["seq"] == per_meter, timeout=30)
+
+
+def _chain_verify(bed: ChainBed, database=None) -> dict:
+    cmd = [sys.executable, "-m", "gridledger", "chain", "verify", "--config", str(bed.cfg)]
+    if database:
+        cmd += ["--database", str(database)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert (out.returncode == 0) == report["ok"], out.stderr
+    return report
+
+
+def _all_in_certified_blocks(bed: ChainBed, readings: int) -> None:
+    from gridledger.testbed import certified_height
+    wait_until(lambda: certified_height(bed.db())[1] == 0 and certified_height(bed.db())[0] > 0, 60,
+               "every reading in a certified block")
+    report = _chain_verify(bed)
+    assert report["ok"] and report["txs"] == readings, report
+
+
+async def test_readings_become_certified_blocks_every_replica_agrees(tmp_path, broker):
+    bed = ChainBed(tmp_path, broker, ["m1", "m2", "m3", "m4"], block_max=7)
+    try:
+        for i in range(4):
+            bed.start_validator(i)
+        bed.start_gateway()
+        async with MqttProbe(broker, f"gl/v1/{CHAIN}/meters/+/ack", TOPICS.certs) as probe:
+            await _publish_readings(probe, bed, 6)
+            _all_in_certified_blocks(bed, 24)
+        head = bed.heads()
+        assert head[0] >= 4  # block_max 7: 24 readings need at least 4 blocks
+        for i in range(4):
+            wait_until(lambda: bed.heads(f"v{i}") == head, 30, f"v{i} to reach the gateway's head")
+            assert _chain_verify(bed, bed.db(f"v{i}"))["certified_height"] == head[0]
+    finally:
+        bed.cleanup()
+
+
+class Byzantine:
+    """Validator 3 under the test's control."""
+
+    def __init__(self, bed: ChainBed, mode: str):
+        self.sk = read_secret_key(bed.tmp / "validators" / "v3.bls.key")
+        self.mode = mode
+        self.sent = 0
+
+    def vote_for(self, header: Header) -> bytes:
+        if self.mode == "garbage":  # a well-formed signature over the wrong message
+            sig = bls.Sign(self.sk, b"garbage" + header.hash.encode())
+            h = header.hash
+        else:  # "conflict": a valid signature on a different header at the same height
+            other = Header(**{**header.to_dict(), "time": header.time + 1})
+            sig, h = bls.Sign(self.sk, cert_message(other.chain, other.height, other.hash)), other.hash
+        return canonical({"chain": header.chain, "height": header.height, "hash": h, "validator": 3,
+                          "sig": sig.hex()})
+
+    async def run(self, probe: MqttProbe) -> None:
+        seen = 0
+        while True:
+            await asyncio.sleep(0.05)
+            for topic, payload in probe.received[seen:]:
+                seen += 1
+                if topic == TOPICS.proposals:
+                    await probe.publish(TOPICS.votes, self.vote_for(decode_block(payload).header))
+                    self.sent += 1
+
+
+@pytest.mark.parametrize("mode", ["silent", "garbage", "conflict"])
+async def test_blocks_certify_with_three_honest_of_four(tmp_path, broker, mode):
+    bed = ChainBed(tmp_path, broker, ["m1", "m2", "m3"], block_max=5)
+    try:
+        for i in range(3):
+            bed.start_validator(i)
+        bed.start_gateway()
+        async with MqttProbe(broker, f"gl/v1/{CHAIN}/meters/+/ack", TOPICS.proposals, TOPICS.certs) as probe:
+            byz = Byzantine(bed, mode)
+            task = asyncio.create_task(byz.run(probe)) if mode != "silent" else None
+            try:
+                await _publish_readings(probe, bed, 5)
+                _all_in_certified_blocks(bed, 15)
+            finally:
+                if task:
+                    task.cancel()
+        certs = bed.certificates()
+        assert certs and all(c.signers == (0, 1, 2) for c in certs)
+        bed.gateway.terminate()
+        assert bed.gateway.wait(20) == 0
+        stop = [json.loads(line) for line in bed.log("gateway").splitlines() if '"ev": "stop"' in line][-1]
+        assert stop["height"] == len(certs)
+        if mode != "silent":  # every Byzantine vote was seen, refused and counted
+            assert byz.sent >= 1
+            counted = stop.get("vote_bad_signature" if mode == "garbage" else "vote_conflicting_header", 0)
+            assert counted >= 1, stop
+    finally:
+        bed.cleanup()
+
+
+async def test_an_equivocating_proposer_never_gets_two_certificates(tmp_path, broker):
+    """The proposer's key signs two different valid headers at height 1: honest
+    validators sign only the first they see, so the second never reaches 2f+1."""
+    bed = ChainBed(tmp_path, broker, ["m1"])
+    try:
+        for i in range(4):
+            bed.start_validator(i)
+        area = make_chain_area(["m1"])
+        area.registry = __import__("aggregator.registry", fromlist=["load_registry"]).load_registry(
+            tmp_path / "registry.toml")
+        area.meters["m1"] = bed.sims["m1"]
+        from certlog.validators import load_validator_set
+        vset = load_validator_set(tmp_path / "validators.toml")
+        rep = replica(tmp_path / "equivocator.db", area, vset)
+        txs = [bed.sims["m1"].next().to_json()]
+        a = rep.build(txs)
+        b = Header(**{**a.to_dict(), "time": a.time + 1})
+        psk = read_secret_key(tmp_path / "proposer.bls.key")
+        async with MqttProbe(broker, TOPICS.votes, f"{TOPICS.proposals}") as probe:
+            await asyncio.sleep(1.0)  # validators subscribed (they are up when the probe sees their sync)
+            # a forged proposal (not the proposer's key) is ignored outright
+            forged = Header(**{**a.to_dict(), "time": a.time + 2})
+            await probe.publish(TOPICS.proposals, encode_block(forged, txs, proposer_sig=bls.Sign(
+                read_secret_key(tmp_path / "validators" / "v0.bls.key"), proposal_message(forged))))
+            for h in (a, b):
+                await probe.publish(TOPICS.proposals, encode_block(h, txs, proposer_sig=bls.Sign(psk, proposal_message(h))))
+            await probe.expect(TOPICS.votes, lambda v: v["validator"] == 3 and v["hash"] == a.hash, timeout=30)
+            for i in range(3):
+                await probe.expect(TOPICS.votes, lambda v, i=i: v["validator"] == i and v["hash"] == a.hash, timeout=30)
+            await asyncio.sleep(1.0)
+            votes = [json.loads(p) for t, p in probe.received if t == TOPICS.votes]
+        assert {v["hash"] for v in votes} == {a.hash}
+        for i in range(4):
+            log = bed.log(f"v{i}")
+            assert '"conflicting_header"' in log and '"not_from_proposer"' in log, log
+    finally:
+        bed.cleanup()
