@@ -43,6 +43,7 @@ class Proposer:
         self.counts: Counter[str] = Counter()
         self.last_latency_s: float | None = None
         self._want: Header | None = None
+        self._last: Header | None = None  # the block just certified: late votes are still judged
         self._votes: dict[int, Vote] = {}
         self._ready = asyncio.Event()
 
@@ -76,7 +77,7 @@ class Proposer:
                 event(log, "proposal_resent", logging.WARNING, height=header.height, votes=sorted(self._votes))
                 wait = min(wait * 2, 10.0)
         cert = self.replica.validators.aggregate(list(self._votes.values()))
-        self._want = None
+        self._want, self._last = None, header
         async with self._lock:
             await asyncio.to_thread(self.replica.commit, header, txs, cert, stored=True)
         self.last_latency_s = time.monotonic() - t0
@@ -90,7 +91,7 @@ class Proposer:
         except ChainError as exc:
             self.counts["vote_" + exc.reason] += 1
             return
-        want = self._want
+        want = self._want or self._last
         if want is None or vote.chain != want.chain or vote.height != want.height:
             self.counts["vote_stale"] += 1
             return
@@ -102,6 +103,9 @@ class Proposer:
         if not self.replica.validators.check_vote(vote):
             self.counts["vote_bad_signature"] += 1
             event(log, "bad_vote", logging.WARNING, height=vote.height, validator=vote.validator)
+            return
+        if want is not self._want:
+            self.counts["vote_late"] += 1  # valid, but the block is already certified
             return
         self._votes[vote.validator] = vote
         if len(self._votes) >= self.replica.validators.quorum:
