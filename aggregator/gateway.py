@@ -247,8 +247,9 @@ class Gateway:
         self.batches += 1
         if self.chain is not None and (accepted or evidence):
             self.chain.more.set()
-        for meter in sorted(touched):
-            await client.publish(ack_topic(self.area, meter),
-                                 json.dumps({"seq": self.ingest.heads[meter].seq}), qos=1)
-        for meter, body in nacks:
-            await client.publish(nack_topic(self.area, meter), json.dumps(body), qos=1)
+        # All at once: awaited one by one, each QoS 1 publish costs a broker round
+        # trip, and a batch touching hundreds of meters would hold the next batch up.
+        await asyncio.gather(
+            *(client.publish(ack_topic(self.area, m), json.dumps({"seq": self.ingest.heads[m].seq}), qos=1)
+              for m in sorted(touched)),
+            *(client.publish(nack_topic(self.area, m), json.dumps(body), qos=1) for m, body in nacks))
