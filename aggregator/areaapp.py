@@ -88,6 +88,8 @@ class AreaApp:
         self.registry = registry
         self.paillier = paillier
         self.registry_digest = registry_digest(registry)
+        self._kid = paillier.kid  # derived values, computed once: they are per-reading checks
+        self._n = gmpy2.mpz(paillier.n)
         self._nsq = gmpy2.mpz(paillier.nsquare)
 
     def execute(self, nodes: MutableMapping[bytes, bytes], parent_root: str, time_ms: int,
@@ -116,7 +118,7 @@ class AreaApp:
         for account in sorted(accounts):
             trie.set(account_key(account), accounts[account].encode())
         return Outcome(trie.root_hash.hex(), {
-            "area": self.area, "kid": self.paillier.kid, "registry": self.registry_digest,
+            "area": self.area, "kid": self._kid, "registry": self.registry_digest,
             "readings": readings, "alerts": alerts, "total": format(int(block_total), "x")})
 
     def _reading(self, i: int, tx: bytes, trusted: bool) -> Reading:
@@ -128,10 +130,10 @@ class AreaApp:
             raise InvalidBlock("tx_not_canonical", "a reading tx is its canonical JSON", index=i)
         if r.meter not in self.registry:
             raise InvalidBlock("tx_unknown_meter", r.meter, index=i)
-        if r.kid != self.paillier.kid:
+        if r.kid != self._kid:
             raise InvalidBlock("tx_unknown_key_id", r.kid, index=i)
         c = r.ciphertext
-        if not (0 < c < self.paillier.nsquare and gmpy2.gcd(c, self.paillier.n) == 1):
+        if not (0 < c < self._nsq and gmpy2.gcd(c, self._n) == 1):
             raise InvalidBlock("tx_ciphertext_range", "c is not a unit below n^2", index=i)
         if not trusted and not self.registry.verify(r.meter, r.signed_bytes, bytes.fromhex(r.sig)):
             raise InvalidBlock("tx_bad_signature", f"{r.meter} seq {r.seq}", index=i)

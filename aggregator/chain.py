@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 import aiomqtt
 
+from certlog.app import InvalidBlock
 from certlog.block import Header
 from certlog.proposer import Proposer
 from certlog.replica import Replica
@@ -120,19 +121,36 @@ class AreaChain:
                 await asyncio.sleep(self.settings.block_wait_s)
 
     def _prepare(self) -> tuple[Header, list[bytes]] | None:
-        """Next block from what is durable but not yet in a block (runs in a worker thread)."""
+        """Next block from what is durable but not yet in a block (runs in a worker thread).
+
+        A transaction the app refuses (it passed ingest, so only a registry change
+        or a bug gets here) is set aside with height 0 and logged, never retried
+        for ever: one bad reading must not stop the chain.
+        """
         store, limit = self.gateway_store, self.settings.block_max
-        alerts = store.unblocked_equivocations(self.conn)[:limit]
-        rowids, readings = store.unblocked(self.conn, limit - len(alerts))
-        self.uncertified = self.conn.execute("SELECT COUNT(*) FROM readings WHERE height IS NULL").fetchone()[0]
-        if not readings and not alerts:
-            return None
-        txs = [equivocation_alert(a, b) for _, a, b in alerts] + [r.to_json() for r in readings]
+        while True:
+            alerts = store.unblocked_equivocations(self.conn)[:limit]
+            rowids, readings = store.unblocked(self.conn, limit - len(alerts))
+            self.uncertified = self.conn.execute("SELECT COUNT(*) FROM readings WHERE height IS NULL").fetchone()[0]
+            if not readings and not alerts:
+                return None
+            txs = [equivocation_alert(a, b) for _, a, b in alerts] + [r.to_json() for r in readings]
 
-        def mark(header: Header) -> None:
-            store.mark_blocked(self.conn, header.height, rowids, [e for e, _, _ in alerts])
+            def mark(header: Header) -> None:
+                store.mark_blocked(self.conn, header.height, rowids, [e for e, _, _ in alerts])
 
-        return self.proposer.prepare(txs, mark), txs
+            try:
+                return self.proposer.prepare(txs, mark), txs
+            except InvalidBlock as exc:
+                if exc.index is None:
+                    raise
+                i = exc.index
+                event(log, "unchainable", logging.ERROR, reason=exc.reason, detail=exc.detail)
+                with self.replica.store.transaction():
+                    if i < len(alerts):
+                        store.mark_blocked(self.conn, 0, [], [alerts[i][0]])
+                    else:
+                        store.mark_blocked(self.conn, 0, [rowids[i - len(alerts)]], [])
 
     def close(self) -> None:
         self.conn.close()

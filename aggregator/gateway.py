@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import socket
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -41,6 +42,8 @@ BATCH_MAX = 512
 BATCH_WAIT_S = 0.02
 QUEUE_MAX = 20000
 STATUS_EVERY_S = 10.0
+# Acks are small and latency-bound: never let Nagle hold one back for a delayed ACK.
+NO_DELAY = ((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),)
 RECONNECT_MAX_S = 10.0
 
 
@@ -137,7 +140,10 @@ class Gateway:
                 try:
                     async with aiomqtt.Client(m.host, m.port, identifier=m.client_id or f"gateway-{self.area}",
                                               username=m.username, password=m.password,
-                                              keepalive=m.keepalive, clean_session=False) as client:
+                                              keepalive=m.keepalive, clean_session=False,
+                                              max_inflight_messages=BATCH_MAX,
+                                              socket_options=NO_DELAY) as client:
+                        client.pending_calls_threshold = 2 * BATCH_MAX
                         await client.subscribe(f"{self._prefix}+/readings", qos=1)
                         if self.chain is not None:
                             for t in self.chain.subscriptions():

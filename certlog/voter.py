@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import time
 from collections import Counter
 
@@ -86,7 +87,8 @@ class ValidatorNode:
                 try:
                     async with aiomqtt.Client(m.host, m.port, identifier=m.client_id or f"validator-{self.name}",
                                               username=m.username, password=m.password,
-                                              keepalive=m.keepalive, clean_session=False) as client:
+                                              keepalive=m.keepalive, clean_session=False,
+                                              socket_options=((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),)) as client:
                         for t in (self.topics.proposals, self.topics.certs, self.topics.blocks(self.voter.index)):
                             await client.subscribe(t, qos=1)
                         event(log, "mqtt_up", host=m.host, port=m.port)

@@ -164,3 +164,31 @@ async def test_an_equivocating_proposer_never_gets_two_certificates(tmp_path, br
             assert '"conflicting_header"' in log and '"not_from_proposer"' in log, log
     finally:
         bed.cleanup()
+
+
+async def test_a_reading_the_chain_refuses_is_set_aside_not_retried_for_ever(tmp_path, broker):
+    """Two meters enrolled on one account interleave (ingest accepts each, the
+    account chain cannot): the chain sets the reading aside, logs it, and goes on."""
+    from aggregator.registry import MeterEntry, dump_registry, load_registry
+    bed = ChainBed(tmp_path, broker, ["m1", "m2"])
+    reg = tmp_path / "registry.toml"
+    reg.write_text(dump_registry([MeterEntry(e.meter, "acct-shared", e.public_key) for e in load_registry(reg)]))
+    try:
+        for i in range(4):
+            bed.start_validator(i)
+        bed.start_gateway()
+        m1, m2 = bed.sims["m1"], bed.sims["m2"]
+        m2.t += 900 * 10  # the replacement's readings come after the old meter's
+        async with MqttProbe(broker, f"gl/v1/{CHAIN}/meters/+/ack") as probe:
+            for sim, seq in ((m1, 1), (m2, 1), (m1, 2), (m2, 2)):
+                await probe.publish(readings_topic(CHAIN, sim.key.meter), sim.next().to_json())
+                await probe.expect(ack_topic(CHAIN, sim.key.meter), lambda b, s=seq: b["seq"] == s, timeout=30)
+        from gridledger.testbed import certified_height
+        wait_until(lambda: certified_height(bed.db()) == (certified_height(bed.db())[0], 0)
+                   and certified_height(bed.db())[0] > 0, 30, "the chain to settle")
+        assert bed.gateway.poll() is None
+        assert '"unchainable"' in bed.log("gateway") and "tx_meter_switch" in bed.log("gateway")
+        report = _chain_verify(bed)
+        assert report["ok"] and report["txs"] == 3, report  # m1#2 set aside; m2 took the account over
+    finally:
+        bed.cleanup()

@@ -1,0 +1,214 @@
+"""Readings per second from meters, through a real Mosquitto and the gateway process,
+into certified blocks of its area chain; against the crypto floor measured in the same
+run: one Ed25519 verify plus one 4096-bit multiplication mod n^2 per reading.
+
+The gateway runs alone on CPU 0; Mosquitto, the validators and this process (the load
+generator) share CPU 1. A second pass with one validator (f = 0) shows the gateway's
+own rate: four validators re-verifying every signature on one core cannot keep up."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import os
+import sqlite3
+import subprocess
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import gmpy2
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from gridledger.broker import start_mosquitto
+from gridledger.loadgen import WINDOW, Outgoing, precompute, run_load
+from gridledger.testbed import certified_height, gateway_process
+from gridledger.wire import parse_reading
+
+from benchlib import emit, load_test_modulus, machine, median, round_robin
+from certify import (AREA, FixedRhos, cpu_seconds, load_meters, log_events, meter_keys, percentile,
+                     start_validators, stop, wait_up, write_area)
+
+NAME = "ingest"
+METERS = 200
+LOAD_TIMEOUT_S = 300     # for every reading to be acknowledged
+CERTIFY_TIMEOUT_S = 120  # after the last ack, for the last reading to be certified
+GATEWAY_CPU, OTHERS_CPU = 0, 1
+
+
+def parse_args() -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--quick", action="store_true", help="fewer readings: under a minute and a half on 2 cores")
+    ap.add_argument("--validators", type=int, default=4, help="validators of the main pass (3f+1; default 4)")
+    ap.add_argument("--window", type=int, default=WINDOW, help="readings in flight, unacknowledged")
+    return ap.parse_args()
+
+
+def crypto_floor(n: int, payloads: list[Outgoing], pubs: dict, reps: int) -> tuple[float, float]:
+    """Median seconds of one Ed25519 verify of a reading's signed bytes and of one
+    ciphertext product mod n^2 with gmpy2, as aggregator/areaapp.py computes it."""
+    readings = [parse_reading(o.body) for o in payloads[:200]]
+    triples = itertools.cycle([(pubs[r.meter], bytes.fromhex(r.sig), r.signed_bytes) for r in readings])
+    cts = itertools.cycle([gmpy2.mpz(r.ciphertext) for r in readings])
+    nsq = gmpy2.mpz(n) * n
+    total = [next(cts)]
+
+    def verify() -> None:
+        pub, sig, msg = next(triples)
+        pub.verify(sig, msg)
+
+    def mulmod() -> None:
+        total[0] = gmpy2.f_mod(total[0] * next(cts), nsq)
+
+    t = round_robin({"verify": (verify, 200), "mulmod": (mulmod, 2000)}, reps)
+    return median(t["verify"]), median(t["mulmod"])
+
+
+@contextmanager
+def affinity(cpus: set[int] | None):
+    """Run the block on `cpus` (processes started in it inherit them); None: no change."""
+    if cpus is None:
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cpus)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
+
+
+def blocks_of(db: Path) -> list[tuple[int, int, float, float]]:
+    """(height, txs, proposed_at, certified_at) of every certified block."""
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as conn:
+        return conn.execute("SELECT b.height, COUNT(t.idx), b.proposed_at, b.certified_at FROM chain_blocks b "
+                            "JOIN chain_txs t ON t.height = b.height WHERE b.cert IS NOT NULL "
+                            "GROUP BY b.height ORDER BY b.height").fetchall()
+
+
+def run_pass(base: Path, validators: int, payloads: list[Outgoing], keys, n: int, window: int,
+             pinned: bool) -> dict:
+    """One fresh area: broker, validators, gateway; every payload published and certified."""
+    wd = base / f"{validators}v"
+    # Everything but the gateway inherits this process's CPU.
+    broker = start_mosquitto(wd / "broker")
+    procs: list[subprocess.Popen] = []
+    gateway = None
+    try:
+        procs = start_validators(write_area(wd, keys, n, broker, validators), wd)
+        with affinity({GATEWAY_CPU} if pinned else None):
+            gateway = gateway_process(wd / "gateway.toml", wd / "gateway.log")
+        wait_up(wd / "gateway.log", gateway)
+        pids = {"gateway": [gateway.pid], "validators": [p.pid for p in procs], "broker": [broker.proc.pid]}
+        cpu0 = {k: sum(cpu_seconds(p) for p in v) for k, v in pids.items()}
+        own0 = time.process_time()
+
+        load = asyncio.run(run_load(broker.host, broker.port, AREA, payloads, window=window,
+                                    timeout=LOAD_TIMEOUT_S, clock=time.time))
+        if not load.complete:
+            raise RuntimeError(f"not every reading was acknowledged: {load.summary()}")
+        db = wd / "gateway.db"
+        deadline = time.monotonic() + CERTIFY_TIMEOUT_S
+        while certified_height(db)[1] != 0:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"readings still uncertified after {CERTIFY_TIMEOUT_S} s: {certified_height(db)}")
+            time.sleep(0.02)
+        cpu = {k: sum(cpu_seconds(p) for p in v) - cpu0[k] for k, v in pids.items()}
+        cpu["loadgen"] = time.process_time() - own0
+        affinities = {"gateway": sorted(os.sched_getaffinity(gateway.pid)),
+                      "validators": sorted(os.sched_getaffinity(procs[0].pid)),
+                      "broker": sorted(os.sched_getaffinity(broker.proc.pid)),
+                      "bench": sorted(os.sched_getaffinity(0))}
+        stop([gateway])
+        gw_stop = (log_events(wd / "gateway.log", "stop") or [{}])[-1]
+    finally:
+        stop([p for p in (gateway, *procs) if p is not None])
+        broker.stop()
+
+    blocks = blocks_of(db)
+    readings = len(payloads)
+    seconds = max(b[3] for b in blocks) - load.first_publish
+    gw_cpu = cpu["gateway"]
+    return {
+        "readings_per_s": readings / seconds,
+        "seconds": seconds,
+        "ack_seconds": load.seconds,
+        "acked_per_s": readings / load.seconds,  # durable in the gateway's store: ingest alone
+        "gateway_cpu_s": gw_cpu,
+        # Below 1: the gateway waited (on the network, the broker or the validators) part of the run.
+        "gateway_busy_share": gw_cpu / seconds,
+        "gateway_cpu_us_per_reading": gw_cpu / readings * 1e6,
+        "gateway_core_readings_per_s": readings / gw_cpu,
+        "cpu_s": {k: round(v, 2) for k, v in cpu.items()},
+        "blocks": len(blocks),
+        "block_txs_p50": median([b[1] for b in blocks]),
+        # From storing a proposal to its certificate: build excluded, the validators' checks included.
+        "block_cert_ms_p50": median([(b[3] - b[2]) * 1000 for b in blocks]),
+        "block_cert_ms_p99": percentile([(b[3] - b[2]) * 1000 for b in blocks], 99),
+        "gateway_counts": {k: v for k, v in gw_stop.items()
+                           if k not in ("ts", "level", "role", "ev", "height", "cert_latency_ms") and v},
+        "resent_readings": load.resent,
+        "affinity": affinities,
+    }
+
+
+def main() -> None:
+    args = parse_args()
+    per_meter, reps = (30, 5) if args.quick else (100, 9)
+    n = load_test_modulus()
+    host = machine()  # before pinning: it counts the cores this process may use
+    pinned = len(os.sched_getaffinity(0)) >= 2 and {GATEWAY_CPU, OTHERS_CPU} <= os.sched_getaffinity(0)
+    if pinned:
+        os.sched_setaffinity(0, {OTHERS_CPU})
+
+    t_setup = time.perf_counter()
+    keys = meter_keys(METERS)
+    payloads = precompute(load_meters(keys, n, per_meter), per_meter, FixedRhos(n))
+    pubs = {k.meter: Ed25519PublicKey.from_public_bytes(bytes.fromhex(k.public_hex)) for k in keys}
+    setup_s = time.perf_counter() - t_setup
+
+    verify_s, mulmod_s = crypto_floor(n, payloads, pubs, reps)
+    floor = 1 / (verify_s + mulmod_s)
+    passes = [args.validators] + ([1] if args.validators != 1 else [])
+    with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:
+        results = {v: run_pass(Path(tmp), v, payloads, keys, n, args.window, pinned) for v in passes}
+
+    out = {
+        "bench": NAME,
+        "quick": args.quick,
+        "readings": len(payloads),
+        "meters": METERS,
+        "window": args.window,
+        "block_max": 1000,
+        "setup_s": round(setup_s, 2),
+        "ed25519_verify_us": round(verify_s * 1e6, 1),
+        "mulmod_us": round(mulmod_s * 1e6, 2),
+        "floor_per_s": round(floor),
+        "pinning": ({"gateway": [GATEWAY_CPU], "others": [OTHERS_CPU]} if pinned else None),
+        "note": ("the gateway has CPU 0 to itself; Mosquitto, the validators and the load generator share "
+                 "CPU 1, so with 4 validators every block is re-checked 4 times on one core (the _1v pass "
+                 "shows the gateway's own rate)" if pinned else "not pinned: fewer than 2 cores"),
+        "machine": host,
+    }
+    for v, r in results.items():
+        sfx = "" if v == args.validators else f"_{v}v"
+        out.update({
+            f"validators{sfx}": v,
+            f"readings_per_s{sfx}": round(r["readings_per_s"]),
+            f"ratio_to_floor{sfx}": round(r["readings_per_s"] / floor, 3),
+            f"gateway_cpu_us_per_reading{sfx}": round(r["gateway_cpu_us_per_reading"], 1),
+            f"gateway_core_readings_per_s{sfx}": round(r["gateway_core_readings_per_s"]),
+            f"ratio_gateway_core_to_floor{sfx}": round(r["gateway_core_readings_per_s"] / floor, 3),
+            # Non-zero: some batch took longer to ack than the meters' 5 s resend timer.
+            f"resent{sfx}": r["resent_readings"],
+            f"detail{sfx}": {k: (round(x, 3) if isinstance(x, float) else x) for k, x in r.items()
+                             if k not in ("readings_per_s", "gateway_cpu_us_per_reading",
+                                          "gateway_core_readings_per_s", "resent_readings")},
+        })
+    emit(NAME, out)
+
+
+if __name__ == "__main__":
+    main()
