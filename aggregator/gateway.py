@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import socket
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ import aiomqtt
 from gridledger.config import MqttConfig, read_toml, section
 from gridledger.errors import ConfigError
 from gridledger.logs import event
+from gridledger.mqtt import keep_connected
 from gridledger.metrics import MetricsConfig, Snapshot, serve as serve_metrics
 from gridledger.paillier import load_public
 from gridledger.wire import METER_ID_RE, ack_topic, nack_topic
@@ -42,9 +42,6 @@ BATCH_MAX = 512
 BATCH_WAIT_S = 0.02
 QUEUE_MAX = 20000
 STATUS_EVERY_S = 10.0
-# Acks are small and latency-bound: never let Nagle hold one back for a delayed ACK.
-NO_DELAY = ((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),)
-RECONNECT_MAX_S = 10.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -131,33 +128,18 @@ class Gateway:
 
     async def run(self, stop: asyncio.Event) -> None:
         serve_metrics(self.cfg.metrics, self.metrics)
-        event(log, "start", area=self.area, metrics_port=self.cfg.metrics.port or None, meters=len(self.registry), kid=self.ingest.paillier.kid,
-              heads=len(self.ingest.heads), height=self.chain.replica.height if self.chain else None)
-        m = self.cfg.mqtt
-        delay = 0.5
+        event(log, "start", area=self.area, metrics_port=self.cfg.metrics.port or None, meters=len(self.registry),
+              kid=self.ingest.paillier.kid, heads=len(self.ingest.heads),
+              height=self.chain.replica.height if self.chain else None)
+        topics = [f"{self._prefix}+/readings", *(self.chain.subscriptions() if self.chain else [])]
+
+        async def serve(client: aiomqtt.Client) -> None:
+            client.pending_calls_threshold = 2 * BATCH_MAX  # a batch's acks go out together
+            await self._serve(client, stop)
+
         try:
-            while not stop.is_set():
-                try:
-                    async with aiomqtt.Client(m.host, m.port, identifier=m.client_id or f"gateway-{self.area}",
-                                              username=m.username, password=m.password,
-                                              keepalive=m.keepalive, clean_session=False,
-                                              max_inflight_messages=BATCH_MAX,
-                                              socket_options=NO_DELAY) as client:
-                        client.pending_calls_threshold = 2 * BATCH_MAX
-                        await client.subscribe(f"{self._prefix}+/readings", qos=1)
-                        if self.chain is not None:
-                            for t in self.chain.subscriptions():
-                                await client.subscribe(t, qos=1)
-                        event(log, "mqtt_up", host=m.host, port=m.port)
-                        delay = 0.5
-                        await self._serve(client, stop)
-                except aiomqtt.MqttError as exc:
-                    event(log, "mqtt_down", logging.WARNING, error=str(exc), retry_s=delay)
-                    try:
-                        await asyncio.wait_for(stop.wait(), delay)
-                    except TimeoutError:
-                        pass
-                    delay = min(delay * 2, RECONNECT_MAX_S)
+            await keep_connected(self.cfg.mqtt, f"gateway-{self.area}", topics, stop, serve, log,
+                                 max_inflight_messages=BATCH_MAX)
         finally:
             self.store.close()
             if self.chain is not None:

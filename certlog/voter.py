@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 import time
 from collections import Counter
 
@@ -22,6 +21,7 @@ import aiomqtt
 
 from gridledger.config import MqttConfig
 from gridledger.logs import event
+from gridledger.mqtt import keep_connected
 
 from . import bls
 from .block import ChainError, Header, Vote, canonical, cert_message
@@ -34,7 +34,6 @@ log = logging.getLogger("gridledger.chain.validator")
 
 MAX_FUTURE_MS = 30_000  # a proposal's clock may run this far ahead of ours
 SYNC_RETRY_S = 1.0
-RECONNECT_MAX_S = 10.0
 
 
 class Voter:
@@ -81,27 +80,14 @@ class ValidatorNode:
     async def run(self, stop: asyncio.Event) -> None:
         event(log, "start", validator=self.name, index=self.voter.index, chain=self.replica.chain,
               height=self.replica.height)
-        m, delay = self.mqtt, 0.5
+        topics = (self.topics.proposals, self.topics.certs, self.topics.blocks(self.voter.index))
+
+        async def serve(client: aiomqtt.Client) -> None:
+            await self._request_sync(client, force=True)  # whatever was certified while we were away
+            await self._serve(client, stop)
+
         try:
-            while not stop.is_set():
-                try:
-                    async with aiomqtt.Client(m.host, m.port, identifier=m.client_id or f"validator-{self.name}",
-                                              username=m.username, password=m.password,
-                                              keepalive=m.keepalive, clean_session=False,
-                                              socket_options=((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),)) as client:
-                        for t in (self.topics.proposals, self.topics.certs, self.topics.blocks(self.voter.index)):
-                            await client.subscribe(t, qos=1)
-                        event(log, "mqtt_up", host=m.host, port=m.port)
-                        delay = 0.5
-                        await self._request_sync(client, force=True)
-                        await self._serve(client, stop)
-                except aiomqtt.MqttError as exc:
-                    event(log, "mqtt_down", logging.WARNING, error=str(exc), retry_s=delay)
-                    try:
-                        await asyncio.wait_for(stop.wait(), delay)
-                    except TimeoutError:
-                        pass
-                    delay = min(delay * 2, RECONNECT_MAX_S)
+            await keep_connected(self.mqtt, f"validator-{self.name}", topics, stop, serve, log)
         finally:
             self.replica.store.conn.close()
             event(log, "stop", height=self.replica.height, **self.counts)

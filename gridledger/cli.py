@@ -121,7 +121,7 @@ def _cmd_validator_run(args) -> int:
 
 def _cmd_chain_verify(args) -> int:
     import json
-    from aggregator.chain import audit_from_config
+    from aggregator.audit import audit_from_config
     report = audit_from_config(Path(args.config), Path(args.database) if args.database else None)
     print(json.dumps(report.to_dict()))
     return 0 if report.ok else 1

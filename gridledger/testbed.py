@@ -9,15 +9,19 @@ from __future__ import annotations
 import json
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from aggregator.audit import audit_from_config
 from aggregator.registry import MeterEntry, dump_registry
 from aggregator.store import GatewayStore, stored_counts
-from coordinator.totals import EnergyTotals, decrypt_total
+from certlog.block import Header
+from certlog.validators import dump_validator_set, info_for, new_secret_key, write_secret_key
+from coordinator.totals import EnergyTotals, decrypt_ciphertext, decrypt_total
 
 from . import paillier
 from .broker import Broker, start_broker
@@ -88,7 +92,6 @@ def write_chain(wd: Path, *, area: str, host: str, port: int, validators: int = 
                 registry: str = "registry.toml", paillier_public: str = "keys/paillier.pub.json") -> list[Path]:
     """Validator keys, the validator set and one config per validator under `wd`;
     returns the validator configs. The gateway's `[chain]` table is `chain_table()`."""
-    from certlog.validators import dump_validator_set, info_for, new_secret_key, write_secret_key
     infos, configs = [], []
     for i in range(validators):
         name = f"v{i}"
@@ -114,7 +117,6 @@ def chain_table(block_max: int = 1000) -> str:
 
 def certified_height(db: Path) -> tuple[int, int]:
     """(certified height, readings not yet in a certified block), read-only."""
-    import sqlite3
     try:
         with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as conn:
             h = conn.execute("SELECT COALESCE(MAX(height), 0) FROM chain_blocks WHERE cert IS NOT NULL").fetchone()[0]
@@ -311,10 +313,6 @@ def _report(wd: Path, meters: list[str], priv, intervals: int) -> int:
 
 def _report_chain(wd: Path, priv, validators: list[str]) -> int:
     """Audit every replica offline; decrypt the area total from certified headers alone."""
-    from aggregator.chain import audit_from_config
-    from coordinator.totals import decrypt_ciphertext
-    from certlog.block import Header
-    import sqlite3
     _say("")
     reports = {"gateway": audit_from_config(wd / "gateway.toml")}
     for v in validators:

@@ -3,20 +3,23 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 
 from aggregator.areaapp import AreaApp
 from aggregator.registry import MeterEntry, Registry
 from certlog import bls
+from certlog.block import Certificate
 from certlog.replica import Replica
 from certlog.store import ChainStore, connect
 from certlog.validators import ValidatorSet, info_for
 from certlog.voter import Voter
 from gridledger.meterkeys import MeterKey
 from gridledger.paillier import PublicKey
+from gridledger.testbed import chain_table, gateway_process, validator_process, write_chain
 
-from helpers import N, SimMeter
+from helpers import N, SimMeter, make_area as gateway_area, wait_until
 
 CHAIN = "area1"
 
@@ -57,8 +60,15 @@ def txs_of(readings) -> list[bytes]:
     return [r.to_json() for r in readings]
 
 
-def load_json(b: bytes):
-    return json.loads(b)
+def certify(prop: Replica, vs: list[Voter], txs: list[bytes], *, voting: list[Voter] | None = None):
+    """Build the next block over `txs`, have `voting` (default: all) sign it, and
+    commit the certified block on the proposer and on every validator."""
+    header = prop.build(txs)
+    cert = prop.validators.aggregate([v.vote(header, txs) for v in (voting or vs)])
+    prop.commit(header, txs, cert)
+    for v in vs:
+        v.replica.commit(header, txs, cert)
+    return header, cert
 
 
 class ChainBed:
@@ -66,10 +76,8 @@ class ChainBed:
     on a real broker, in one temporary folder (helpers.make_area's layout)."""
 
     def __init__(self, tmp: Path, broker, meters: list[str], *, validators: int = 4, block_max: int = 1000):
-        from gridledger.testbed import chain_table, write_chain
-        import helpers
         self.tmp, self.broker = tmp, broker
-        self.cfg, self.keys = helpers.make_area(tmp, meters, host=broker.host, port=broker.port)
+        self.cfg, self.keys = gateway_area(tmp, meters, host=broker.host, port=broker.port)
         self.validator_cfgs = write_chain(tmp, area=CHAIN, host=broker.host, port=broker.port,
                                           validators=validators, registry="registry.toml",
                                           paillier_public="paillier.pub.json")
@@ -79,17 +87,14 @@ class ChainBed:
         self.validators: dict[int, object] = {}
 
     def start_gateway(self):
-        from gridledger.testbed import gateway_process
         self.gateway = gateway_process(self.cfg, self.tmp / "gateway.log")
         self._wait_up("gateway", self.gateway)
 
     def start_validator(self, i: int):
-        from gridledger.testbed import validator_process
         self.validators[i] = validator_process(self.validator_cfgs[i], self.tmp / f"v{i}.log")
         self._wait_up(f"v{i}", self.validators[i])
 
     def _wait_up(self, name: str, proc, timeout: float = 30) -> None:
-        from helpers import wait_until
         marker = '"mqtt_up"'
 
         def up():
@@ -101,7 +106,6 @@ class ChainBed:
         return self.tmp / ("gateway.db" if who == "gateway" else f"validators/{who}.db")
 
     def heads(self, who: str = "gateway") -> tuple[int, str | None]:
-        import sqlite3
         try:
             with sqlite3.connect(f"file:{self.db(who)}?mode=ro", uri=True, timeout=5) as conn:
                 row = conn.execute("SELECT height, hash FROM chain_blocks WHERE cert IS NOT NULL "
@@ -111,8 +115,6 @@ class ChainBed:
         return (row[0], row[1]) if row else (0, None)
 
     def certificates(self, who: str = "gateway") -> list:
-        import sqlite3
-        from certlog.block import Certificate
         with sqlite3.connect(f"file:{self.db(who)}?mode=ro", uri=True, timeout=5) as conn:
             rows = conn.execute("SELECT cert FROM chain_blocks WHERE cert IS NOT NULL ORDER BY height").fetchall()
         return [Certificate.from_dict(json.loads(r[0])) for r in rows]

@@ -10,13 +10,15 @@ import sys
 
 import pytest
 
+from aggregator.registry import MeterEntry, dump_registry, load_registry
 from certlog import bls
-from certlog.block import Certificate, Header, canonical, cert_message
+from certlog.block import Header, canonical, cert_message
 from certlog.net import Topics, decode_block, encode_block
-from certlog.validators import proposal_message, read_secret_key
+from certlog.validators import load_validator_set, proposal_message, read_secret_key
+from gridledger.testbed import certified_height
 from gridledger.wire import ack_topic, readings_topic
 
-from chainkit import CHAIN, ChainBed, make_area as make_chain_area, replica, validator_set
+from chainkit import CHAIN, Area, ChainBed, replica
 from conftest import MqttProbe
 from helpers import wait_until
 
@@ -42,7 +44,6 @@ def _chain_verify(bed: ChainBed, database=None) -> dict:
 
 
 def _all_in_certified_blocks(bed: ChainBed, readings: int) -> None:
-    from gridledger.testbed import certified_height
     wait_until(lambda: certified_height(bed.db())[1] == 0 and certified_height(bed.db())[0] > 0, 60,
                "every reading in a certified block")
     report = _chain_verify(bed)
@@ -134,11 +135,7 @@ async def test_an_equivocating_proposer_never_gets_two_certificates(tmp_path, br
     try:
         for i in range(4):
             bed.start_validator(i)
-        area = make_chain_area(["m1"])
-        area.registry = __import__("aggregator.registry", fromlist=["load_registry"]).load_registry(
-            tmp_path / "registry.toml")
-        area.meters["m1"] = bed.sims["m1"]
-        from certlog.validators import load_validator_set
+        area = Area({"m1": bed.sims["m1"]}, load_registry(tmp_path / "registry.toml"))
         vset = load_validator_set(tmp_path / "validators.toml")
         rep = replica(tmp_path / "equivocator.db", area, vset)
         txs = [bed.sims["m1"].next().to_json()]
@@ -169,7 +166,6 @@ async def test_an_equivocating_proposer_never_gets_two_certificates(tmp_path, br
 async def test_a_reading_the_chain_refuses_is_set_aside_not_retried_for_ever(tmp_path, broker):
     """Two meters enrolled on one account interleave (ingest accepts each, the
     account chain cannot): the chain sets the reading aside, logs it, and goes on."""
-    from aggregator.registry import MeterEntry, dump_registry, load_registry
     bed = ChainBed(tmp_path, broker, ["m1", "m2"])
     reg = tmp_path / "registry.toml"
     reg.write_text(dump_registry([MeterEntry(e.meter, "acct-shared", e.public_key) for e in load_registry(reg)]))
@@ -183,7 +179,6 @@ async def test_a_reading_the_chain_refuses_is_set_aside_not_retried_for_ever(tmp
             for sim, seq in ((m1, 1), (m2, 1), (m1, 2), (m2, 2)):
                 await probe.publish(readings_topic(CHAIN, sim.key.meter), sim.next().to_json())
                 await probe.expect(ack_topic(CHAIN, sim.key.meter), lambda b, s=seq: b["seq"] == s, timeout=30)
-        from gridledger.testbed import certified_height
         wait_until(lambda: certified_height(bed.db()) == (certified_height(bed.db())[0], 0)
                    and certified_height(bed.db())[0] > 0, 30, "the chain to settle")
         assert bed.gateway.poll() is None

@@ -4,7 +4,6 @@ by `chain verify` and by light clients, each with its exact reason."""
 from __future__ import annotations
 
 import json
-import sqlite3
 
 import pytest
 
@@ -15,7 +14,7 @@ from certlog.block import Certificate, ChainError, Header
 from certlog.light import LightClient
 from trie import HexaryTrie
 
-from chainkit import CHAIN, make_area, replica, txs_of, validator_keys, validator_set, voters
+from chainkit import CHAIN, certify, make_area, replica, txs_of, validator_keys, validator_set, voters
 
 
 @pytest.fixture
@@ -26,21 +25,12 @@ def chain(tmp_path):
     vs = voters(tmp_path, area, sks)
     prop = replica(tmp_path / "gw.db", area, validator_set(sks))
     for _ in range(5):
-        txs = txs_of(m.next(wh=10) for m in area.meters.values() for _ in range(2))
-        header = prop.build(txs)
-        cert = prop.validators.aggregate([v.vote(header, txs) for v in vs[:3]])
-        prop.commit(header, txs, cert)
-        for v in vs:
-            v.replica.commit(header, txs, cert)
+        certify(prop, vs, txs_of(m.next(wh=10) for m in area.meters.values() for _ in range(2)), voting=vs[:3])
     return prop, area, sks
 
 
 def _audit(prop, area, sks):
     return verify_store(prop.store.conn, CHAIN, area.app(), validator_set(sks))
-
-
-def _rewrite(conn, sql, *args):
-    conn.execute(sql, args)
 
 
 def test_an_untampered_chain_verifies(chain):
