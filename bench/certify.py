@@ -35,7 +35,7 @@ from gridledger.broker import Broker, start_mosquitto
 from gridledger.loadgen import LoadMeter, RhoPool
 from gridledger.meterkeys import MeterKey
 from gridledger.paillier import PublicKey
-from gridledger.testbed import chain_table, validator_process, write_chain
+from gridledger.testbed import chain_table, validator_process, wait_up, write_chain
 from gridledger.wire import kid_of
 
 from benchlib import emit, load_test_modulus, machine, median, parse_args, timed
@@ -95,22 +95,11 @@ def write_area(wd: Path, keys: list[MeterKey], n: int, broker: Broker, validator
                        registry="registry.toml", paillier_public="paillier.pub.json")
 
 
-def wait_up(log: Path, proc: subprocess.Popen, timeout: float = UP_TIMEOUT_S) -> None:
-    """Until the role logs "mqtt_up": its subscriptions are in place."""
-    deadline = time.monotonic() + timeout
-    while '"mqtt_up"' not in (log.read_text() if log.exists() else ""):
-        if proc.poll() is not None:
-            raise RuntimeError(f"{log.stem} exited ({proc.returncode}): {log.read_text()[-2000:]}")
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{log.stem} not up within {timeout} s: {log.read_text()[-2000:]}")
-        time.sleep(0.05)
-
-
 def start_validators(configs: list[Path], logs: Path) -> list[subprocess.Popen]:
     """Launch all, then wait for all: their start-ups overlap."""
     procs = [validator_process(c, logs / f"{c.stem}.log") for c in configs]
     for c, p in zip(configs, procs):
-        wait_up(logs / f"{c.stem}.log", p)
+        wait_up(logs / f"{c.stem}.log", p, UP_TIMEOUT_S)
     return procs
 
 

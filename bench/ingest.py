@@ -24,12 +24,12 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from gridledger.broker import start_mosquitto
 from gridledger.loadgen import WINDOW, Outgoing, precompute, run_load
-from gridledger.testbed import certified_height, gateway_process
+from gridledger.testbed import certified_height, gateway_process, wait_up
 from gridledger.wire import parse_reading
 
 from benchlib import emit, load_test_modulus, machine, median, round_robin
-from certify import (AREA, FixedRhos, cpu_seconds, load_meters, log_events, meter_keys, percentile,
-                     start_validators, stop, wait_up, write_area)
+from certify import (AREA, UP_TIMEOUT_S, FixedRhos, cpu_seconds, load_meters, log_events, meter_keys,
+                     percentile, start_validators, stop, write_area)
 
 NAME = "ingest"
 METERS = 200
@@ -100,7 +100,7 @@ def run_pass(base: Path, validators: int, payloads: list[Outgoing], keys, n: int
         procs = start_validators(write_area(wd, keys, n, broker, validators), wd)
         with affinity({GATEWAY_CPU} if pinned else None):
             gateway = gateway_process(wd / "gateway.toml", wd / "gateway.log")
-        wait_up(wd / "gateway.log", gateway)
+        wait_up(wd / "gateway.log", gateway, UP_TIMEOUT_S)
         pids = {"gateway": [gateway.pid], "validators": [p.pid for p in procs], "broker": [broker.proc.pid]}
         cpu0 = {k: sum(cpu_seconds(p) for p in v) for k, v in pids.items()}
         own0 = time.process_time()

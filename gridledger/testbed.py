@@ -30,7 +30,7 @@ from .meterkeys import new_meter_key
 from .wire import Reading, kid_of
 
 __all__ = ["TestbedPlan", "run_testbed", "write_meter_config", "meter_process", "gateway_process", "read_truth",
-           "validator_process", "write_chain", "chain_table", "certified_height"]
+           "validator_process", "wait_up", "write_chain", "chain_table", "certified_height"]
 
 BOOT_GRACE_S = 3.0  # real seconds between launch and the first virtual interval
 DAY = 86400
@@ -137,15 +137,16 @@ def read_truth(path: Path) -> dict[int, dict]:
     return out
 
 
-def _wait_for_line(log: Path, needle: str, proc: subprocess.Popen, timeout: float) -> None:
+def wait_up(log: Path, proc: subprocess.Popen, timeout: float = 30) -> None:
+    """Until a role logs "mqtt_up" (its subscriptions are in place); fail if it exits or times out."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if log.exists() and needle in log.read_text():
+        if log.exists() and '"mqtt_up"' in log.read_text():
             return
         if proc.poll() is not None:
-            raise RuntimeError(f"process exited ({proc.returncode}); see {log}")
-        time.sleep(0.1)
-    raise RuntimeError(f"no {needle!r} in {log} within {timeout}s")
+            raise RuntimeError(f"{log.stem} exited ({proc.returncode}): {log.read_text()[-2000:]}")
+        time.sleep(0.05)
+    raise RuntimeError(f"{log.stem} not up within {timeout} s; see {log}")
 
 
 def _stop(proc: subprocess.Popen, timeout: float = 10) -> None:
@@ -194,7 +195,7 @@ def run_testbed(plan: TestbedPlan) -> int:
         for cfg in vcfgs:
             validators[cfg.stem] = validator_process(cfg, wd / "logs" / f"{cfg.stem}.log")
         for name, proc in validators.items():
-            _wait_for_line(wd / "logs" / f"{name}.log", '"mqtt_up"', proc, 30)
+            wait_up(wd / "logs" / f"{name}.log", proc)
         (wd / "gateway.toml").write_text(
             f'[gateway]\narea = "{area}"\ndatabase = "gateway.db"\nregistry = "registry.toml"\n'
             f'paillier_public = "keys/paillier.pub.json"\n\n'
@@ -202,7 +203,7 @@ def run_testbed(plan: TestbedPlan) -> int:
             + chain_table())
         gw_log = wd / "logs" / "gateway.log"
         gateway = gateway_process(wd / "gateway.toml", gw_log)
-        _wait_for_line(gw_log, '"mqtt_up"', gateway, 30)
+        wait_up(gw_log, gateway)
         _say(f"[testbed] {broker.kind} on {broker.host}:{broker.port}; {len(validators)} validators (BLS, "
              f"f={(len(validators) - 1) // 3}) and the gateway up; "
              f"starting {len(meters)} meters (MicroPython Unix port, heap {plan.heap})")

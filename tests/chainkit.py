@@ -17,9 +17,9 @@ from certlog.validators import ValidatorSet, info_for
 from certlog.voter import Voter
 from gridledger.meterkeys import MeterKey
 from gridledger.paillier import PublicKey
-from gridledger.testbed import chain_table, gateway_process, validator_process, write_chain
+from gridledger.testbed import chain_table, gateway_process, validator_process, wait_up, write_chain
 
-from helpers import N, SimMeter, make_area as gateway_area, wait_until
+from helpers import N, SimMeter, make_area as gateway_area
 
 CHAIN = "area1"
 
@@ -88,19 +88,11 @@ class ChainBed:
 
     def start_gateway(self):
         self.gateway = gateway_process(self.cfg, self.tmp / "gateway.log")
-        self._wait_up("gateway", self.gateway)
+        wait_up(self.tmp / "gateway.log", self.gateway)
 
     def start_validator(self, i: int):
         self.validators[i] = validator_process(self.validator_cfgs[i], self.tmp / f"v{i}.log")
-        self._wait_up(f"v{i}", self.validators[i])
-
-    def _wait_up(self, name: str, proc, timeout: float = 30) -> None:
-        marker = '"mqtt_up"'
-
-        def up():
-            assert proc.poll() is None, self.log(name)
-            return marker in self.log(name)
-        wait_until(up, timeout, f"{name} to connect")
+        wait_up(self.tmp / f"v{i}.log", self.validators[i])
 
     def db(self, who: str = "gateway") -> Path:
         return self.tmp / ("gateway.db" if who == "gateway" else f"validators/{who}.db")
