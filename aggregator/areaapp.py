@@ -16,6 +16,13 @@ block's encrypted area total and its counts.
 
 Meter replacement: when a registered meter of the account starts a fresh chain
 (seq 1, prev all zeros), the account follows it; count and total continue.
+
+The registry is either a static file (the header carries its digest) or the
+registry chain (`coordinator.registryapp`). With the chain, membership is
+judged at an exact registry height R kept in the state: a block that moves R
+starts with a registry transaction `{"registry": {"hash", "height"}}` naming a
+certified registry header; R never goes back, so a retired meter stays out.
+The header carries R and that header's hash.
 """
 
 from __future__ import annotations
@@ -35,13 +42,17 @@ from gridledger.errors import Rejected
 from gridledger.paillier import PublicKey
 from gridledger.wire import ZERO_HASH, Reading, parse_reading
 
+from coordinator.registryapp import RegistryHistory
+
 from .registry import Registry
 
 __all__ = ["AreaApp", "AccountState", "account_key", "equivocation_alert", "registry_digest",
-           "MAX_FUTURE_S"]
+           "registry_tx", "MAX_FUTURE_S"]
 
 MAX_FUTURE_S = 300  # a reading may end at most this long after its block's time
 GENESIS_ROOT = HexaryTrie.BLANK_NODE_HASH.hex()
+REGISTRY_KEY = hashlib.sha256(b"\0registry").digest()  # no account id contains NUL
+NO_REGISTRY = (0, "0" * 64)
 
 
 def account_key(account: str) -> bytes:
@@ -73,6 +84,11 @@ class AccountState:
         return cls(meter.decode(), n(seq), h.hex(), n(count), n(last_t), n(total))
 
 
+def registry_tx(height: int, header_hash: str) -> bytes:
+    """The transaction that moves an area chain to registry height `height`."""
+    return canonical({"registry": {"hash": header_hash, "height": height}})
+
+
 def equivocation_alert(a: Reading, b: Reading) -> bytes:
     """Alert transaction: two validly signed readings of one meter at one seq."""
     pair = sorted([a.to_json().decode(), b.to_json().decode()])
@@ -83,11 +99,12 @@ class AreaApp:
     name = "area"
     genesis_root = GENESIS_ROOT
 
-    def __init__(self, area: str, registry: Registry, paillier: PublicKey):
+    def __init__(self, area: str, registry: Registry | RegistryHistory, paillier: PublicKey):
         self.area = area
         self.registry = registry
         self.paillier = paillier
-        self.registry_digest = registry_digest(registry)
+        self.chained = isinstance(registry, RegistryHistory)
+        self.registry_digest = None if self.chained else registry_digest(registry)
         self._kid = paillier.kid  # derived values, computed once: they are per-reading checks
         self._n = gmpy2.mpz(paillier.n)
         self._nsq = gmpy2.mpz(paillier.nsquare)
@@ -98,13 +115,19 @@ class AreaApp:
         accounts: dict[str, AccountState] = {}
         block_total = gmpy2.mpz(1)
         readings = alerts = 0
+        ref = start = self.registry_ref(trie)
+        reg = self.registry.view(self.area, ref[0]) if self.chained else self.registry
         for i, tx in enumerate(txs):
             if tx.startswith(b'{"alert"'):
-                self._alert(i, tx)
+                self._alert(i, tx, reg)
                 alerts += 1
                 continue
-            r = self._reading(i, tx, trusted)
-            account = self.registry.get(r.meter).account
+            if tx.startswith(b'{"registry"'):
+                ref = self._advance(i, tx, ref)
+                reg = self.registry.view(self.area, ref[0])
+                continue
+            r = self._reading(i, tx, trusted, reg)
+            account = reg.get(r.meter).account
             st = accounts.get(account)
             if st is None:
                 leaf = trie.get(account_key(account))
@@ -117,25 +140,58 @@ class AreaApp:
             readings += 1
         for account in sorted(accounts):
             trie.set(account_key(account), accounts[account].encode())
+        if ref != start:
+            trie.set(REGISTRY_KEY, rlp.encode([ref[0], bytes.fromhex(ref[1])]))
+        fields = {"registry": ref[1], "registry_height": ref[0]} if self.chained else {
+            "registry": self.registry_digest}
         return Outcome(trie.root_hash.hex(), {
-            "area": self.area, "kid": self._kid, "registry": self.registry_digest,
+            "area": self.area, "kid": self._kid, **fields,
             "readings": readings, "alerts": alerts, "total": format(int(block_total), "x")})
 
-    def _reading(self, i: int, tx: bytes, trusted: bool) -> Reading:
+    def registry_ref(self, trie: HexaryTrie) -> tuple[int, str]:
+        """The registry height and header hash the state at `trie` judges membership by."""
+        if not self.chained:
+            return NO_REGISTRY
+        raw = trie.get(REGISTRY_KEY)
+        if not raw:
+            return NO_REGISTRY
+        height, h = rlp.decode(raw)
+        return int.from_bytes(height, "big"), h.hex()
+
+    def _advance(self, i: int, tx: bytes, ref: tuple[int, str]) -> tuple[int, str]:
+        try:
+            obj = json.loads(tx)["registry"]
+            height, h = obj["height"], obj["hash"]
+            ok = (self.chained and canonical({"registry": obj}) == tx and set(obj) == {"hash", "height"}
+                  and type(height) is int and isinstance(h, str))
+        except (ValueError, KeyError, TypeError, RecursionError):
+            ok = False
+        if not ok:
+            raise InvalidBlock("tx_bad_registry", "not a canonical registry reference", index=i)
+        if height <= ref[0]:
+            raise InvalidBlock("tx_registry_backwards", f"registry height {height} after {ref[0]}", index=i)
+        if height > self.registry.height:
+            # Not the block's fault: this replica has not yet seen that registry block.
+            raise InvalidBlock("registry_behind", f"registry height {height}, have {self.registry.height}")
+        if self.registry.hash_at(height) != h:
+            raise InvalidBlock("tx_registry_mismatch", f"not the certified registry header at {height}", index=i)
+        return height, h
+
+    def _reading(self, i: int, tx: bytes, trusted: bool, reg) -> Reading:
         try:
             r = parse_reading(tx)
         except Rejected as exc:
             raise InvalidBlock("tx_" + exc.reason, exc.detail, index=i) from None
         if r.to_json() != tx:
             raise InvalidBlock("tx_not_canonical", "a reading tx is its canonical JSON", index=i)
-        if r.meter not in self.registry:
+        if r.meter not in reg:
             raise InvalidBlock("tx_unknown_meter", r.meter, index=i)
         if r.kid != self._kid:
             raise InvalidBlock("tx_unknown_key_id", r.kid, index=i)
         c = r.ciphertext
         if not (0 < c < self._nsq and gmpy2.gcd(c, self._n) == 1):
             raise InvalidBlock("tx_ciphertext_range", "c is not a unit below n^2", index=i)
-        if not trusted and not self.registry.verify(r.meter, r.signed_bytes, bytes.fromhex(r.sig)):
+        if not trusted and not reg.verify(r.meter, r.signed_bytes, bytes.fromhex(r.sig)):
             raise InvalidBlock("tx_bad_signature", f"{r.meter} seq {r.seq}", index=i)
         return r
 
@@ -154,7 +210,7 @@ class AreaApp:
         st.meter, st.seq, st.hash, st.last_t = r.meter, r.seq, r.hash, r.t
         st.count += 1
 
-    def _alert(self, i: int, tx: bytes) -> None:
+    def _alert(self, i: int, tx: bytes, reg) -> None:
         try:
             obj = json.loads(tx)
             a, b = (parse_reading(s.encode()) for s in obj["readings"])
@@ -165,8 +221,8 @@ class AreaApp:
             ok = False
         if not ok:
             raise InvalidBlock("tx_bad_alert", "not a canonical equivocation alert", index=i)
-        if a.meter not in self.registry:
+        if a.meter not in reg:
             raise InvalidBlock("tx_unknown_meter", a.meter, index=i)
         for r in (a, b):
-            if not self.registry.verify(r.meter, r.signed_bytes, bytes.fromhex(r.sig)):
+            if not reg.verify(r.meter, r.signed_bytes, bytes.fromhex(r.sig)):
                 raise InvalidBlock("tx_bad_alert", "an alert reading's signature does not verify", index=i)

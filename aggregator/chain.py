@@ -27,7 +27,7 @@ from certlog.validators import load_validator_set, read_secret_key
 from gridledger.errors import ConfigError
 from gridledger.logs import event
 
-from .areaapp import AreaApp, equivocation_alert
+from .areaapp import AreaApp, equivocation_alert, registry_tx
 from .store import GatewayStore
 
 if TYPE_CHECKING:
@@ -135,22 +135,34 @@ class AreaChain:
             if not readings and not alerts:
                 return None
             txs = [equivocation_alert(a, b) for _, a, b in alerts] + [r.to_json() for r in readings]
+            lead = self._registry_move()
 
             def mark(header: Header) -> None:
                 store.mark_blocked(self.conn, header.height, rowids, [e for e, _, _ in alerts])
 
             try:
-                return self.proposer.prepare(txs, mark), txs
+                return self.proposer.prepare(lead + txs, mark), lead + txs
             except InvalidBlock as exc:
-                if exc.index is None:
+                if exc.index is None or exc.index < len(lead):
                     raise
-                i = exc.index
+                i = exc.index - len(lead)
                 event(log, "unchainable", logging.ERROR, reason=exc.reason, detail=exc.detail)
                 with self.replica.store.transaction():
                     if i < len(alerts):
                         store.mark_blocked(self.conn, 0, [], [alerts[i][0]])
                     else:
                         store.mark_blocked(self.conn, 0, [rowids[i - len(alerts)]], [])
+
+    def _registry_move(self) -> list[bytes]:
+        """With the registry chain: a leading transaction moving the area chain to the
+        latest registry height this gateway has certified, if it moved."""
+        app = self.replica.app
+        if not app.chained:
+            return []
+        head = self.replica.head
+        current = head.app.get("registry_height", 0) if head else 0
+        latest = app.registry.height
+        return [registry_tx(latest, app.registry.hash_at(latest))] if latest > current else []
 
     def close(self) -> None:
         self.conn.close()

@@ -9,7 +9,7 @@ commits certified blocks. The network roles around it only move bytes.
 from __future__ import annotations
 
 import time as _time
-from typing import Sequence
+from typing import Callable, Sequence
 
 from . import merkle
 from .app import App, Outcome
@@ -29,6 +29,8 @@ class Replica:
         head = store.head()
         self.head: Header | None = head[0] if head else None
         self._checked: set[str] = set()  # hashes of headers executed against the current head
+        # Called with each block once it is durably certified (e.g. the registry's read side).
+        self.listeners: list[Callable[[Header, Sequence[bytes]], None]] = []
 
     @property
     def height(self) -> int:
@@ -91,3 +93,5 @@ class Replica:
                 self.store.put_block(header, list(txs), cert)
         self.head = header
         self._checked.clear()
+        for listener in self.listeners:
+            listener(header, txs)

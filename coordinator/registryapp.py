@@ -1,0 +1,405 @@
+"""The registry chain's app: who the meters and the nodes are, certified.
+
+Every transaction is a signed record in canonical JSON, one of
+
+    enroll  {kind, meter, account, area, public_key, board, firmware, signer, time, sig, meter_sig}
+    node    {kind, id, role, public_key, signer, time, sig}
+    retire  {kind, target: "meter" | "node", id, reason, signer, time, sig}
+
+`sig` is the signer's Ed25519 signature and `meter_sig` the enrolled meter's own
+(its proof of possession: nobody can enroll a key they do not hold) over
+`DOMAIN_* + canonical(record without sig and meter_sig)`. Signers are nodes:
+registrars come from the chain's genesis file; a registrar enrolls the other
+nodes (technicians, gateways, validators, trustees, coordinators); a
+technician or a registrar enrolls and retires meters; only a registrar retires
+nodes. Meter ids, node ids and public keys are never reused. Enrolling a new
+meter for an account that already has one records `replaces` (a meter
+replacement): the area chain lets the account's history continue on it.
+
+State is an MPT (`trie`) keyed by SHA-256 of `kind NUL id`:
+
+    meter/ID    RLP [account, area, public key, board, firmware, signer, time, retired, replaces]
+    node/ID     RLP [role, public key, retired]
+    key/PUB     the owner, "meter/ID" or "node/ID"
+    account/A   RLP [meter ids, oldest first]
+
+`RegistryHistory` is the read side: every certified enrollment with the height
+it took effect (and the height it was retired), so the area chain can ask
+"who was enrolled in this area at registry height R" exactly, whatever height
+the local replica has reached since.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, MutableMapping, Sequence
+
+import rlp
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from trie import HexaryTrie
+
+from aggregator.registry import MeterEntry
+from certlog.app import InvalidBlock, Outcome
+from certlog.block import Header, canonical
+from certlog.store import ChainStore
+from gridledger.errors import ConfigError
+from gridledger.meterkeys import verifier
+from gridledger.wire import METER_ID_RE
+
+__all__ = ["RegistryApp", "RegistryHistory", "RegistryView", "Genesis", "load_genesis", "dump_genesis",
+           "ROLES", "sign_record", "enroll_record", "node_record", "retire_record", "record_id"]
+
+DOMAIN_SIGNER = b"gridledger registry v1 signer\n"
+DOMAIN_METER = b"gridledger registry v1 meter\n"
+ROLES = ("registrar", "technician", "gateway", "validator", "trustee", "coordinator")
+METER_SIGNERS = ("registrar", "technician")
+MAX_FUTURE_S = 300
+MAX_TEXT = 64
+_FIELDS = {
+    "enroll": {"kind", "meter", "account", "area", "public_key", "board", "firmware", "signer", "time", "sig",
+               "meter_sig"},
+    "node": {"kind", "id", "role", "public_key", "signer", "time", "sig"},
+    "retire": {"kind", "target", "id", "reason", "signer", "time", "sig"},
+}
+GENESIS_ROOT = HexaryTrie.BLANK_NODE_HASH.hex()
+
+
+def _key(kind: str, ident: str) -> bytes:
+    return hashlib.sha256(kind.encode() + b"\0" + ident.encode()).digest()
+
+
+def record_id(tx: bytes) -> str:
+    """How a submitted record is named in results: SHA-256 of its bytes, hex."""
+    return hashlib.sha256(tx).hexdigest()
+
+
+def _body(rec: dict) -> bytes:
+    return canonical({k: v for k, v in rec.items() if k not in ("sig", "meter_sig")})
+
+
+# -- genesis ---------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class Genesis:
+    """The registrars every replica starts from (`registry-genesis.toml`)."""
+    registrars: dict[str, str]  # id -> Ed25519 public key hex
+
+    @property
+    def digest(self) -> str:
+        return hashlib.sha256(canonical(sorted(self.registrars.items()))).hexdigest()
+
+
+def load_genesis(path: Path) -> Genesis:
+    try:
+        doc = tomllib.loads(Path(path).read_text())
+        regs = {r["id"]: r["public_key"] for r in doc["registrars"]}
+    except (OSError, tomllib.TOMLDecodeError, KeyError, TypeError) as exc:
+        raise ConfigError(f"{path}: a registry genesis needs [[registrars]] with id and public_key ({exc})") from exc
+    for ident, pub in regs.items():
+        if not METER_ID_RE.match(ident):
+            raise ConfigError(f"{path}: bad registrar id {ident!r}")
+        verifier(pub)  # raises ConfigError on a malformed key
+    if not regs:
+        raise ConfigError(f"{path}: at least one registrar is needed")
+    return Genesis(regs)
+
+
+def dump_genesis(g: Genesis) -> str:
+    out = ["# gridledger registry chain genesis: the registrars every replica trusts at height 0", ""]
+    for ident, pub in sorted(g.registrars.items()):
+        out += ["[[registrars]]", f'id = "{ident}"', f'public_key = "{pub}"', ""]
+    return "\n".join(out)
+
+
+# -- building records (CLI, testbed, tests) ------------------------------------------
+
+def sign_record(rec: dict, signer_key: Ed25519PrivateKey, meter_key: Ed25519PrivateKey | None = None) -> bytes:
+    """The transaction bytes of `rec` signed by its signer (and, for an enrollment, the meter)."""
+    body = _body(rec)
+    out = dict(rec, sig=signer_key.sign(DOMAIN_SIGNER + body).hex())
+    if meter_key is not None:
+        out["meter_sig"] = meter_key.sign(DOMAIN_METER + body).hex()
+    return canonical(out)
+
+
+def enroll_record(*, meter: str, account: str, area: str, public_key: str, signer: str, time: int,
+                  board: str = "unix", firmware: str = "") -> dict:
+    return {"kind": "enroll", "meter": meter, "account": account, "area": area, "public_key": public_key,
+            "board": board, "firmware": firmware, "signer": signer, "time": time}
+
+
+def node_record(*, ident: str, role: str, public_key: str, signer: str, time: int) -> dict:
+    return {"kind": "node", "id": ident, "role": role, "public_key": public_key, "signer": signer, "time": time}
+
+
+def retire_record(*, target: str, ident: str, reason: str, signer: str, time: int) -> dict:
+    return {"kind": "retire", "target": target, "id": ident, "reason": reason, "signer": signer, "time": time}
+
+
+# -- the app ---------------------------------------------------------------------------
+
+def _ed25519(hexkey: str) -> Ed25519PublicKey | None:
+    try:
+        return Ed25519PublicKey.from_public_bytes(bytes.fromhex(hexkey))
+    except ValueError:
+        return None
+
+
+def _verifies(pub: Ed25519PublicKey, sig_hex: str, msg: bytes) -> bool:
+    try:
+        pub.verify(bytes.fromhex(sig_hex), msg)
+        return True
+    except (InvalidSignature, ValueError):
+        return False
+
+
+def _parse(i: int, tx: bytes) -> dict:
+    def bad(reason: str, detail: str) -> InvalidBlock:
+        return InvalidBlock(reason, detail, index=i)
+
+    try:
+        rec = json.loads(tx)
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise bad("tx_malformed", "not JSON") from None
+    if not isinstance(rec, dict) or rec.get("kind") not in _FIELDS:
+        raise bad("tx_unknown_kind", "kind must be enroll, node or retire")
+    kind = rec["kind"]
+    if set(rec) != _FIELDS[kind]:
+        raise bad("tx_bad_field", f"{kind} needs exactly {sorted(_FIELDS[kind])}")
+    if canonical(rec) != tx:
+        raise bad("tx_not_canonical", "a record is its canonical JSON")
+    for k, v in rec.items():
+        if k == "time":
+            if type(v) is not int or not 0 < v < 2**40:
+                raise bad("tx_bad_field", "time is seconds since 1970")
+        elif not isinstance(v, str) or len(v) > (128 if k.endswith("sig") else 200 if k == "reason" else
+                                                 96 if k == "public_key" else MAX_TEXT):
+            raise bad("tx_bad_field", f"{k} must be a short string")
+    for k in ("meter", "area", "signer", "id"):
+        if k in rec and not METER_ID_RE.match(rec[k]):
+            raise bad("tx_bad_field", f"{k} must match [A-Za-z0-9_-]{{1,32}}")
+    if kind == "enroll" and not rec["account"]:
+        raise bad("tx_bad_field", "account must not be empty")
+    if kind == "node" and rec["role"] not in ROLES:
+        raise bad("tx_bad_field", f"role must be one of {', '.join(ROLES)}")
+    if kind == "retire" and rec["target"] not in ("meter", "node"):
+        raise bad("tx_bad_field", "target must be meter or node")
+    return rec
+
+
+class _State:
+    """The block's working state: trie reads through a cache, writes at the end."""
+
+    def __init__(self, trie: HexaryTrie):
+        self.trie = trie
+        self.dirty: dict[bytes, list] = {}
+
+    def get(self, kind: str, ident: str) -> list | None:
+        k = _key(kind, ident)
+        if k in self.dirty:
+            return self.dirty[k]
+        raw = self.trie.get(k)
+        return rlp.decode(raw) if raw else None
+
+    def put(self, kind: str, ident: str, value: list) -> None:
+        self.dirty[_key(kind, ident)] = value
+
+    def flush(self) -> None:
+        for k in sorted(self.dirty):
+            self.trie.set(k, rlp.encode(self.dirty[k]))
+
+
+class RegistryApp:
+    name = "registry"
+    genesis_root = GENESIS_ROOT
+
+    def __init__(self, genesis: Genesis):
+        self.genesis = genesis
+        self._registrars = {i: _ed25519(p) for i, p in genesis.registrars.items()}
+
+    def execute(self, nodes: MutableMapping[bytes, bytes], parent_root: str, time_ms: int,
+                txs: Sequence[bytes], *, trusted: bool = False) -> Outcome:
+        st = _State(HexaryTrie(nodes, root_hash=bytes.fromhex(parent_root)))
+        counts = {"enroll": 0, "node": 0, "retire": 0}
+        for i, tx in enumerate(txs):
+            rec = _parse(i, tx)
+            if rec["time"] * 1000 > time_ms + MAX_FUTURE_S * 1000:
+                raise InvalidBlock("tx_future_time", f"record time {rec['time']}", index=i)
+            self._authorise(i, st, rec, trusted)
+            getattr(self, "_" + rec["kind"])(i, st, rec, trusted)
+            counts[rec["kind"]] += 1
+        st.flush()
+        return Outcome(st.trie.root_hash.hex(), {"genesis": self.genesis.digest, **counts})
+
+    def _authorise(self, i: int, st: _State, rec: dict, trusted: bool) -> None:
+        who = rec["signer"]
+        if who in self._registrars:
+            role, pub = "registrar", self._registrars[who]
+        else:
+            node = st.get("node", who)
+            if node is None:
+                raise InvalidBlock("tx_unknown_signer", who, index=i)
+            if node[2] == b"\x01":
+                raise InvalidBlock("tx_signer_retired", who, index=i)
+            role, pub = node[0].decode(), _ed25519(node[1].hex())
+        allowed = METER_SIGNERS if rec["kind"] == "enroll" or rec.get("target") == "meter" else ("registrar",)
+        if role not in allowed:
+            raise InvalidBlock("tx_signer_role", f"a {role} cannot sign a {rec['kind']} record", index=i)
+        if not trusted and (pub is None or not _verifies(pub, rec["sig"], DOMAIN_SIGNER + _body(rec))):
+            raise InvalidBlock("tx_bad_signature", f"{rec['kind']} signed by {who}", index=i)
+
+    def _fresh_key(self, i: int, st: _State, pub_hex: str, owner: str) -> None:
+        if (pub_hex != pub_hex.lower() or pub_hex in self.genesis.registrars.values()
+                or st.get("key", pub_hex) is not None):
+            raise InvalidBlock("tx_duplicate_key", f"{pub_hex[:16]}… is already registered", index=i)
+        st.put("key", pub_hex, [owner.encode()])
+
+    def _enroll(self, i: int, st: _State, rec: dict, trusted: bool) -> None:
+        meter = rec["meter"]
+        pub = _ed25519(rec["public_key"])
+        if pub is None or len(rec["public_key"]) != 64:
+            raise InvalidBlock("tx_bad_field", "public_key is a 32-byte Ed25519 key in hex", index=i)
+        if st.get("meter", meter) is not None:
+            raise InvalidBlock("tx_duplicate_meter", f"{meter} is already enrolled", index=i)
+        if not trusted and not _verifies(pub, rec["meter_sig"], DOMAIN_METER + _body(rec)):
+            raise InvalidBlock("tx_bad_meter_signature", f"{meter} did not sign its enrollment", index=i)
+        self._fresh_key(i, st, rec["public_key"], "meter/" + meter)
+        history = st.get("account", rec["account"])
+        meters = [m for m in history[0]] if history else []
+        replaces = meters[-1] if meters else b""
+        st.put("account", rec["account"], [meters + [meter.encode()]])
+        st.put("meter", meter, [rec["account"].encode(), rec["area"].encode(), bytes.fromhex(rec["public_key"]),
+                                rec["board"].encode(), rec["firmware"].encode(), rec["signer"].encode(),
+                                rec["time"], b"", replaces])
+
+    def _node(self, i: int, st: _State, rec: dict, trusted: bool) -> None:
+        ident, pub = rec["id"], rec["public_key"]
+        width = 96 if rec["role"] == "validator" else 64  # BLS G1 or Ed25519
+        try:
+            ok = len(pub) == width and len(bytes.fromhex(pub)) * 2 == width
+        except ValueError:
+            ok = False
+        if not ok or (width == 64 and _ed25519(pub) is None):
+            raise InvalidBlock("tx_bad_field", f"a {rec['role']} key is {width} hex digits", index=i)
+        if ident in self._registrars or st.get("node", ident) is not None:
+            raise InvalidBlock("tx_duplicate_node", f"{ident} is already a node", index=i)
+        self._fresh_key(i, st, pub, "node/" + ident)
+        st.put("node", ident, [rec["role"].encode(), bytes.fromhex(pub), b""])
+
+    def _retire(self, i: int, st: _State, rec: dict, trusted: bool) -> None:
+        target, ident = rec["target"], rec["id"]
+        leaf = st.get(target, ident)
+        if leaf is None:
+            raise InvalidBlock("tx_unknown_target", f"no {target} {ident}", index=i)
+        flag = 7 if target == "meter" else 2
+        if leaf[flag] == b"\x01":
+            raise InvalidBlock("tx_already_retired", f"{target} {ident}", index=i)
+        st.put(target, ident, leaf[:flag] + [b"\x01"] + leaf[flag + 1:])
+
+
+# -- the read side: who was enrolled where, at which height ------------------------
+
+@dataclass(frozen=True, slots=True)
+class _Enrolled:
+    entry: MeterEntry
+    area: str
+    since: int          # first registry height it is a member at
+    until: int | None   # first height it is not (retired), or None
+
+
+class RegistryHistory:
+    """Certified enrollments with their heights, fed by the registry replica's commits.
+
+    Thread-safe for one writer (the replica's commit) and many readers: entries
+    are only ever added, and a view at height R ignores everything after R."""
+
+    def __init__(self, chain: str = "registry"):
+        self.chain = chain
+        self.height = 0
+        self._hashes: dict[int, str] = {}
+        self._meters: dict[str, _Enrolled] = {}
+        self._verifiers: dict[str, Callable[[bytes, bytes], bool]] = {}
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_store(cls, store: ChainStore, chain: str = "registry") -> "RegistryHistory":
+        """Replay every certified block of a registry replica (they were checked when stored)."""
+        h = cls(chain)
+        for height in store.heights():
+            raw = store.raw_block(height)
+            if raw is None or raw[1] is None:
+                break
+            h.apply(Header.decode(raw[0]), raw[2])
+        return h
+
+    def apply(self, header: Header, txs: Sequence[bytes]) -> None:
+        """Record a certified block (a `Replica` commit listener)."""
+        with self._lock:
+            if header.height != self.height + 1:
+                return
+            for tx in txs:
+                rec = json.loads(tx)
+                if rec["kind"] == "enroll":
+                    e = MeterEntry(rec["meter"], rec["account"], rec["public_key"])
+                    self._meters[e.meter] = _Enrolled(e, rec["area"], header.height, None)
+                elif rec["kind"] == "retire" and rec["target"] == "meter":
+                    old = self._meters[rec["id"]]
+                    self._meters[rec["id"]] = _Enrolled(old.entry, old.area, old.since, header.height)
+            self._hashes[header.height] = header.hash
+            self.height = header.height
+
+    def hash_at(self, height: int) -> str | None:
+        return self._hashes.get(height)
+
+    def view(self, area: str, height: int | None = None) -> "RegistryView":
+        """Members of `area` at registry `height` (None: whatever is latest when asked)."""
+        return RegistryView(self, area, height)
+
+    def _member(self, meter: str, area: str, height: int) -> MeterEntry | None:
+        e = self._meters.get(meter)
+        if e is None or e.area != area or e.since > height or (e.until is not None and e.until <= height):
+            return None
+        return e.entry
+
+    def _verify(self, entry: MeterEntry, msg: bytes, sig: bytes) -> bool:
+        v = self._verifiers.get(entry.meter)
+        if v is None:
+            v = self._verifiers[entry.meter] = verifier(entry.public_key)
+        return v(msg, sig)
+
+
+class RegistryView:
+    """The `aggregator.registry.Registry` interface over a `RegistryHistory`."""
+
+    def __init__(self, history: RegistryHistory, area: str, height: int | None):
+        self.history = history
+        self.area = area
+        self._height = height
+
+    @property
+    def height(self) -> int:
+        return self.history.height if self._height is None else self._height
+
+    def get(self, meter: str) -> MeterEntry | None:
+        return self.history._member(meter, self.area, self.height)
+
+    def __contains__(self, meter: str) -> bool:
+        return self.get(meter) is not None
+
+    def __iter__(self) -> Iterator[MeterEntry]:
+        h = self.height
+        return iter([e.entry for e in list(self.history._meters.values())
+                     if self.history._member(e.entry.meter, self.area, h) is not None])
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+    def verify(self, meter: str, msg: bytes, sig: bytes) -> bool:
+        e = self.get(meter)
+        return e is not None and self.history._verify(e, msg, sig)
