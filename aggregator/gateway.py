@@ -30,6 +30,7 @@ from .areaapp import AreaApp
 from .chain import AreaChain
 from .ingest import REASONS, Ingest, class_counts
 from .registry import load_registry
+from coordinator.registry import RegistryChainSettings, registry_node
 from .store import GatewayStore
 
 __all__ = ["GatewayConfig", "ChainSettings", "Gateway", "load_gateway_config"]
@@ -48,8 +49,8 @@ STATUS_EVERY_S = 10.0
 class GatewaySettings:
     area: str
     database: Path
-    registry: Path
     paillier_public: Path
+    registry: Path | None = None  # a static registry file; or follow [registry_chain]
     max_payload: int = 8192
 
 
@@ -69,6 +70,7 @@ class GatewayConfig:
     mqtt: MqttConfig = field(default_factory=MqttConfig)
     chain: ChainSettings | None = None
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    registry_chain: RegistryChainSettings | None = None
 
 
 def load_gateway_config(path: Path) -> GatewayConfig:
@@ -80,7 +82,11 @@ def load_gateway_config(path: Path) -> GatewayConfig:
     chain = section(ChainSettings, doc, "chain", path.parent, ("validators", "proposer_key")) if "chain" in doc else None
     if chain is not None and not 1 <= chain.block_max <= 100_000:
         raise ConfigError("[chain] block_max must be between 1 and 100000")
-    return GatewayConfig(gw, section(MqttConfig, doc, "mqtt"), chain, section(MetricsConfig, doc, "metrics"))
+    registry_chain = RegistryChainSettings.from_doc(doc, path.parent)
+    if (gw.registry is None) == (registry_chain is None):
+        raise ConfigError(f"{path}: give either [gateway] registry (a file) or a [registry_chain] table")
+    return GatewayConfig(gw, section(MqttConfig, doc, "mqtt"), chain, section(MetricsConfig, doc, "metrics"),
+                         registry_chain)
 
 
 class Gateway:
@@ -89,7 +95,13 @@ class Gateway:
         s = cfg.gateway
         self.area = s.area
         self.store = GatewayStore(s.database)
-        self.registry = load_registry(s.registry)
+        self.registry_node = None  # with [registry_chain]: this gateway's follower of the registry chain
+        if cfg.registry_chain is not None:
+            self.registry_node, history = registry_node(cfg.registry_chain, cfg.mqtt, f"gateway-{self.area}")
+            self.registry = history.view(self.area)  # ingest: whoever is enrolled as of the latest block
+            source = history                         # blocks: membership at the height they name
+        else:
+            self.registry = source = load_registry(s.registry)
         paillier = load_public(s.paillier_public)
         self.ingest = Ingest(self.registry, paillier, self.store.heads(),
                              self.store.stored_hash, max_payload=s.max_payload)
@@ -99,7 +111,7 @@ class Gateway:
         self.chain: AreaChain | None = None
         if cfg.chain is not None:
             self.chain = AreaChain(cfg.chain, self.area, s.database, self.store,
-                                   AreaApp(self.area, self.registry, paillier))
+                                   AreaApp(self.area, source, paillier))
 
     def counters(self) -> dict[str, int]:
         out = {r: 0 for r in REASONS}
@@ -138,8 +150,12 @@ class Gateway:
             await self._serve(client, stop)
 
         try:
-            await keep_connected(self.cfg.mqtt, f"gateway-{self.area}", topics, stop, serve, log,
-                                 max_inflight_messages=BATCH_MAX)
+            session = keep_connected(self.cfg.mqtt, f"gateway-{self.area}", topics, stop, serve, log,
+                                     max_inflight_messages=BATCH_MAX)
+            if self.registry_node is None:
+                await session
+            else:
+                await asyncio.gather(session, self.registry_node.run(stop))
         finally:
             self.store.close()
             if self.chain is not None:

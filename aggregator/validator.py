@@ -10,6 +10,7 @@ import asyncio
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from certlog.follower import Follower
 from certlog.replica import Replica
 from certlog.store import ChainStore, connect
 from certlog.validators import load_validator_set, read_secret_key
@@ -19,6 +20,8 @@ from gridledger.errors import ConfigError
 from gridledger.metrics import MetricsConfig, Snapshot, serve as serve_metrics
 from gridledger.paillier import load_public
 from gridledger.wire import METER_ID_RE
+
+from coordinator.registry import RegistryChainSettings, registry_node
 
 from .areaapp import AreaApp
 from .registry import load_registry
@@ -33,8 +36,8 @@ class ValidatorSettings:
     database: Path
     secret_key: Path
     validators: Path
-    registry: Path
     paillier_public: Path
+    registry: Path | None = None  # a static registry file; or the [registry_chain] table
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +45,7 @@ class ValidatorConfig:
     validator: ValidatorSettings
     mqtt: MqttConfig = field(default_factory=MqttConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    registry_chain: RegistryChainSettings | None = None
 
 
 def load_validator_config(path: Path) -> ValidatorConfig:
@@ -51,15 +55,21 @@ def load_validator_config(path: Path) -> ValidatorConfig:
                 ("database", "secret_key", "validators", "registry", "paillier_public"))
     if not METER_ID_RE.match(v.area):
         raise ConfigError(f"area id {v.area!r} must match [A-Za-z0-9_-]{{1,32}}")
-    return ValidatorConfig(v, section(MqttConfig, doc, "mqtt"), section(MetricsConfig, doc, "metrics"))
+    registry_chain = RegistryChainSettings.from_doc(doc, path.parent)
+    if (v.registry is None) == (registry_chain is None):
+        raise ConfigError(f"{path}: give either [validator] registry (a file) or a [registry_chain] table")
+    return ValidatorConfig(v, section(MqttConfig, doc, "mqtt"), section(MetricsConfig, doc, "metrics"),
+                           registry_chain)
 
 
 class ValidatorRole:
-    """The process: a `ValidatorNode` plus its metrics endpoint."""
+    """The process: a `ValidatorNode` of the area chain plus its metrics endpoint and,
+    with `[registry_chain]`, its node of the registry chain (voting if it is one of
+    that chain's validators, following otherwise)."""
 
     def __init__(self, cfg: ValidatorConfig):
         self.cfg = cfg
-        self.node = build_node(cfg)
+        self.node, self.registry_node = build_node(cfg)
 
     def metrics(self) -> list[Snapshot]:
         n = self.node
@@ -70,15 +80,23 @@ class ValidatorRole:
 
     async def run(self, stop: asyncio.Event) -> None:
         serve_metrics(self.cfg.metrics, self.metrics)
-        await self.node.run(stop)
+        if self.registry_node is None:
+            await self.node.run(stop)
+        else:
+            await asyncio.gather(self.node.run(stop), self.registry_node.run(stop))
 
 
-def build_node(cfg: ValidatorConfig) -> ValidatorNode:
+def build_node(cfg: ValidatorConfig) -> tuple[ValidatorNode, ValidatorNode | Follower | None]:
     s = cfg.validator
     vset = load_validator_set(s.validators)
-    app = AreaApp(s.area, load_registry(s.registry), load_public(s.paillier_public))
+    reg_node = None
+    if cfg.registry_chain is not None:
+        reg_node, registry = registry_node(cfg.registry_chain, cfg.mqtt, s.name, s.secret_key)
+    else:
+        registry = load_registry(s.registry)
+    app = AreaApp(s.area, registry, load_public(s.paillier_public))
     replica = Replica(s.area, app, ChainStore(connect(s.database)), vset)
     voter = Voter(replica, vset.index(s.name), read_secret_key(s.secret_key))
-    return ValidatorNode(voter, cfg.mqtt, name=s.name)
+    return ValidatorNode(voter, cfg.mqtt, name=s.name), reg_node
 
 

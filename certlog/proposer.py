@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections import Counter
 from typing import Awaitable, Callable, Sequence
@@ -27,6 +28,8 @@ from .validators import proposal_message
 __all__ = ["Proposer"]
 
 log = logging.getLogger("gridledger.chain.proposer")
+
+FOLLOWER_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")  # a follower's name is a topic level
 
 Publish = Callable[[str, bytes], Awaitable[None]]
 
@@ -112,11 +115,12 @@ class Proposer:
             self._ready.set()
 
     async def on_sync(self, payload: bytes) -> None:
-        """Serve certified blocks to a validator that fell behind."""
+        """Serve certified blocks to a validator (by index) or a follower (by name) that fell behind."""
         try:
             req = decode_json(payload)
             who, start = req["validator"], req["from"]
-            if type(who) is not int or type(start) is not int or start < 1:
+            if type(start) is not int or start < 1 or not (
+                    type(who) is int or (isinstance(who, str) and FOLLOWER_RE.fullmatch(who))):
                 raise ValueError
         except (ChainError, KeyError, TypeError, ValueError):
             self.counts["sync_malformed"] += 1

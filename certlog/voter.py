@@ -21,7 +21,7 @@ import aiomqtt
 
 from gridledger.config import MqttConfig
 from gridledger.logs import event
-from gridledger.mqtt import keep_connected
+from gridledger.mqtt import keep_connected, until_stopped
 
 from . import bls
 from .block import ChainError, Header, Vote, canonical, cert_message
@@ -98,16 +98,7 @@ class ValidatorNode:
                 payload = msg.payload if isinstance(msg.payload, (bytes, bytearray)) else b""
                 await self.handle(client, msg.topic.value, bytes(payload))
 
-        task = asyncio.create_task(consume())
-        stopper = asyncio.create_task(stop.wait())
-        try:
-            done, _ = await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
-            if task in done and task.exception() is not None:
-                raise task.exception()
-        finally:
-            for t in (task, stopper):
-                t.cancel()
-            await asyncio.gather(task, stopper, return_exceptions=True)
+        await until_stopped(stop, consume())
 
     async def handle(self, client: aiomqtt.Client, topic: str, payload: bytes) -> None:
         try:

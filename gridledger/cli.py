@@ -19,6 +19,16 @@ EXAMPLES = {
     "keys validator": "gridledger keys validator --name v0 --out keys/ --set validators.toml",
     "validator run": "gridledger validator run --config v0.toml",
     "chain verify": "gridledger chain verify --config gateway.toml",
+    "keys signer": "gridledger keys signer --id tech1 --out keys/",
+    "registry genesis": "gridledger registry genesis --registrar ops=keys/ops.ed25519.key --out registry-genesis.toml",
+    "registry run": "gridledger registry run --config registry.toml",
+    "registry node": "gridledger registry node --id tech1 --role technician --public-key HEX --signer ops "
+                     "--key keys/ops.ed25519.key",
+    "registry enroll": "gridledger registry enroll --meter m01 --account acct-0001 --area area1 "
+                       "--meter-key keys/m01.ed25519.key --signer tech1 --key keys/tech1.ed25519.key",
+    "registry retire": "gridledger registry retire --meter m01 --reason replaced --signer tech1 "
+                       "--key keys/tech1.ed25519.key",
+    "registry show": "gridledger registry show --config gateway.toml",
     "loadgen run": "gridledger loadgen run --config gateway.toml --keys lg/ --meters 1000 --readings 10",
 }
 
@@ -93,6 +103,105 @@ def _cmd_keys_validator(args) -> int:
     return 0
 
 
+def _cmd_keys_signer(args) -> int:
+    from .meterkeys import new_meter_key
+    from .wire import METER_ID_RE
+    if not METER_ID_RE.match(args.id):
+        raise GridledgerError(f"signer id {args.id!r} must match [A-Za-z0-9_-]{{1,32}}")
+    path = Path(args.out) / f"{args.id}.ed25519.key"
+    if path.exists():
+        raise GridledgerError(f"{path} exists; refusing to overwrite a key")
+    key = new_meter_key(args.id)
+    key.write_seed(path)
+    print(f"signer {args.id}: secret seed {path} (mode 0600), public key {key.public_hex}")
+    return 0
+
+
+def _signer(ident: str, path: str):
+    from .meterkeys import MeterKey
+    return MeterKey.read_seed(ident, Path(path))
+
+
+def _cmd_registry_genesis(args) -> int:
+    from coordinator.registryapp import Genesis, dump_genesis
+    regs = {}
+    for item in args.registrar:
+        ident, sep, key = item.partition("=")
+        if not sep:
+            raise GridledgerError(f"--registrar {item!r}: give ID=KEYFILE")
+        regs[ident] = _signer(ident, key).public_hex
+    out = Path(args.out)
+    if out.exists():
+        raise GridledgerError(f"{out} exists; a genesis is written once")
+    out.write_text(dump_genesis(Genesis(regs)))
+    print(f"registry genesis {out}: registrars {', '.join(sorted(regs))}")
+    return 0
+
+
+def _cmd_registry_run(args) -> int:
+    from coordinator.registry import RegistryRole, load_registry_config
+    return _run_role("registry", args.log_level, RegistryRole(load_registry_config(Path(args.config))))
+
+
+def _submit_record(args, rec: dict, meter_key=None) -> int:
+    import json
+    import time
+    from coordinator.registry import submit
+    from coordinator.registryapp import sign_record
+    from .config import MqttConfig
+    signer = _signer(args.signer, args.key)
+    tx = sign_record(dict(rec, signer=args.signer, time=int(time.time())), signer.private,
+                     meter_key.private if meter_key else None)
+    host, _, port = args.broker.partition(":")
+    try:
+        [result] = asyncio.run(submit(MqttConfig(host=host, port=int(port or 1883)), [tx], chain=args.chain,
+                                      timeout_s=args.timeout))
+    except TimeoutError as exc:
+        raise GridledgerError(f"{exc}: is `gridledger registry run` up on {args.broker}?") from None
+    print(json.dumps(result))
+    return 0 if result["status"] == "certified" else 1
+
+
+def _cmd_registry_node(args) -> int:
+    return _submit_record(args, {"kind": "node", "id": args.id, "role": args.role, "public_key": args.public_key})
+
+
+def _cmd_registry_enroll(args) -> int:
+    from .meterkeys import MeterKey
+    key = MeterKey.read_seed(args.meter, Path(args.meter_key))
+    return _submit_record(args, {"kind": "enroll", "meter": args.meter, "account": args.account, "area": args.area,
+                                 "public_key": key.public_hex, "board": args.board, "firmware": args.firmware},
+                          key)
+
+
+def _cmd_registry_retire(args) -> int:
+    target, ident = ("meter", args.meter) if args.meter else ("node", args.node)
+    return _submit_record(args, {"kind": "retire", "target": target, "id": ident, "reason": args.reason})
+
+
+def _cmd_registry_show(args) -> int:
+    import json
+    import sqlite3
+    from certlog.store import ChainStore
+    from coordinator.registry import RegistryChainSettings
+    from coordinator.registryapp import RegistryHistory
+    from .config import read_toml
+    doc = read_toml(Path(args.config))
+    rc = RegistryChainSettings.from_doc(doc, Path(args.config).parent)
+    if rc is None:
+        raise GridledgerError(f"{args.config} has no [registry_chain] table")
+    area = args.area or next((doc[t]["area"] for t in ("gateway", "validator") if t in doc), None)
+    if area is None:
+        raise GridledgerError("give --area")
+    with sqlite3.connect(f"file:{rc.database}?mode=ro", uri=True, timeout=10) as conn:
+        history = RegistryHistory.from_store(ChainStore(conn), rc.chain)
+    view = history.view(area)
+    print(json.dumps({"chain": rc.chain, "height": history.height, "area": area,
+                      "meters": [{"meter": e.meter, "account": e.account, "public_key": e.public_key}
+                                 for e in sorted(view, key=lambda e: e.meter)]}))
+    return 0
+
+
 def _run_role(name: str, level: str, role) -> int:
     """Run `role.run(stop)` until SIGTERM or SIGINT."""
     from .logs import setup_logging
@@ -163,7 +272,7 @@ def _cmd_loadgen(args) -> int:
     if args.generate_only and (keys / "loadgen.json").exists():
         raise ConfigError(f"{keys} already holds a load area; use another folder")
     area = open_area(keys, args.meters, area=area_id, paillier_public=Path(public) if public else None)
-    if cfg and cfg.gateway.registry.resolve() != area.registry.resolve():
+    if cfg and (cfg.gateway.registry is None or cfg.gateway.registry.resolve() != area.registry.resolve()):
         print(f"warning: {args.config} loads registry {cfg.gateway.registry}, not {area.registry}; "
               "the gateway will nack these meters as unknown_meter", file=sys.stderr)
     if args.generate_only:
@@ -204,6 +313,54 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--set", help="validator-set TOML to append the public key and proof of possession to")
     sp.add_argument("--proposer", action="store_true", help="this key is the chain's proposer (the gateway), "
                     "not a validator")
+
+    sp = action(keys, "keys", "signer", "generate an Ed25519 key for a registrar or technician", _cmd_keys_signer)
+    sp.add_argument("--id", required=True, help="node id, [A-Za-z0-9_-]{1,32}")
+    sp.add_argument("--out", required=True, help="folder for ID.ed25519.key")
+
+    rg = roles.add_parser("registry", help="the registry chain: meters, nodes, roles").add_subparsers(
+        dest="action", required=True)
+    sp = action(rg, "registry", "genesis", "write the registry chain's genesis (its registrars)",
+                _cmd_registry_genesis)
+    sp.add_argument("--registrar", action="append", required=True, help="ID=KEYFILE (repeat for several)")
+    sp.add_argument("--out", required=True, help="genesis TOML to write")
+    sp = action(rg, "registry", "run", "run the registry chain's proposer: take signed records, certify them",
+                _cmd_registry_run)
+    sp.add_argument("--config", required=True, help="registry role TOML file")
+    sp.add_argument("--log-level", default="info")
+    submits = []
+    sp = action(rg, "registry", "node", "register a node (technician, gateway, validator, ...) signed by a registrar",
+                _cmd_registry_node)
+    sp.add_argument("--id", required=True)
+    sp.add_argument("--role", required=True, choices=["registrar", "technician", "gateway", "validator", "trustee",
+                                                       "coordinator"])
+    sp.add_argument("--public-key", required=True, help="hex: Ed25519 (64 digits) or, for a validator, BLS (96)")
+    submits.append(sp)
+    sp = action(rg, "registry", "enroll", "enroll a meter (signed by a technician and by the meter's own key)",
+                _cmd_registry_enroll)
+    sp.add_argument("--meter", required=True)
+    sp.add_argument("--account", required=True)
+    sp.add_argument("--area", required=True)
+    sp.add_argument("--meter-key", required=True, help="the meter's Ed25519 seed file (its proof of possession)")
+    sp.add_argument("--board", default="unix")
+    sp.add_argument("--firmware", default="")
+    submits.append(sp)
+    sp = action(rg, "registry", "retire", "retire a meter or a node", _cmd_registry_retire)
+    who = sp.add_mutually_exclusive_group(required=True)
+    who.add_argument("--meter")
+    who.add_argument("--node")
+    sp.add_argument("--reason", required=True)
+    submits.append(sp)
+    for sp in submits:
+        sp.add_argument("--signer", required=True, help="the signing node's id")
+        sp.add_argument("--key", required=True, help="the signer's Ed25519 seed file")
+        sp.add_argument("--broker", default="127.0.0.1:1883", help="HOST:PORT of the MQTT broker")
+        sp.add_argument("--chain", default="registry")
+        sp.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the certificate")
+    sp = action(rg, "registry", "show", "list the meters a role's registry replica holds for an area",
+                _cmd_registry_show)
+    sp.add_argument("--config", required=True, help="gateway or validator TOML with [registry_chain]")
+    sp.add_argument("--area", help="default: the config's area")
 
     gw = roles.add_parser("gateway", help="the gateway (aggregator) role").add_subparsers(dest="action", required=True)
     sp = action(gw, "gateway", "run", "run the gateway: MQTT ingest, checks, SQLite, acks", _cmd_gateway_run)

@@ -13,7 +13,7 @@ import aiomqtt
 from .config import MqttConfig
 from .logs import event
 
-__all__ = ["NO_DELAY", "keep_connected"]
+__all__ = ["NO_DELAY", "keep_connected", "until_stopped"]
 
 # Acks and votes are small and latency-bound: never let Nagle hold one back for a delayed ACK.
 NO_DELAY = ((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),)
@@ -44,3 +44,18 @@ async def keep_connected(cfg: MqttConfig, identifier: str, topics: Iterable[str]
             except TimeoutError:
                 pass
             delay = min(delay * 2, RECONNECT_MAX_S)
+
+
+async def until_stopped(stop: asyncio.Event, work: Awaitable[None]) -> None:
+    """Run `work` until it ends or `stop` is set; its exception (an `MqttError`
+    for `keep_connected` to reconnect on) propagates."""
+    task = asyncio.ensure_future(work)
+    stopper = asyncio.create_task(stop.wait())
+    try:
+        done, _ = await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        if task in done and task.exception() is not None:
+            raise task.exception()
+    finally:
+        for t in (task, stopper):
+            t.cancel()
+        await asyncio.gather(task, stopper, return_exceptions=True)

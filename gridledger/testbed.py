@@ -6,6 +6,7 @@ truth and exits non-zero if any differ.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 import signal
@@ -17,20 +18,24 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from aggregator.audit import audit_from_config
-from aggregator.registry import MeterEntry, dump_registry
 from aggregator.store import GatewayStore, stored_counts
 from certlog.block import Header
-from certlog.validators import dump_validator_set, info_for, new_secret_key, write_secret_key
+from certlog.audit import verify_chain
+from certlog.validators import dump_validator_set, load_validator_set, info_for, new_secret_key, write_secret_key
+from coordinator.registry import submit
+from coordinator.registryapp import Genesis, RegistryApp, load_genesis, dump_genesis, enroll_record, node_record, sign_record
 from coordinator.totals import EnergyTotals, decrypt_ciphertext, decrypt_total
 
 from . import paillier
 from .broker import Broker, start_broker
 from .firmware_build import BUILD, build_firmware, micropython_command
-from .meterkeys import new_meter_key
+from .config import MqttConfig
+from .meterkeys import MeterKey, new_meter_key
 from .wire import Reading, kid_of
 
 __all__ = ["TestbedPlan", "run_testbed", "write_meter_config", "meter_process", "gateway_process", "read_truth",
-           "validator_process", "wait_up", "write_chain", "chain_table", "certified_height"]
+           "validator_process", "wait_up", "write_chain", "chain_table", "certified_height", "chain_height",
+           "registry_chain_table", "write_registry_chain", "enroll_meters", "registry_process", "RegistrySetup"]
 
 BOOT_GRACE_S = 3.0  # real seconds between launch and the first virtual interval
 DAY = 86400
@@ -89,9 +94,14 @@ def validator_process(config: Path, log: Path) -> subprocess.Popen:
 
 
 def write_chain(wd: Path, *, area: str, host: str, port: int, validators: int = 4,
-                registry: str = "registry.toml", paillier_public: str = "keys/paillier.pub.json") -> list[Path]:
+                registry: str = "registry.toml", paillier_public: str = "keys/paillier.pub.json",
+                registry_chain: bool = False) -> list[Path]:
     """Validator keys, the validator set and one config per validator under `wd`;
-    returns the validator configs. The gateway's `[chain]` table is `chain_table()`."""
+    returns the validator configs. The gateway's `[chain]` table is `chain_table()`.
+
+    `registry_chain`: the validators read meters from the registry chain (and
+    co-sign it) instead of the `registry` file; `write_registry_chain` writes the
+    rest, and the gateway's table is `registry_chain_table()`."""
     infos, configs = [], []
     for i in range(validators):
         name = f"v{i}"
@@ -99,15 +109,79 @@ def write_chain(wd: Path, *, area: str, host: str, port: int, validators: int = 
         write_secret_key(wd / "validators" / f"{name}.bls.key", sk)
         infos.append(info_for(name, sk))
         cfg = wd / "validators" / f"{name}.toml"
+        source = "" if registry_chain else f'registry = "../{registry}"\n'
         cfg.write_text(f'[validator]\nname = "{name}"\narea = "{area}"\ndatabase = "{name}.db"\n'
                        f'secret_key = "{name}.bls.key"\nvalidators = "../validators.toml"\n'
-                       f'registry = "../{registry}"\npaillier_public = "../{paillier_public}"\n\n'
-                       f'[mqtt]\nhost = "{host}"\nport = {port}\nclient_id = "validator-{area}-{name}"\n')
+                       f'{source}paillier_public = "../{paillier_public}"\n\n'
+                       f'[mqtt]\nhost = "{host}"\nport = {port}\nclient_id = "validator-{area}-{name}"\n'
+                       + (registry_chain_table(f"{name}-registry.db", "../") if registry_chain else ""))
         configs.append(cfg)
     sk = new_secret_key()
     write_secret_key(wd / "proposer.bls.key", sk)
     (wd / "validators.toml").write_text(dump_validator_set(infos, info_for(f"gateway-{area}", sk)))
+    if registry_chain:
+        rsk = new_secret_key()
+        write_secret_key(wd / "registry.bls.key", rsk)
+        (wd / "registry-validators.toml").write_text(dump_validator_set(infos, info_for("registry", rsk)))
     return configs
+
+
+def registry_chain_table(database: str, up: str = "") -> str:
+    """A role's `[registry_chain]` table (`up`: the path from its config to `wd`)."""
+    return (f'\n[registry_chain]\nvalidators = "{up}registry-validators.toml"\n'
+            f'genesis = "{up}registry-genesis.toml"\ndatabase = "{database}"\n')
+
+
+@dataclass(frozen=True, slots=True)
+class RegistrySetup:
+    config: Path           # the registry role's TOML
+    registrar: MeterKey    # genesis registrar "ops"
+    technician: MeterKey   # "tech1", enrolled by ops in the first record
+
+
+def write_registry_chain(wd: Path, *, host: str, port: int) -> RegistrySetup:
+    """Genesis (registrar "ops"), a technician key and the registry role's config,
+    beside what `write_chain(registry_chain=True)` wrote."""
+    ops, tech = new_meter_key("ops"), new_meter_key("tech1")
+    ops.write_seed(wd / "keys" / "ops.ed25519.key")
+    tech.write_seed(wd / "keys" / "tech1.ed25519.key")
+    (wd / "registry-genesis.toml").write_text(dump_genesis(Genesis({"ops": ops.public_hex})))
+    cfg = wd / "registry-role.toml"
+    cfg.write_text('[registry]\ndatabase = "registry.db"\nvalidators = "registry-validators.toml"\n'
+                   'genesis = "registry-genesis.toml"\nproposer_key = "registry.bls.key"\n\n'
+                   f'[mqtt]\nhost = "{host}"\nport = {port}\nclient_id = "registry"\n')
+    return RegistrySetup(cfg, ops, tech)
+
+
+def enroll_meters(setup: RegistrySetup, mqtt: MqttConfig, area: str, meters: dict[str, tuple[str, MeterKey]],
+                  *, timeout_s: float = 60.0) -> int:
+    """Register the technician, then enroll `meters` (id -> (account, key)) through the
+    registry chain, as a technician in the field would; returns the certified height."""
+    now = int(time.time())
+    txs = [sign_record(node_record(ident="tech1", role="technician", public_key=setup.technician.public_hex,
+                                   signer="ops", time=now), setup.registrar.private)]
+    txs += [sign_record(enroll_record(meter=m, account=acct, area=area, public_key=key.public_hex, signer="tech1",
+                                      time=now, firmware="gridledger-testbed"), setup.technician.private, key.private)
+            for m, (acct, key) in meters.items()]
+    results = asyncio.run(submit(mqtt, txs, timeout_s=timeout_s))
+    refused = [r for r in results if r["status"] != "certified"]
+    if refused:
+        raise RuntimeError(f"registry refused records: {refused}")
+    return max(r["height"] for r in results)
+
+
+def registry_process(config: Path, log: Path) -> subprocess.Popen:
+    """The registry chain's proposer as a real process."""
+    return _spawn([sys.executable, "-m", "gridledger", "registry", "run", "--config", str(config)], log)
+
+
+def chain_height(db: Path) -> int:
+    """Last certified height of the chain replica in `db`, read-only (0 if none yet)."""
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as conn:
+            return conn.execute("SELECT COALESCE(MAX(height), 0) FROM chain_blocks WHERE cert IS NOT NULL").fetchone()[0]
+    except sqlite3.OperationalError:
+        return 0
 
 
 def chain_table(block_max: int = 1000) -> str:
@@ -177,36 +251,47 @@ def run_testbed(plan: TestbedPlan) -> int:
     paillier.save_keypair(wd / "keys", pub, priv)
 
     meters = [f"m{i:02d}" for i in range(1, plan.meters + 1)]
-    entries = []
+    enrolment: dict[str, tuple[str, MeterKey]] = {}
     for i, m in enumerate(meters):
         key = new_meter_key(m)
         key.write_seed(wd / "meters" / m / "ed25519.key")
-        entries.append(MeterEntry(m, f"acct-{i + 1:04d}", key.public_hex))
-    (wd / "registry.toml").write_text(dump_registry(entries))
+        enrolment[m] = (f"acct-{i + 1:04d}", key)
 
     broker: Broker = start_broker(wd / "broker", plan.broker)
     if broker.kind != "mosquitto":
         _say("[testbed] WARNING: using the pure-Python amqtt broker (demo fallback; production uses Mosquitto)")
     procs: dict[str, subprocess.Popen] = {}
     validators: dict[str, subprocess.Popen] = {}
-    gateway = None
+    gateway = registry = None
     try:
-        vcfgs = write_chain(wd, area=area, host=broker.host, port=broker.port, validators=plan.validators)
+        vcfgs = write_chain(wd, area=area, host=broker.host, port=broker.port, validators=plan.validators,
+                            registry_chain=True)
+        setup = write_registry_chain(wd, host=broker.host, port=broker.port)
+        registry = registry_process(setup.config, wd / "logs" / "registry.log")
+        wait_up(wd / "logs" / "registry.log", registry)
         for cfg in vcfgs:
             validators[cfg.stem] = validator_process(cfg, wd / "logs" / f"{cfg.stem}.log")
         for name, proc in validators.items():
             wait_up(wd / "logs" / f"{name}.log", proc)
         (wd / "gateway.toml").write_text(
-            f'[gateway]\narea = "{area}"\ndatabase = "gateway.db"\nregistry = "registry.toml"\n'
+            f'[gateway]\narea = "{area}"\ndatabase = "gateway.db"\n'
             f'paillier_public = "keys/paillier.pub.json"\n\n'
             f'[mqtt]\nhost = "{broker.host}"\nport = {broker.port}\nclient_id = "gateway-{area}"\n\n'
-            + chain_table())
+            + chain_table() + registry_chain_table("gateway-registry.db"))
         gw_log = wd / "logs" / "gateway.log"
         gateway = gateway_process(wd / "gateway.toml", gw_log)
         wait_up(gw_log, gateway)
-        _say(f"[testbed] {broker.kind} on {broker.host}:{broker.port}; {len(validators)} validators (BLS, "
-             f"f={(len(validators) - 1) // 3}) and the gateway up; "
-             f"starting {len(meters)} meters (MicroPython Unix port, heap {plan.heap})")
+        _say(f"[testbed] {broker.kind} on {broker.host}:{broker.port}; registry chain, {len(validators)} "
+             f"validators (BLS, f={(len(validators) - 1) // 3}) and the gateway up")
+        reg_height = enroll_meters(setup, MqttConfig(host=broker.host, port=broker.port), area, enrolment)
+        _say(f"[testbed] technician tech1 and {len(meters)} meters enrolled through the registry chain "
+             f"(signed by the technician and by each meter's key), certified at registry height {reg_height}")
+        deadline = time.monotonic() + 60
+        while chain_height(wd / "gateway-registry.db") < reg_height:
+            if time.monotonic() > deadline:
+                raise RuntimeError("the gateway did not follow the registry chain; see logs/gateway.log")
+            time.sleep(0.1)
+        _say(f"[testbed] starting {len(meters)} meters (MicroPython Unix port, heap {plan.heap})")
 
         scale = plan.interval_s / plan.seconds_per_interval
         real_start = time.time() + BOOT_GRACE_S
@@ -260,6 +345,8 @@ def run_testbed(plan: TestbedPlan) -> int:
             _stop(gateway)
         for p in validators.values():
             _stop(p, 10)
+        if registry is not None:
+            _stop(registry)
         broker.stop()
 
     if failed:
@@ -315,6 +402,11 @@ def _report(wd: Path, meters: list[str], priv, intervals: int) -> int:
 def _report_chain(wd: Path, priv, validators: list[str]) -> int:
     """Audit every replica offline; decrypt the area total from certified headers alone."""
     _say("")
+    reg = verify_chain(wd / "registry.db", "registry", RegistryApp(load_genesis(wd / "registry-genesis.toml")),
+                       load_validator_set(wd / "registry-validators.toml"))
+    _say(f"[testbed] chain verify registry certified height {reg.certified:>4}, {reg.txs:>5} txs, "
+         f"{reg.seconds:.2f} s: " + (f"FAULT at {reg.fault.height}: {reg.fault.reason} {reg.fault.detail}"
+                                    if reg.fault else "ok"))
     reports = {"gateway": audit_from_config(wd / "gateway.toml")}
     for v in validators:
         reports[v] = audit_from_config(wd / "validators" / f"{v}.toml")
@@ -339,6 +431,9 @@ def _report_chain(wd: Path, priv, validators: list[str]) -> int:
     finally:
         store.close()
     heights = {r.certified for r in reports.values()}
+    if not reg.ok:
+        _say("[testbed] FAIL: the registry chain does not verify")
+        return 1
     if tot.slots != stored.slots or readings != stored.readings:
         _say("[testbed] FAIL: the certified headers' total differs from the stored readings' total")
         return 1
