@@ -152,8 +152,10 @@ class RegistryRole:
         rows = self.conn.execute("SELECT status, COUNT(*) FROM registry_queue GROUP BY status").fetchall()
         return [Snapshot("gridledger_registry_height", "last certified registry height", "gauge", (),
                          {(): self.replica.height}),
-                Snapshot("gridledger_registry_records", "submitted records by status", "gauge", ("status",),
-                         {(s,): n for s, n in rows})]
+                Snapshot("gridledger_registry_records", "records held, by status", "gauge", ("status",),
+                         {(s,): n for s, n in rows}),
+                Snapshot("gridledger_registry_submissions", "submissions by outcome (refusals by reason)", "counter",
+                         ("result",), {(k,): v for k, v in self.counts.items()})]
 
     async def run(self, stop: asyncio.Event) -> None:
         serve_metrics(self.cfg.metrics, self.metrics)
