@@ -1,5 +1,5 @@
 """Wired meters end to end on real parts: the MicroPython firmware with a serial
-uplink on one end of a pty cable (tests/serialkit.py), the real `gridledger bridge
+uplink on one end of a pty cable (gridledger/ptycable.py), the real `gridledger bridge
 serial` process on the other, a real Mosquitto and the real gateway process. The
 bridge is killed with SIGKILL, the cable is unplugged, and bad bytes are slipped in
 between frames: no reading may be lost or stored twice, and every bad frame is
@@ -20,13 +20,14 @@ import pytest
 from aggregator.gateway import load_gateway_config
 from aggregator.serialbridge import SerialBridge
 from aggregator.store import stored_counts
+from gridledger.broker import start_mosquitto
 from gridledger.errors import Rejected
-from gridledger.serialframe import Decoder, Frame, FrameType as T, cobs_encode, encode
 from gridledger.firmware_build import micropython_command
+from gridledger.ptycable import NullModem
+from gridledger.serialframe import Decoder, Frame, FrameType as T, cobs_encode, encode
 from gridledger.testbed import bridge_process, wait_up
 
 from helpers import wait_until
-from serialkit import NullModem
 from test_end_to_end import Area
 
 METER = "w1"
@@ -188,6 +189,29 @@ def test_unplugged_and_replugged_cable_loses_nothing(wired):
     log = w.logs[-1]
     assert events(log, "port_lost") and len(events(log, "port_up")) >= 2
     assert final["open_failures"] >= 1
+
+
+def test_bridge_rides_out_a_broker_restart(wired, broker, tmp_path):
+    """The broker is gone for a while: the bridge stops welcoming the meter, which keeps
+    its readings, reconnects by itself, and every reading arrives once."""
+    w = wired(intervals=24)
+    w.start_gateway()
+    w.start_bridge()
+    w.area.start_meter(METER)
+    wait_until(lambda: w.stored() >= 2, 40, "first readings stored")
+    broker.stop()
+    time.sleep(2.5)
+    again = start_mosquitto(tmp_path / "broker-again", port=broker.port)
+    try:
+        wait_until(lambda: len(events(w.logs[-1], "mqtt_up")) >= 2, 30, "the bridge back on the broker")
+        w.area.wait_meters_done(90)
+        w.stop_bridge()
+        assert w.area.stop_gateway() == 0
+    finally:
+        again.stop()
+    w.area.assert_complete_and_true()
+    assert any(e.get("ev") == "uplink_down" and e.get("during") == "welcome"
+               for e in map(json.loads, w.meter_log.read_text().splitlines()))
 
 
 # Slipped in between the meter's frames, each followed on the line by the next frame's

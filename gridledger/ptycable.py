@@ -1,4 +1,5 @@
-"""A serial cable for tests: two pseudo-terminals joined by relay threads.
+"""A serial cable without hardware: two pseudo-terminals joined by relay threads
+(the tests, the serial bench, or trying `gridledger bridge serial` on a laptop).
 
 The meter (MicroPython Unix port) opens `meter_end`, a pty slave; the bridge opens
 `gateway_end`, a symlink to the other pty's slave, the way /dev/serial/by-id/...
