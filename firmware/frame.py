@@ -20,6 +20,29 @@ TYPES = b"HRSLWANQ"
 
 REASONS = ("oversized", "bad_cobs", "too_short", "bad_crc", "unknown_type")
 
+_table = None
+
+
+def crc32_soft(data):
+    # zlib's CRC-32 in Python, for a port built without binascii.crc32; the
+    # 256-entry table is made on first use.
+    global _table
+    if _table is None:
+        _table = []
+        for i in range(256):
+            c = i
+            for _ in range(8):
+                c = (c >> 1) ^ 0xEDB88320 if c & 1 else c >> 1
+            _table.append(c)
+    t = _table
+    c = 0xFFFFFFFF
+    for b in data:
+        c = t[(c ^ b) & 0xFF] ^ (c >> 8)
+    return c ^ 0xFFFFFFFF
+
+
+crc32 = getattr(binascii, "crc32", None) or crc32_soft
+
 
 def limit(max_payload):
     # Most bytes between two delimiters for a payload of max_payload bytes:
@@ -71,7 +94,7 @@ def cobs_decode(data):
 def encode(ftype, payload):
     body = bytearray((ftype,))
     body += payload
-    body += (binascii.crc32(body) & 0xFFFFFFFF).to_bytes(4, "big")
+    body += (crc32(body) & 0xFFFFFFFF).to_bytes(4, "big")
     out = bytearray(b"\x00")
     out += cobs_encode(body)
     out.append(0)
@@ -85,7 +108,7 @@ def decode(raw):
         return None, "bad_cobs"
     if len(body) < 5:
         return None, "too_short"
-    crc = binascii.crc32(memoryview(body)[:-4]) & 0xFFFFFFFF
+    crc = crc32(memoryview(body)[:-4]) & 0xFFFFFFFF
     if crc != int.from_bytes(body[-4:], "big"):
         return None, "bad_crc"
     if body[0] not in TYPES:

@@ -7,7 +7,7 @@ import frame
 
 with open(sys.argv[1]) as f:
     doc = json.load(f)
-out = {"frames": [], "decoded": [], "streams": {}}
+out = {"frames": [], "decoded": [], "streams": {}, "soft_crc": []}
 for v in doc["frames"]:
     payload = binascii.unhexlify(v["payload"])
     wire = frame.encode(ord(v["type"]), payload)
@@ -15,6 +15,7 @@ for v in doc["frames"]:
     got = []
     frame.Decoder(len(payload)).feed(bytes(wire), got)
     out["decoded"].append([chr(t) + binascii.hexlify(p).decode() for t, p in got])
+    out["soft_crc"].append(frame.crc32_soft(payload) == binascii.crc32(payload) & 0xFFFFFFFF)
 
 
 def show(items):
