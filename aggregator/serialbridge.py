@@ -271,7 +271,7 @@ class SerialBridge:
             return
         self.health = body
         self.counts["health"] += 1
-        event(log, "meter_health", port=self.port, meter=self.meter, **{k: v for k, v in body.items() if k != "ev"})
+        event(log, "meter_health", port=self.port, meter=self.meter, health=body)  # nested: its keys are the meter's
 
     def _on_log(self, payload: bytes) -> None:
         text = payload.decode("utf-8", "replace")

@@ -65,8 +65,23 @@ class Wired:
     def meter_log(self) -> Path:
         return self.tmp / f"{METER}.log"
 
+    def _clock_starts_now(self) -> None:
+        """The meter's virtual clock starts a moment from now, not when the area was
+        written: the gateway and bridge start first, and on a loaded machine that takes
+        seconds, which would be intervals the meter never measures."""
+        self.area.clock["real_start"] = time.time() + 1.0
+        path = self.tmp / METER / "config.json"
+        cfg = json.loads(path.read_text())
+        cfg["clock"] = self.area.clock
+        path.write_text(json.dumps(cfg, indent=1))
+
+    def start_meter(self) -> None:
+        self._clock_starts_now()
+        self.area.start_meter(METER)
+
     def start_console_meter(self) -> None:
         """The meter with the cable on its console, its stderr (tracebacks) to its log."""
+        self._clock_starts_now()
         cmd, env = micropython_command(self.firmware / "main.py", self.tmp / METER / "config.json", heap="128k",
                                        path=[self.firmware])
         with open(self.modem.meter_end, "r+b", buffering=0) as tty, open(self.meter_log, "ab") as err:
@@ -119,7 +134,7 @@ def test_wired_meter_keeps_every_reading_until_the_bridge_delivers_it(wired):
     bridge runs, every interval is stored once, acked, chained and decrypts to the truth."""
     w = wired(intervals=12)
     w.start_gateway()
-    w.area.start_meter(METER)
+    w.start_meter()
     wait_until(lambda: len(w.area.truth(METER)) >= 3, 30, "readings to accumulate")
     produced = sorted(w.area.truth(METER))
     assert w.area.spooled(METER)[: len(produced)] == produced
@@ -157,7 +172,7 @@ def test_bridge_killed_mid_stream_loses_and_duplicates_nothing(wired):
     w = wired(intervals=16)
     w.start_gateway()
     w.start_bridge()
-    w.area.start_meter(METER)
+    w.start_meter()
     wait_until(lambda: w.stored() >= 4, 40, "first readings stored")
     w.bridge.send_signal(signal.SIGKILL)
     w.bridge.wait(5)
@@ -177,7 +192,7 @@ def test_unplugged_and_replugged_cable_loses_nothing(wired):
     w = wired(intervals=16)
     w.start_gateway()
     w.start_bridge()
-    w.area.start_meter(METER)
+    w.start_meter()
     wait_until(lambda: w.stored() >= 3, 40, "first readings stored")
     w.modem.unplug()
     time.sleep(2.0)
@@ -197,7 +212,7 @@ def test_bridge_rides_out_a_broker_restart(wired, broker, tmp_path):
     w = wired(intervals=24)
     w.start_gateway()
     w.start_bridge()
-    w.area.start_meter(METER)
+    w.start_meter()
     wait_until(lambda: w.stored() >= 2, 40, "first readings stored")
     broker.stop()
     time.sleep(2.5)
@@ -262,7 +277,7 @@ def test_bad_bytes_between_frames_are_counted_by_reason_and_cost_no_reading(wire
     w = wired(intervals=16)
     w.start_gateway()
     w.start_bridge()
-    w.area.start_meter(METER)
+    w.start_meter()
     wait_until(lambda: w.stored() >= 2, 40, "first readings stored")
     w.modem.inject_up.extend([item for item, _ in UP_NOISE] + [JUNK_READING])
     w.modem.inject_down.extend(item for item, _ in DOWN_NOISE)
@@ -293,7 +308,7 @@ def test_hello_and_frame_rejections_by_reason(tmp_path):
         (T.HELLO, b'{"proto":1,"meter":"no spaces","area":"area1"}', "bad_hello"),
         (T.HELLO, b'{"proto":1,"meter":7,"area":"area1"}', "bad_hello"),
         (T.HELLO, b'{"proto":1,"meter":"m1","area":"area2"}', "wrong_area"),
-        (T.HEALTH, b"nope", "bad_health"), (T.WELCOME, b"{}", "unexpected_type"),
+        (T.HEALTH, b"nope", "bad_health"), (T.HEALTH, b"[]", "bad_health"), (T.WELCOME, b"{}", "unexpected_type"),
         (T.QUERY, b"", "unexpected_type"), (T.NACK, b"{}", "unexpected_type"),
     ]
     for ftype, payload, reason in cases:
@@ -303,3 +318,7 @@ def test_hello_and_frame_rejections_by_reason(tmp_path):
     assert bridge.meter is None
     bridge._on_item(Frame(T.HELLO, b'{"proto":1,"meter":"m1","area":"area1"}'))
     assert bridge.meter == "m1" and bridge.counts["hellos"] == 1
+    # A meter's own words never collide with the bridge's log fields.
+    bridge._on_item(Frame(T.HEALTH, b'{"port": 1, "meter": 2, "level": 3, "name": 4}'))
+    bridge._on_item(Frame(T.LOG, b'{"ev": "boot", "level": "x"}'))
+    assert bridge.counts["health"] == 1 and bridge.health["port"] == 1 and bridge.counts["meter_logs"] == 1
