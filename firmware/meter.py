@@ -9,12 +9,18 @@ import ed25519
 import paillier
 import wire
 from spool import Spool, exists
-from uplink import Uplink
+
+# Where log lines go instead of stdout (a serial uplink on the USB console
+# sends them as frames); None: print.
+_sink = None
 
 
 def log(ev, **kw):
     kw["ev"] = ev
-    print(json.dumps(kw))
+    if _sink is None:
+        print(json.dumps(kw))
+    else:
+        _sink(json.dumps(kw))
 
 
 def _load(path):
@@ -44,6 +50,21 @@ class Clock:
     def real_until(self, vt):
         # real seconds until virtual time vt
         return (vt - self.now()) / self.scale
+
+
+def _make_uplink(cfg, meter, on_ack, status):
+    # "uplink": {"kind": "serial", ...} for a wired meter (docs/serial.md);
+    # MQTT, to cfg["broker"], is the default. Imported lazily: a wired board
+    # need not carry umqtt.
+    up = cfg.get("uplink") or {}
+    kind = up.get("kind", "mqtt")
+    if kind == "serial":
+        from seriallink import SerialUplink
+        return SerialUplink(up, cfg["area"], meter, on_ack, log, status)
+    if kind == "mqtt":
+        from uplink import Uplink
+        return Uplink(cfg["broker"], cfg["area"], meter, on_ack, log)
+    raise ValueError("unknown uplink kind: " + kind)
 
 
 def _make_sensor(cfg):
@@ -87,7 +108,9 @@ class Meter:
         self.next_end = last_t + self.interval
         self.truth_path = self.dir + "/truth.jsonl" if cfg.get("sensor", {}).get("type", "sim") == "sim" else None
         self._sent = {}
-        self.uplink = Uplink(cfg["broker"], cfg["area"], self.meter, self._acked, log)
+        self.uplink = _make_uplink(cfg, self.meter, self._acked, self._health)
+        global _sink
+        _sink = getattr(self.uplink, "log_sink", None)
         self._resend_ms = int(cfg.get("resend_s", 5) * 1000)
 
     def _acked(self, seq):
@@ -97,6 +120,9 @@ class Meter:
                 del self._sent[s]
         if n:
             log("acked", seq=seq, dropped=n, spooled=len(self.spool))
+
+    def _health(self):
+        return {"seq": self.seq, "spooled": len(self.spool)}
 
     def _band(self, t0):
         return self.bands[((t0 + self.tz) % 86400) // 3600]

@@ -29,6 +29,7 @@ EXAMPLES = {
     "registry retire": "gridledger registry retire --meter m01 --reason replaced --signer tech1 "
                        "--key keys/tech1.ed25519.key",
     "registry show": "gridledger registry show --config gateway.toml",
+    "bridge serial": "gridledger bridge serial --config gateway.toml --port /dev/ttyACM0",
     "loadgen run": "gridledger loadgen run --config gateway.toml --keys lg/ --meters 1000 --readings 10",
 }
 
@@ -223,6 +224,16 @@ def _cmd_gateway_run(args) -> int:
     return _run_role("gateway", args.log_level, Gateway(load_gateway_config(Path(args.config))))
 
 
+def _cmd_bridge_serial(args) -> int:
+    from aggregator.gateway import load_gateway_config
+    from aggregator.serialbridge import SerialBridge
+    from .errors import ConfigError
+    if args.baud <= 0 or args.status_s <= 0:
+        raise ConfigError("--baud and --status-s must be positive")
+    return _run_role("bridge", args.log_level, SerialBridge(load_gateway_config(Path(args.config)), args.port,
+                                                            args.baud, args.status_s))
+
+
 def _cmd_validator_run(args) -> int:
     from aggregator.validator import ValidatorRole, load_validator_config
     return _run_role("validator", args.log_level, ValidatorRole(load_validator_config(Path(args.config))))
@@ -365,6 +376,16 @@ def build_parser() -> argparse.ArgumentParser:
     gw = roles.add_parser("gateway", help="the gateway (aggregator) role").add_subparsers(dest="action", required=True)
     sp = action(gw, "gateway", "run", "run the gateway: MQTT ingest, checks, SQLite, acks", _cmd_gateway_run)
     sp.add_argument("--config", required=True, help="gateway TOML file")
+    sp.add_argument("--log-level", default="info")
+
+    br = roles.add_parser("bridge", help="bridges for meters without a network").add_subparsers(
+        dest="action", required=True)
+    sp = action(br, "bridge", "serial", "bridge one wired meter (USB or UART, serial framing v1) to the broker: "
+                "its readings published as an MQTT meter would, the gateway's acks written back", _cmd_bridge_serial)
+    sp.add_argument("--config", required=True, help="the gateway's TOML file (area, [mqtt], max_payload)")
+    sp.add_argument("--port", required=True, help="serial device, e.g. /dev/ttyACM0 or /dev/serial/by-id/...")
+    sp.add_argument("--baud", type=int, default=115200, help="line speed (a USB CDC port ignores it)")
+    sp.add_argument("--status-s", type=float, default=10.0, help="seconds between status log lines")
     sp.add_argument("--log-level", default="info")
 
     va = roles.add_parser("validator", help="an area-chain validator").add_subparsers(dest="action", required=True)

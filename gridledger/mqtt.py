@@ -22,16 +22,16 @@ RECONNECT_MAX_S = 10.0
 
 async def keep_connected(cfg: MqttConfig, identifier: str, topics: Iterable[str], stop: asyncio.Event,
                          serve: Callable[[aiomqtt.Client], Awaitable[None]], log: logging.Logger,
-                         **client_options) -> None:
-    """Subscribe to `topics` (QoS 1, persistent session) and run `serve(client)`;
-    reconnect after an `MqttError` until `stop` is set."""
+                         *, clean_session: bool = False, **client_options) -> None:
+    """Subscribe to `topics` (QoS 1, persistent session unless `clean_session`) and run
+    `serve(client)`; reconnect after an `MqttError` until `stop` is set."""
     topics = list(topics)
     delay = 0.5
     while not stop.is_set():
         try:
             async with aiomqtt.Client(cfg.host, cfg.port, identifier=cfg.client_id or identifier,
                                       username=cfg.username, password=cfg.password, keepalive=cfg.keepalive,
-                                      clean_session=False, socket_options=NO_DELAY, **client_options) as client:
+                                      clean_session=clean_session, socket_options=NO_DELAY, **client_options) as client:
                 for t in topics:
                     await client.subscribe(t, qos=1)
                 event(log, "mqtt_up", host=cfg.host, port=cfg.port)

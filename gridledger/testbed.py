@@ -33,9 +33,10 @@ from .config import MqttConfig
 from .meterkeys import MeterKey, new_meter_key
 from .wire import Reading, kid_of
 
-__all__ = ["TestbedPlan", "run_testbed", "write_meter_config", "meter_process", "gateway_process", "read_truth",
-           "validator_process", "wait_up", "write_chain", "chain_table", "certified_height", "chain_height",
-           "registry_chain_table", "write_registry_chain", "enroll_meters", "registry_process", "RegistrySetup"]
+__all__ = ["TestbedPlan", "run_testbed", "write_meter_config", "meter_process", "gateway_process", "bridge_process",
+           "read_truth", "validator_process", "wait_up", "write_chain", "chain_table", "certified_height",
+           "chain_height", "registry_chain_table", "write_registry_chain", "enroll_meters", "registry_process",
+           "RegistrySetup"]
 
 BOOT_GRACE_S = 3.0  # real seconds between launch and the first virtual interval
 DAY = 86400
@@ -58,7 +59,9 @@ class TestbedPlan:
 
 def write_meter_config(path: Path, *, meter: str, area: str, state_dir: Path, key_file: Path, n: int,
                        host: str, port: int, interval_s: int, clock: dict, seed: int,
-                       solar_wp: int = 0, bands: list[int] | None = None, resend_s: float = 5.0) -> None:
+                       solar_wp: int = 0, bands: list[int] | None = None, resend_s: float = 5.0,
+                       uplink: dict | None = None) -> None:
+    """A meter's config.json; `uplink` ({"kind": "serial", ...}, docs/serial.md) replaces MQTT."""
     cfg = {
         "meter": meter, "area": area, "state_dir": str(state_dir), "key_file": str(key_file),
         "interval_s": interval_s, "bands": bands or DEFAULT_BANDS, "tz_offset_s": 0,
@@ -67,6 +70,8 @@ def write_meter_config(path: Path, *, meter: str, area: str, state_dir: Path, ke
         "sensor": {"type": "sim", "seed": seed, "solar_wp": solar_wp},
         "clock": clock, "resend_s": resend_s,
     }
+    if uplink is not None:
+        cfg["uplink"] = uplink
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(cfg, indent=1))
 
@@ -86,6 +91,13 @@ def meter_process(config: Path, log: Path, *, heap: str = "128k", firmware: Path
 def gateway_process(config: Path, log: Path) -> subprocess.Popen:
     """The gateway role as a real process."""
     return _spawn([sys.executable, "-m", "gridledger", "gateway", "run", "--config", str(config)], log)
+
+
+def bridge_process(config: Path, port: Path | str, log: Path, *, baud: int = 115200,
+                   status_s: float = 10.0) -> subprocess.Popen:
+    """The serial bridge for one wired meter as a real process."""
+    return _spawn([sys.executable, "-m", "gridledger", "bridge", "serial", "--config", str(config),
+                   "--port", str(port), "--baud", str(baud), "--status-s", str(status_s)], log)
 
 
 def validator_process(config: Path, log: Path) -> subprocess.Popen:

@@ -26,7 +26,8 @@ SECONDS_PER_INTERVAL = 0.5
 class Area:
     """Meters and a gateway as real processes in one temporary folder."""
 
-    def __init__(self, tmp: Path, broker, firmware: Path, meters: list[str], intervals: int):
+    def __init__(self, tmp: Path, broker, firmware: Path, meters: list[str], intervals: int,
+                 uplinks: dict[str, dict] | None = None):
         self.tmp, self.broker, self.firmware, self.intervals = tmp, broker, firmware, intervals
         self.cfg, keys = make_area(tmp, meters, host=broker.host, port=broker.port)
         self.meters = meters
@@ -39,7 +40,7 @@ class Area:
             keys[m].write_seed(d / "ed25519.key")
             write_meter_config(d / "config.json", meter=m, area="area1", state_dir=d, key_file=d / "ed25519.key",
                                n=N, host=broker.host, port=broker.port, interval_s=INTERVAL_S, clock=self.clock,
-                               seed=7 + i, solar_wp=2500 * (i % 2), resend_s=2.0)
+                               seed=7 + i, solar_wp=2500 * (i % 2), resend_s=2.0, uplink=(uplinks or {}).get(m))
         self.procs: dict[str, subprocess.Popen] = {}
         self.gateway: subprocess.Popen | None = None
 
