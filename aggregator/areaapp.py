@@ -34,15 +34,15 @@ from typing import MutableMapping, Sequence
 
 import gmpy2
 import rlp
-from trie import HexaryTrie
 
 from certlog.app import InvalidBlock, Outcome
 from certlog.block import canonical
+from certlog.mpt import BLANK_ROOT, Trie, rlp_decode, rlp_encode
 from gridledger.errors import Rejected
 from gridledger.paillier import PublicKey
-from gridledger.wire import ZERO_HASH, Reading, parse_reading
+from gridledger.wire import ZERO_HASH, Reading, parse_reading, well_formed
 
-from coordinator.registryapp import RegistryHistory
+from coordinator.registryapp import RegistryHistory, RegistryView
 
 from .registry import Registry
 
@@ -50,7 +50,7 @@ __all__ = ["AreaApp", "AccountState", "account_key", "equivocation_alert", "regi
            "registry_tx", "MAX_FUTURE_S"]
 
 MAX_FUTURE_S = 300  # a reading may end at most this long after its block's time
-GENESIS_ROOT = HexaryTrie.BLANK_NODE_HASH.hex()
+GENESIS_ROOT = BLANK_ROOT.hex()
 REGISTRY_KEY = hashlib.sha256(b"\0registry").digest()  # no account id contains NUL
 NO_REGISTRY = (0, "0" * 64)
 
@@ -74,14 +74,29 @@ class AccountState:
     total: int  # product of the account's ciphertexts mod n^2; 1 (= E(0), r = 1) at first
 
     def encode(self) -> bytes:
-        return rlp.encode([self.meter.encode(), self.seq, bytes.fromhex(self.hash), self.count,
-                           self.last_t, self.total])
+        """`rlp.encode` of the list above (ints big-endian, minimal), without its
+        per-item type inference: every block encodes each account it touches."""
+        return rlp_encode([self.meter.encode(), _uint(self.seq), bytes.fromhex(self.hash), _uint(self.count),
+                           _uint(self.last_t), _uint(self.total)])
 
     @classmethod
     def decode(cls, data: bytes) -> "AccountState":
-        meter, seq, h, count, last_t, total = rlp.decode(data)
+        try:
+            items = rlp_decode(data)
+            canonical_rlp = rlp_encode(items) == data
+        except ValueError:
+            canonical_rlp = False
+        if not canonical_rlp:  # for anything unusual, the reference decoder and its errors
+            items = rlp.decode(data)
+        meter, seq, h, count, last_t, total = items
         n = lambda b: int.from_bytes(b, "big")  # noqa: E731
         return cls(meter.decode(), n(seq), h.hex(), n(count), n(last_t), n(total))
+
+
+def _uint(x: int) -> bytes:
+    if x < 0:
+        raise rlp.SerializationError("Cannot serialize negative integers", x)
+    return x.to_bytes((x.bit_length() + 7) // 8, "big")
 
 
 def registry_tx(height: int, header_hash: str) -> bytes:
@@ -110,52 +125,77 @@ class AreaApp:
         self._nsq = gmpy2.mpz(paillier.nsquare)
 
     def execute(self, nodes: MutableMapping[bytes, bytes], parent_root: str, time_ms: int,
-                txs: Sequence[bytes], *, trusted: bool = False) -> Outcome:
-        trie = HexaryTrie(nodes, root_hash=bytes.fromhex(parent_root))
+                txs: Sequence[bytes], *, trusted: bool = False,
+                decoded: Sequence[object] | None = None) -> Outcome:
+        """Apply `txs`. With `trusted`, `decoded[i]` may be the `Reading` the proposer
+        encoded as `txs[i]`: used when it is well formed and encodes to exactly
+        those bytes, which is what parsing them would give."""
+        if decoded is not None and (not trusted or len(decoded) != len(txs)):
+            raise ValueError("decoded readings come with trusted=True, one entry per tx")
+        trie = Trie(nodes, bytes.fromhex(parent_root))
         accounts: dict[str, AccountState] = {}
-        block_total = gmpy2.mpz(1)
+        # Per account, the product of its ciphertexts in this block: one modmul per
+        # reading, then one per account for its total and one for the block's.
+        products: dict[str, gmpy2.mpz] = {}
+        units = _Units(self._n)
         readings = alerts = 0
+        nsq = self._nsq
         ref = start = self.registry_ref(trie)
         reg = self.registry.view(self.area, ref[0]) if self.chained else self.registry
         for i, tx in enumerate(txs):
-            if tx.startswith(b'{"alert"'):
-                self._alert(i, tx, reg)
-                alerts += 1
-                continue
-            if tx.startswith(b'{"registry"'):
-                ref = self._advance(i, tx, ref)
-                reg = self.registry.view(self.area, ref[0])
-                continue
-            r = self._reading(i, tx, trusted, reg)
-            account = reg.get(r.meter).account
-            st = accounts.get(account)
-            if st is None:
-                leaf = trie.get(account_key(account))
-                st = accounts[account] = (AccountState.decode(leaf) if leaf else
-                                          AccountState(r.meter, 0, ZERO_HASH, 0, 0, 1))
-            self._chain(i, r, st, time_ms)
-            c = gmpy2.mpz(r.ciphertext)
-            st.total = int(gmpy2.f_mod(st.total * c, self._nsq))
-            block_total = gmpy2.f_mod(block_total * c, self._nsq)
+            try:
+                if tx.startswith(b'{"alert"'):
+                    self._alert(i, tx, reg)
+                    alerts += 1
+                    continue
+                if tx.startswith(b'{"registry"'):
+                    ref = self._advance(i, tx, ref)
+                    reg = self.registry.view(self.area, ref[0])
+                    continue
+                r = decoded[i] if decoded is not None else None
+                if not (isinstance(r, Reading) and well_formed(r) and r.to_json() == tx):
+                    r = self._parse(i, tx)
+                c = self._ciphertext(i, r, reg)
+                units.add(i, c)
+                if not trusted and not reg.verify(r.meter, r.signed_bytes, bytes.fromhex(r.sig)):
+                    raise InvalidBlock("tx_bad_signature", f"{r.meter} seq {r.seq}", index=i)
+                account = reg.get(r.meter).account
+                st = accounts.get(account)
+                if st is None:
+                    leaf = trie.get(account_key(account))
+                    st = accounts[account] = (AccountState.decode(leaf) if leaf else
+                                              AccountState(r.meter, 0, ZERO_HASH, 0, 0, 1))
+                self._chain(i, r, st, time_ms)
+            except Exception:
+                units.raise_first(upto=i)  # a range fault at or before i came first
+                raise
+            p = products.get(account)
+            products[account] = c if p is None else p * c % nsq
             readings += 1
+        block_total = gmpy2.mpz(1)
+        for account in sorted(accounts):
+            st, p = accounts[account], products[account]
+            st.total = int(st.total * p % nsq)
+            block_total = block_total * p % nsq
+        units.check(block_total)
         for account in sorted(accounts):
             trie.set(account_key(account), accounts[account].encode())
         if ref != start:
-            trie.set(REGISTRY_KEY, rlp.encode([ref[0], bytes.fromhex(ref[1])]))
+            trie.set(REGISTRY_KEY, rlp_encode([_uint(ref[0]), bytes.fromhex(ref[1])]))
         fields = {"registry": ref[1], "registry_height": ref[0]} if self.chained else {
             "registry": self.registry_digest}
-        return Outcome(trie.root_hash.hex(), {
+        return Outcome(trie.commit().hex(), {
             "area": self.area, "kid": self._kid, **fields,
             "readings": readings, "alerts": alerts, "total": format(int(block_total), "x")})
 
-    def registry_ref(self, trie: HexaryTrie) -> tuple[int, str]:
+    def registry_ref(self, trie: Trie) -> tuple[int, str]:
         """The registry height and header hash the state at `trie` judges membership by."""
         if not self.chained:
             return NO_REGISTRY
         raw = trie.get(REGISTRY_KEY)
         if not raw:
             return NO_REGISTRY
-        height, h = rlp.decode(raw)
+        height, h = rlp_decode(raw)
         return int.from_bytes(height, "big"), h.hex()
 
     def _advance(self, i: int, tx: bytes, ref: tuple[int, str]) -> tuple[int, str]:
@@ -177,23 +217,27 @@ class AreaApp:
             raise InvalidBlock("tx_registry_mismatch", f"not the certified registry header at {height}", index=i)
         return height, h
 
-    def _reading(self, i: int, tx: bytes, trusted: bool, reg) -> Reading:
+    @staticmethod
+    def _parse(i: int, tx: bytes) -> Reading:
         try:
             r = parse_reading(tx)
         except Rejected as exc:
             raise InvalidBlock("tx_" + exc.reason, exc.detail, index=i) from None
         if r.to_json() != tx:
             raise InvalidBlock("tx_not_canonical", "a reading tx is its canonical JSON", index=i)
+        return r
+
+    def _ciphertext(self, i: int, r: Reading, reg: Registry | RegistryView) -> gmpy2.mpz:
+        """Registry, key id and the bounds half of the range check (the gcd half is
+        `_Units`'); these depend on this node's configuration, not only the bytes."""
         if r.meter not in reg:
             raise InvalidBlock("tx_unknown_meter", r.meter, index=i)
         if r.kid != self._kid:
             raise InvalidBlock("tx_unknown_key_id", r.kid, index=i)
-        c = r.ciphertext
-        if not (0 < c < self._nsq and gmpy2.gcd(c, self._n) == 1):
+        c = gmpy2.mpz(r.c, 16)
+        if not 0 < c < self._nsq:
             raise InvalidBlock("tx_ciphertext_range", "c is not a unit below n^2", index=i)
-        if not trusted and not reg.verify(r.meter, r.signed_bytes, bytes.fromhex(r.sig)):
-            raise InvalidBlock("tx_bad_signature", f"{r.meter} seq {r.seq}", index=i)
-        return r
+        return c
 
     @staticmethod
     def _chain(i: int, r: Reading, st: AccountState, time_ms: int) -> None:
@@ -210,7 +254,7 @@ class AreaApp:
         st.meter, st.seq, st.hash, st.last_t = r.meter, r.seq, r.hash, r.t
         st.count += 1
 
-    def _alert(self, i: int, tx: bytes, reg) -> None:
+    def _alert(self, i: int, tx: bytes, reg: Registry | RegistryView) -> None:
         try:
             obj = json.loads(tx)
             a, b = (parse_reading(s.encode()) for s in obj["readings"])
@@ -226,3 +270,35 @@ class AreaApp:
         for r in (a, b):
             if not reg.verify(r.meter, r.signed_bytes, bytes.fromhex(r.sig)):
                 raise InvalidBlock("tx_bad_alert", "an alert reading's signature does not verify", index=i)
+
+
+class _Units:
+    """The gcd half of the ciphertext range check, gcd(c, n) = 1: one gcd per block.
+
+    A prime factor of n divides a product mod n^2 exactly when it divides one of
+    the factors, so the block total is a unit exactly when every ciphertext is.
+    Only when it is not, or when the block fails for another reason, are the
+    ciphertexts checked one by one, so the fault reported is the one checking each
+    reading's range in turn, before its signature and chain, would have found first.
+    """
+
+    def __init__(self, n: gmpy2.mpz):
+        self.n = n
+        self.seen: list[tuple[int, gmpy2.mpz]] = []  # (tx index, c) past the bounds check
+
+    def add(self, index: int, c: gmpy2.mpz) -> None:
+        self.seen.append((index, c))
+
+    def raise_first(self, *, upto: int) -> None:
+        """Raise the range fault of the first tx up to index `upto`, if any."""
+        for index, c in self.seen:
+            if index > upto:
+                break
+            if gmpy2.gcd(c, self.n) != 1:
+                raise InvalidBlock("tx_ciphertext_range", "c is not a unit below n^2", index=index) from None
+
+    def check(self, product: gmpy2.mpz) -> None:
+        """Raise the first range fault unless the block's product is a unit (when
+        it is not, some factor is not: a prime dividing n^2 divides one of them)."""
+        if gmpy2.gcd(product, self.n) != 1:
+            self.raise_first(upto=self.seen[-1][0])

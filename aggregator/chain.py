@@ -136,12 +136,13 @@ class AreaChain:
                 return None
             txs = [equivocation_alert(a, b) for _, a, b in alerts] + [r.to_json() for r in readings]
             lead = self._registry_move()
+            decoded = [None] * (len(lead) + len(alerts)) + readings  # the app need not parse what was just encoded
 
             def mark(header: Header) -> None:
                 store.mark_blocked(self.conn, header.height, rowids, [e for e, _, _ in alerts])
 
             try:
-                return self.proposer.prepare(lead + txs, mark), lead + txs
+                return self.proposer.prepare(lead + txs, mark, decoded=decoded), lead + txs
             except InvalidBlock as exc:
                 if exc.index is None or exc.index < len(lead):
                     raise

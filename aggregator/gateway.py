@@ -106,6 +106,9 @@ class Gateway:
         self.ingest = Ingest(self.registry, paillier, self.store.heads(),
                              self.store.stored_hash, max_payload=s.max_payload)
         self.queue: asyncio.Queue[aiomqtt.Message] = asyncio.Queue(QUEUE_MAX)
+        # Set by the reader once the queue holds what the batch being gathered still needs.
+        self._enough = asyncio.Event()
+        self._wanted = QUEUE_MAX + 1
         self.batches = 0
         self._prefix = f"gl/v1/{self.area}/meters/"
         self.chain: AreaChain | None = None
@@ -195,6 +198,8 @@ class Gateway:
                 chain.on_message(client, msg)
             else:
                 await self.queue.put(msg)
+                if self.queue.qsize() >= self._wanted:
+                    self._enough.set()
 
     async def _status(self) -> None:
         while True:
@@ -205,24 +210,33 @@ class Gateway:
 
     async def _work(self, client: aiomqtt.Client) -> None:
         while True:
-            batch = [await self.queue.get()]
-            deadline = time.monotonic() + BATCH_WAIT_S
-            while len(batch) < BATCH_MAX:
-                try:
-                    batch.append(self.queue.get_nowait())
-                except asyncio.QueueEmpty:
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        break
-                    try:
-                        batch.append(await asyncio.wait_for(self.queue.get(), left))
-                    except TimeoutError:
-                        break
+            batch = await self._next_batch()
             try:
                 await self._process(client, batch)
             finally:
                 for _ in batch:
                     self.queue.task_done()
+
+    async def _next_batch(self) -> list[aiomqtt.Message]:
+        """Up to BATCH_MAX messages: those queued once it is full, or BATCH_WAIT_S after
+        its first. It waits for the reader to signal enough, not for each message:
+        a timed wait costs a task and a timer, as much as a tenth of a reading's checks."""
+        batch = [await self.queue.get()]
+        deadline = time.monotonic() + BATCH_WAIT_S
+        while True:
+            while len(batch) < BATCH_MAX and not self.queue.empty():
+                batch.append(self.queue.get_nowait())
+            left = deadline - time.monotonic()
+            if len(batch) >= BATCH_MAX or left <= 0:
+                return batch
+            self._wanted = BATCH_MAX - len(batch)
+            self._enough.clear()
+            try:
+                await asyncio.wait_for(self._enough.wait(), left)
+            except TimeoutError:
+                pass
+            finally:
+                self._wanted = QUEUE_MAX + 1
 
     async def _process(self, client: aiomqtt.Client, batch: list[aiomqtt.Message]) -> None:
         accepted, evidence, touched = [], [], set()

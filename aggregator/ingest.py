@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Literal, Mapping
 
 from gridledger.errors import Rejected
-from gridledger.paillier import PublicKey, in_ciphertext_space
+from gridledger.paillier import PublicKey
 from gridledger.wire import ZERO_HASH, MAX_PAYLOAD, Reading, parse_reading
 
 from .registry import Registry
@@ -145,7 +145,7 @@ class Ingest:
             raise Rejected("unknown_meter", r.meter, seq=r.seq)
         if r.kid != self.paillier.kid:
             raise Rejected("unknown_key_id", f"kid {r.kid}, area key {self.paillier.kid}", seq=r.seq)
-        if not in_ciphertext_space(self.paillier.n, r.ciphertext):
+        if not self.paillier.in_ciphertext_space(r.ciphertext):
             raise Rejected("ciphertext_range", "c is not a unit below n^2", seq=r.seq)
         if not self._signed(r):
             raise Rejected("bad_signature", f"seq {r.seq}", seq=r.seq)

@@ -5,7 +5,10 @@ root, the block's time and its transactions; the app validates and applies
 them and returns the new state root and its header fields. Proposer, validators,
 `chain verify` and light clients all run the same code, so any difference is a
 fault, not a matter of opinion. `trusted=True` lets a proposer skip checks it
-already made at ingest (meter signatures); validators never pass it.
+already made at ingest (meter signatures); validators never pass it. A proposer
+that encoded the transactions itself may also hand over what it encoded
+(`decoded`), so the app need not decode its own bytes again; the app must get
+exactly what decoding the bytes would give.
 """
 
 from __future__ import annotations
@@ -37,6 +40,6 @@ class App(Protocol):
     genesis_root: str  # state root before height 1
 
     def execute(self, nodes: MutableMapping[bytes, bytes], parent_root: str, time_ms: int,
-                txs: Sequence[bytes], *, trusted: bool = False) -> Outcome:
+                txs: Sequence[bytes], *, trusted: bool = False, decoded: Sequence[Any] | None = None) -> Outcome:
         """Validate and apply `txs` on the state at `parent_root`; raise `InvalidBlock`."""
         ...

@@ -15,7 +15,7 @@ import logging
 import re
 import time
 from collections import Counter
-from typing import Awaitable, Callable, Sequence
+from typing import Any, Awaitable, Callable, Sequence
 
 from gridledger.logs import event
 
@@ -54,9 +54,11 @@ class Proposer:
         """A proposal stored before a restart, to be certified before anything else."""
         return self.replica.store.proposal()
 
-    def prepare(self, txs: Sequence[bytes], mark: Callable[[Header], None] | None = None) -> Header:
-        """Build the next block and store it durably, with `mark(header)` in the same transaction."""
-        header = self.replica.build(txs)
+    def prepare(self, txs: Sequence[bytes], mark: Callable[[Header], None] | None = None, *,
+                decoded: Sequence[Any] | None = None) -> Header:
+        """Build the next block and store it durably, with `mark(header)` in the same transaction
+        (`decoded`: see `Replica.build`)."""
+        header = self.replica.build(txs, decoded=decoded)
         with self.replica.store.transaction():
             self.replica.store.put_block(header, list(txs), None)
             if mark is not None:

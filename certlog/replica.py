@@ -9,7 +9,7 @@ commits certified blocks. The network roles around it only move bytes.
 from __future__ import annotations
 
 import time as _time
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from . import merkle
 from .app import App, Outcome
@@ -40,14 +40,17 @@ class Replica:
     def state_root(self) -> str:
         return self.head.state_root if self.head else self.app.genesis_root
 
-    def _run(self, time_ms: int, txs: Sequence[bytes], trusted: bool) -> Outcome:
-        return self.app.execute(self.store.nodes, self.state_root, time_ms, txs, trusted=trusted)
+    def _run(self, time_ms: int, txs: Sequence[bytes], trusted: bool,
+             decoded: Sequence[Any] | None = None) -> Outcome:
+        return self.app.execute(self.store.nodes, self.state_root, time_ms, txs, trusted=trusted, decoded=decoded)
 
-    def build(self, txs: Sequence[bytes], time_ms: int | None = None) -> Header:
-        """The next header over `txs` (a proposer's job; its txs were checked at ingest)."""
+    def build(self, txs: Sequence[bytes], time_ms: int | None = None, *,
+              decoded: Sequence[Any] | None = None) -> Header:
+        """The next header over `txs` (a proposer's job; its txs were checked at ingest).
+        `decoded`: the app's own objects the proposer encoded as `txs`, one per tx."""
         now = int(_time.time() * 1000) if time_ms is None else time_ms
         t = max(now, self.head.time + 1) if self.head else now
-        out = self._run(t, txs, trusted=True)
+        out = self._run(t, txs, trusted=True, decoded=decoded)
         header = Header(chain=self.chain, height=self.height + 1, prev=self.head.hash if self.head else ZERO_HASH,
                         time=t, tx_root=merkle.root(txs), state_root=out.state_root, txs=len(txs), app=out.app)
         self._checked.add(header.hash)

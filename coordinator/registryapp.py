@@ -224,7 +224,8 @@ class RegistryApp:
         self._registrars = {i: _ed25519(p) for i, p in genesis.registrars.items()}
 
     def execute(self, nodes: MutableMapping[bytes, bytes], parent_root: str, time_ms: int,
-                txs: Sequence[bytes], *, trusted: bool = False) -> Outcome:
+                txs: Sequence[bytes], *, trusted: bool = False, decoded: Sequence[object] | None = None) -> Outcome:
+        # `decoded` is ignored: records are few and always parsed from their bytes.
         st = _State(HexaryTrie(nodes, root_hash=bytes.fromhex(parent_root)))
         counts = {"enroll": 0, "node": 0, "retire": 0}
         for i, tx in enumerate(txs):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
@@ -26,18 +26,24 @@ __all__ = ["PublicKey", "generate", "load_public", "load_private", "save_keypair
 @dataclass(frozen=True, slots=True)
 class PublicKey:
     n: int
+    # Derived once: the gateway and validators need them for every reading, and
+    # the kid alone (a decimal conversion and a SHA-256) costs more than a modmul.
+    nsquare: int = field(init=False, repr=False, compare=False)
+    kid: str = field(init=False, repr=False, compare=False)
+    _n: gmpy2.mpz = field(init=False, repr=False, compare=False)
+    _nsq: gmpy2.mpz = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.n < 3 or self.n % 2 == 0:
             raise ConfigError("Paillier modulus must be odd and > 2")
+        object.__setattr__(self, "nsquare", self.n * self.n)
+        object.__setattr__(self, "kid", kid_of(self.n))
+        object.__setattr__(self, "_n", gmpy2.mpz(self.n))
+        object.__setattr__(self, "_nsq", gmpy2.mpz(self.nsquare))
 
-    @property
-    def nsquare(self) -> int:
-        return self.n * self.n
-
-    @property
-    def kid(self) -> str:
-        return kid_of(self.n)
+    def in_ciphertext_space(self, c: int) -> bool:
+        """c is a unit of Z_{n^2}: `in_ciphertext_space(n, c)` with n^2 computed once."""
+        return 0 < c < self._nsq and gmpy2.gcd(c, self._n) == 1
 
     @property
     def bits(self) -> int:

@@ -1,11 +1,16 @@
 """Wire format v1 in CPython: slot packing edges and payload parsing (pure logic)."""
 
+from __future__ import annotations
+
 import json
 
 import pytest
+from hypothesis import HealthCheck, assume, given, settings, strategies as st
 
+from gridledger import wire
 from gridledger.errors import Rejected
-from gridledger.wire import SLOT_BITS, SLOTS, pack_slots, parse_reading, slot_index, unpack_slots
+from gridledger.wire import (SLOT_BITS, SLOTS, Reading, pack_slots, parse_reading, slot_index, unpack_slots,
+                             well_formed)
 
 from helpers import SimMeter
 from gridledger.meterkeys import MeterKey
@@ -84,3 +89,64 @@ def test_parse_takes_only_plain_utf8_json(payload):
     with pytest.raises(Rejected) as exc:
         parse_reading(payload)
     assert exc.value.reason == "malformed_json"
+
+
+# --- the fast paths agree with the field-by-field checks and with json.dumps ----------------
+
+_VALUES = st.one_of(
+    st.none(), st.booleans(), st.integers(-2, 3), st.integers(), st.floats(allow_nan=False),
+    st.text(max_size=4), st.text(alphabet="0123456789abcdefABCDEF_-\n\"\\\x00\x7fé", max_size=140),
+    st.sampled_from(["a" * 64, "A" * 64, "a" * 63, "0" * 16, "g" * 16, "1" * 4096, "1" * 4097, "0f", "\ud800"]))
+_FIELDS = ("v", "meter", "seq", "t", "dt", "prev", "kid", "c", "sig")
+_GOOD = good_body()  # one encryption, not one per example
+_PROPS = settings(max_examples=600, deadline=None, derandomize=True, database=None,
+                  suppress_health_check=[HealthCheck.too_slow])
+
+
+def _reading_or_none(fields: dict) -> Reading | None:
+    """A Reading of any field values its signed bytes can be made of (ASCII text)."""
+    try:
+        return Reading(**{k: fields[k] for k in _FIELDS})
+    except (TypeError, UnicodeEncodeError):
+        return None
+
+
+@_PROPS
+@given(st.dictionaries(st.sampled_from(_FIELDS), _VALUES, max_size=3), st.sets(st.sampled_from(_FIELDS), max_size=2))
+def test_one_pass_check_accepts_exactly_what_the_field_checks_accept(changes, dropped):
+    """parse_reading's one-pass check (`_valid_reading`) and its field-by-field checks
+    (`_checked_reading`, which names the reason) take the same objects to the same reading."""
+    obj = {k: v for k, v in (_GOOD | changes).items() if k not in dropped}
+    fast = wire._valid_reading(obj)
+    try:
+        slow = wire._checked_reading(obj)
+    except Rejected:
+        slow = None
+    assert fast == slow
+
+
+@_PROPS
+@given(st.dictionaries(st.sampled_from(_FIELDS), _VALUES, max_size=4))
+def test_to_json_is_json_dumps_for_any_field_values(changes):
+    r = _reading_or_none(_GOOD | changes)
+    assume(r is not None)
+    fields = {k: getattr(r, k) for k in _FIELDS}
+    try:
+        expected = json.dumps(fields, separators=(",", ":")).encode()
+    except ValueError as exc:  # an int beyond the str conversion limit: the same error either way
+        with pytest.raises(type(exc)):
+            r.to_json()
+        return
+    assert r.to_json() == expected
+
+
+@_PROPS
+@given(st.dictionaries(st.sampled_from(_FIELDS), _VALUES, max_size=2))
+def test_well_formed_is_exactly_a_reading_that_round_trips(changes):
+    r = _reading_or_none(_GOOD | changes)
+    assume(r is not None)
+    try:
+        back = parse_reading(r.to_json(), max_size=1 << 20) == r
+    except (Rejected, ValueError):
+        back = False
+    assert well_formed(r) == back
