@@ -96,29 +96,10 @@ class AreaChain:
         async def publish(topic: str, payload: bytes) -> None:
             await client.publish(topic, payload, qos=1)
 
-        p = self.proposer = Proposer(self.replica, publish, self._sk, resend_s=self.settings.resend_s,
-                                     commit_lock=self._db)
-        async with self._db:
-            pending = await asyncio.to_thread(p.pending)
-        if pending is not None:
-            event(log, "resume_proposal", height=pending[0].height, txs=len(pending[1]))
-            await p.certify(*pending)
-        while True:
-            async with self._db:
-                block = await asyncio.to_thread(self._prepare)
-            if block is None:
-                self.more.clear()
-                try:
-                    await asyncio.wait_for(self.more.wait(), 1.0)
-                except TimeoutError:
-                    pass
-                continue
-            header, txs = block
-            await p.certify(header, txs)
-            event(log, "certified", logging.DEBUG, height=header.height, txs=header.txs,
-                  latency_ms=round(p.last_latency_s * 1000, 1))
-            if header.txs < self.settings.block_max:
-                await asyncio.sleep(self.settings.block_wait_s)
+        self.proposer = Proposer(self.replica, publish, self._sk, resend_s=self.settings.resend_s,
+                                 commit_lock=self._db)
+        await self.proposer.run(self._prepare, self.more, block_max=self.settings.block_max,
+                                block_wait_s=self.settings.block_wait_s)
 
     def _prepare(self) -> tuple[Header, list[bytes]] | None:
         """Next block from what is durable but not yet in a block (runs in a worker thread).

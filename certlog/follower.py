@@ -47,18 +47,16 @@ class Follower:
         event(log, "start", chain=self.replica.chain, follower=self.name, height=self.replica.height)
 
         async def serve(client: aiomqtt.Client) -> None:
-            poller = asyncio.create_task(self._poll(client))
-            try:
-                await self._request(client, force=True)
-                async for msg in client.messages:
-                    payload = msg.payload if isinstance(msg.payload, (bytes, bytearray)) else b""
-                    await self.handle(client, msg.topic.value, bytes(payload))
-            finally:
-                poller.cancel()
+            await self._request(client, force=True)
+            await until_stopped(stop, self._consume(client), self._poll(client))
 
         await keep_connected(self.mqtt, f"follower-{self.replica.chain}-{self.name}",
-                             (self.topics.certs, self.topics.blocks(self.name)), stop,
-                             lambda client: until_stopped(stop, serve(client)), log)
+                             (self.topics.certs, self.topics.blocks(self.name)), stop, serve, log)
+
+    async def _consume(self, client: aiomqtt.Client) -> None:
+        async for msg in client.messages:
+            payload = msg.payload if isinstance(msg.payload, (bytes, bytearray)) else b""
+            await self.handle(client, msg.topic.value, bytes(payload))
 
     async def handle(self, client: aiomqtt.Client, topic: str, payload: bytes) -> None:
         try:

@@ -65,6 +65,40 @@ class Proposer:
                 mark(header)
         return header
 
+    async def run(self, prepare: Callable[[], tuple[Header, list[bytes]] | None], more: asyncio.Event, *,
+                  block_max: int, block_wait_s: float,
+                  certified: Callable[[Header], Awaitable[None]] | None = None) -> None:
+        """The single writer's loop: certify the proposal a restart left stored, then
+        for ever build the next block with `prepare` (in a worker thread, under the
+        commit lock; None: nothing to propose, so wait for `more` or a second),
+        certify it and call `certified(header)`. After a block short of `block_max`,
+        wait `block_wait_s` so the next one is fuller."""
+        async with self._lock:
+            pending = await asyncio.to_thread(self.pending)
+        if pending is not None:
+            event(log, "resume_proposal", height=pending[0].height, txs=len(pending[1]))
+            await self.certify(*pending)
+            if certified is not None:
+                await certified(pending[0])
+        while True:
+            async with self._lock:
+                block = await asyncio.to_thread(prepare)
+            if block is None:
+                more.clear()
+                try:
+                    await asyncio.wait_for(more.wait(), 1.0)
+                except TimeoutError:
+                    pass
+                continue
+            header, txs = block
+            await self.certify(header, txs)
+            event(log, "certified", logging.DEBUG, chain=header.chain, height=header.height, txs=header.txs,
+                  latency_ms=round(self.last_latency_s * 1000, 1))
+            if certified is not None:
+                await certified(header)
+            if header.txs < block_max:
+                await asyncio.sleep(block_wait_s)
+
     async def certify(self, header: Header, txs: list[bytes]) -> Certificate:
         """Send the proposal (again every `resend_s`) until 2f+1 valid votes certify it."""
         self._want, self._votes = header, {}

@@ -28,6 +28,7 @@ import dataclasses
 import json
 import logging
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,7 +47,7 @@ from gridledger.config import MqttConfig, read_toml, section
 from gridledger.errors import ConfigError
 from gridledger.logs import event
 from gridledger.metrics import MetricsConfig, Snapshot, serve as serve_metrics
-from gridledger.mqtt import keep_connected
+from gridledger.mqtt import keep_connected, until_stopped
 from gridledger.wire import METER_ID_RE
 
 from .registryapp import RegistryApp, RegistryHistory, load_genesis, record_id
@@ -91,9 +92,9 @@ def registry_node(s: RegistryChainSettings, mqtt: MqttConfig, name: str, secret_
     replica, history = registry_replica(s)
     if mqtt.client_id:  # its own MQTT session beside the role's main one
         mqtt = dataclasses.replace(mqtt, client_id=f"{mqtt.client_id}-{s.chain}")
-    names = [m.name for m in replica.validators.members]
-    if secret_key is not None and name in names:
-        node = ValidatorNode(Voter(replica, names.index(name), read_secret_key(secret_key)), mqtt, name=name)
+    if secret_key is not None and any(m.name == name for m in replica.validators.members):
+        node = ValidatorNode(Voter(replica, replica.validators.index(name), read_secret_key(secret_key)), mqtt,
+                             name=name)
     else:
         node = Follower(replica, mqtt, name=name)
     return node, history
@@ -145,7 +146,7 @@ class RegistryRole:
         self.base = f"gl/v1/chains/{s.chain}/"
         self.proposer: Proposer | None = None
         self.more = asyncio.Event()
-        self.counts: dict[str, int] = {}
+        self.counts: Counter[str] = Counter()
         self._db = asyncio.Lock()
 
     def metrics(self) -> list[Snapshot]:
@@ -163,17 +164,7 @@ class RegistryRole:
         topics = [self.base + "submit", self.base + "votes", self.base + "sync"]
 
         async def serve(client: aiomqtt.Client) -> None:
-            tasks = [asyncio.create_task(self._read(client)), asyncio.create_task(self._propose(client))]
-            stopper = asyncio.create_task(stop.wait())
-            try:
-                done, _ = await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
-                for t in done:
-                    if t is not stopper and t.exception() is not None:
-                        raise t.exception()
-            finally:
-                for t in [*tasks, stopper]:
-                    t.cancel()
-                await asyncio.gather(*tasks, stopper, return_exceptions=True)
+            await until_stopped(stop, self._read(client), self._propose(client))
 
         try:
             await keep_connected(self.cfg.mqtt, f"registry-{self.replica.chain}", topics, stop, serve, log)
@@ -207,7 +198,7 @@ class RegistryRole:
                 result = self._result(rid, "refused", "tx_too_large", None)
             else:
                 result = await asyncio.to_thread(self._admit, rid, tx)
-        self._count(result["status"] if result["status"] != "refused" else "refused_" + result["reason"])
+        self.counts[result["status"] if result["status"] != "refused" else "refused_" + result["reason"]] += 1
         event(log, "submission", id=rid[:16], **{k: v for k, v in result.items() if k != "id"})
         await self._publish_result(client, result)
 
@@ -242,36 +233,21 @@ class RegistryRole:
     async def _publish_result(self, client: aiomqtt.Client, result: dict) -> None:
         await client.publish(f"{self.base}results/{result['id']}", canonical(result), qos=1, retain=True)
 
-    def _count(self, key: str) -> None:
-        self.counts[key] = self.counts.get(key, 0) + 1
-
     # -- blocks -------------------------------------------------------------------
     async def _propose(self, client: aiomqtt.Client) -> None:
         async def publish(topic: str, payload: bytes) -> None:
             await client.publish(topic, payload, qos=1)
 
         s = self.cfg.registry
-        p = self.proposer = Proposer(self.replica, publish, self._sk, resend_s=s.resend_s, commit_lock=self._db)
-        async with self._db:
-            pending = p.pending()
-        if pending is not None:
-            event(log, "resume_proposal", height=pending[0].height, txs=len(pending[1]))
-            await p.certify(*pending)
-        await self._certified(client)
-        while True:
-            async with self._db:
-                block = await asyncio.to_thread(self._prepare)
-            if block is None:
-                self.more.clear()
-                try:
-                    await asyncio.wait_for(self.more.wait(), 1.0)
-                except TimeoutError:
-                    pass
-                continue
-            await p.certify(*block)
-            event(log, "certified", height=block[0].height, txs=len(block[1]))
+        self.proposer = Proposer(self.replica, publish, self._sk, resend_s=s.resend_s, commit_lock=self._db)
+        await self._certified(client)  # records whose block was certified just before a crash
+
+        async def certified(header: Header) -> None:
+            event(log, "certified", height=header.height, txs=header.txs)
             await self._certified(client)
-            await asyncio.sleep(s.block_wait_s)
+
+        await self.proposer.run(self._prepare, self.more, block_max=s.block_max, block_wait_s=s.block_wait_s,
+                                certified=certified)
 
     def _prepare(self) -> tuple[Header, list[bytes]] | None:
         rows = self.conn.execute("SELECT seq, tx FROM registry_queue WHERE status = 'queued' ORDER BY seq LIMIT ?",
@@ -296,7 +272,7 @@ class RegistryRole:
                     self.conn.executemany("UPDATE registry_queue SET status = 'certified' WHERE id = ?",
                                           [(r[0],) for r in rows])
         for rid, height in rows:
-            self._count("certified")
+            self.counts["certified"] += 1
             await self._publish_result(client, self._result(rid, "certified", None, height))
 
 

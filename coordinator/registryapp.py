@@ -16,7 +16,7 @@ nodes. Meter ids, node ids and public keys are never reused. Enrolling a new
 meter for an account that already has one records `replaces` (a meter
 replacement): the area chain lets the account's history continue on it.
 
-State is an MPT (`trie`) keyed by SHA-256 of `kind NUL id`:
+State is an MPT (`certlog.mpt`, Ethereum's trie) keyed by SHA-256 of `kind NUL id`:
 
     meter/ID    RLP [account, area, public key, board, firmware, signer, time, retired, replaces]
     node/ID     RLP [role, public key, retired]
@@ -42,11 +42,11 @@ from typing import Callable, Iterator, MutableMapping, Sequence
 import rlp
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-from trie import HexaryTrie
 
 from aggregator.registry import MeterEntry
 from certlog.app import InvalidBlock, Outcome
 from certlog.block import Header, canonical
+from certlog.mpt import BLANK_ROOT, Trie
 from certlog.store import ChainStore
 from gridledger.errors import ConfigError
 from gridledger.meterkeys import verifier
@@ -67,7 +67,7 @@ _FIELDS = {
     "node": {"kind", "id", "role", "public_key", "signer", "time", "sig"},
     "retire": {"kind", "target", "id", "reason", "signer", "time", "sig"},
 }
-GENESIS_ROOT = HexaryTrie.BLANK_NODE_HASH.hex()
+GENESIS_ROOT = BLANK_ROOT.hex()
 
 
 def _key(kind: str, ident: str) -> bytes:
@@ -196,7 +196,7 @@ def _parse(i: int, tx: bytes) -> dict:
 class _State:
     """The block's working state: trie reads through a cache, writes at the end."""
 
-    def __init__(self, trie: HexaryTrie):
+    def __init__(self, trie: Trie):
         self.trie = trie
         self.dirty: dict[bytes, list] = {}
 
@@ -210,9 +210,11 @@ class _State:
     def put(self, kind: str, ident: str, value: list) -> None:
         self.dirty[_key(kind, ident)] = value
 
-    def flush(self) -> None:
+    def commit(self) -> bytes:
+        """Write the block's changes; the new root hash."""
         for k in sorted(self.dirty):
             self.trie.set(k, rlp.encode(self.dirty[k]))
+        return self.trie.commit()
 
 
 class RegistryApp:
@@ -226,7 +228,7 @@ class RegistryApp:
     def execute(self, nodes: MutableMapping[bytes, bytes], parent_root: str, time_ms: int,
                 txs: Sequence[bytes], *, trusted: bool = False, decoded: Sequence[object] | None = None) -> Outcome:
         # `decoded` is ignored: records are few and always parsed from their bytes.
-        st = _State(HexaryTrie(nodes, root_hash=bytes.fromhex(parent_root)))
+        st = _State(Trie(nodes, bytes.fromhex(parent_root)))
         counts = {"enroll": 0, "node": 0, "retire": 0}
         for i, tx in enumerate(txs):
             rec = _parse(i, tx)
@@ -235,8 +237,7 @@ class RegistryApp:
             self._authorise(i, st, rec, trusted)
             getattr(self, "_" + rec["kind"])(i, st, rec, trusted)
             counts[rec["kind"]] += 1
-        st.flush()
-        return Outcome(st.trie.root_hash.hex(), {"genesis": self.genesis.digest, **counts})
+        return Outcome(st.commit().hex(), {"genesis": self.genesis.digest, **counts})
 
     def _authorise(self, i: int, st: _State, rec: dict, trusted: bool) -> None:
         who = rec["signer"]

@@ -44,17 +44,23 @@ def _cmd_keys_paillier(args) -> int:
     return 0
 
 
+def _new_ed25519_key(ident: str, out: str, what: str):
+    """A fresh Ed25519 key for `ident` and the path to write its seed to (refusing
+    a bad id or an existing file); the caller writes it once its checks pass."""
+    from .meterkeys import new_meter_key
+    from .wire import METER_ID_RE
+    if not METER_ID_RE.match(ident):
+        raise GridledgerError(f"{what} id {ident!r} must match [A-Za-z0-9_-]{{1,32}}")
+    path = Path(out) / f"{ident}.ed25519.key"
+    if path.exists():
+        raise GridledgerError(f"{path} exists; refusing to overwrite a {what} key")
+    return new_meter_key(ident), path
+
+
 def _cmd_keys_meter(args) -> int:
     from aggregator.registry import MeterEntry, Registry, dump_registry, load_registry
     from .errors import ConfigError
-    from .meterkeys import new_meter_key
-    from .wire import METER_ID_RE
-    if not METER_ID_RE.match(args.meter):
-        raise GridledgerError(f"meter id {args.meter!r} must match [A-Za-z0-9_-]{{1,32}}")
-    path = Path(args.out) / f"{args.meter}.ed25519.key"
-    if path.exists():
-        raise GridledgerError(f"{path} exists; refusing to overwrite a meter key")
-    key = new_meter_key(args.meter)
+    key, path = _new_ed25519_key(args.meter, args.out, "meter")
     entries: list[MeterEntry] = []
     if args.registry:
         reg_path = Path(args.registry)
@@ -105,14 +111,7 @@ def _cmd_keys_validator(args) -> int:
 
 
 def _cmd_keys_signer(args) -> int:
-    from .meterkeys import new_meter_key
-    from .wire import METER_ID_RE
-    if not METER_ID_RE.match(args.id):
-        raise GridledgerError(f"signer id {args.id!r} must match [A-Za-z0-9_-]{{1,32}}")
-    path = Path(args.out) / f"{args.id}.ed25519.key"
-    if path.exists():
-        raise GridledgerError(f"{path} exists; refusing to overwrite a key")
-    key = new_meter_key(args.id)
+    key, path = _new_ed25519_key(args.id, args.out, "signer")
     key.write_seed(path)
     print(f"signer {args.id}: secret seed {path} (mode 0600), public key {key.public_hex}")
     return 0

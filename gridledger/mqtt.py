@@ -46,16 +46,17 @@ async def keep_connected(cfg: MqttConfig, identifier: str, topics: Iterable[str]
             delay = min(delay * 2, RECONNECT_MAX_S)
 
 
-async def until_stopped(stop: asyncio.Event, work: Awaitable[None]) -> None:
-    """Run `work` until it ends or `stop` is set; its exception (an `MqttError`
-    for `keep_connected` to reconnect on) propagates."""
-    task = asyncio.ensure_future(work)
+async def until_stopped(stop: asyncio.Event, *works: Awaitable[None]) -> None:
+    """Run `works` until one ends or `stop` is set, then cancel the rest; the first
+    exception (an `MqttError` for `keep_connected` to reconnect on) propagates."""
+    tasks = [asyncio.ensure_future(w) for w in works]
     stopper = asyncio.create_task(stop.wait())
     try:
-        done, _ = await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
-        if task in done and task.exception() is not None:
-            raise task.exception()
+        done, _ = await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
+        for t in tasks:
+            if t in done and t.exception() is not None:
+                raise t.exception()
     finally:
-        for t in (task, stopper):
+        for t in (*tasks, stopper):
             t.cancel()
-        await asyncio.gather(task, stopper, return_exceptions=True)
+        await asyncio.gather(*tasks, stopper, return_exceptions=True)
