@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import rlp
 from trie import HexaryTrie
 from trie.exceptions import BadTrieProof
 
@@ -18,7 +19,7 @@ from . import merkle
 from .block import ZERO_HASH, Certificate, ChainError, Header
 from .validators import ValidatorSet
 
-__all__ = ["LightClient"]
+__all__ = ["LightClient", "encode_proof", "state_proof", "check_state_proof"]
 
 
 class LightClient:
@@ -62,3 +63,48 @@ class LightClient:
             return HexaryTrie.get_from_proof(root, key, proof)
         except (BadTrieProof, KeyError, ValueError, TypeError, IndexError) as exc:
             raise ChainError("bad_state_proof", f"{type(exc).__name__}", height=height) from None
+
+
+# -- portable state proofs: a certified header, its certificate, an MPT proof -------
+
+def encode_proof(nodes: Sequence) -> list[str]:
+    """An MPT proof (decoded trie nodes) as JSON-friendly hex strings of their RLP."""
+    return [rlp.encode(node).hex() for node in nodes]
+
+
+def state_proof(nodes_db, header: Header, cert: Certificate, key: bytes) -> dict:
+    """The value under `key` in the state of `header` (a replica's certified block), with
+    everything a stranger needs to believe it: see `check_state_proof`."""
+    trie = HexaryTrie(nodes_db, root_hash=bytes.fromhex(header.state_root))
+    value = trie.get(key)
+    return {"height": header.height, "header": header.to_dict(), "cert": cert.to_dict(),
+            "leaf": value.hex() if value else None, "proof": encode_proof(trie.get_proof(key))}
+
+
+def check_state_proof(obj: object, validators: ValidatorSet, chain: str, key: bytes) -> tuple[Header, bytes]:
+    """(certified header, value under `key` in its state; b"" when absent), or `ChainError`.
+
+    The header must be of `chain` and certified by `validators`; the proof must
+    lead from its state root to exactly the claimed leaf (or to its absence)."""
+    try:
+        header = Header.from_dict(obj["header"])
+        cert = Certificate.from_dict(obj["cert"])
+        leaf = bytes.fromhex(obj["leaf"]) if obj["leaf"] is not None else b""
+        nodes = tuple(rlp.decode(bytes.fromhex(n)) for n in obj["proof"])
+        height = obj["height"]
+    except ChainError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError, rlp.exceptions.DecodingError) as exc:
+        raise ChainError("proof_schema", f"{type(exc).__name__}: {exc}") from None
+    if header.chain != chain:
+        raise ChainError("wrong_chain", f"{header.chain!r} is not {chain!r}", height=header.height)
+    if height != header.height:
+        raise ChainError("proof_schema", "height differs from the header's", height=header.height)
+    validators.check_certificate(cert, header)
+    try:
+        value = HexaryTrie.get_from_proof(bytes.fromhex(header.state_root), key, nodes)
+    except (BadTrieProof, KeyError, ValueError, TypeError, IndexError) as exc:
+        raise ChainError("bad_state_proof", type(exc).__name__, height=header.height) from None
+    if value != leaf:
+        raise ChainError("bad_state_proof", "the proof leads to another value", height=header.height)
+    return header, value

@@ -57,7 +57,7 @@ __all__ = ["RegistryChainSettings", "RegistrySettings", "RegistryConfig", "Regis
 
 log = logging.getLogger("gridledger.registry")
 
-MAX_RECORD = 8192
+MAX_RECORD = 32768  # a threshold key record with its verification keys is ~6 kB
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -5,6 +5,8 @@ Every transaction is a signed record in canonical JSON, one of
     enroll  {kind, meter, account, area, public_key, board, firmware, signer, time, sig, meter_sig}
     node    {kind, id, role, public_key, signer, time, sig}
     retire  {kind, target: "meter" | "node", id, reason, signer, time, sig}
+    paillier {kind, kid, key, signer, time, sig}       the trustees' threshold public key
+    settlement {kind, chain, period, tariff, bills, root, signer, time, sig}
 
 `sig` is the signer's Ed25519 signature and `meter_sig` the enrolled meter's own
 (its proof of possession: nobody can enroll a key they do not hold) over
@@ -12,7 +14,11 @@ Every transaction is a signed record in canonical JSON, one of
 registrars come from the chain's genesis file; a registrar enrolls the other
 nodes (technicians, gateways, validators, trustees, coordinators); a
 technician or a registrar enrolls and retires meters; only a registrar retires
-nodes. Meter ids, node ids and public keys are never reused. Enrolling a new
+nodes. A registrar publishes the trustees' threshold Paillier key (`key` is
+`coordinator.threshold.ThresholdPublicKey.to_dict()`; its kid must match), so a
+bill can prove which verification keys its partial decryptions answer to. A
+coordinator (or a registrar) records each settlement run: the Merkle root of its
+bill ids, once per chain and period. Meter ids, node ids and public keys are never reused. Enrolling a new
 meter for an account that already has one records `replaces` (a meter
 replacement): the area chain lets the account's history continue on it.
 
@@ -22,6 +28,8 @@ State is an MPT (`certlog.mpt`, Ethereum's trie) keyed by SHA-256 of `kind NUL i
     node/ID     RLP [role, public key, retired]
     key/PUB     the owner, "meter/ID" or "node/ID"
     account/A   RLP [meter ids, oldest first]
+    paillier/KID        RLP [canonical JSON of the threshold public key]
+    settlement/CHAIN/PERIOD  RLP [root, bills, tariff, signer, time]
 
 `RegistryHistory` is the read side: every certified enrollment with the height
 it took effect (and the height it was retired), so the area chain can ask
@@ -33,6 +41,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import threading
 import tomllib
 from dataclasses import dataclass
@@ -53,7 +62,8 @@ from gridledger.meterkeys import verifier
 from gridledger.wire import METER_ID_RE
 
 __all__ = ["RegistryApp", "RegistryHistory", "RegistryView", "Genesis", "load_genesis", "dump_genesis",
-           "ROLES", "sign_record", "enroll_record", "node_record", "retire_record", "record_id"]
+           "ROLES", "sign_record", "enroll_record", "node_record", "retire_record", "record_id",
+           "paillier_key_id", "settlement_key_id"]
 
 DOMAIN_SIGNER = b"gridledger registry v1 signer\n"
 DOMAIN_METER = b"gridledger registry v1 meter\n"
@@ -66,7 +76,11 @@ _FIELDS = {
                "meter_sig"},
     "node": {"kind", "id", "role", "public_key", "signer", "time", "sig"},
     "retire": {"kind", "target", "id", "reason", "signer", "time", "sig"},
+    "paillier": {"kind", "kid", "key", "signer", "time", "sig"},
+    "settlement": {"kind", "chain", "period", "tariff", "bills", "root", "signer", "time", "sig"},
 }
+_SIGNERS = {"paillier": ("registrar",), "settlement": ("registrar", "coordinator")}
+HEX64 = re.compile(r"[0-9a-f]{64}")
 GENESIS_ROOT = BLANK_ROOT.hex()
 
 
@@ -168,16 +182,19 @@ def _parse(i: int, tx: bytes) -> dict:
     except (UnicodeDecodeError, ValueError, RecursionError):
         raise bad("tx_malformed", "not JSON") from None
     if not isinstance(rec, dict) or rec.get("kind") not in _FIELDS:
-        raise bad("tx_unknown_kind", "kind must be enroll, node or retire")
+        raise bad("tx_unknown_kind", f"kind must be one of {', '.join(_FIELDS)}")
     kind = rec["kind"]
     if set(rec) != _FIELDS[kind]:
         raise bad("tx_bad_field", f"{kind} needs exactly {sorted(_FIELDS[kind])}")
     if canonical(rec) != tx:
         raise bad("tx_not_canonical", "a record is its canonical JSON")
     for k, v in rec.items():
-        if k == "time":
-            if type(v) is not int or not 0 < v < 2**40:
-                raise bad("tx_bad_field", "time is seconds since 1970")
+        if k == "time" or k == "bills":
+            if type(v) is not int or not 0 <= v < 2**40 or (k == "time" and v == 0):
+                raise bad("tx_bad_field", f"{k} must be a non-negative integer (time: seconds since 1970)")
+        elif k == "key":
+            if not isinstance(v, dict):
+                raise bad("tx_bad_field", "key is the threshold public key object")
         elif not isinstance(v, str) or len(v) > (128 if k.endswith("sig") else 200 if k == "reason" else
                                                  96 if k == "public_key" else MAX_TEXT):
             raise bad("tx_bad_field", f"{k} must be a short string")
@@ -190,6 +207,9 @@ def _parse(i: int, tx: bytes) -> dict:
         raise bad("tx_bad_field", f"role must be one of {', '.join(ROLES)}")
     if kind == "retire" and rec["target"] not in ("meter", "node"):
         raise bad("tx_bad_field", "target must be meter or node")
+    if kind == "settlement" and not (METER_ID_RE.match(rec["chain"]) and METER_ID_RE.match(rec["period"])
+                                     and HEX64.fullmatch(rec["tariff"]) and HEX64.fullmatch(rec["root"])):
+        raise bad("tx_bad_field", "settlement: chain and period are ids, tariff and root 64 hex digits")
     return rec
 
 
@@ -229,14 +249,15 @@ class RegistryApp:
                 txs: Sequence[bytes], *, trusted: bool = False, decoded: Sequence[object] | None = None) -> Outcome:
         # `decoded` is ignored: records are few and always parsed from their bytes.
         st = _State(Trie(nodes, bytes.fromhex(parent_root)))
-        counts = {"enroll": 0, "node": 0, "retire": 0}
+        counts = {"enroll": 0, "node": 0, "retire": 0}  # header fields; the rarer kinds do not add any
         for i, tx in enumerate(txs):
             rec = _parse(i, tx)
             if rec["time"] * 1000 > time_ms + MAX_FUTURE_S * 1000:
                 raise InvalidBlock("tx_future_time", f"record time {rec['time']}", index=i)
             self._authorise(i, st, rec, trusted)
             getattr(self, "_" + rec["kind"])(i, st, rec, trusted)
-            counts[rec["kind"]] += 1
+            if rec["kind"] in counts:
+                counts[rec["kind"]] += 1
         return Outcome(st.commit().hex(), {"genesis": self.genesis.digest, **counts})
 
     def _authorise(self, i: int, st: _State, rec: dict, trusted: bool) -> None:
@@ -250,7 +271,8 @@ class RegistryApp:
             if node[2] == b"\x01":
                 raise InvalidBlock("tx_signer_retired", who, index=i)
             role, pub = node[0].decode(), _ed25519(node[1].hex())
-        allowed = METER_SIGNERS if rec["kind"] == "enroll" or rec.get("target") == "meter" else ("registrar",)
+        allowed = (METER_SIGNERS if rec["kind"] == "enroll" or rec.get("target") == "meter" else
+                   _SIGNERS.get(rec["kind"], ("registrar",)))
         if role not in allowed:
             raise InvalidBlock("tx_signer_role", f"a {role} cannot sign a {rec['kind']} record", index=i)
         if not trusted and (pub is None or not _verifies(pub, rec["sig"], DOMAIN_SIGNER + _body(rec))):
@@ -303,6 +325,35 @@ class RegistryApp:
         if leaf[flag] == b"\x01":
             raise InvalidBlock("tx_already_retired", f"{target} {ident}", index=i)
         st.put(target, ident, leaf[:flag] + [b"\x01"] + leaf[flag + 1:])
+
+
+    def _paillier(self, i: int, st: _State, rec: dict, trusted: bool) -> None:
+        from .threshold import ThresholdError, ThresholdPublicKey
+        try:
+            key = ThresholdPublicKey.from_dict(rec["key"])
+        except ThresholdError as exc:
+            raise InvalidBlock("tx_bad_field", f"key: {exc}", index=i) from None
+        if key.kid != rec["kid"] or canonical(key.to_dict()) != canonical(rec["key"]):
+            raise InvalidBlock("tx_bad_field", "key is not in canonical form or its kid differs", index=i)
+        if st.get("paillier", key.kid) is not None:
+            raise InvalidBlock("tx_duplicate_key", f"threshold key {key.kid} is already published", index=i)
+        st.put("paillier", key.kid, [canonical(rec["key"])])
+
+    def _settlement(self, i: int, st: _State, rec: dict, trusted: bool) -> None:
+        ident = f"{rec['chain']}/{rec['period']}"
+        if st.get("settlement", ident) is not None:
+            raise InvalidBlock("tx_duplicate_settlement", f"{ident} is already settled", index=i)
+        st.put("settlement", ident, [bytes.fromhex(rec["root"]), rec["bills"], bytes.fromhex(rec["tariff"]),
+                                     rec["signer"].encode(), rec["time"]])
+
+
+def paillier_key_id(kid: str) -> bytes:
+    """The registry state key under which threshold key `kid` is published."""
+    return _key("paillier", kid)
+
+
+def settlement_key_id(chain: str, period: str) -> bytes:
+    return _key("settlement", f"{chain}/{period}")
 
 
 # -- the read side: who was enrolled where, at which height ------------------------

@@ -1,0 +1,256 @@
+"""The trustee role: `gridledger trustee run --config FILE`.
+
+A trustee holds one share of the threshold Paillier key and decides, alone and
+before any arithmetic, whether what it is asked to decrypt is allowed:
+
+1. the request is signed by the coordinator (BLS);
+2. every certificate and MPT proof of an item verifies (`decrypt.check_bill_item`);
+3. policy: the item spans at least `min_readings` readings of the account and,
+   when it starts from a certified state, at least `min_period_s` seconds of
+   reading time; one reading is refused as `single_interval`;
+4. no differencing: the trustee remembers every boundary (the account's reading
+   count at `from` and `to`) it ever decrypted across; a new item is refused
+   unless, with its boundaries added, every stretch between two neighbouring
+   boundaries still holds at least `min_readings` readings. Otherwise two
+   allowed bills [0, 100) and [0, 101) would subtract to one reading.
+
+Every decision, refusals included, is a signed record (BLS, the trustee's own
+key) written to SQLite in the same transaction as the boundaries it adds, and
+published on `gl/v1/trustees/{name}/decisions`; only then is the partial
+decryption computed and sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import json
+import logging
+import sqlite3
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiomqtt
+
+from certlog import bls
+from certlog.block import canonical
+from certlog.store import connect
+from certlog.validators import ValidatorSet, load_validator_set, read_secret_key
+from gridledger.config import MqttConfig, read_toml, section
+from gridledger.errors import ConfigError
+from gridledger.logs import event
+from gridledger.mqtt import keep_connected
+
+from .decrypt import (REQUESTS_TOPIC, BillFacts, DecryptError, check_bill_item, check_request, decisions_topic,
+                      request_id, response_topic)
+from .threshold import KeyShare, load_share
+
+__all__ = ["Policy", "TrusteeSettings", "TrusteeConfig", "Trustee", "TrusteeRole", "load_trustee_config",
+           "DECISION_DOMAIN", "verify_decision"]
+
+log = logging.getLogger("gridledger.trustee")
+
+DECISION_DOMAIN = b"gridledger trustee decision v1\n"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Policy:
+    min_readings: int = 96        # a day of 15-minute readings
+    min_period_s: int = 86_400
+
+    def __post_init__(self) -> None:
+        if self.min_readings < 2 or self.min_period_s < 0:
+            raise ConfigError("[policy]: min_readings must be >= 2 (one reading is never decrypted), "
+                              "min_period_s >= 0")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TrusteeSettings:
+    name: str
+    database: Path
+    share: Path
+    secret_key: Path              # BLS key that signs decisions
+    coordinator_public: str       # the coordinator's BLS public key, hex
+    validators: Path              # validator set of the area chains below
+    chains: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class TrusteeConfig:
+    trustee: TrusteeSettings
+    policy: Policy = field(default_factory=Policy)
+    mqtt: MqttConfig = field(default_factory=MqttConfig)
+
+
+def load_trustee_config(path: Path) -> TrusteeConfig:
+    path = Path(path)
+    doc = read_toml(path)
+    s = section(TrusteeSettings, doc, "trustee", path.parent, ("database", "share", "secret_key", "validators"))
+    s = TrusteeSettings(**{**{f: getattr(s, f) for f in TrusteeSettings.__dataclass_fields__},
+                           "chains": tuple(s.chains)})
+    if not s.chains:
+        raise ConfigError(f"{path}: [trustee] chains lists the area chains this trustee serves")
+    return TrusteeConfig(s, section(Policy, doc, "policy"), section(MqttConfig, doc, "mqtt"))
+
+
+def verify_decision(record: dict, public_key: bytes) -> bool:
+    """Does `record` (a published decision) carry its trustee's valid signature?"""
+    try:
+        sig = bytes.fromhex(record["sig"])
+    except (KeyError, TypeError, ValueError):
+        return False
+    body = canonical({k: v for k, v in record.items() if k != "sig"})
+    return bls.Verify(public_key, DECISION_DOMAIN + body, sig)
+
+
+class Trustee:
+    """Policy, memory and share of one trustee, with no network in sight."""
+
+    def __init__(self, name: str, share: KeyShare, sk: int, coordinator_public: bytes,
+                 validators: dict[str, ValidatorSet], policy: Policy, conn: sqlite3.Connection):
+        self.name = name
+        self.share = share
+        self.key = share.public
+        self.sk = sk
+        self.coordinator_public = coordinator_public
+        self.validators = validators
+        self.policy = policy
+        self.conn = conn
+        self.counts: Counter[str] = Counter()
+        conn.executescript("""
+            CREATE TABLE IF NOT EXISTS trustee_cuts (
+                chain TEXT NOT NULL, account TEXT NOT NULL, count INTEGER NOT NULL,
+                PRIMARY KEY (chain, account, count)) WITHOUT ROWID;
+            CREATE TABLE IF NOT EXISTS trustee_decisions (
+                id INTEGER PRIMARY KEY, request TEXT NOT NULL, item INTEGER NOT NULL,
+                verdict TEXT NOT NULL, reason TEXT, record TEXT NOT NULL, at REAL NOT NULL);
+        """)
+
+    # -- policy ------------------------------------------------------------------------
+    def _cuts(self, chain: str, account: str) -> list[int]:
+        return [0] + [r[0] for r in self.conn.execute(
+            "SELECT count FROM trustee_cuts WHERE chain = ? AND account = ? AND count > 0 ORDER BY count",
+            (chain, account))]
+
+    def _judge(self, f: BillFacts, pending: dict[tuple[str, str], list[int]]) -> str | None:
+        """None to allow, else the reason to refuse; `pending` holds this request's new cuts."""
+        p = self.policy
+        if f.readings == 1:
+            return "single_interval"
+        if f.readings < p.min_readings:
+            return "too_few_readings"
+        if f.start.count > 0 and f.end.last_t - f.start.last_t < p.min_period_s:
+            return "period_too_short"
+        key = (f.chain, f.account)
+        cuts = pending.get(key) or self._cuts(*key)
+        new = sorted(set(cuts) | {f.start.count, f.end.count})
+        if any(b - a < p.min_readings for a, b in zip(new, new[1:])):
+            return "overlaps_decrypted"
+        pending[key] = new
+        return None
+
+    def decide(self, req_obj: object) -> tuple[dict, list[int], list[dict]]:
+        """Check a request: (response without partials, accepted ciphertexts, signed decisions).
+        Decisions and new boundaries are durable when this returns."""
+        try:
+            req = check_request(req_obj, self.coordinator_public)
+            rid = request_id(req)
+        except DecryptError as exc:
+            rid = request_id(req_obj) if isinstance(req_obj, dict) else "-"
+            return self._refuse_all(rid, exc)
+        verdicts, cs, pending, facts = [], [], {}, []
+        for i, item in enumerate(req["items"]):
+            try:
+                f = check_bill_item(item, self.validators, self.key.kid, self.key.nsquare)
+                reason = self._judge(f, pending)
+            except DecryptError as exc:
+                f, reason = None, exc.reason
+            verdicts.append({"item": i, "status": "refused" if reason else "accepted", "reason": reason})
+            facts.append(f)
+            if reason is None:
+                cs.append(f.c)
+        now = int(time.time())
+        records = []
+        for v, f in zip(verdicts, facts):
+            rec = {"trustee": self.name, "request": rid, "item": v["item"], "verdict": v["status"],
+                   "reason": v["reason"], "time": now, "kind": "bill"}
+            if f is not None:
+                rec.update(chain=f.chain, account=f.account, from_height=f.from_height, to_height=f.to_height,
+                           readings=f.readings, from_count=f.start.count, to_count=f.end.count)
+            rec["sig"] = bls.Sign(self.sk, DECISION_DOMAIN + canonical(rec)).hex()
+            records.append(rec)
+            self.counts[v["reason"] or "accepted"] += 1
+        with self.conn:
+            self.conn.execute("BEGIN IMMEDIATE")
+            for (chain, account), cuts in pending.items():
+                self.conn.executemany("INSERT OR IGNORE INTO trustee_cuts(chain, account, count) VALUES (?, ?, ?)",
+                                      [(chain, account, c) for c in cuts if c > 0])
+            self.conn.executemany(
+                "INSERT INTO trustee_decisions(request, item, verdict, reason, record, at) VALUES (?, ?, ?, ?, ?, ?)",
+                [(rid, r["item"], r["verdict"], r["reason"], json.dumps(r), time.time()) for r in records])
+        return {"request": rid, "trustee": self.name, "index": self.share.index, "items": verdicts}, cs, records
+
+    def _refuse_all(self, rid: str, exc: DecryptError) -> tuple[dict, list[int], list[dict]]:
+        rec = {"trustee": self.name, "request": rid, "item": None, "verdict": "refused", "reason": exc.reason,
+               "time": int(time.time()), "kind": "request"}
+        rec["sig"] = bls.Sign(self.sk, DECISION_DOMAIN + canonical(rec)).hex()
+        self.counts[exc.reason] += 1
+        with self.conn:
+            self.conn.execute(
+                "INSERT INTO trustee_decisions(request, item, verdict, reason, record, at) VALUES (?, -1, ?, ?, ?, ?)",
+                (rid, "refused", exc.reason, json.dumps(rec), time.time()))
+        return {"request": rid, "trustee": self.name, "index": self.share.index, "status": "refused",
+                "reason": exc.reason, "items": []}, [], [rec]
+
+    def answer(self, req_obj: object) -> tuple[dict, list[dict]]:
+        """The full response (with the partial decryption batch) and the decisions."""
+        resp, cs, records = self.decide(req_obj)
+        resp["partials"] = self.share.partial_batch(cs).to_dict() if cs else None
+        return resp, records
+
+
+def build_trustee(cfg: TrusteeConfig) -> Trustee:
+    s = cfg.trustee
+    vset = load_validator_set(s.validators)
+    try:
+        coordinator = bytes.fromhex(s.coordinator_public)
+    except ValueError:
+        raise ConfigError("[trustee] coordinator_public must be a BLS public key in hex") from None
+    share = load_share(s.share)
+    return Trustee(s.name, share, read_secret_key(s.secret_key), coordinator, {c: vset for c in s.chains},
+                   cfg.policy, connect(s.database))
+
+
+class TrusteeRole:
+    """The process: one request at a time (boundaries must be judged in order)."""
+
+    def __init__(self, cfg: TrusteeConfig):
+        self.cfg = cfg
+        self.trustee = build_trustee(cfg)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        t = self.trustee
+        event(log, "start", trustee=t.name, index=t.share.index, kid=t.key.kid, chains=list(t.validators))
+
+        async def serve(client: aiomqtt.Client) -> None:
+            await client.publish(f"gl/v1/trustees/{t.name}/key", json.dumps(t.key.to_dict()), qos=1, retain=True)
+            async for msg in client.messages:
+                await self._handle(client, bytes(msg.payload) if isinstance(msg.payload, (bytes, bytearray))
+                                   else b"")
+
+        await keep_connected(self.cfg.mqtt, f"trustee-{t.name}", (REQUESTS_TOPIC,), stop, serve, log)
+
+    async def _handle(self, client: aiomqtt.Client, payload: bytes) -> None:
+        try:
+            obj = json.loads(payload)
+        except (UnicodeDecodeError, ValueError, RecursionError):
+            obj = None
+        resp, records = await asyncio.to_thread(self.trustee.answer, obj)
+        await client.publish(decisions_topic(self.trustee.name), json.dumps(records), qos=1)
+        if resp["request"] != "-":
+            await client.publish(response_topic(resp["request"]), json.dumps(resp), qos=1)
+        accepted = sum(1 for v in resp["items"] if v["status"] == "accepted")
+        event(log, "request", request=resp["request"], items=len(resp["items"]), accepted=accepted,
+              refused=len(resp["items"]) - accepted, reason=resp.get("reason"))

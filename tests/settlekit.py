@@ -1,0 +1,102 @@
+"""A settled world for tests: a threshold key, a registry chain publishing it, and
+an area chain of encrypted readings under it, all certified, in real SQLite.
+
+The simulator's truth is kept per account: which Wh went into which slot."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from aggregator.areaapp import AreaApp
+from aggregator.registry import MeterEntry, Registry
+from certlog.replica import Replica
+from certlog.store import ChainStore, connect
+from certlog.voter import Voter
+from coordinator.ledger import AreaLedger
+from coordinator.registryapp import Genesis, RegistryApp, paillier_key_id, sign_record
+from coordinator.threshold import KeyShare, ThresholdPublicKey, ceremony
+from certlog.light import state_proof
+from gridledger.meterkeys import MeterKey, public_hex
+from gridledger.paillier import PublicKey
+from gridledger.wire import BANDS
+
+from chainkit import certify, validator_keys, validator_set
+from helpers import SimMeter
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+AREA = "area1"
+REGISTRY = "registry"
+START = (1_790_000_000 // 86_400 - 30) * 86_400   # midnight, a month ago: readings end after it
+
+
+@dataclass
+class World:
+    key: ThresholdPublicKey
+    shares: list[KeyShare]
+    sks: list[int]
+    vset: object
+    area: Replica
+    registry: Replica
+    ledger: AreaLedger
+    accounts: list[str]
+    truth: dict[str, list[tuple[int, dict[int, int]]]] = field(default_factory=dict)  # account -> [(t, slots)]
+    meters: dict[str, SimMeter] = field(default_factory=dict)
+
+    def key_proof(self) -> dict:
+        head = self.registry.store.head()
+        return state_proof(self.registry.store.nodes, head[0], head[1], paillier_key_id(self.key.kid))
+
+    def truth_between(self, account: str, t0: int, t1: int) -> list[int]:
+        """Wh per slot of the account's readings ending in (t0, t1]."""
+        slots = [0] * (2 * BANDS)
+        for t, vals in self.truth[account]:
+            if t0 < t <= t1:
+                for s, v in vals.items():
+                    slots[s] += v
+        return slots
+
+
+def build_world(tmp: Path, *, accounts: int = 3, readings: int = 48, per_block: int = 8, tail: int = 2,
+                trustees: int = 3,
+                threshold: int = 2, bits: int = 1024, seed: int = 7) -> World:
+    key, shares = ceremony(trustees, threshold, bits, names=[f"t{i + 1}" for i in range(trustees)],
+                           insecure_test_bits=True)
+    sks = validator_keys(4)
+    vset = validator_set(sks)
+    registrar = Ed25519PrivateKey.from_private_bytes(b"\x51" * 32)
+    reg = Replica(REGISTRY, RegistryApp(Genesis({"ops": public_hex(registrar.public_key())})),
+                  ChainStore(connect(tmp / "registry.db")), vset)
+    reg_voters = [Voter(Replica(REGISTRY, reg.app, ChainStore(connect(tmp / f"rv{i}.db")), vset), i, sk)
+                  for i, sk in enumerate(sks)]
+    rec = {"kind": "paillier", "kid": key.kid, "key": key.to_dict(), "signer": "ops", "time": START}
+    certify(reg, reg_voters, [sign_record(rec, registrar)])
+
+    names = [f"m{i}" for i in range(accounts)]
+    keys = {m: MeterKey(m, bytes([i + 1]) * 32) for i, m in enumerate(names)}
+    registry = Registry([MeterEntry(m, f"acct-{m}", k.public_hex) for m, k in keys.items()])
+    app = AreaApp(AREA, registry, PublicKey(key.n))
+    area = Replica(AREA, app, ChainStore(connect(tmp / "area.db")), vset)
+    voters = [Voter(Replica(AREA, AreaApp(AREA, registry, PublicKey(key.n)), ChainStore(connect(tmp / f"v{i}.db")),
+                            vset), i, sk) for i, sk in enumerate(sks)]
+    ledger = AreaLedger(area.store, AREA, lambda m: registry.get(m).account if registry.get(m) else None)
+    area.listeners.append(ledger.index)
+    rng = random.Random(seed)
+    world = World(key, shares, sks, vset, area, reg, ledger, [f"acct-{m}" for m in names])
+    for m, k in keys.items():
+        sim = SimMeter(k, n=key.n)
+        sim.t = START - 900 * 4      # the first readings fall before the period
+        world.meters[m] = sim
+        world.truth[f"acct-{m}"] = []
+    for size in [per_block] * (readings // per_block) + [1] * tail:  # then blocks of one reading each
+        txs = []
+        for m, sim in world.meters.items():
+            for _ in range(size):
+                band, wh = rng.randrange(BANDS), rng.randrange(0, 2500)
+                r = sim.next(wh=wh, band=band)
+                world.truth[f"acct-{m}"].append((r.t, {2 * band: wh}))
+                txs.append(r.to_json())
+        certify(area, voters, txs)
+    return world
