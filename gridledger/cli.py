@@ -12,6 +12,8 @@ from .errors import GridledgerError
 
 EXAMPLES = {
     "keys paillier": "gridledger keys paillier --out keys/",
+    "keys ceremony": "gridledger keys ceremony --trustees 5 --threshold 3 --out keys/ "
+                     "--names alice,bob,carol,dave,erin",
     "keys meter": "gridledger keys meter --meter m01 --out keys/ --account acct-0001 --registry registry.toml",
     "gateway run": "gridledger gateway run --config gateway.toml",
     "testbed run": "gridledger testbed run --meters 5 --intervals 48",
@@ -41,6 +43,43 @@ def _cmd_keys_paillier(args) -> int:
     pub_path, key_path = paillier.save_keypair(Path(args.out), pub, priv)
     print(f"public key  {pub_path}  (kid {paillier.PublicKey(pub.n).kid})")
     print(f"private key {key_path}  (mode 0600; TESTBED SHORTCUT: trustees hold shares in production)")
+    return 0
+
+
+def _cmd_keys_ceremony(args) -> int:
+    import time
+    from coordinator.threshold import ceremony, write_ceremony
+    names = tuple(args.names.split(",")) if args.names else ()
+    out = Path(args.out)
+    # Fail on an existing key before minutes of prime search, not after.
+    for name in ("paillier.pub.json", "threshold.pub.json"):
+        if (out / name).exists():
+            raise GridledgerError(f"{out / name} exists; refusing to overwrite key material")
+    started = time.monotonic()
+    state = {"stage": "", "tried": 0, "shown": 0.0}
+
+    def progress(stage: str, tried: int) -> None:
+        now = time.monotonic() - started
+        if stage != state["stage"] and state["stage"]:
+            print(f"[{now:6.1f} s] safe prime {state['stage']}: found after {state['tried']} candidates",
+                  file=sys.stderr, flush=True)
+        if stage == "deal":
+            print(f"[{now:6.1f} s] dealing shares", file=sys.stderr, flush=True)
+        elif now - state["shown"] >= 2.0:
+            print(f"[{now:6.1f} s] safe prime {stage}: {tried} candidates tested", file=sys.stderr, flush=True)
+            state["shown"] = now
+        state.update(stage=stage, tried=tried)
+
+    print(f"threshold key ceremony: {args.threshold} of {args.trustees} trustees, {args.bits}-bit modulus",
+          file=sys.stderr)
+    pub, shares = ceremony(args.trustees, args.threshold, args.bits, names, progress)
+    paths = write_ceremony(out, pub, shares)
+    del shares
+    print(f"kid {pub.kid}: {pub.threshold} of {pub.trustees} trustees, n of {pub.n.bit_length()} bits")
+    print(f"public key      {paths['paillier_public']}  (for gateways, meters, loadgen)")
+    print(f"threshold key   {paths['threshold_public']}  (verification keys, for the combiner)")
+    for name, path in paths["shares"].items():
+        print(f"share {name:<10} {path}  (mode 0600: move to trustee {name}; keep no copy)")
     return 0
 
 
@@ -310,6 +349,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp = action(keys, "keys", "paillier", "generate a Paillier key pair (phe + gmpy2)", _cmd_keys_paillier)
     sp.add_argument("--out", required=True, help="folder for paillier.pub.json and paillier.key.json")
     sp.add_argument("--bits", type=int, default=2048, help="modulus size (>= 2048)")
+    sp = action(keys, "keys", "ceremony", "deal a threshold Paillier key: t of l trustees decrypt together, "
+                "the private key is never written", _cmd_keys_ceremony)
+    sp.add_argument("--trustees", type=int, required=True, help="l, the number of trustees")
+    sp.add_argument("--threshold", type=int, required=True, help="t, how many trustees it takes to decrypt")
+    sp.add_argument("--out", required=True, help="folder for paillier.pub.json, threshold.pub.json and trustees/")
+    sp.add_argument("--bits", type=int, default=2048, help="modulus size (>= 2048)")
+    sp.add_argument("--names", help="trustee names, comma-separated (default trustee1..trusteeL)")
     sp = action(keys, "keys", "meter", "generate a testbed meter's Ed25519 key", _cmd_keys_meter)
     sp.add_argument("--meter", required=True, help="meter id, [A-Za-z0-9_-]{1,32}")
     sp.add_argument("--out", required=True, help="folder for METER.ed25519.key")
