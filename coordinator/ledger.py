@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 from typing import Callable, Sequence
 
 from trie import HexaryTrie
@@ -17,15 +18,18 @@ __all__ = ["AreaLedger"]
 
 
 class AreaLedger:
-    def __init__(self, store: ChainStore, chain: str, account_of: Callable[[str], str | None]):
+    def __init__(self, store: ChainStore, chain: str, account_of: Callable[[str], str | None],
+                 index_conn: sqlite3.Connection | None = None):
         self.store = store
         self.chain = chain
         self.account_of = account_of  # meter -> account (the area's registry)
-        store.conn.executescript("""
+        self.conn = index_conn or store.conn  # the index may live apart from a read-only replica
+        self.conn.executescript("""
             CREATE TABLE IF NOT EXISTS ledger_states (
-                account TEXT NOT NULL, height INTEGER NOT NULL, count INTEGER NOT NULL, last_t INTEGER NOT NULL,
-                PRIMARY KEY (account, height)) WITHOUT ROWID;
-            CREATE INDEX IF NOT EXISTS ledger_states_t ON ledger_states(account, last_t, height);
+                chain TEXT NOT NULL, account TEXT NOT NULL, height INTEGER NOT NULL, count INTEGER NOT NULL, last_t INTEGER NOT NULL,
+                PRIMARY KEY (chain, account, height)) WITHOUT ROWID;
+            CREATE TABLE IF NOT EXISTS ledger_indexed (chain TEXT PRIMARY KEY, height INTEGER NOT NULL);
+            CREATE INDEX IF NOT EXISTS ledger_states_t ON ledger_states(chain, account, last_t, height);
         """)
 
     def index(self, header: Header, txs: Sequence[bytes]) -> None:
@@ -40,8 +44,21 @@ class AreaLedger:
             raw = trie.get(account_key(account))
             if raw:
                 st = AccountState.decode(raw)
-                rows.append((account, header.height, st.count, st.last_t))
-        self.store.conn.executemany("INSERT OR IGNORE INTO ledger_states VALUES (?, ?, ?, ?)", rows)
+                rows.append((self.chain, account, header.height, st.count, st.last_t))
+        self.conn.executemany("INSERT OR IGNORE INTO ledger_states VALUES (?, ?, ?, ?, ?)", rows)
+        self.conn.execute("INSERT OR REPLACE INTO ledger_indexed VALUES (?, ?)", (self.chain, header.height))
+
+    def catch_up(self) -> int:
+        """Index the certified blocks of the replica not indexed yet."""
+        row = self.conn.execute("SELECT height FROM ledger_indexed WHERE chain = ?", (self.chain,)).fetchone()
+        head = self.store.head()
+        done = 0
+        for height in range((row[0] if row else 0) + 1, (head[0].height if head else 0) + 1):
+            header, _ = self.certified(height)
+            with self.conn:
+                self.index(header, self.store.txs(height))
+            done += 1
+        return done
 
     def certified(self, height: int) -> tuple[Header, Certificate]:
         raw = self.store.raw_block(height)
@@ -54,6 +71,6 @@ class AreaLedger:
         return state_proof(self.store.nodes, header, cert, account_key(account))
 
     def boundary(self, account: str, t: int) -> int:
-        row = self.store.conn.execute(
-            "SELECT MAX(height) FROM ledger_states WHERE account = ? AND last_t < ?", (account, t)).fetchone()
+        row = self.conn.execute("SELECT MAX(height) FROM ledger_states WHERE chain = ? AND account = ? AND last_t < ?",
+                                (self.chain, account, t)).fetchone()
         return row[0] or 0

@@ -26,8 +26,10 @@ import json
 import re
 import sqlite3
 import sys
+import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from decimal import Decimal
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -45,10 +47,11 @@ from .billrender import bills_csv, write_bill_files
 from .decrypt import DecryptError, bill_item, check_bill_item
 from .registryapp import paillier_key_id
 from .combine import TrusteeClient
+from .ledger import AreaLedger
 from .tariff import Charges, Tariff
 from .threshold import PartialBatch, ThresholdPublicKey
 
-__all__ = ["Period", "SettlementStore", "BillError", "make_bill", "bill_id", "verify_bill", "ITEMS_PER_REQUEST"]
+__all__ = ["covers", "Period", "SettlementStore", "BillError", "make_bill", "bill_id", "verify_bill", "ITEMS_PER_REQUEST"]
 
 ITEMS_PER_REQUEST = 32   # one batched proof per trustee per request; a bill carries its batch's ciphertexts
 PERIOD_RE = re.compile(r"\d{4}-(0[1-9]|1[0-2])\Z")
@@ -90,11 +93,19 @@ def bill_id(bill: Mapping) -> str:
     return hashlib.sha256(canonical({k: v for k, v in bill.items() if k != "bill_id"})).hexdigest()
 
 
+def covers(facts) -> dict:
+    """Exactly which readings a bill holds: seq (from, to] of the account's hash chain,
+    whose intervals end in (after_t, through_t]."""
+    return {"after_seq": facts.start.seq, "to_seq": facts.end.seq, "after_t": facts.start.last_t,
+            "through_t": facts.end.last_t, "meter": facts.end.meter}
+
+
 def make_bill(*, chain: str, account: str, period: Period, start: dict | None, end: dict, slots: Sequence[int],
-              readings: int, tariff: Tariff, key_proof: dict, registry_chain: str, cs: Sequence[int],
+              readings: int, tariff: Tariff, covered: dict, key_proof: dict, registry_chain: str, cs: Sequence[int],
               position: int, batches: Sequence[PartialBatch]) -> dict:
     charges = tariff.charge(list(slots), period.days)
     bill = {"v": 1, "account": account, "chain": chain, "period": period.to_dict(), "readings": readings,
+            "covers": covered,
             "energy_wh": list(slots), "tariff": tariff.to_dict(), "tariff_sha256": tariff.sha256,
             "charges": charges.to_dict(),
             "proofs": {"from": start, "to": end,
@@ -130,7 +141,7 @@ def verify_bill(bill: object, validators: ValidatorSet, registry_validators: Val
         period = Period(bill["period"]["name"], bill["period"]["from"], bill["period"]["to"])
         if facts.end.last_t > period.end or (facts.start.count and facts.start.last_t > period.start):
             raise BillError("period_mismatch", "the states do not bound the period")
-        if facts.readings != bill["readings"]:
+        if facts.readings != bill["readings"] or covers(facts) != bill["covers"]:
             raise BillError("readings_mismatch", f"proofs give {facts.readings}, bill says {bill['readings']}")
         # 3. The decryption: every partial's proof, then t of them combined.
         cs = [int(c, 16) for c in dec["ciphertexts"]]
@@ -308,6 +319,7 @@ async def settle_chain(*, client: aiomqtt.Client, trustees: TrusteeClient, ledge
                 cs, batches = dec.batches[j]
                 bills.append(make_bill(chain=chain, account=f.account, period=period, start=item["from"],
                                        end=item["to"], slots=unpack_slots(dec.plaintexts[j]), readings=f.readings,
+                                       covered=covers(f),
                                        tariff=tariff, key_proof=key_proof, registry_chain=registry_chain, cs=cs,
                                        position=dec.positions[j], batches=batches))
         store.save(chain, period.name, bills, unbilled)
@@ -316,3 +328,114 @@ async def settle_chain(*, client: aiomqtt.Client, trustees: TrusteeClient, ledge
     bills = store.bills(chain, period.name)
     csv = export(bills, out, chain, period.name) if out is not None else None
     return RunResult(chain, period.name, bills, store.unbilled(chain, period.name), bills_root(bills), csv)
+
+
+# -- the command -------------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SettlementSettings:
+    """`[settlement]` of the coordinator's TOML."""
+    name: str = "coordinator"
+    key: Path                       # BLS secret key that signs trustee requests
+    threshold_public: Path          # threshold.pub.json from the ceremony
+    database: Path                  # bills and runs (resumable), and the account index
+    bills: Path                     # export folder
+    timeout_s: float = 60.0
+    registry_signer: str = ""       # node id that records runs on the registry chain ("" = do not record)
+    registry_key: Path | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AreaSource:
+    """`[[area]]`: an area chain and a certified replica of it to read (opened read-only)."""
+    chain: str
+    validators: Path
+    database: Path
+
+
+def _load(config: Path):
+    from gridledger.config import MqttConfig, read_toml, section
+    from .registry import RegistryChainSettings
+    doc = read_toml(config)
+    s = section(SettlementSettings, doc, "settlement", config.parent,
+                ("key", "threshold_public", "database", "bills", "registry_key"))
+    areas = {}
+    for i, raw in enumerate(doc.get("area", [])):
+        a = section(AreaSource, {"area": raw}, "area", config.parent, ("validators", "database"))
+        areas[a.chain] = a
+    reg = RegistryChainSettings.from_doc(doc, config.parent)
+    if reg is None:
+        raise GridledgerError(f"{config}: settlement reads the registry chain: add [registry_chain]")
+    return s, areas, reg, section(MqttConfig, doc, "mqtt")
+
+
+def run_settlement(config: Path, *, area: str, period: Period, tariff: Path, out: Path | None,
+                   log_level: str = "warning") -> dict:
+    import asyncio
+
+    from certlog.light import state_proof
+    from certlog.store import ChainStore
+    from certlog.validators import load_validator_set, read_secret_key
+    from gridledger.logs import setup_logging
+    from .registry import submit
+    from .registryapp import RegistryHistory, sign_record
+    from .threshold import load_threshold_public
+
+    setup_logging("settle", log_level)
+    s, areas, reg_settings, mqtt = _load(config)
+    if area not in areas:
+        raise GridledgerError(f"{config}: no [[area]] with chain = {area!r}")
+    src = areas[area]
+    tariff_obj = Tariff.from_toml(tariff)
+    key = load_threshold_public(s.threshold_public)
+    store = SettlementStore(s.database)
+    ro = lambda p: sqlite3.connect(f"file:{p}?mode=ro", uri=True, check_same_thread=False, timeout=10)  # noqa
+    reg_store = ChainStore(ro(reg_settings.database))
+    history = RegistryHistory.from_store(reg_store, reg_settings.chain)
+    view = history.view(area)
+    accounts = sorted({e.account for e in view})
+    reg_head = reg_store.head()
+    if reg_head is None:
+        raise GridledgerError("the registry replica holds no certified block yet")
+    key_proof = state_proof(reg_store.nodes, reg_head[0], reg_head[1], paillier_key_id(key.kid))
+    if key_proof["leaf"] is None:
+        raise GridledgerError(f"threshold key {key.kid} is not published on the registry chain "
+                              "(gridledger registry publish-key)")
+    area_store = ChainStore(ro(src.database))
+    ledger = AreaLedger(area_store, area, lambda m: history._meters[m].entry.account if m in history._meters
+                        else None, store.conn)
+    ledger.catch_up()
+    head = area_store.head()
+    if head is None or head[0].time // 1000 <= period.end:
+        raise GridledgerError(f"{area}/{period.name} is still open: no block certified after its end yet")
+    trustees = TrusteeClient(key, s.name, read_secret_key(s.key), timeout_s=s.timeout_s)
+    out_dir = out or s.bills
+
+    async def go() -> RunResult:
+        async with aiomqtt.Client(mqtt.host, mqtt.port, identifier=f"settle-{s.name}-{period.name}",
+                                  username=mqtt.username, password=mqtt.password) as client:
+            return await settle_chain(client=client, trustees=trustees, ledger=ledger,
+                                      validators=load_validator_set(src.validators), chain=area, accounts=accounts,
+                                      period=period, tariff=tariff_obj, key_proof=key_proof,
+                                      registry_chain=reg_settings.chain, store=store, out=out_dir,
+                                      progress=Progress(len(accounts), f"settling {area} {period.name}"))
+
+    result = asyncio.run(go())
+    recorded = None
+    if s.registry_signer and s.registry_key is not None:
+        from gridledger.meterkeys import MeterKey
+        signer = MeterKey.read_seed(s.registry_signer, s.registry_key)
+        rec = {"kind": "settlement", "chain": area, "period": period.name, "tariff": tariff_obj.sha256,
+               "bills": len(result.bills), "root": result.root, "signer": s.registry_signer,
+               "time": int(time.time())}
+        [res] = asyncio.run(submit(mqtt, [sign_record(rec, signer.private)], chain=reg_settings.chain))
+        recorded = (f"height {res['height']}" if res["status"] == "certified" else
+                    "already recorded" if res.get("reason") == "tx_duplicate_settlement" else None)
+        if recorded is None:
+            raise GridledgerError(f"the registry refused the settlement record: {res}")
+    store.finish_run(area, period.name, result.root, len(result.bills), recorded)
+    return {"area": area, "period": period.to_dict(), "bills": len(result.bills),
+            "unbilled": result.unbilled, "root": result.root, "recorded": recorded,
+            "csv": str(result.csv) if result.csv else None,
+            "total": str(sum(Decimal(b["charges"]["total"]) for b in result.bills)),
+            "currency": tariff_obj.currency}

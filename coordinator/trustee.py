@@ -8,11 +8,11 @@ before any arithmetic, whether what it is asked to decrypt is allowed:
 3. policy: the item spans at least `min_readings` readings of the account and,
    when it starts from a certified state, at least `min_period_s` seconds of
    reading time; one reading is refused as `single_interval`;
-4. no differencing: the trustee remembers every boundary (the account's reading
-   count at `from` and `to`) it ever decrypted across; a new item is refused
-   unless, with its boundaries added, every stretch between two neighbouring
-   boundaries still holds at least `min_readings` readings. Otherwise two
-   allowed bills [0, 100) and [0, 101) would subtract to one reading.
+4. no differencing: the trustee remembers every span of readings (the account's
+   reading counts at `from` and `to`) it ever decrypted; a new item is refused
+   unless, with its span added, every piece between two neighbouring boundaries
+   inside the decrypted spans still holds at least `min_readings` readings.
+   Otherwise two allowed bills [0, 100) and [0, 101) would subtract to one reading.
 
 Every decision, refusals included, is a signed record (BLS, the trustee's own
 key) written to SQLite in the same transaction as the boundaries it adds, and
@@ -95,6 +95,15 @@ def load_trustee_config(path: Path) -> TrusteeConfig:
     return TrusteeConfig(s, section(Policy, doc, "policy"), section(MqttConfig, doc, "mqtt"))
 
 
+def _finest(spans: set[tuple[int, int]]) -> int:
+    """The fewest readings in any piece the decrypted spans could be cut into: the
+    gaps between neighbouring boundaries that some span covers. (A sufficient
+    bound: any sum an observer can derive from the spans is a sum of such pieces.)"""
+    cuts = sorted({c for span in spans for c in span})
+    pieces = [b - a for a, b in zip(cuts, cuts[1:]) if any(lo <= a and b <= hi for lo, hi in spans)]
+    return min(pieces, default=1 << 62)
+
+
 def verify_decision(record: dict, public_key: bytes) -> bool:
     """Does `record` (a published decision) carry its trustee's valid signature?"""
     try:
@@ -120,22 +129,21 @@ class Trustee:
         self.conn = conn
         self.counts: Counter[str] = Counter()
         conn.executescript("""
-            CREATE TABLE IF NOT EXISTS trustee_cuts (
-                chain TEXT NOT NULL, account TEXT NOT NULL, count INTEGER NOT NULL,
-                PRIMARY KEY (chain, account, count)) WITHOUT ROWID;
+            CREATE TABLE IF NOT EXISTS trustee_spans (
+                chain TEXT NOT NULL, account TEXT NOT NULL, lo INTEGER NOT NULL, hi INTEGER NOT NULL,
+                PRIMARY KEY (chain, account, lo, hi)) WITHOUT ROWID;
             CREATE TABLE IF NOT EXISTS trustee_decisions (
                 id INTEGER PRIMARY KEY, request TEXT NOT NULL, item INTEGER NOT NULL,
                 verdict TEXT NOT NULL, reason TEXT, record TEXT NOT NULL, at REAL NOT NULL);
         """)
 
     # -- policy ------------------------------------------------------------------------
-    def _cuts(self, chain: str, account: str) -> list[int]:
-        return [0] + [r[0] for r in self.conn.execute(
-            "SELECT count FROM trustee_cuts WHERE chain = ? AND account = ? AND count > 0 ORDER BY count",
-            (chain, account))]
+    def _spans(self, chain: str, account: str) -> set[tuple[int, int]]:
+        return set(self.conn.execute("SELECT lo, hi FROM trustee_spans WHERE chain = ? AND account = ?",
+                                     (chain, account)).fetchall())
 
-    def _judge(self, f: BillFacts, pending: dict[tuple[str, str], list[int]]) -> str | None:
-        """None to allow, else the reason to refuse; `pending` holds this request's new cuts."""
+    def _judge(self, f: BillFacts, pending: dict[tuple[str, str], set[tuple[int, int]]]) -> str | None:
+        """None to allow, else the reason to refuse; `pending` holds this request's new spans."""
         p = self.policy
         if f.readings == 1:
             return "single_interval"
@@ -144,11 +152,10 @@ class Trustee:
         if f.start.count > 0 and f.end.last_t - f.start.last_t < p.min_period_s:
             return "period_too_short"
         key = (f.chain, f.account)
-        cuts = pending.get(key) or self._cuts(*key)
-        new = sorted(set(cuts) | {f.start.count, f.end.count})
-        if any(b - a < p.min_readings for a, b in zip(new, new[1:])):
+        spans = (pending.get(key) or self._spans(*key)) | {(f.start.count, f.end.count)}
+        if _finest(spans) < p.min_readings:
             return "overlaps_decrypted"
-        pending[key] = new
+        pending[key] = spans
         return None
 
     def decide(self, req_obj: object) -> tuple[dict, list[int], list[dict]]:
@@ -184,9 +191,9 @@ class Trustee:
             self.counts[v["reason"] or "accepted"] += 1
         with self.conn:
             self.conn.execute("BEGIN IMMEDIATE")
-            for (chain, account), cuts in pending.items():
-                self.conn.executemany("INSERT OR IGNORE INTO trustee_cuts(chain, account, count) VALUES (?, ?, ?)",
-                                      [(chain, account, c) for c in cuts if c > 0])
+            for (chain, account), spans in pending.items():
+                self.conn.executemany("INSERT OR IGNORE INTO trustee_spans VALUES (?, ?, ?, ?)",
+                                      [(chain, account, lo, hi) for lo, hi in spans])
             self.conn.executemany(
                 "INSERT INTO trustee_decisions(request, item, verdict, reason, record, at) VALUES (?, ?, ?, ?, ?, ?)",
                 [(rid, r["item"], r["verdict"], r["reason"], json.dumps(r), time.time()) for r in records])

@@ -22,6 +22,12 @@ EXAMPLES = {
     "validator run": "gridledger validator run --config v0.toml",
     "chain verify": "gridledger chain verify --config gateway.toml",
     "keys signer": "gridledger keys signer --id tech1 --out keys/",
+    "keys bls": "gridledger keys bls --name coord --out keys/",
+    "registry publish-key": "gridledger registry publish-key --threshold keys/threshold.pub.json --signer ops "
+                            "--key keys/ops.ed25519.key",
+    "trustee run": "gridledger trustee run --config trustee-t1.toml",
+    "settle": "gridledger settle --config coordinator.toml --area area1 --period 2026-10 --tariff tariff.toml",
+    "verify-bill": "gridledger verify-bill bills/acct-0001-2026-10.json --validators validators.toml",
     "registry genesis": "gridledger registry genesis --registrar ops=keys/ops.ed25519.key --out registry-genesis.toml",
     "registry run": "gridledger registry run --config registry.toml",
     "registry node": "gridledger registry node --id tech1 --role technician --public-key HEX --signer ops "
@@ -218,6 +224,12 @@ def _cmd_registry_retire(args) -> int:
     return _submit_record(args, {"kind": "retire", "target": target, "id": ident, "reason": args.reason})
 
 
+def _cmd_registry_publish_key(args) -> int:
+    from coordinator.threshold import load_threshold_public
+    key = load_threshold_public(Path(args.threshold))
+    return _submit_record(args, {"kind": "paillier", "kid": key.kid, "key": key.to_dict()})
+
+
 def _cmd_registry_show(args) -> int:
     import json
     import sqlite3
@@ -283,6 +295,43 @@ def _cmd_chain_verify(args) -> int:
     report = audit_from_config(Path(args.config), Path(args.database) if args.database else None)
     print(json.dumps(report.to_dict()))
     return 0 if report.ok else 1
+
+
+def _cmd_trustee_run(args) -> int:
+    from coordinator.trustee import TrusteeRole, load_trustee_config
+    return _run_role("trustee", args.log_level, TrusteeRole(load_trustee_config(Path(args.config))))
+
+
+def _cmd_settle_run(args) -> int:
+    import json
+    from coordinator.settle import Period, run_settlement
+    from .errors import ConfigError
+    if args.period and (args.start is None) == (args.end is None):
+        period = Period.month(args.period) if args.start is None else Period(args.period, args.start, args.end)
+    else:
+        raise ConfigError("give --period YYYY-MM, or --period NAME with --from and --to (Unix seconds)")
+    summary = run_settlement(Path(args.config), area=args.area, period=period, tariff=Path(args.tariff),
+                             out=Path(args.out) if args.out else None, log_level=args.log_level)
+    print(json.dumps(summary))
+    return 0 if not summary["unbilled"] else 1
+
+
+def _cmd_bill_verify(args) -> int:
+    import json
+    from certlog.validators import load_validator_set
+    from coordinator.settle import BillError, verify_bill
+    vset = load_validator_set(Path(args.validators))
+    reg = load_validator_set(Path(args.registry_validators)) if args.registry_validators else vset
+    try:
+        bill = json.loads(Path(args.bill).read_text())
+        summary = verify_bill(bill, vset, reg)
+    except (OSError, ValueError) as exc:
+        raise GridledgerError(f"cannot read {args.bill}: {exc}") from None
+    except BillError as exc:
+        print(json.dumps({"ok": False, "reason": exc.reason, "detail": exc.detail}))
+        return 1
+    print(json.dumps({"ok": True, **summary}))
+    return 0
 
 
 def _cmd_testbed_run(args) -> int:
@@ -370,6 +419,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--proposer", action="store_true", help="this key is the chain's proposer (the gateway), "
                     "not a validator")
 
+    sp = action(keys, "keys", "bls", "generate a BLS12-381 key for a coordinator or trustee", _cmd_keys_validator)
+    sp.add_argument("--name", required=True, help="its name")
+    sp.add_argument("--out", required=True, help="folder for NAME.bls.key")
+    sp.set_defaults(set=None, proposer=False)
+
     sp = action(keys, "keys", "signer", "generate an Ed25519 key for a registrar or technician", _cmd_keys_signer)
     sp.add_argument("--id", required=True, help="node id, [A-Za-z0-9_-]{1,32}")
     sp.add_argument("--out", required=True, help="folder for ID.ed25519.key")
@@ -400,6 +454,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--meter-key", required=True, help="the meter's Ed25519 seed file (its proof of possession)")
     sp.add_argument("--board", default="unix")
     sp.add_argument("--firmware", default="")
+    submits.append(sp)
+    sp = action(rg, "registry", "publish-key", "publish the trustees' threshold Paillier key (a registrar signs)",
+                _cmd_registry_publish_key)
+    sp.add_argument("--threshold", required=True, help="threshold.pub.json from `keys ceremony`")
     submits.append(sp)
     sp = action(rg, "registry", "retire", "retire a meter or a node", _cmd_registry_retire)
     who = sp.add_mutually_exclusive_group(required=True)
@@ -444,6 +502,32 @@ def build_parser() -> argparse.ArgumentParser:
                 "root and signature; report the first fault", _cmd_chain_verify)
     sp.add_argument("--config", required=True, help="a gateway or validator TOML (registry, key, validator set)")
     sp.add_argument("--database", help="the SQLite file to audit (default: the config's database)")
+
+    tr = roles.add_parser("trustee", help="a trustee: one share of the Paillier key").add_subparsers(
+        dest="action", required=True)
+    sp = action(tr, "trustee", "run", "answer decryption requests that policy allows, with proofs", _cmd_trustee_run)
+    sp.add_argument("--config", required=True, help="trustee TOML file")
+    sp.add_argument("--log-level", default="info")
+
+    helptext = "bill every account of an area for a period from certified totals (resumable)"
+    sp = roles.add_parser("settle", help=helptext, description=helptext, epilog=f"example: {EXAMPLES['settle']}")
+    sp.set_defaults(fn=_cmd_settle_run)
+    sp.add_argument("--config", required=True, help="coordinator TOML file (with [settlement])")
+    sp.add_argument("--area", required=True, help="area chain id")
+    sp.add_argument("--period", required=True, help="YYYY-MM, or a name with --from/--to")
+    sp.add_argument("--from", dest="start", type=int, help="period start, Unix seconds (readings ending after it)")
+    sp.add_argument("--to", dest="end", type=int, help="period end, Unix seconds (readings ending at or before it)")
+    sp.add_argument("--tariff", required=True, help="tariff TOML file")
+    sp.add_argument("--out", help="folder for the bills (JSON, HTML, CSV); default: [settlement] bills")
+    sp.add_argument("--log-level", default="warning")
+
+    helptext = "check a bill's every proof and certificate with the validator keys alone, and recompute it"
+    sp = roles.add_parser("verify-bill", help=helptext, description=helptext,
+                          epilog=f"example: {EXAMPLES['verify-bill']}")
+    sp.set_defaults(fn=_cmd_bill_verify)
+    sp.add_argument("bill", help="the bill's JSON file")
+    sp.add_argument("--validators", required=True, help="validator-set TOML of the area chain")
+    sp.add_argument("--registry-validators", help="validator set of the registry chain (default: the same)")
 
     tb = roles.add_parser("testbed", help="one-machine testbed").add_subparsers(dest="action", required=True)
     sp = action(tb, "testbed", "run", "run broker, gateway and firmware meters in accelerated time", _cmd_testbed_run)

@@ -87,7 +87,7 @@ def build_world(tmp: Path, *, accounts: int = 3, readings: int = 48, per_block: 
     world = World(key, shares, sks, vset, area, reg, ledger, [f"acct-{m}" for m in names])
     for m, k in keys.items():
         sim = SimMeter(k, n=key.n)
-        sim.t = START - 900 * 4      # the first readings fall before the period
+        sim.t = START - 900 * per_block  # the first block ends at START
         world.meters[m] = sim
         world.truth[f"acct-{m}"] = []
     for size in [per_block] * (readings // per_block) + [1] * tail:  # then blocks of one reading each

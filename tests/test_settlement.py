@@ -13,7 +13,7 @@ from aggregator.areaapp import AccountState
 from certlog import bls
 from certlog.store import connect
 from coordinator.decrypt import bill_item, check_bill_item, sign_request
-from coordinator.settle import BillError, Period, bill_id, make_bill, verify_bill
+from coordinator.settle import BillError, Period, bill_id, covers, make_bill, verify_bill
 from coordinator.tariff import Tariff
 from coordinator.threshold import PartialBatch
 from coordinator.trustee import Policy, Trustee, verify_decision
@@ -36,6 +36,7 @@ def world(tmp_path_factory):
 
 
 def make_trustee(world, tmp, i: int, policy: Policy = POLICY) -> Trustee:
+    tmp.mkdir(parents=True, exist_ok=True)
     return Trustee(f"t{i + 1}", world.shares[i], bls.KeyGen(bytes([0x60 + i]) * 32), COORD_PK, {AREA: world.vset},
                    policy, connect(tmp / f"trustee{i}.db"))
 
@@ -60,20 +61,21 @@ def settle_one(world, trustees, account: str, period: Period) -> dict:
     batches = [PartialBatch.from_dict(a["partials"]) for a in answers]
     plain = world.key.combine([f.c], batches).plaintexts[0]
     return make_bill(chain=AREA, account=account, period=period, start=it["from"], end=it["to"],
-                     slots=unpack_slots(plain), readings=f.readings, tariff=TARIFF, key_proof=world.key_proof(),
+                     slots=unpack_slots(plain), readings=f.readings, tariff=TARIFF, covered=covers(f), key_proof=world.key_proof(),
                      registry_chain="registry", cs=[f.c], position=0, batches=batches)
 
 
 def test_bills_equal_the_truth_with_every_pair_of_trustees(world, tmp_path):
+    """The period's ends fall between blocks here (blocks of 2 h): the bill is exact."""
     period = Period("p", START, START + 8 * 3600)
     for pair in [(0, 1), (1, 2), (0, 2)]:
         trustees = [make_trustee(world, tmp_path / f"{pair}", i) for i in pair]
-        (tmp_path / f"{pair}").mkdir()
         for account in world.accounts:
             bill = settle_one(world, trustees, account, period)
             assert bill["energy_wh"] == world.truth_between(account, period.start, period.end)
             expected = sum(1 for t, _ in world.truth[account] if period.start < t <= period.end)
-            assert bill["readings"] == expected > 10
+            assert bill["readings"] == expected == 32
+            assert (bill["covers"]["after_t"], bill["covers"]["through_t"]) == (period.start, period.end)
             summary = verify_bill(json.loads(json.dumps(bill)), world.vset)
             assert summary["total"] == TARIFF.charge(bill["energy_wh"], period.days).total
 
@@ -115,7 +117,6 @@ def test_policy_refuses_and_logs_signed_decisions(world, tmp_path):
     assert rows == [("refused", r) for r in cases]
 
     # Too short in time: 16 readings of 15 minutes are 4 hours.
-    (tmp_path / "strict").mkdir()
     strict = make_trustee(world, tmp_path / "strict", 1, Policy(min_readings=10, min_period_s=5 * 3600))
     resp, _, _ = strict.decide(sign_request("coord", [item(world, acct, 1, 3)], COORD_SK))
     assert resp["items"][0]["reason"] == "period_too_short"
@@ -156,7 +157,7 @@ def test_partials_from_a_lying_trustee_are_caught_and_named(world, tmp_path):
     combined = world.key.combine([f.c], [batches[0], bad, batches[2]])
     assert set(combined.bad) == {bad.index} and combined.used == (batches[0].index, batches[2].index)
     readings = _state(world, acct, 5).count
-    assert f.readings == readings == 32
+    assert f.readings == readings == 40
     assert unpack_slots(combined.plaintexts[0]) == world.truth_between(acct, 0, world.truth[acct][readings - 1][0])
 
 
@@ -179,6 +180,7 @@ def test_verify_bill_rejects_any_altered_field_proof_or_certificate(world, tmp_p
     edits = {
         ("account",): lambda v: "acct-m1",
         ("readings",): lambda v: v + 1,
+        ("covers", "through_t"): lambda v: v - 900,
         ("energy_wh", 0): lambda v: v + 1,
         ("period", "to"): lambda v: v - 7 * 3600,
         ("charges", "total"): lambda v: "0.00",
