@@ -41,7 +41,7 @@ from certlog.validators import ValidatorSet, load_validator_set, read_secret_key
 from gridledger.config import MqttConfig, read_toml, section
 from gridledger.errors import ConfigError
 from gridledger.logs import event
-from gridledger.mqtt import keep_connected
+from gridledger.mqtt import keep_connected, until_stopped
 
 from .decrypt import (REQUESTS_TOPIC, BillFacts, DecryptError, check_bill_item, check_request, decisions_topic,
                       request_id, response_topic)
@@ -241,11 +241,14 @@ class TrusteeRole:
         t = self.trustee
         event(log, "start", trustee=t.name, index=t.share.index, kid=t.key.kid, chains=list(t.validators))
 
-        async def serve(client: aiomqtt.Client) -> None:
-            await client.publish(f"gl/v1/trustees/{t.name}/key", json.dumps(t.key.to_dict()), qos=1, retain=True)
+        async def consume(client: aiomqtt.Client) -> None:
             async for msg in client.messages:
                 await self._handle(client, bytes(msg.payload) if isinstance(msg.payload, (bytes, bytearray))
                                    else b"")
+
+        async def serve(client: aiomqtt.Client) -> None:
+            await client.publish(f"gl/v1/trustees/{t.name}/key", json.dumps(t.key.to_dict()), qos=1, retain=True)
+            await until_stopped(stop, consume(client))
 
         await keep_connected(self.cfg.mqtt, f"trustee-{t.name}", (REQUESTS_TOPIC,), stop, serve, log)
 

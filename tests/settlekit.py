@@ -15,7 +15,7 @@ from certlog.replica import Replica
 from certlog.store import ChainStore, connect
 from certlog.voter import Voter
 from coordinator.ledger import AreaLedger
-from coordinator.registryapp import Genesis, RegistryApp, paillier_key_id, sign_record
+from coordinator.registryapp import Genesis, RegistryApp, enroll_record, paillier_key_id, sign_record
 from coordinator.threshold import KeyShare, ThresholdPublicKey, ceremony
 from certlog.light import state_proof
 from gridledger.meterkeys import MeterKey, public_hex
@@ -44,6 +44,7 @@ class World:
     accounts: list[str]
     truth: dict[str, list[tuple[int, dict[int, int]]]] = field(default_factory=dict)  # account -> [(t, slots)]
     meters: dict[str, SimMeter] = field(default_factory=dict)
+    registrar: object = None
 
     def key_proof(self) -> dict:
         head = self.registry.store.head()
@@ -62,6 +63,7 @@ class World:
 def build_world(tmp: Path, *, accounts: int = 3, readings: int = 48, per_block: int = 8, tail: int = 2,
                 trustees: int = 3,
                 threshold: int = 2, bits: int = 1024, seed: int = 7) -> World:
+    tmp.mkdir(parents=True, exist_ok=True)
     key, shares = ceremony(trustees, threshold, bits, names=[f"t{i + 1}" for i in range(trustees)],
                            insecure_test_bits=True)
     sks = validator_keys(4)
@@ -71,11 +73,14 @@ def build_world(tmp: Path, *, accounts: int = 3, readings: int = 48, per_block: 
                   ChainStore(connect(tmp / "registry.db")), vset)
     reg_voters = [Voter(Replica(REGISTRY, reg.app, ChainStore(connect(tmp / f"rv{i}.db")), vset), i, sk)
                   for i, sk in enumerate(sks)]
-    rec = {"kind": "paillier", "kid": key.kid, "key": key.to_dict(), "signer": "ops", "time": START}
-    certify(reg, reg_voters, [sign_record(rec, registrar)])
-
     names = [f"m{i}" for i in range(accounts)]
-    keys = {m: MeterKey(m, bytes([i + 1]) * 32) for i, m in enumerate(names)}
+    keys = {m: MeterKey(m, (i + 1).to_bytes(32, "big")) for i, m in enumerate(names)}
+    rec = {"kind": "paillier", "kid": key.kid, "key": key.to_dict(), "signer": "ops", "time": START}
+    enrollments = [sign_record(enroll_record(meter=m, account=f"acct-{m}", area=AREA, public_key=k.public_hex,
+                                             signer="ops", time=START), registrar, k.private)
+                   for m, k in keys.items()]
+    certify(reg, reg_voters, [sign_record(rec, registrar), *enrollments])
+
     registry = Registry([MeterEntry(m, f"acct-{m}", k.public_hex) for m, k in keys.items()])
     app = AreaApp(AREA, registry, PublicKey(key.n))
     area = Replica(AREA, app, ChainStore(connect(tmp / "area.db")), vset)
@@ -84,7 +89,7 @@ def build_world(tmp: Path, *, accounts: int = 3, readings: int = 48, per_block: 
     ledger = AreaLedger(area.store, AREA, lambda m: registry.get(m).account if registry.get(m) else None)
     area.listeners.append(ledger.index)
     rng = random.Random(seed)
-    world = World(key, shares, sks, vset, area, reg, ledger, [f"acct-{m}" for m in names])
+    world = World(key, shares, sks, vset, area, reg, ledger, [f"acct-{m}" for m in names], registrar=registrar)
     for m, k in keys.items():
         sim = SimMeter(k, n=key.n)
         sim.t = START - 900 * per_block  # the first block ends at START

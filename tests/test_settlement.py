@@ -187,7 +187,7 @@ def test_verify_bill_rejects_any_altered_field_proof_or_certificate(world, tmp_p
         ("tariff", "standing_charge_per_day"): lambda v: "0.31",
         ("proofs", "to", "leaf"): flip_hex,
         ("proofs", "to", "proof", 0): flip_hex,
-        ("proofs", "to", "cert", "signature"): flip_hex,
+        ("proofs", "to", "cert", "sig"): flip_hex,
         ("proofs", "to", "header", "time"): lambda v: v + 1,
         ("proofs", "from", "height"): lambda v: v + 1,
         ("proofs", "key", "state", "leaf"): flip_hex,
