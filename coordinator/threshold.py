@@ -25,7 +25,7 @@ from gridledger.errors import GridledgerError
 from gridledger.paillier import PublicKey
 from gridledger.wire import kid_of
 
-from .safeprime import safe_prime
+from .numtheory import multiexp, safe_prime
 
 __all__ = [
     "ThresholdError", "BadPartial", "NotEnoughShares",
@@ -244,10 +244,9 @@ class ThresholdPublicKey:
     def _weighted(self, index: int, cs: Sequence, values: Sequence) -> tuple:
         """C = prod (c_j^4)^rho_j and D = prod (c_ij^2)^rho_j."""
         nsq = self.nsquare
-        C = D = gmpy2.mpz(1)
-        for c, ci, rho in zip(cs, values, self._weights(index, cs, values)):
-            C = C * gmpy2.powmod(c, rho, nsq) % nsq
-            D = D * gmpy2.powmod(ci, rho, nsq) % nsq
+        rho = self._weights(index, cs, values)
+        C = multiexp(cs, rho, nsq, WEIGHT_BITS)
+        D = multiexp([gmpy2.mpz(x) for x in values], rho, nsq, WEIGHT_BITS)
         return gmpy2.powmod(C, 4, nsq), gmpy2.powmod(D, 2, nsq)
 
     def _challenge(self, index: int, C, D, a, b) -> int:

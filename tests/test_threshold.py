@@ -19,7 +19,7 @@ import gmpy2
 import pytest
 from phe import paillier as phe_paillier
 
-from coordinator.safeprime import safe_prime as _safe_prime
+from coordinator.numtheory import multiexp, safe_prime as _safe_prime
 from coordinator.threshold import (BadPartial, KeyShare, NotEnoughShares, PartialBatch, ThresholdError,
                                    ThresholdPublicKey, _deal, _interpolate, ceremony, load_share,
                                    load_threshold_public, safe_prime)
@@ -77,6 +77,21 @@ def test_safe_prime_is_a_safe_prime_of_exactly_the_size(bits):
     assert gmpy2.is_prime(p, 50) and gmpy2.is_prime((p - 1) // 2, 50)
     assert tried and tried == sorted(tried)
     assert safe_prime is _safe_prime
+
+
+@pytest.mark.parametrize("count", [1, 3, 64, 300])
+def test_multiexp_equals_the_product_of_powers(count):
+    """The batch weights' bucket multi-exponentiation against one powmod per base,
+    with the edge exponents 0, 1 and 2^128 - 1 included."""
+    mod = safe_prime(256) * safe_prime(256)
+    mod *= mod
+    bases = [secrets.randbelow(mod) for _ in range(count)]
+    exps = [secrets.randbits(128) for _ in range(count)]
+    exps[:3] = [(1 << 128) - 1, 0, 1][:count]
+    expect = 1
+    for b, e in zip(bases, exps):
+        expect = expect * pow(b, e, mod) % mod
+    assert multiexp(bases, exps, mod, 128) == expect
 
 
 def test_safe_prime_refuses_tiny_sizes():
