@@ -25,7 +25,7 @@ from gridledger.errors import GridledgerError
 from gridledger.paillier import PublicKey
 from gridledger.wire import kid_of
 
-from .safeprime import safe_prime
+from .numtheory import multiexp, safe_prime
 
 __all__ = [
     "ThresholdError", "BadPartial", "NotEnoughShares",
@@ -228,22 +228,25 @@ class ThresholdPublicKey:
                 raise ThresholdError("bad_ciphertext", f"ciphertext {k} is not in Z*_(n^2)")
         return [gmpy2.mpz(c) for c in cs]
 
-    def _weighted(self, index: int, cs: Sequence, values: Sequence) -> tuple:
-        """C = prod (c_j^4)^rho_j and D = prod (c_ij^2)^rho_j, with 128-bit rho_j drawn
-        from a hash of the key, the trustee, every ciphertext and every partial value."""
-        w, nsq = self._width, self.nsquare
+    def _weights(self, index: int, cs: Sequence, values: Sequence) -> list[int]:
+        """The 128-bit rho_j: a hash of the key, the trustee, every ciphertext and every
+        partial value, so no value can be chosen after (or against) the weights."""
+        w = self._width
         h = _transcript(_TAG_WEIGHTS, self.n.to_bytes(w, "big"), self.v.to_bytes(w, "big"),
                         self.vks[index - 1].to_bytes(w, "big"), index.to_bytes(4, "big"),
                         len(cs).to_bytes(4, "big"))
         for x in (*cs, *values):
             h.update(int(x).to_bytes(w, "big"))
-        stream = hashlib.shake_128(h.digest()).digest(len(cs) * WEIGHT_BITS // 8)
         step = WEIGHT_BITS // 8
-        C = D = gmpy2.mpz(1)
-        for j, (c, ci) in enumerate(zip(cs, values)):
-            rho = int.from_bytes(stream[j * step:(j + 1) * step], "big")
-            C = C * gmpy2.powmod(c, rho, nsq) % nsq
-            D = D * gmpy2.powmod(ci, rho, nsq) % nsq
+        stream = hashlib.shake_128(h.digest()).digest(len(cs) * step)
+        return [int.from_bytes(stream[j:j + step], "big") for j in range(0, len(stream), step)]
+
+    def _weighted(self, index: int, cs: Sequence, values: Sequence) -> tuple:
+        """C = prod (c_j^4)^rho_j and D = prod (c_ij^2)^rho_j."""
+        nsq = self.nsquare
+        rho = self._weights(index, cs, values)
+        C = multiexp(cs, rho, nsq, WEIGHT_BITS)
+        D = multiexp([gmpy2.mpz(x) for x in values], rho, nsq, WEIGHT_BITS)
         return gmpy2.powmod(C, 4, nsq), gmpy2.powmod(D, 2, nsq)
 
     def _challenge(self, index: int, C, D, a, b) -> int:
@@ -421,8 +424,13 @@ class KeyShare:
         log_C(D) = log_v(vk_i) for the random-weighted products C, D."""
         pub = self.public
         cs = pub._check_ciphertexts(cs)
+        x = pub.delta * self.s
+        return self._prove(cs, [gmpy2.powmod(c, 2 * x, pub.nsquare) for c in cs])
+
+    def _prove(self, cs: Sequence, values: Sequence) -> PartialBatch:
+        """The proof for `values` as they are (tests hand it forged ones)."""
+        pub = self.public
         nsq, x = pub.nsquare, pub.delta * self.s
-        values = [gmpy2.powmod(c, 2 * x, nsq) for c in cs]
         C, D = pub._weighted(self.index, cs, values)
         r = secrets.randbits(pub._nonce_bits)
         a, b = gmpy2.powmod(C, r, nsq), gmpy2.powmod(pub.v, r, nsq)
@@ -480,9 +488,16 @@ def ceremony(trustees: int, threshold: int, bits: int = 2048, names: Sequence[st
         q = safe_prime(bits // 2, stage("q"))
     if progress:
         progress("deal", 0)
+    assert (p * q).bit_length() == bits  # both primes have their top two bits set
+    return _deal(p, q, trustees, threshold, names)
+
+
+def _deal(p: int, q: int, trustees: int, threshold: int, names: tuple[str, ...]
+          ) -> tuple[ThresholdPublicKey, list[KeyShare]]:
+    """Shares of d for n = pq, from distinct safe primes p, q (ceremony's second half;
+    tests call it with primes they know, to compare against a full-key decryption)."""
     n = p * q
-    assert n.bit_length() == bits  # both primes have their top two bits set
-    m = (p // 2) * (q // 2)        # p'q'
+    m = (p // 2) * (q // 2)  # p'q'
     nm = n * m
     d = m * int(gmpy2.invert(m, n))  # d = 0 mod m, d = 1 mod n
     coeffs = [d] + [secrets.randbelow(nm) for _ in range(threshold - 1)]
