@@ -23,7 +23,6 @@ decryption computed and sent.
 from __future__ import annotations
 
 import asyncio
-import bisect
 import json
 import logging
 import sqlite3
