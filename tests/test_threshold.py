@@ -430,6 +430,7 @@ def test_malformed_public_key_dicts_are_refused(k35, mangle, reason):
     (lambda d: dict(d, name="someone"), "bad_share"),
     (lambda d: dict(d, kid="11" * 8), "kid_mismatch"),
     (lambda d: dict(d, s=-1), "malformed"),
+    (lambda d: dict(d, s="0"), "bad_share"),
     (lambda d: _without(d, "public"), "malformed"),
     (lambda d: dict(d, public="x"), "malformed"),
 ])
