@@ -359,6 +359,12 @@ class RegistryHistory:
     def hash_at(self, height: int) -> str | None:
         return self._hashes.get(height)
 
+    def account_of(self, meter: str) -> str | None:
+        """The account a meter was ever enrolled for: meter ids are never reused,
+        so this holds at every height, retired or not."""
+        e = self._meters.get(meter)
+        return e.entry.account if e else None
+
     def view(self, area: str, height: int | None = None) -> "RegistryView":
         """Members of `area` at registry `height` (None: whatever is latest when asked)."""
         return RegistryView(self, area, height)
