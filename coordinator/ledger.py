@@ -115,6 +115,8 @@ def create_database(path) -> None:
 
 def _resolver(registry) -> Callable[[str], str | None]:
     """meter -> account from a `RegistryHistory` (every meter ever enrolled) or a static `Registry`."""
+    if registry is None:  # a ledger opened to answer queries only
+        return lambda meter: None
     if hasattr(registry, "account_of"):
         return registry.account_of
     return lambda meter: e.account if (e := registry.get(meter)) is not None else None
@@ -140,7 +142,7 @@ def check_account(account: object) -> str:
 class AreaLedger:
     """Read side of one area-chain replica (a ChainStore that only ever holds
     certified blocks, e.g. a Follower's). `registry`: a `RegistryHistory` or a
-    static `Registry`, for the account of each meter."""
+    static `Registry`, for the account of each meter (None: answer, never index)."""
 
     def __init__(self, store: ChainStore, chain: str, *, registry):
         self.store = store
