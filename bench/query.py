@@ -19,9 +19,10 @@ reading, and `prev` is followed block by block (each hop a lookup of the previou
 reading's location by hash, an index built for the baseline alone) back past the
 interval's start; the client checks the same things over every reading walked.
 
---quick: 200 accounts x 400 readings, a fresh store. Default: 4,000 accounts x
-2,000 readings (8 M readings, ~18 GB; the paper's 10,000 x 2,000 would need
-~45 GB, see docs/queries.md), cached under bench/.data/ and reused.
+--quick: 200 accounts x 400 readings, a fresh store. Default: 3,000 accounts x
+2,000 readings (6 M readings, ~19 GB at ~3.1 KB a reading; the paper's
+10,000 x 2,000 would need ~62 GB, see docs/queries.md), cached under
+bench/.data/ and reused.
 """
 
 from __future__ import annotations
@@ -229,7 +230,7 @@ def main() -> None:
     ap.add_argument("--readings", type=int, help="readings per account (= blocks)")
     ap.add_argument("--fresh", action="store_true", help="rebuild the cached store")
     args = ap.parse_args()
-    accounts = args.accounts or (200 if args.quick else 4000)
+    accounts = args.accounts or (200 if args.quick else 3000)
     blocks = args.readings or (400 if args.quick else 2000)
     queries, baseline, strict = (60, 10, 20) if args.quick else (300, 20, 40)
     DATA.mkdir(parents=True, exist_ok=True)
