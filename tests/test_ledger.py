@@ -11,8 +11,10 @@ import pytest
 
 from aggregator.areaapp import equivocation_alert
 from aggregator.registry import MeterEntry, Registry
+from certlog import merkle
 from certlog.block import ChainError
 from certlog.store import ChainStore, connect
+from coordinator import txpaths
 from coordinator.ledger import (AreaLedger, verify_exact, verify_interval, verify_interval_page,
                                 verify_state_proof)
 from gridledger.meterkeys import MeterKey
@@ -207,6 +209,18 @@ def test_bad_queries_are_refused_with_a_reason(bed):
     assert reason(led.exact, "acct-m1", height=8) == "unknown_height"
     assert reason(led.state_proof, "acct-m1", 0) == "unknown_height"
     assert reason(led.certified, 99) == "unknown_height"
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 15, 16, 17, 31, 32, 33, 255, 256, 257, 1000])
+def test_stored_merkle_chunks_give_the_paths_certlog_merkle_gives(n):
+    txs = [b"tx %d" % i for i in range(n)]
+    rows = {(g, c): blob for g, c, blob in txpaths.subtrees(txs)}
+    assert all(txpaths.path(n, i, lambda g, c: rows[g, c]) == merkle.path(txs, i) for i in range(n))
+    if rows:
+        (g, c), blob = next(iter(rows.items()))
+        rows[g, c] = blob[:-32]
+        with pytest.raises(ValueError):
+            txpaths.path(n, 0, lambda g, c: rows[g, c])
 
 
 # -- tampering -------------------------------------------------------------------
