@@ -151,7 +151,7 @@ def walk_answer(b: Builder, account: str, t1: int, t2: int) -> dict:
     rows.reverse()
     headers, by_height = led._headers({top} | {r[2] for r in rows}, "linked")
     return {"account": account, "height": top, "headers": headers, "state": state,
-            "readings": [led._reading(r, by_height[r[2]]) for r in rows]}
+            "readings": led._readings(rows, by_height)}
 
 
 def verify_walk(resp: dict, vset: ValidatorSet, account: str, t1: int, t2: int) -> list[Reading]:

@@ -287,7 +287,7 @@ class AreaLedger:
             headers, by_height = self._headers({top} | ({row[2]} if row else set()), certs)
             return {"chain": self.chain, "account": account, "height": top, "headers": headers,
                     "state": self._anchor(account, top, by_height[top]),
-                    "reading": self._reading(row, by_height[row[2]]) if row else None}
+                    "reading": self._readings([row], by_height)[0] if row else None}
 
     def interval(self, account: str, t1: int, t2: int, *, limit: int = MAX_READINGS, height: int | None = None,
                  certs: str = "linked") -> dict:
@@ -336,7 +336,7 @@ class AreaLedger:
             return {"chain": self.chain, "account": account, "from": t1, "to": covered, "next": nxt, "height": top,
                     "headers": headers,
                     "anchors": [self._anchor(account, a, by_height[a]) if a else {"height": 0} for a in anchors],
-                    "readings": [self._reading(r, by_height[r[2]]) for r in rows]}
+                    "readings": self._readings(rows, by_height)}
 
     # -- pieces of answers ------------------------------------------------------
     def _aid(self, account: str) -> int | None:
@@ -364,19 +364,37 @@ class AreaLedger:
         return {"height": height, "leaf": leaf.hex() if leaf else None,
                 "proof": [rlp_encode(_as_list(node)).hex() for node in trie.get_proof(key)]}
 
-    def _reading(self, row: tuple, header: Mapping) -> dict:
-        _, _, h, idx, _ = row
-        tx = self._reader.execute("SELECT data FROM chain_txs WHERE height = ? AND idx = ?", (h, idx)).fetchone()[0]
+    def _readings(self, rows: Sequence[tuple], by_height: Mapping[int, Mapping]) -> list[dict]:
+        """The rows' transactions with their Merkle paths, read in a few statements
+        (a key seek per transaction and per chunk) rather than one each."""
+        keys = [(r[2], r[3]) for r in rows]
+        txs = {(h, i): data for h, i, data in self._seek(
+            "WITH k(h, i) AS (VALUES {}) SELECT height, idx, data FROM k CROSS JOIN chain_txs "
+            "ON height = k.h AND idx = k.i", keys)}
+        want = {(h, *gc) for h, i in keys for gc in txpaths.chunks(by_height[h]["txs"], i)}
+        stored = {(h, g, c): nodes for h, g, c, nodes in self._seek(
+            "WITH k(h, g, c) AS (VALUES {}) SELECT height, grp, chunk, nodes FROM k CROSS JOIN ledger_merkle "
+            "ON height = k.h AND grp = k.g AND chunk = k.c", want)}
+        out = []
+        for h, i in keys:
+            def chunk(g: int, c: int, h: int = h) -> bytes:
+                if (h, g, c) not in stored:
+                    raise ChainError("index_mismatch", f"no Merkle chunk {g}/{c}", height=h)
+                return stored[h, g, c]
+            out.append({"height": h, "index": i, "tx": bytes(txs[h, i]).decode("ascii"),
+                        "path": txpaths.path(by_height[h]["txs"], i, chunk)})
+        return out
 
-        def chunk(g: int, c: int) -> bytes:
-            got = self._reader.execute("SELECT nodes FROM ledger_merkle WHERE height = ? AND grp = ? AND chunk = ?",
-                                       (h, g, c)).fetchone()
-            if got is None:
-                raise ChainError("index_mismatch", f"no Merkle chunk {g}/{c}", height=h)
-            return got[0]
-
-        return {"height": h, "index": idx, "tx": bytes(tx).decode("ascii"),
-                "path": txpaths.path(header["txs"], idx, chunk)}
+    def _seek(self, sql: str, keys: Iterable[tuple]) -> list[tuple]:
+        """Rows whose key is in `keys`, 300 keys a statement (SQLite's variable limit);
+        `sql` joins a VALUES list of keys to the table (CROSS JOIN: one key seek
+        each - SQLite scans the table for `(a, b) IN (VALUES ...)`)."""
+        keys, out = list(keys), []
+        for k in range(0, len(keys), 300):
+            part = keys[k:k + 300]
+            values = ",".join(["(" + ",".join("?" * len(part[0])) + ")"] * len(part))
+            out += self._reader.execute(sql.format(values), [x for key in part for x in key]).fetchall()
+        return out
 
     def _headers(self, heights: Iterable[int], certs: str) -> tuple[list[dict], dict[int, dict]]:
         """The headers an answer needs, ascending: the highest with its certificate,

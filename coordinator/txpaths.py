@@ -15,7 +15,7 @@ from typing import Callable, Iterator, Sequence
 
 from certlog.merkle import _node, leaf_hash
 
-__all__ = ["GROUP", "subtrees", "path"]
+__all__ = ["GROUP", "subtrees", "chunks", "path"]
 
 GROUP = 4  # levels per chunk: 4 rows per path for 2^13..2^16 transactions
 _WIDTH = 1 << GROUP
@@ -50,6 +50,12 @@ def subtrees(txs: Sequence[bytes]) -> Iterator[tuple[int, int, bytes]]:
                 w = _WIDTH >> k
                 parts.extend(levels[lv][c * w:(c + 1) * w])
             yield g, c, b"".join(parts)
+
+
+def chunks(n: int, index: int) -> list[tuple[int, int]]:
+    """The (group, chunk) rows `path(n, index, ...)` reads."""
+    top = (n - 1).bit_length()  # levels above the leaves
+    return [(g, index >> (g * GROUP + GROUP)) for g in range((top + GROUP - 1) // GROUP)]
 
 
 def path(n: int, index: int, chunk: Callable[[int, int], bytes]) -> list[str]:
