@@ -16,8 +16,9 @@ A query is timed from the question to the verified answer: `AreaLedger.exact` /
 links, MPT proofs against the validator set). Baseline, on the same data in the
 same run: the paper's MPT-ECISB method - the account's leaf gives its latest
 reading, and `prev` is followed block by block (each hop a lookup of the previous
-reading's location by hash, an index built for the baseline alone) back past the
-interval's start; the client checks the same things over every reading walked.
+reading's location by hash, an index built for the baseline alone, then its
+transaction and its stored Merkle path) back past the interval's start; the
+client checks the same things over every reading walked.
 
 --quick: 200 accounts x 400 readings, a fresh store. Default: 3,000 accounts x
 2,000 readings (6 M readings, ~19 GB at ~3.1 KB a reading; the paper's
@@ -42,6 +43,7 @@ from certlog import bls, merkle
 from certlog.block import ZERO_HASH, Certificate, ChainError, Header, cert_message
 from certlog.store import ChainStore
 from certlog.validators import ValidatorSet, info_for
+from coordinator import txpaths
 from coordinator.ledger import AreaLedger, create_database, verify_exact, verify_interval
 from coordinator.proofs import _reading, _state, accept_headers
 from gridledger.meterkeys import MeterKey
@@ -89,7 +91,7 @@ class Builder:
         self.store = ChainStore(conn)
         # The baseline's own index: where the reading with this hash is (the paper's pointer).
         conn.execute("CREATE TABLE IF NOT EXISTS bench_location (hash BLOB PRIMARY KEY, height INTEGER, "
-                     "idx INTEGER) WITHOUT ROWID")
+                     "idx INTEGER, n INTEGER) WITHOUT ROWID")
         self.ledger = AreaLedger(self.store, AREA, registry=self.registry)
         head = self.store.head()
         self.head = head[0] if head else None
@@ -122,8 +124,8 @@ class Builder:
         cert = Certificate(AREA, h, header.hash, (0, 1, 2), bls.Aggregate([bls.Sign(sk, msg) for sk in self.sks[:3]]))
         with self.store.transaction() as c:
             self.store.put_block(header, txs, cert)
-            c.executemany("INSERT INTO bench_location VALUES (?, ?, ?)",
-                          [(bytes.fromhex(r.hash), h, i) for i, r in enumerate(readings)])
+            c.executemany("INSERT INTO bench_location VALUES (?, ?, ?, ?)",
+                          [(bytes.fromhex(r.hash), h, i, h) for i, r in enumerate(readings)])
         self.ledger.index(header, txs)
         self.store.nodes.cache.clear()  # the replica's node cache keeps everything; here a block's worth
         self.head = header
@@ -139,19 +141,21 @@ def walk_answer(b: Builder, account: str, t1: int, t2: int) -> dict:
     hd = json.loads(conn.execute("SELECT header FROM chain_blocks WHERE height = ?", (top,)).fetchone()[0])
     state = led._anchor(account, top, hd)
     st = AccountState.decode(bytes.fromhex(state["leaf"]))
+    aid = led._aid(account)
     rows, h = [], st.hash
     while h != ZERO_HASH:
-        height, idx = conn.execute("SELECT height, idx FROM bench_location WHERE hash = ?", (bytes.fromhex(h),)).fetchone()
+        height, idx, n = conn.execute("SELECT height, idx, n FROM bench_location WHERE hash = ?",
+                                      (bytes.fromhex(h),)).fetchone()
         tx = conn.execute("SELECT data FROM chain_txs WHERE height = ? AND idx = ?", (height, idx)).fetchone()[0]
+        path = conn.execute("SELECT path FROM ledger_readings WHERE aid = ? AND n = ?", (aid, n)).fetchone()[0]
         r = json.loads(tx)
-        rows.append((0, r["t"], height, idx, 0))
+        rows.append({"height": height, "index": idx, "tx": tx.decode(), "path": txpaths.split(path)})
         if r["t"] < t1:
             break
         h = r["prev"]
     rows.reverse()
-    headers, by_height = led._headers({top} | {r[2] for r in rows}, "linked")
-    return {"account": account, "height": top, "headers": headers, "state": state,
-            "readings": led._readings(rows, by_height)}
+    headers, _ = led._headers({top} | {r["height"] for r in rows}, "linked")
+    return {"account": account, "height": top, "headers": headers, "state": state, "readings": rows}
 
 
 def verify_walk(resp: dict, vset: ValidatorSet, account: str, t1: int, t2: int) -> list[Reading]:

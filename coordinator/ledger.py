@@ -19,16 +19,17 @@ of the account's last reading in the block - or indexing stops with
 Tables, beside the replica's own in its SQLite file:
 
     ledger_accounts  (id, account, n)                 n: readings indexed so far
-    ledger_readings  (aid, n, t, height, idx, fresh)  key (aid, n); indexes (aid, t), (aid, height)
-    ledger_merkle    (height, grp, chunk, nodes)      each block's tree (coordinator.txpaths)
-    ledger_blocks    (height)                         indexed heights
+    ledger_readings  (aid, n, t, height, idx, fresh, path)  key (aid, n); indexes (aid, t), (aid, height)
+    ledger_blocks    (height)                               indexed heights
 
 `n` is the reading's number in its account (the leaf's count once applied);
 per account t, n and height rise together, so one B-tree seek finds the first
 reading at or after a time, and the account's state after block h is summed up
 by its last reading at height <= h - no per-(account, height) table is needed.
 `fresh` marks a reading that starts a meter's chain (seq 1, zero prev): the
-account's first, or a replacement meter's.
+account's first, or a replacement meter's. `path` is the reading's Merkle path in
+its block, stored with the row: an account's rows sit together, so an answer's
+paths come from a few pages read in order, not one random page per block.
 """
 
 from __future__ import annotations
@@ -68,14 +69,11 @@ CREATE TABLE IF NOT EXISTS ledger_accounts (
     id INTEGER PRIMARY KEY, account TEXT NOT NULL UNIQUE, n INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS ledger_readings (
     aid INTEGER NOT NULL, n INTEGER NOT NULL, t INTEGER NOT NULL, height INTEGER NOT NULL,
-    idx INTEGER NOT NULL, fresh INTEGER NOT NULL, PRIMARY KEY (aid, n)) WITHOUT ROWID;
+    idx INTEGER NOT NULL, fresh INTEGER NOT NULL, path BLOB NOT NULL, PRIMARY KEY (aid, n)) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS ledger_readings_t ON ledger_readings (aid, t);
 CREATE INDEX IF NOT EXISTS ledger_readings_height ON ledger_readings (aid, height);
-CREATE TABLE IF NOT EXISTS ledger_merkle (
-    height INTEGER NOT NULL, grp INTEGER NOT NULL, chunk INTEGER NOT NULL, nodes BLOB NOT NULL,
-    PRIMARY KEY (height, grp, chunk)) WITHOUT ROWID;
 """
-_ROW = "n, t, height, idx, fresh"
+_ROW = "n, t, height, idx, fresh, path"
 
 
 class _TrieReader:
@@ -198,6 +196,8 @@ class AreaLedger:
                 raise ChainError("index_unknown_meter", f"{r.meter} (tx {i}) is in no registry entry", height=h)
             touched.setdefault(account, []).append((r, i))
         trie = Trie(self.store.nodes, bytes.fromhex(header.state_root))
+        order = [i for items in touched.values() for _, i in items]
+        paths = dict(zip(order, txpaths.paths(txs, order)))
         accounts, rows = [], []
         for account, items in touched.items():
             aid, n = self._accounts.get(account, (None, 0))
@@ -206,7 +206,7 @@ class AreaLedger:
                 raise ChainError("index_mismatch", f"{account}: the certified state is not what its readings give",
                                  height=h)
             accounts.append((account, aid, n + len(items)))
-            rows.append((account, [(n + k + 1, r.t, h, i, int(r.seq == 1 and r.prev == ZERO_HASH))
+            rows.append((account, [(n + k + 1, r.t, h, i, int(r.seq == 1 and r.prev == ZERO_HASH), paths[i])
                                    for k, (r, i) in enumerate(items)]))
         with self.store.transaction() as c:
             ids = {}
@@ -216,10 +216,8 @@ class AreaLedger:
                 else:
                     c.execute("UPDATE ledger_accounts SET n = ? WHERE id = ?", (n, aid))
                 ids[account] = aid
-            c.executemany("INSERT INTO ledger_readings(aid, n, t, height, idx, fresh) VALUES (?, ?, ?, ?, ?, ?)",
-                          [(ids[a], *row) for a, rs in rows for row in rs])
-            c.executemany("INSERT INTO ledger_merkle(height, grp, chunk, nodes) VALUES (?, ?, ?, ?)",
-                          [(h, g, k, blob) for g, k, blob in txpaths.subtrees(txs)])
+            c.executemany("INSERT INTO ledger_readings(aid, n, t, height, idx, fresh, path) "
+                          "VALUES (?, ?, ?, ?, ?, ?, ?)", [(ids[a], *row) for a, rs in rows for row in rs])
             c.execute("INSERT INTO ledger_blocks(height) VALUES (?)", (h,))
         for account, aid, n in accounts:
             self._accounts[account] = (ids[account], n)
@@ -287,7 +285,7 @@ class AreaLedger:
             headers, by_height = self._headers({top} | ({row[2]} if row else set()), certs)
             return {"chain": self.chain, "account": account, "height": top, "headers": headers,
                     "state": self._anchor(account, top, by_height[top]),
-                    "reading": self._readings([row], by_height)[0] if row else None}
+                    "reading": self._readings([row])[0] if row else None}
 
     def interval(self, account: str, t1: int, t2: int, *, limit: int = MAX_READINGS, height: int | None = None,
                  certs: str = "linked") -> dict:
@@ -336,7 +334,7 @@ class AreaLedger:
             return {"chain": self.chain, "account": account, "from": t1, "to": covered, "next": nxt, "height": top,
                     "headers": headers,
                     "anchors": [self._anchor(account, a, by_height[a]) if a else {"height": 0} for a in anchors],
-                    "readings": self._readings(rows, by_height)}
+                    "readings": self._readings(rows)}
 
     # -- pieces of answers ------------------------------------------------------
     def _aid(self, account: str) -> int | None:
@@ -364,31 +362,18 @@ class AreaLedger:
         return {"height": height, "leaf": leaf.hex() if leaf else None,
                 "proof": [rlp_encode(_as_list(node)).hex() for node in trie.get_proof(key)]}
 
-    def _readings(self, rows: Sequence[tuple], by_height: Mapping[int, Mapping]) -> list[dict]:
-        """The rows' transactions with their Merkle paths, read in a few statements
-        (a key seek per transaction and per chunk) rather than one each."""
-        keys = [(r[2], r[3]) for r in rows]
+    def _readings(self, rows: Sequence[tuple]) -> list[dict]:
+        """The rows' transactions, read in one statement per 300, with their paths."""
         txs = {(h, i): data for h, i, data in self._seek(
             "WITH k(h, i) AS (VALUES {}) SELECT height, idx, data FROM k CROSS JOIN chain_txs "
-            "ON height = k.h AND idx = k.i", keys)}
-        want = {(h, *gc) for h, i in keys for gc in txpaths.chunks(by_height[h]["txs"], i)}
-        stored = {(h, g, c): nodes for h, g, c, nodes in self._seek(
-            "WITH k(h, g, c) AS (VALUES {}) SELECT height, grp, chunk, nodes FROM k CROSS JOIN ledger_merkle "
-            "ON height = k.h AND grp = k.g AND chunk = k.c", want)}
-        out = []
-        for h, i in keys:
-            def chunk(g: int, c: int, h: int = h) -> bytes:
-                if (h, g, c) not in stored:
-                    raise ChainError("index_mismatch", f"no Merkle chunk {g}/{c}", height=h)
-                return stored[h, g, c]
-            out.append({"height": h, "index": i, "tx": bytes(txs[h, i]).decode("ascii"),
-                        "path": txpaths.path(by_height[h]["txs"], i, chunk)})
-        return out
+            "ON height = k.h AND idx = k.i", [(r[2], r[3]) for r in rows])}
+        return [{"height": r[2], "index": r[3], "tx": bytes(txs[r[2], r[3]]).decode("ascii"),
+                 "path": txpaths.split(r[5])} for r in rows]
 
     def _seek(self, sql: str, keys: Iterable[tuple]) -> list[tuple]:
         """Rows whose key is in `keys`, 300 keys a statement (SQLite's variable limit);
         `sql` joins a VALUES list of keys to the table (CROSS JOIN: one key seek
-        each - SQLite scans the table for `(a, b) IN (VALUES ...)`)."""
+        each, where SQLite would scan the table for `(a, b) IN (VALUES ...)`)."""
         keys, out = list(keys), []
         for k in range(0, len(keys), 300):
             part = keys[k:k + 300]

@@ -174,7 +174,7 @@ def test_a_reopened_ledger_catches_up_and_indexing_is_idempotent(bed, tmp_path):
     bed.prop.store.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     shutil.copy(bed.tmp / "gw.db", tmp_path / "copy.db")
     conn = connect(tmp_path / "copy.db")
-    for table in ("ledger_blocks", "ledger_accounts", "ledger_readings", "ledger_merkle"):
+    for table in ("ledger_blocks", "ledger_accounts", "ledger_readings"):
         conn.execute(f"DELETE FROM {table}")
     led = AreaLedger(ChainStore(conn), CHAIN, registry=bed.area.registry)
     assert led.height == 0 and reason(led.exact, "acct-m1") == "empty_chain"
@@ -190,7 +190,7 @@ def test_a_registry_that_disagrees_with_the_certified_state_stops_the_index(bed,
     bed.prop.store.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     shutil.copy(bed.tmp / "gw.db", tmp_path / "copy.db")
     conn = connect(tmp_path / "copy.db")
-    for table in ("ledger_blocks", "ledger_accounts", "ledger_readings", "ledger_merkle"):
+    for table in ("ledger_blocks", "ledger_accounts", "ledger_readings"):
         conn.execute(f"DELETE FROM {table}")
     wrong = Registry([MeterEntry(m, "acct-m2" if m == "m1" else a, f"{i:064x}")
                       for i, (m, a) in enumerate(ACCOUNTS.items())])
@@ -212,15 +212,11 @@ def test_bad_queries_are_refused_with_a_reason(bed):
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 15, 16, 17, 31, 32, 33, 255, 256, 257, 1000])
-def test_stored_merkle_chunks_give_the_paths_certlog_merkle_gives(n):
+def test_the_stored_paths_are_the_paths_certlog_merkle_gives(n):
     txs = [b"tx %d" % i for i in range(n)]
-    rows = {(g, c): blob for g, c, blob in txpaths.subtrees(txs)}
-    assert all(txpaths.path(n, i, lambda g, c: rows[g, c]) == merkle.path(txs, i) for i in range(n))
-    if rows:
-        (g, c), blob = next(iter(rows.items()))
-        rows[g, c] = blob[:-32]
-        with pytest.raises(ValueError):
-            txpaths.path(n, 0, lambda g, c: rows[g, c])
+    assert [txpaths.split(p) for p in txpaths.paths(txs, range(n))] == [merkle.path(txs, i) for i in range(n)]
+    with pytest.raises(IndexError):
+        txpaths.paths(txs, [n])
 
 
 # -- tampering -------------------------------------------------------------------
