@@ -227,12 +227,40 @@ def measure(b: Builder, rng: random.Random, queries: int, baseline: int, strict:
     return {k: round(median(v), 2) for k, v in res.items()} | {"height": top, "samples": {k: len(v) for k, v in res.items()}}
 
 
+def split(b: Builder, rng: random.Random, n: int) -> dict:
+    """Where an interval-100 query's time goes, as of 50 % and 100 % of a built
+    store: the server's first answer (pages as the OS cache has them), the same
+    answer again (its pages now cached), and the client's verification."""
+    led, out = b.ledger, {}
+    full = led.height
+    for top in (full // 2, full):
+        led.height = top
+        first, again, verify = [], [], []
+        for _ in range(n):
+            s = rng.randrange(1, top - 98)
+            acct, t1, t2 = account_id(rng.randrange(len(b.keys))), T0 + DT * s, T0 + DT * (s + 99)
+            for times in (first, again):
+                t0 = time.perf_counter()
+                resp = led.interval(acct, t1, t2)
+                times.append((time.perf_counter() - t0) * 1000)
+            resp = wire(resp)
+            t0 = time.perf_counter()
+            assert len(verify_interval(resp, b.vset, AREA, acct, t1, t2)) == 100
+            verify.append((time.perf_counter() - t0) * 1000)
+        out[f"as_of_{top}"] = {"server_first_ms": round(median(first), 2), "server_again_ms": round(median(again), 2),
+                               "verify_ms": round(median(verify), 2)}
+    led.height = full
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="200 accounts x 400 readings, a fresh store (< 1 min)")
     ap.add_argument("--accounts", type=int)
     ap.add_argument("--readings", type=int, help="readings per account (= blocks)")
     ap.add_argument("--fresh", action="store_true", help="rebuild the cached store")
+    ap.add_argument("--split", action="store_true", help="on the built store: where interval-100's time goes "
+                    "(first answer, the same again with its pages cached, verification) -> query_split.json")
     args = ap.parse_args()
     accounts = args.accounts or (200 if args.quick else 3000)
     blocks = args.readings or (400 if args.quick else 2000)
@@ -240,11 +268,17 @@ def main() -> None:
     DATA.mkdir(parents=True, exist_ok=True)
     path = DATA / f"query-{accounts}x{blocks}.db"
     cached = path.exists() and not args.quick and not args.fresh
-    if not cached:
+    if not cached and not args.split:
         for suffix in ("", "-wal", "-shm"):
             Path(f"{path}{suffix}").unlink(missing_ok=True)
     b = Builder(path, accounts)
     rng = random.Random(12)
+    if args.split:
+        if b.height < blocks:
+            raise SystemExit(f"{path} is not built: run without --split first")
+        emit(NAME + "_split", {"accounts": accounts, "readings_per_account": blocks, **split(b, rng, 80),
+                               "machine": machine()})
+        return
     t0 = time.perf_counter()
     half = {}
     build_s = 0.0
