@@ -410,6 +410,17 @@ class RegistryHistory:
     def hash_at(self, height: int) -> str | None:
         return self._hashes.get(height)
 
+    def account_of(self, meter: str) -> str | None:
+        """The account a meter was ever enrolled for: meter ids are never reused,
+        so this holds at every height, retired or not."""
+        e = self._meters.get(meter)
+        return e.entry.account if e else None
+
+    def accounts(self, area: str) -> list[str]:
+        """Every account that ever had a meter in `area` (retired ones too: they may
+        still owe for readings before their retirement), sorted."""
+        return sorted({e.entry.account for e in list(self._meters.values()) if e.area == area})
+
     def view(self, area: str, height: int | None = None) -> "RegistryView":
         """Members of `area` at registry `height` (None: whatever is latest when asked)."""
         return RegistryView(self, area, height)

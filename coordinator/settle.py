@@ -47,7 +47,6 @@ from .billrender import bills_csv, write_bill_files
 from .decrypt import DecryptError, bill_item, check_bill_item
 from .registryapp import paillier_key_id
 from .combine import TrusteeClient
-from .ledger import AreaLedger
 from .tariff import Charges, Tariff
 from .threshold import PartialBatch, ThresholdPublicKey
 
@@ -334,7 +333,8 @@ async def settle_chain(*, client: aiomqtt.Client, trustees: TrusteeClient, ledge
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class SettlementSettings:
-    """`[settlement]` of the coordinator's TOML."""
+    """`[settlement]` of the coordinator's TOML (beside `coordinator.role`'s tables,
+    whose area replicas and index it reads)."""
     name: str = "coordinator"
     key: Path                       # BLS secret key that signs trustee requests
     threshold_public: Path          # threshold.pub.json from the ceremony
@@ -345,30 +345,6 @@ class SettlementSettings:
     registry_key: Path | None = None
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class AreaSource:
-    """`[[area]]`: an area chain and a certified replica of it to read (opened read-only)."""
-    chain: str
-    validators: Path
-    database: Path
-
-
-def _load(config: Path):
-    from gridledger.config import MqttConfig, read_toml, section
-    from .registry import RegistryChainSettings
-    doc = read_toml(config)
-    s = section(SettlementSettings, doc, "settlement", config.parent,
-                ("key", "threshold_public", "database", "bills", "registry_key"))
-    areas = {}
-    for i, raw in enumerate(doc.get("area", [])):
-        a = section(AreaSource, {"area": raw}, "area", config.parent, ("validators", "database"))
-        areas[a.chain] = a
-    reg = RegistryChainSettings.from_doc(doc, config.parent)
-    if reg is None:
-        raise GridledgerError(f"{config}: settlement reads the registry chain: add [registry_chain]")
-    return s, areas, reg, section(MqttConfig, doc, "mqtt")
-
-
 def run_settlement(config: Path, *, area: str, period: Period, tariff: Path, out: Path | None,
                    log_level: str = "warning") -> dict:
     import asyncio
@@ -376,24 +352,25 @@ def run_settlement(config: Path, *, area: str, period: Period, tariff: Path, out
     from certlog.light import state_proof
     from certlog.store import ChainStore
     from certlog.validators import load_validator_set, read_secret_key
+    from gridledger.config import read_toml, section
     from gridledger.logs import setup_logging
+    from .role import load_coordinator_config, open_ledger
     from .registry import submit
     from .registryapp import RegistryHistory, sign_record
     from .threshold import load_threshold_public
 
     setup_logging("settle", log_level)
-    s, areas, reg_settings, mqtt = _load(config)
-    if area not in areas:
-        raise GridledgerError(f"{config}: no [[area]] with chain = {area!r}")
-    src = areas[area]
+    cfg = load_coordinator_config(config)
+    s = section(SettlementSettings, read_toml(config), "settlement", config.parent,
+                ("key", "threshold_public", "database", "bills", "registry_key"))
+    reg_settings, mqtt, src = cfg.registry_chain, cfg.mqtt, cfg.area(area)
     tariff_obj = Tariff.from_toml(tariff)
     key = load_threshold_public(s.threshold_public)
     store = SettlementStore(s.database)
-    ro = lambda p: sqlite3.connect(f"file:{p}?mode=ro", uri=True, check_same_thread=False, timeout=10)  # noqa
-    reg_store = ChainStore(ro(reg_settings.database))
+    reg_store = ChainStore(sqlite3.connect(f"file:{reg_settings.database}?mode=ro", uri=True,
+                                           check_same_thread=False, timeout=10))
     history = RegistryHistory.from_store(reg_store, reg_settings.chain)
-    view = history.view(area)
-    accounts = sorted({e.account for e in view})
+    accounts = history.accounts(area)
     reg_head = reg_store.head()
     if reg_head is None:
         raise GridledgerError("the registry replica holds no certified block yet")
@@ -401,11 +378,9 @@ def run_settlement(config: Path, *, area: str, period: Period, tariff: Path, out
     if key_proof["leaf"] is None:
         raise GridledgerError(f"threshold key {key.kid} is not published on the registry chain "
                               "(gridledger registry publish-key)")
-    area_store = ChainStore(ro(src.database))
-    ledger = AreaLedger(area_store, area, lambda m: history._meters[m].entry.account if m in history._meters
-                        else None, store.conn)
+    ledger = open_ledger(cfg, area, registry=history)  # the coordinator role's replica and index
     ledger.catch_up()
-    head = area_store.head()
+    head = ledger.store.head()
     if head is None or head[0].time // 1000 <= period.end:
         raise GridledgerError(f"{area}/{period.name} is still open: no block certified after its end yet")
     trustees = TrusteeClient(key, s.name, read_secret_key(s.key), timeout_s=s.timeout_s)

@@ -39,6 +39,10 @@ EXAMPLES = {
     "registry show": "gridledger registry show --config gateway.toml",
     "bridge serial": "gridledger bridge serial --config gateway.toml --port /dev/ttyACM0",
     "loadgen run": "gridledger loadgen run --config gateway.toml --keys lg/ --meters 1000 --readings 10",
+    "coordinator run": "gridledger coordinator run --config coordinator.toml",
+    "query exact": "gridledger query exact --config coordinator.toml --area A --account acct-0001",
+    "query interval": "gridledger query interval --config coordinator.toml --area A --account acct-0001 "
+                      "--from 1767225600 --to 1767312000 --url http://127.0.0.1:8480",
 }
 
 
@@ -289,6 +293,38 @@ def _cmd_validator_run(args) -> int:
     return _run_role("validator", args.log_level, ValidatorRole(load_validator_config(Path(args.config))))
 
 
+def _cmd_coordinator_run(args) -> int:
+    from coordinator.role import CoordinatorRole, load_coordinator_config
+    return _run_role("coordinator", args.log_level, CoordinatorRole(load_coordinator_config(Path(args.config))))
+
+
+def _cmd_query(args) -> int:
+    """Fetch (local files, or the API with --url), verify with the area's validator
+    set, print the verified result; exit 1 with the reason if it does not verify."""
+    import json
+    from certlog.block import ChainError
+    from certlog.validators import load_validator_set
+    from coordinator import client
+    from coordinator.role import load_coordinator_config, open_ledger
+    cfg = load_coordinator_config(Path(args.config))
+    vset = load_validator_set(cfg.area(args.area).validators)
+    source = client.HttpSource(args.url, args.area) if args.url else client.LedgerSource(open_ledger(cfg, args.area))
+    try:
+        if args.action == "exact":
+            out = client.exact(source, vset, args.area, args.account, min_height=args.min_height)
+        else:
+            if args.from_ is None or args.to is None:
+                raise GridledgerError("interval needs --from and --to")
+            out = client.interval(source, vset, args.area, args.account, args.from_, args.to,
+                                  min_height=args.min_height)
+    except ChainError as exc:
+        print(f"gridledger: verification failed: {exc.reason}: {exc.detail}", file=sys.stderr)
+        print(json.dumps({"verified": False, "reason": exc.reason, "detail": exc.detail}))
+        return 1
+    print(json.dumps(out))
+    return 0
+
+
 def _cmd_chain_verify(args) -> int:
     import json
     from aggregator.audit import audit_from_config
@@ -528,6 +564,28 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("bill", help="the bill's JSON file")
     sp.add_argument("--validators", required=True, help="validator-set TOML of the area chain")
     sp.add_argument("--registry-validators", help="validator set of the registry chain (default: the same)")
+
+    co = roles.add_parser("coordinator", help="the coordinator: follows area chains, answers queries").add_subparsers(
+        dest="action", required=True)
+    sp = action(co, "coordinator", "run", "follow the registry and area chains, index them, serve the HTTP query "
+                "API (docs/queries.md)", _cmd_coordinator_run)
+    sp.add_argument("--config", required=True, help="coordinator TOML file")
+    sp.add_argument("--log-level", default="info")
+
+    qy = roles.add_parser("query", help="verified queries of an area chain").add_subparsers(dest="action",
+                                                                                          required=True)
+    for name, helptext in (("exact", "an account's latest certified state and reading, verified"),
+                           ("interval", "every reading of an account in [--from, --to], verified complete")):
+        sp = action(qy, "query", name, helptext + " against the area's validator set", _cmd_query)
+        sp.add_argument("--config", required=True, help="coordinator TOML (areas, validator sets, database)")
+        sp.add_argument("--area", required=True, help="the area chain's id")
+        sp.add_argument("--account", required=True)
+        sp.add_argument("--url", help="ask this coordinator's API (default: read the coordinator's own files)")
+        sp.add_argument("--min-height", type=int, default=0,
+                        help="refuse an answer complete only as of a lower height (a head you know)")
+        if name == "interval":
+            sp.add_argument("--from", dest="from_", type=int, required=True, help="Unix seconds, inclusive")
+            sp.add_argument("--to", type=int, required=True, help="Unix seconds, inclusive")
 
     tb = roles.add_parser("testbed", help="one-machine testbed").add_subparsers(dest="action", required=True)
     sp = action(tb, "testbed", "run", "run broker, gateway and firmware meters in accelerated time", _cmd_testbed_run)

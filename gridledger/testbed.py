@@ -36,7 +36,7 @@ from .wire import Reading, kid_of
 __all__ = ["TestbedPlan", "run_testbed", "write_meter_config", "meter_process", "gateway_process", "bridge_process",
            "read_truth", "validator_process", "wait_up", "write_chain", "chain_table", "certified_height",
            "chain_height", "registry_chain_table", "write_registry_chain", "enroll_meters", "registry_process",
-           "RegistrySetup"]
+           "RegistrySetup", "coordinator_process"]
 
 BOOT_GRACE_S = 3.0  # real seconds between launch and the first virtual interval
 DAY = 86400
@@ -180,6 +180,11 @@ def enroll_meters(setup: RegistrySetup, mqtt: MqttConfig, area: str, meters: dic
     if refused:
         raise RuntimeError(f"registry refused records: {refused}")
     return max(r["height"] for r in results)
+
+
+def coordinator_process(config: Path, log: Path) -> subprocess.Popen:
+    """The coordinator (chain follower, ledger index, query API) as a real process."""
+    return _spawn([sys.executable, "-m", "gridledger", "coordinator", "run", "--config", str(config)], log)
 
 
 def registry_process(config: Path, log: Path) -> subprocess.Popen:

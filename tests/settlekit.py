@@ -61,7 +61,7 @@ class World:
 
 
 def build_world(tmp: Path, *, accounts: int = 3, readings: int = 48, per_block: int = 8, tail: int = 2,
-                trustees: int = 3,
+                trustees: int = 3, area_db: str = "area.db",
                 threshold: int = 2, bits: int = 1024, seed: int = 7) -> World:
     tmp.mkdir(parents=True, exist_ok=True)
     key, shares = ceremony(trustees, threshold, bits, names=[f"t{i + 1}" for i in range(trustees)],
@@ -83,10 +83,10 @@ def build_world(tmp: Path, *, accounts: int = 3, readings: int = 48, per_block: 
 
     registry = Registry([MeterEntry(m, f"acct-{m}", k.public_hex) for m, k in keys.items()])
     app = AreaApp(AREA, registry, PublicKey(key.n))
-    area = Replica(AREA, app, ChainStore(connect(tmp / "area.db")), vset)
+    area = Replica(AREA, app, ChainStore(connect(tmp / area_db)), vset)
     voters = [Voter(Replica(AREA, AreaApp(AREA, registry, PublicKey(key.n)), ChainStore(connect(tmp / f"v{i}.db")),
                             vset), i, sk) for i, sk in enumerate(sks)]
-    ledger = AreaLedger(area.store, AREA, lambda m: registry.get(m).account if registry.get(m) else None)
+    ledger = AreaLedger(area.store, AREA, registry=registry)
     area.listeners.append(ledger.index)
     rng = random.Random(seed)
     world = World(key, shares, sks, vset, area, reg, ledger, [f"acct-{m}" for m in names], registrar=registrar)

@@ -36,7 +36,9 @@ def _cli(*args: str) -> list[str]:
 
 
 def _setup(tmp, broker):
-    world = build_world(tmp / "chains", accounts=ACCOUNTS, readings=32, per_block=8, tail=0)
+    # The area replica sits where `gridledger coordinator run` keeps it (coordinator-AREA.db).
+    world = build_world(tmp / "chains", accounts=ACCOUNTS, readings=32, per_block=8, tail=0,
+                        area_db=f"coordinator-{AREA}.db")
     keys = tmp / "keys"
     paths = write_ceremony(keys, world.key, world.shares)
     (tmp / "validators.toml").write_text(dump_validator_set([info_for(f"v{i}", sk) for i, sk in enumerate(world.sks)]))
@@ -54,10 +56,12 @@ def _setup(tmp, broker):
                        f'chains = ["{AREA}"]\n\n[policy]\nmin_readings = 12\nmin_period_s = 10800\n\n{mqtt}')
         trustees.append(cfg)
     coord = tmp / "coordinator.toml"
-    coord.write_text(f'[settlement]\nname = "coord"\nkey = "keys/coord.bls.key"\n'
+    coord.write_text(f'[coordinator]\nname = "coord"\ndatabase = "chains/coordinator.db"\n\n'
+                     f'[settlement]\nname = "coord"\nkey = "keys/coord.bls.key"\n'
                      f'threshold_public = "{paths["threshold_public"]}"\ndatabase = "settlement.db"\n'
                      f'bills = "bills"\ntimeout_s = 20\n\n'
-                     f'[[area]]\nchain = "{AREA}"\nvalidators = "validators.toml"\ndatabase = "chains/area.db"\n\n'
+                     f'[[area]]\nchain = "{AREA}"\nvalidators = "validators.toml"\n'
+                     f'paillier_public = "{paths["paillier_public"]}"\n\n'
                      f'[registry_chain]\nvalidators = "validators.toml"\ngenesis = "registry-genesis.toml"\n'
                      f'database = "chains/registry.db"\n\n{mqtt}')
     (tmp / "tariff.toml").write_text(TARIFF)
