@@ -9,17 +9,18 @@ certified state root). Every refusal is a `ChainError` with its reason.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import rlp
 from trie import HexaryTrie
 from trie.exceptions import BadTrieProof
 
 from . import merkle
+from .mpt import rlp_encode
 from .block import ZERO_HASH, Certificate, ChainError, Header
 from .validators import ValidatorSet
 
-__all__ = ["LightClient", "encode_proof", "state_proof", "check_state_proof"]
+__all__ = ["LightClient", "prove", "proven_value", "state_proof", "check_state_proof"]
 
 
 class LightClient:
@@ -67,18 +68,41 @@ class LightClient:
 
 # -- portable state proofs: a certified header, its certificate, an MPT proof -------
 
-def encode_proof(nodes: Sequence) -> list[str]:
-    """An MPT proof (decoded trie nodes) as JSON-friendly hex strings of their RLP."""
-    return [rlp.encode(node).hex() for node in nodes]
+def prove(nodes_db, state_root: str, key: bytes) -> dict:
+    """`{"leaf", "proof"}`: the value under `key` in the state at `state_root` (hex,
+    None when absent) and its MPT proof, each trie node as hex of its RLP."""
+    trie = HexaryTrie(nodes_db, root_hash=bytes.fromhex(state_root))
+    value = trie.get(key)
+    return {"leaf": value.hex() if value else None,
+            "proof": [rlp_encode(_as_list(node)).hex() for node in trie.get_proof(key)]}
+
+
+def proven_value(state_root: str, key: bytes, obj: Mapping, *, height: int | None = None) -> bytes:
+    """The value (b"" when absent) that `obj`'s proof (`prove`'s form) establishes
+    under `key` in the state at `state_root`, or `ChainError("bad_state_proof")`
+    unless that is exactly the leaf `obj` claims."""
+    try:
+        nodes = [rlp.decode(bytes.fromhex(n)) for n in obj["proof"]]
+        value = HexaryTrie.get_from_proof(bytes.fromhex(state_root), key, nodes)
+        leaf = obj["leaf"]
+    except (BadTrieProof, rlp.exceptions.RLPException, KeyError, ValueError, TypeError, IndexError,
+            AttributeError, RecursionError) as exc:
+        raise ChainError("bad_state_proof", type(exc).__name__, height=height) from None
+    if (value.hex() if value else None) != leaf:
+        raise ChainError("bad_state_proof", "the leaf is not what the proof proves", height=height)
+    return value
+
+
+def _as_list(node) -> bytes | list:
+    """py-trie's proof nodes are tuples of bytes and nested tuples; RLP wants lists."""
+    return [_as_list(x) for x in node] if isinstance(node, (list, tuple)) else bytes(node)
 
 
 def state_proof(nodes_db, header: Header, cert: Certificate, key: bytes) -> dict:
     """The value under `key` in the state of `header` (a replica's certified block), with
     everything a stranger needs to believe it: see `check_state_proof`."""
-    trie = HexaryTrie(nodes_db, root_hash=bytes.fromhex(header.state_root))
-    value = trie.get(key)
     return {"height": header.height, "header": header.to_dict(), "cert": cert.to_dict(),
-            "leaf": value.hex() if value else None, "proof": encode_proof(trie.get_proof(key))}
+            **prove(nodes_db, header.state_root, key)}
 
 
 def check_state_proof(obj: object, validators: ValidatorSet, chain: str, key: bytes) -> tuple[Header, bytes]:
@@ -89,22 +113,12 @@ def check_state_proof(obj: object, validators: ValidatorSet, chain: str, key: by
     try:
         header = Header.from_dict(obj["header"])
         cert = Certificate.from_dict(obj["cert"])
-        leaf = bytes.fromhex(obj["leaf"]) if obj["leaf"] is not None else b""
-        nodes = tuple(rlp.decode(bytes.fromhex(n)) for n in obj["proof"])
         height = obj["height"]
-    except ChainError:
-        raise
-    except (KeyError, TypeError, ValueError, AttributeError, rlp.exceptions.DecodingError) as exc:
+    except (KeyError, TypeError) as exc:
         raise ChainError("proof_schema", f"{type(exc).__name__}: {exc}") from None
     if header.chain != chain:
         raise ChainError("wrong_chain", f"{header.chain!r} is not {chain!r}", height=header.height)
     if height != header.height:
         raise ChainError("proof_schema", "height differs from the header's", height=header.height)
     validators.check_certificate(cert, header)
-    try:
-        value = HexaryTrie.get_from_proof(bytes.fromhex(header.state_root), key, nodes)
-    except (BadTrieProof, KeyError, ValueError, TypeError, IndexError) as exc:
-        raise ChainError("bad_state_proof", type(exc).__name__, height=header.height) from None
-    if value != leaf:
-        raise ChainError("bad_state_proof", "the proof leads to another value", height=header.height)
-    return header, value
+    return header, proven_value(header.state_root, key, obj, height=header.height)

@@ -50,11 +50,11 @@ class TrusteeClient:
         self.sk = sk
         self.timeout_s = timeout_s
 
-    async def decrypt(self, client: aiomqtt.Client, items: list[dict], cs: list[int],
-                      result: Decryption | None = None, *, offset: int = 0, nonce: str = "") -> Decryption:
+    async def decrypt(self, client: aiomqtt.Client, items: list[dict], cs: list[int], *,
+                      nonce: str = "") -> Decryption:
         """Decrypt `cs` (the ciphertexts `items` define, computed by the caller from
         the same proofs the trustees check)."""
-        result = result or Decryption()
+        result = Decryption()
         todo = list(range(len(items)))
         attempt = 0
         while todo:
@@ -87,9 +87,9 @@ class TrusteeClient:
                 used = full[:self.key.threshold]
                 plain = self.key.combine(sub_cs, used).plaintexts
                 for j, i in enumerate(todo):
-                    result.plaintexts[offset + i] = plain[j]
-                    result.batches[offset + i] = (sub_cs, used)
-                    result.positions[offset + i] = j
+                    result.plaintexts[i] = plain[j]
+                    result.batches[i] = (sub_cs, used)
+                    result.positions[i] = j
                 return result
             if not refused:
                 raise TrusteesUnavailable(f"{len(full)} valid answers of {self.key.threshold} needed "
@@ -99,7 +99,7 @@ class TrusteeClient:
             still = []
             for j, i in enumerate(todo):
                 if j in refused and len(answers) - len(refused[j]) < self.key.threshold:
-                    result.refused[offset + i] = refused[j]
+                    result.refused[i] = refused[j]
                 else:
                     still.append(i)
             if still == todo:

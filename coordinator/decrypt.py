@@ -29,7 +29,9 @@ from certlog import bls
 from certlog.block import ChainError, canonical
 from certlog.light import check_state_proof
 from certlog.validators import ValidatorSet
-from gridledger.errors import GridledgerError
+from gridledger.errors import Rejected
+
+from .ledger import MAX_ACCOUNT
 
 __all__ = ["DecryptError", "BillFacts", "check_bill_item", "bill_item", "sign_request", "check_request",
            "request_id", "REQUESTS_TOPIC", "response_topic", "decisions_topic", "MAX_ITEMS"]
@@ -37,7 +39,6 @@ __all__ = ["DecryptError", "BillFacts", "check_bill_item", "bill_item", "sign_re
 REQUESTS_TOPIC = "gl/v1/trustees/requests"
 REQUEST_DOMAIN = b"gridledger trustee request v1\n"
 MAX_ITEMS = 256
-MAX_ACCOUNT = 64
 
 
 def response_topic(request: str) -> str:
@@ -48,13 +49,8 @@ def decisions_topic(trustee: str) -> str:
     return f"gl/v1/trustees/{trustee}/decisions"
 
 
-class DecryptError(GridledgerError):
+class DecryptError(Rejected):
     """A request or an item that must not be decrypted; `reason` is a stable code."""
-
-    def __init__(self, reason: str, detail: str = ""):
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
-        self.detail = detail
 
 
 ZERO_STATE = AccountState("", 0, "0" * 64, 0, 0, 1)

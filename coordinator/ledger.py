@@ -40,11 +40,10 @@ import threading
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
 
-from trie import HexaryTrie
-
 from aggregator.areaapp import account_key
 from certlog.block import Certificate, ChainError, Header
-from certlog.mpt import Trie, rlp_decode, rlp_encode
+from certlog.light import prove
+from certlog.mpt import Trie, rlp_decode
 from certlog.store import ChainStore, NodeDB, connect
 from gridledger.errors import Rejected
 from gridledger.wire import ZERO_HASH, parse_reading
@@ -347,11 +346,7 @@ class AreaLedger:
         return h if h and self._count_at(aid, h) else 0
 
     def _anchor(self, account: str, height: int, header: Mapping) -> dict:
-        trie = HexaryTrie(self._nodes, root_hash=bytes.fromhex(header["state_root"]))
-        key = account_key(account)
-        leaf = trie.get(key)
-        return {"height": height, "leaf": leaf.hex() if leaf else None,
-                "proof": [rlp_encode(_as_list(node)).hex() for node in trie.get_proof(key)]}
+        return {"height": height, **prove(self._nodes, header["state_root"], account_key(account))}
 
     def _readings(self, rows: Sequence[tuple]) -> list[dict]:
         """The rows' transactions, read in one statement per 300, with their paths."""
@@ -417,8 +412,3 @@ def _summary(leaf: bytes) -> tuple | None:
 def _check_certs(certs: str) -> None:
     if certs not in ("linked", "all"):
         raise _bad("certs is linked or all")
-
-
-def _as_list(node) -> bytes | list:
-    """py-trie's proof nodes are tuples of bytes and nested tuples; RLP wants lists."""
-    return [_as_list(x) for x in node] if isinstance(node, (list, tuple)) else bytes(node)

@@ -21,12 +21,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import rlp
-from trie import HexaryTrie
-from trie.exceptions import BadTrieProof
 
 from aggregator.areaapp import AccountState, account_key
 from certlog import merkle
 from certlog.block import Certificate, ChainError, Header
+from certlog.light import proven_value
 from certlog.validators import ValidatorSet
 from gridledger.errors import Rejected
 from gridledger.wire import ZERO_HASH, Reading, parse_reading
@@ -101,18 +100,12 @@ def _header(accepted: dict[int, Header], height: Any) -> Header:
 
 def _state(anchor: Any, header: Header, account: str) -> AccountState | None:
     """The account's leaf under `header`'s state root, from the anchor's MPT proof."""
-    proof, leaf = _field(anchor, "proof", list), anchor.get("leaf")
-    h = header.height
+    _field(anchor, "proof", list)
+    value = proven_value(header.state_root, account_key(account), anchor, height=header.height)
     try:
-        nodes = [rlp.decode(bytes.fromhex(p)) for p in proof]
-        value = HexaryTrie.get_from_proof(bytes.fromhex(header.state_root), account_key(account), nodes)
-        state = AccountState.decode(value) if value else None
-    except (BadTrieProof, rlp.exceptions.RLPException, KeyError, ValueError, TypeError, IndexError,
-            AttributeError, RecursionError) as exc:
-        raise ChainError("bad_state_proof", type(exc).__name__, height=h) from None
-    if (value.hex() if value else None) != leaf:
-        raise ChainError("bad_state_proof", "the leaf is not what the proof proves", height=h)
-    return state
+        return AccountState.decode(value) if value else None
+    except (rlp.exceptions.RLPException, ValueError, TypeError, AttributeError) as exc:
+        raise ChainError("bad_state_proof", type(exc).__name__, height=header.height) from None
 
 
 def _reading(item: Any, accepted: dict[int, Header]) -> tuple[int, int, Reading]:

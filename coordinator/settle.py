@@ -28,7 +28,6 @@ import sqlite3
 import sys
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from decimal import Decimal
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -40,7 +39,7 @@ from certlog import merkle
 from certlog.block import canonical
 from certlog.light import check_state_proof
 from certlog.validators import ValidatorSet
-from gridledger.errors import GridledgerError
+from gridledger.errors import GridledgerError, Rejected
 from gridledger.wire import unpack_slots
 
 from .billrender import bills_csv, write_bill_files
@@ -50,19 +49,14 @@ from .combine import TrusteeClient
 from .tariff import Charges, Tariff
 from .threshold import PartialBatch, ThresholdPublicKey
 
-__all__ = ["covers", "Period", "SettlementStore", "BillError", "make_bill", "bill_id", "verify_bill", "ITEMS_PER_REQUEST"]
+__all__ = ["covers", "Period", "SettlementStore", "InvalidBill", "make_bill", "bill_id", "verify_bill", "ITEMS_PER_REQUEST"]
 
 ITEMS_PER_REQUEST = 32   # one batched proof per trustee per request; a bill carries its batch's ciphertexts
 PERIOD_RE = re.compile(r"\d{4}-(0[1-9]|1[0-2])\Z")
 
 
-class BillError(GridledgerError):
+class InvalidBill(Rejected):
     """A bill that does not verify; `reason` names the first check that failed."""
-
-    def __init__(self, reason: str, detail: str = ""):
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
-        self.detail = detail
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,7 +110,7 @@ def make_bill(*, chain: str, account: str, period: Period, start: dict | None, e
 
 
 def verify_bill(bill: object, validators: ValidatorSet, registry_validators: ValidatorSet | None = None) -> dict:
-    """Check everything a bill claims, from the validator keys alone; its summary or `BillError`.
+    """Check everything a bill claims, from the validator keys alone; its summary or `InvalidBill`.
 
     The area states and the threshold key (published on the registry chain) must
     be certified; the ciphertext is recomputed from the two proven totals; every
@@ -127,48 +121,48 @@ def verify_bill(bill: object, validators: ValidatorSet, registry_validators: Val
         chain, account, proofs = bill["chain"], bill["account"], bill["proofs"]
         dec, key_part = proofs["decryption"], proofs["key"]
         if bill.get("v") != 1 or bill_id(bill) != bill["bill_id"]:
-            raise BillError("bill_id", "the bill's content does not hash to its id")
+            raise InvalidBill("bill_id", "the bill's content does not hash to its id")
         # 1. The trustees' key, as published on the certified registry chain.
         kid = proofs["to"]["header"]["app"]["kid"]
         _, leaf = check_state_proof(key_part["state"], registry_validators, key_part["chain"], paillier_key_id(kid))
         if not leaf:
-            raise BillError("key_not_published", f"threshold key {kid} is not in the certified registry state")
+            raise InvalidBill("key_not_published", f"threshold key {kid} is not in the certified registry state")
         key = ThresholdPublicKey.from_dict(json.loads(rlp.decode(leaf)[0]))
         # 2. The period's ciphertext from the two certified account states.
         facts = check_bill_item(bill_item(chain, account, proofs["from"], proofs["to"]), {chain: validators},
                                 key.kid, key.nsquare)
         period = Period(bill["period"]["name"], bill["period"]["from"], bill["period"]["to"])
         if facts.end.last_t > period.end or (facts.start.count and facts.start.last_t > period.start):
-            raise BillError("period_mismatch", "the states do not bound the period")
+            raise InvalidBill("period_mismatch", "the states do not bound the period")
         if facts.readings != bill["readings"] or covers(facts) != bill["covers"]:
-            raise BillError("readings_mismatch", f"proofs give {facts.readings}, bill says {bill['readings']}")
+            raise InvalidBill("readings_mismatch", f"proofs give {facts.readings}, bill says {bill['readings']}")
         # 3. The decryption: every partial's proof, then t of them combined.
         cs = [int(c, 16) for c in dec["ciphertexts"]]
         pos = dec["position"]
         if type(pos) is not int or not 0 <= pos < len(cs) or cs[pos] != facts.c:
-            raise BillError("ciphertext_mismatch", "the decrypted ciphertext is not the period's")
+            raise InvalidBill("ciphertext_mismatch", "the decrypted ciphertext is not the period's")
         batches = [PartialBatch.from_dict(b) for b in dec["partials"]]
         if len({b.index for b in batches}) < key.threshold:
-            raise BillError("too_few_partials", f"{len(batches)} of {key.threshold}")
+            raise InvalidBill("too_few_partials", f"{len(batches)} of {key.threshold}")
         for b in batches:
             if not key.verify(cs, b):
-                raise BillError("bad_partial", f"trustee {b.index}'s partial decryption does not verify")
+                raise InvalidBill("bad_partial", f"trustee {b.index}'s partial decryption does not verify")
         slots = unpack_slots(key.combine(cs, batches).plaintexts[pos])
         if list(slots) != bill["energy_wh"]:
-            raise BillError("energy_mismatch", "the decrypted energy differs from the bill's")
+            raise InvalidBill("energy_mismatch", "the decrypted energy differs from the bill's")
         # 4. The money.
         tariff = Tariff.from_dict(bill["tariff"])
         if tariff.sha256 != bill["tariff_sha256"]:
-            raise BillError("tariff_mismatch", "tariff does not hash to tariff_sha256")
+            raise InvalidBill("tariff_mismatch", "tariff does not hash to tariff_sha256")
         if tariff.charge(list(slots), period.days).to_dict() != bill["charges"]:
-            raise BillError("charges_mismatch", "the tariff gives different charges")
-    except BillError:
+            raise InvalidBill("charges_mismatch", "the tariff gives different charges")
+    except InvalidBill:
         raise
     except DecryptError as exc:
-        raise BillError(exc.reason, exc.detail) from None
+        raise InvalidBill(exc.reason, exc.detail) from None
     except Exception as exc:  # any other malformation: typed, with its cause
         reason = getattr(exc, "reason", None) or "bill_schema"
-        raise BillError(reason, f"{type(exc).__name__}: {exc}") from None
+        raise InvalidBill(reason, f"{type(exc).__name__}: {exc}") from None
     return {"bill_id": bill["bill_id"], "account": account, "period": period.name, "readings": facts.readings,
             "total": Charges.from_dict(bill["charges"]).total, "currency": tariff.currency,
             "from_height": facts.from_height, "to_height": facts.to_height}
@@ -258,10 +252,6 @@ class Progress:
         self.stream.flush()
 
 
-def now_iso() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
 
 # -- one run ------------------------------------------------------------------------------------
 
@@ -334,8 +324,7 @@ async def settle_chain(*, client: aiomqtt.Client, trustees: TrusteeClient, ledge
 @dataclass(frozen=True, slots=True, kw_only=True)
 class SettlementSettings:
     """`[settlement]` of the coordinator's TOML (beside `coordinator.role`'s tables,
-    whose area replicas and index it reads)."""
-    name: str = "coordinator"
+    whose name, area replicas and index it uses)."""
     key: Path                       # BLS secret key that signs trustee requests
     threshold_public: Path          # threshold.pub.json from the ceremony
     database: Path                  # bills and runs (resumable), and the account index
@@ -383,11 +372,11 @@ def run_settlement(config: Path, *, area: str, period: Period, tariff: Path, out
     head = ledger.store.head()
     if head is None or head[0].time // 1000 <= period.end:
         raise GridledgerError(f"{area}/{period.name} is still open: no block certified after its end yet")
-    trustees = TrusteeClient(key, s.name, read_secret_key(s.key), timeout_s=s.timeout_s)
+    trustees = TrusteeClient(key, cfg.coordinator.name, read_secret_key(s.key), timeout_s=s.timeout_s)
     out_dir = out or s.bills
 
     async def go() -> RunResult:
-        async with aiomqtt.Client(mqtt.host, mqtt.port, identifier=f"settle-{s.name}-{period.name}",
+        async with aiomqtt.Client(mqtt.host, mqtt.port, identifier=f"settle-{cfg.coordinator.name}-{period.name}",
                                   username=mqtt.username, password=mqtt.password) as client:
             return await settle_chain(client=client, trustees=trustees, ledger=ledger,
                                       validators=load_validator_set(src.validators), chain=area, accounts=accounts,

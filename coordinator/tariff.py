@@ -16,7 +16,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from gridledger.errors import GridledgerError
+from gridledger.errors import Rejected
 from gridledger.wire import BANDS, SLOT_BITS, SLOTS
 
 __all__ = ["TariffError", "Band", "Tariff", "Line", "Charges", "ROUNDING", "DIRECTIONS", "check_slots", "format_kwh"]
@@ -44,13 +44,8 @@ _LINE_KEYS = ("band", "name", "direction", "wh", "kwh", "rate", "amount")
 _CHARGES_KEYS = ("lines", "standing_days", "standing_rate", "standing_amount", "total", "currency")
 
 
-class TariffError(GridledgerError):
+class TariffError(Rejected):
     """A tariff, or charges, refused for a stable `reason` (``float_money``, ``unpriced_band``, ...)."""
-
-    def __init__(self, reason: str, detail: str = ""):
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
-        self.detail = detail
 
 
 @dataclass(frozen=True)

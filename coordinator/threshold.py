@@ -21,7 +21,7 @@ from typing import Callable, Mapping, Sequence
 
 import gmpy2
 
-from gridledger.errors import GridledgerError
+from gridledger.errors import Rejected
 from gridledger.paillier import PublicKey
 from gridledger.wire import kid_of
 
@@ -51,13 +51,8 @@ _DEC_RE = re.compile(r"[0-9]{1,5000}\Z")
 
 # -- errors ------------------------------------------------------------------------
 
-class ThresholdError(GridledgerError):
+class ThresholdError(Rejected):
     """A threshold key, share, partial or request refused for a machine-readable `reason`."""
-
-    def __init__(self, reason: str, detail: str = ""):
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
-        self.detail = detail
 
 
 class BadPartial(ThresholdError):

@@ -23,6 +23,7 @@ decryption computed and sent.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import sqlite3
@@ -87,8 +88,9 @@ def load_trustee_config(path: Path) -> TrusteeConfig:
     path = Path(path)
     doc = read_toml(path)
     s = section(TrusteeSettings, doc, "trustee", path.parent, ("database", "share", "secret_key", "validators"))
-    s = TrusteeSettings(**{**{f: getattr(s, f) for f in TrusteeSettings.__dataclass_fields__},
-                           "chains": tuple(s.chains)})
+    if not isinstance(s.chains, (list, tuple)) or not all(isinstance(c, str) for c in s.chains):
+        raise ConfigError(f"{path}: [trustee] chains is a list of area chain ids")
+    s = dataclasses.replace(s, chains=tuple(s.chains))
     if not s.chains:
         raise ConfigError(f"{path}: [trustee] chains lists the area chains this trustee serves")
     return TrusteeConfig(s, section(Policy, doc, "policy"), section(MqttConfig, doc, "mqtt"))
@@ -185,8 +187,7 @@ class Trustee:
             if f is not None:
                 rec.update(chain=f.chain, account=f.account, from_height=f.from_height, to_height=f.to_height,
                            readings=f.readings, from_count=f.start.count, to_count=f.end.count)
-            rec["sig"] = bls.Sign(self.sk, DECISION_DOMAIN + canonical(rec)).hex()
-            records.append(rec)
+            records.append(self._signed(rec))
             self.counts[v["reason"] or "accepted"] += 1
         with self.conn:
             self.conn.execute("BEGIN IMMEDIATE")
@@ -198,10 +199,14 @@ class Trustee:
                 [(rid, r["item"], r["verdict"], r["reason"], json.dumps(r), time.time()) for r in records])
         return {"request": rid, "trustee": self.name, "index": self.share.index, "items": verdicts}, cs, records
 
+    def _signed(self, rec: dict) -> dict:
+        rec["sig"] = bls.Sign(self.sk, DECISION_DOMAIN + canonical(rec)).hex()
+        return rec
+
     def _refuse_all(self, rid: str, exc: DecryptError) -> tuple[dict, list[int], list[dict]]:
         rec = {"trustee": self.name, "request": rid, "item": None, "verdict": "refused", "reason": exc.reason,
                "time": int(time.time()), "kind": "request"}
-        rec["sig"] = bls.Sign(self.sk, DECISION_DOMAIN + canonical(rec)).hex()
+        self._signed(rec)
         self.counts[exc.reason] += 1
         with self.conn:
             self.conn.execute(

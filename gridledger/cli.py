@@ -355,7 +355,7 @@ def _cmd_settle_run(args) -> int:
 def _cmd_bill_verify(args) -> int:
     import json
     from certlog.validators import load_validator_set
-    from coordinator.settle import BillError, verify_bill
+    from coordinator.settle import InvalidBill, verify_bill
     vset = load_validator_set(Path(args.validators))
     reg = load_validator_set(Path(args.registry_validators)) if args.registry_validators else vset
     try:
@@ -363,7 +363,7 @@ def _cmd_bill_verify(args) -> int:
         summary = verify_bill(bill, vset, reg)
     except (OSError, ValueError) as exc:
         raise GridledgerError(f"cannot read {args.bill}: {exc}") from None
-    except BillError as exc:
+    except InvalidBill as exc:
         print(json.dumps({"ok": False, "reason": exc.reason, "detail": exc.detail}))
         return 1
     print(json.dumps({"ok": True, **summary}))
@@ -425,10 +425,17 @@ def build_parser() -> argparse.ArgumentParser:
     roles = p.add_subparsers(dest="role", required=True, metavar="ROLE")
 
     def action(role_parsers, role: str, name: str, helptext: str, fn):
+        """`ROLE NAME`, or with role "" the top-level command NAME."""
         sp = role_parsers.add_parser(name, help=helptext, description=helptext,
-                                     epilog=f"example: {EXAMPLES[f'{role} {name}']}")
+                                     epilog=f"example: {EXAMPLES[f'{role} {name}'.strip()]}")
         sp.set_defaults(fn=fn)
         return sp
+
+    def daemon(role_parsers, role: str, helptext: str, fn, what: str) -> None:
+        """`ROLE run --config FILE [--log-level]`: a long-running role."""
+        sp = action(role_parsers, role, "run", helptext, fn)
+        sp.add_argument("--config", required=True, help=f"{what} TOML file")
+        sp.add_argument("--log-level", default="info")
 
     keys = roles.add_parser("keys", help="generate keys").add_subparsers(dest="action", required=True)
     sp = action(keys, "keys", "paillier", "generate a Paillier key pair (phe + gmpy2)", _cmd_keys_paillier)
@@ -470,10 +477,8 @@ def build_parser() -> argparse.ArgumentParser:
                 _cmd_registry_genesis)
     sp.add_argument("--registrar", action="append", required=True, help="ID=KEYFILE (repeat for several)")
     sp.add_argument("--out", required=True, help="genesis TOML to write")
-    sp = action(rg, "registry", "run", "run the registry chain's proposer: take signed records, certify them",
-                _cmd_registry_run)
-    sp.add_argument("--config", required=True, help="registry role TOML file")
-    sp.add_argument("--log-level", default="info")
+    daemon(rg, "registry", "run the registry chain's proposer: take signed records, certify them",
+           _cmd_registry_run, "registry role")
     submits = []
     sp = action(rg, "registry", "node", "register a node (technician, gateway, validator, ...) signed by a registrar",
                 _cmd_registry_node)
@@ -513,9 +518,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--area", help="default: the config's area")
 
     gw = roles.add_parser("gateway", help="the gateway (aggregator) role").add_subparsers(dest="action", required=True)
-    sp = action(gw, "gateway", "run", "run the gateway: MQTT ingest, checks, SQLite, acks", _cmd_gateway_run)
-    sp.add_argument("--config", required=True, help="gateway TOML file")
-    sp.add_argument("--log-level", default="info")
+    daemon(gw, "gateway", "run the gateway: MQTT ingest, checks, SQLite, acks", _cmd_gateway_run, "gateway")
 
     br = roles.add_parser("bridge", help="bridges for meters without a network").add_subparsers(
         dest="action", required=True)
@@ -528,10 +531,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--log-level", default="info")
 
     va = roles.add_parser("validator", help="an area-chain validator").add_subparsers(dest="action", required=True)
-    sp = action(va, "validator", "run", "run a validator: re-check proposed blocks, sign each height once",
-                _cmd_validator_run)
-    sp.add_argument("--config", required=True, help="validator TOML file")
-    sp.add_argument("--log-level", default="info")
+    daemon(va, "validator", "run a validator: re-check proposed blocks, sign each height once",
+           _cmd_validator_run, "validator")
 
     ch = roles.add_parser("chain", help="certified chains").add_subparsers(dest="action", required=True)
     sp = action(ch, "chain", "verify", "check a stored area chain offline: every header, certificate, "
@@ -541,13 +542,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     tr = roles.add_parser("trustee", help="a trustee: one share of the Paillier key").add_subparsers(
         dest="action", required=True)
-    sp = action(tr, "trustee", "run", "answer decryption requests that policy allows, with proofs", _cmd_trustee_run)
-    sp.add_argument("--config", required=True, help="trustee TOML file")
-    sp.add_argument("--log-level", default="info")
+    daemon(tr, "trustee", "answer decryption requests that policy allows, with proofs", _cmd_trustee_run, "trustee")
 
-    helptext = "bill every account of an area for a period from certified totals (resumable)"
-    sp = roles.add_parser("settle", help=helptext, description=helptext, epilog=f"example: {EXAMPLES['settle']}")
-    sp.set_defaults(fn=_cmd_settle_run)
+    sp = action(roles, "", "settle", "bill every account of an area for a period from certified totals "
+                "(resumable)", _cmd_settle_run)
     sp.add_argument("--config", required=True, help="coordinator TOML file (with [settlement])")
     sp.add_argument("--area", required=True, help="area chain id")
     sp.add_argument("--period", required=True, help="YYYY-MM, or a name with --from/--to")
@@ -557,20 +555,16 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", help="folder for the bills (JSON, HTML, CSV); default: [settlement] bills")
     sp.add_argument("--log-level", default="warning")
 
-    helptext = "check a bill's every proof and certificate with the validator keys alone, and recompute it"
-    sp = roles.add_parser("verify-bill", help=helptext, description=helptext,
-                          epilog=f"example: {EXAMPLES['verify-bill']}")
-    sp.set_defaults(fn=_cmd_bill_verify)
+    sp = action(roles, "", "verify-bill", "check a bill's every proof and certificate with the validator keys "
+                "alone, and recompute it", _cmd_bill_verify)
     sp.add_argument("bill", help="the bill's JSON file")
     sp.add_argument("--validators", required=True, help="validator-set TOML of the area chain")
     sp.add_argument("--registry-validators", help="validator set of the registry chain (default: the same)")
 
     co = roles.add_parser("coordinator", help="the coordinator: follows area chains, answers queries").add_subparsers(
         dest="action", required=True)
-    sp = action(co, "coordinator", "run", "follow the registry and area chains, index them, serve the HTTP query "
-                "API (docs/queries.md)", _cmd_coordinator_run)
-    sp.add_argument("--config", required=True, help="coordinator TOML file")
-    sp.add_argument("--log-level", default="info")
+    daemon(co, "coordinator", "follow the registry and area chains, index them, serve the HTTP query "
+           "API (docs/queries.md)", _cmd_coordinator_run, "coordinator")
 
     qy = roles.add_parser("query", help="verified queries of an area chain").add_subparsers(dest="action",
                                                                                           required=True)

@@ -13,7 +13,7 @@ from aggregator.areaapp import AccountState
 from certlog import bls
 from certlog.store import connect
 from coordinator.decrypt import bill_item, check_bill_item, sign_request
-from coordinator.settle import BillError, Period, bill_id, covers, make_bill, verify_bill
+from coordinator.settle import InvalidBill, Period, bill_id, covers, make_bill, verify_bill
 from coordinator.tariff import Tariff
 from coordinator.threshold import PartialBatch
 from coordinator.trustee import Policy, Trustee, verify_decision
@@ -197,17 +197,17 @@ def test_verify_bill_rejects_any_altered_field_proof_or_certificate(world, tmp_p
     }
     for path, fn in edits.items():
         tampered = edit(path, fn)
-        with pytest.raises(BillError) as exc:       # caught by its id ...
+        with pytest.raises(InvalidBill) as exc:       # caught by its id ...
             verify_bill(tampered, world.vset)
         assert exc.value.reason == "bill_id", path
         tampered["bill_id"] = bill_id(tampered)      # ... and by the check it breaks
-        with pytest.raises(BillError) as exc:
+        with pytest.raises(InvalidBill) as exc:
             verify_bill(tampered, world.vset)
         assert exc.value.reason != "bill_id", path
     dropped = copy.deepcopy(bill)
     dropped["proofs"]["decryption"]["partials"].pop()
     dropped["bill_id"] = bill_id(dropped)
-    with pytest.raises(BillError, match="too_few_partials"):
+    with pytest.raises(InvalidBill, match="too_few_partials"):
         verify_bill(dropped, world.vset)
-    with pytest.raises(BillError):
+    with pytest.raises(InvalidBill):
         verify_bill({"v": 1}, world.vset)

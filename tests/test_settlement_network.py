@@ -57,7 +57,7 @@ def _setup(tmp, broker):
         trustees.append(cfg)
     coord = tmp / "coordinator.toml"
     coord.write_text(f'[coordinator]\nname = "coord"\ndatabase = "chains/coordinator.db"\n\n'
-                     f'[settlement]\nname = "coord"\nkey = "keys/coord.bls.key"\n'
+                     f'[settlement]\nkey = "keys/coord.bls.key"\n'
                      f'threshold_public = "{paths["threshold_public"]}"\ndatabase = "settlement.db"\n'
                      f'bills = "bills"\ntimeout_s = 20\n\n'
                      f'[[area]]\nchain = "{AREA}"\nvalidators = "validators.toml"\n'
