@@ -15,7 +15,10 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
+
+import gmpy2
 
 from aggregator.audit import audit_from_config
 from aggregator.store import GatewayStore, stored_counts
@@ -24,19 +27,21 @@ from certlog.audit import verify_chain
 from certlog.validators import dump_validator_set, load_validator_set, info_for, new_secret_key, write_secret_key
 from coordinator.registry import submit
 from coordinator.registryapp import Genesis, RegistryApp, load_genesis, dump_genesis, enroll_record, node_record, sign_record
-from coordinator.totals import EnergyTotals, decrypt_ciphertext, decrypt_total
+from coordinator.settle import Period
+from coordinator.threshold import ThresholdPublicKey
 
-from . import paillier
 from .broker import Broker, start_broker
 from .firmware_build import BUILD, build_firmware, micropython_command
 from .config import MqttConfig
 from .meterkeys import MeterKey, new_meter_key
-from .wire import Reading, kid_of
+from .settlebed import (BAND_NAMES, THRESHOLD, TRUSTEES, SettlementBed, TestbedPolicy, check_bills, key_ceremony,
+                        publish_key, settle, truth_slots, write_settlement)
+from .wire import SLOTS, kid_of
 
 __all__ = ["TestbedPlan", "run_testbed", "write_meter_config", "meter_process", "gateway_process", "bridge_process",
            "read_truth", "validator_process", "wait_up", "write_chain", "chain_table", "certified_height",
            "chain_height", "registry_chain_table", "write_registry_chain", "enroll_meters", "registry_process",
-           "RegistrySetup", "coordinator_process"]
+           "RegistrySetup", "coordinator_process", "trustee_process"]
 
 BOOT_GRACE_S = 3.0  # real seconds between launch and the first virtual interval
 DAY = 86400
@@ -187,6 +192,11 @@ def coordinator_process(config: Path, log: Path) -> subprocess.Popen:
     return _spawn([sys.executable, "-m", "gridledger", "coordinator", "run", "--config", str(config)], log)
 
 
+def trustee_process(config: Path, log: Path) -> subprocess.Popen:
+    """A trustee (`gridledger trustee run`) as a real process."""
+    return _spawn([sys.executable, "-m", "gridledger", "trustee", "run", "--config", str(config)], log)
+
+
 def registry_process(config: Path, log: Path) -> subprocess.Popen:
     """The registry chain's proposer as a real process."""
     return _spawn([sys.executable, "-m", "gridledger", "registry", "run", "--config", str(config)], log)
@@ -263,9 +273,8 @@ def run_testbed(plan: TestbedPlan) -> int:
 
     _say(f"[testbed] building firmware bundle (mpy-cross) into {BUILD / 'firmware'}")
     fw = build_firmware()
-    _say("[testbed] generating a 2048-bit Paillier key (TESTBED SHORTCUT: whole private key on this host)")
-    pub, priv = paillier.generate(2048)
-    paillier.save_keypair(wd / "keys", pub, priv)
+    tkey, key_paths = key_ceremony(wd / "keys", _say)
+    policy = TestbedPolicy.for_plan(plan.meters, plan.intervals)
 
     meters = [f"m{i:02d}" for i in range(1, plan.meters + 1)]
     enrolment: dict[str, tuple[str, MeterKey]] = {}
@@ -279,11 +288,13 @@ def run_testbed(plan: TestbedPlan) -> int:
         _say("[testbed] WARNING: using the pure-Python amqtt broker (demo fallback; production uses Mosquitto)")
     procs: dict[str, subprocess.Popen] = {}
     validators: dict[str, subprocess.Popen] = {}
+    services: dict[str, subprocess.Popen] = {}  # trustees and the coordinator
     gateway = registry = None
     try:
         vcfgs = write_chain(wd, area=area, host=broker.host, port=broker.port, validators=plan.validators,
                             registry_chain=True)
         setup = write_registry_chain(wd, host=broker.host, port=broker.port)
+        bed = write_settlement(wd, tkey, key_paths, area=area, host=broker.host, port=broker.port, policy=policy)
         registry = registry_process(setup.config, wd / "logs" / "registry.log")
         wait_up(wd / "logs" / "registry.log", registry)
         for cfg in vcfgs:
@@ -300,9 +311,19 @@ def run_testbed(plan: TestbedPlan) -> int:
         wait_up(gw_log, gateway)
         _say(f"[testbed] {broker.kind} on {broker.host}:{broker.port}; registry chain, {len(validators)} "
              f"validators (BLS, f={(len(validators) - 1) // 3}) and the gateway up")
-        reg_height = enroll_meters(setup, MqttConfig(host=broker.host, port=broker.port), area, enrolment)
+        mqtt = MqttConfig(host=broker.host, port=broker.port)
+        reg_height = enroll_meters(setup, mqtt, area, enrolment)
         _say(f"[testbed] technician tech1 and {len(meters)} meters enrolled through the registry chain "
              f"(signed by the technician and by each meter's key), certified at registry height {reg_height}")
+        key_height = publish_key(setup.registrar, mqtt, tkey)
+        for cfg in bed.trustees:
+            services[cfg.stem] = trustee_process(cfg, wd / "logs" / f"{cfg.stem}.log")
+        services["coordinator"] = coordinator_process(bed.coordinator, wd / "logs" / "coordinator.log")
+        for name, proc in services.items():
+            wait_up(wd / "logs" / f"{name}.log", proc)
+        _say(f"[testbed] threshold key published on the registry chain (height {key_height}); trustees "
+             f"{', '.join(TRUSTEES)} and the coordinator up (trustee policy: a bill needs "
+             f">= {policy.min_readings} readings)")
         deadline = time.monotonic() + 60
         while chain_height(wd / "gateway-registry.db") < reg_height:
             if time.monotonic() > deadline:
@@ -321,7 +342,7 @@ def run_testbed(plan: TestbedPlan) -> int:
         for i, m in enumerate(meters):
             mdir = wd / "meters" / m
             write_meter_config(mdir / "config.json", meter=m, area=area, state_dir=mdir,
-                                     key_file=mdir / "ed25519.key", n=pub.n, host=broker.host, port=broker.port,
+                                     key_file=mdir / "ed25519.key", n=tkey.n, host=broker.host, port=broker.port,
                                      interval_s=plan.interval_s, clock=clock, seed=1000 + i,
                                      solar_wp=3000 if i % 2 else 0)
             procs[m] = meter_process(mdir / "config.json", wd / "logs" / f"{m}.log", heap=plan.heap, firmware=fw)
@@ -353,13 +374,18 @@ def run_testbed(plan: TestbedPlan) -> int:
         if tty:
             print()
         failed = {m: p.returncode for m, p in procs.items() if p.returncode not in (0, None)}
+        _follow(wd, area, services["coordinator"])  # it syncs from the gateway: before the gateway stops
         _stop(gateway)
         gateway = None
+        period = Period("testbed", virt_start, stop_at)
+        settled = _settle(wd, bed, area, period)
     finally:
         for p in procs.values():
             _stop(p, 5)
         if gateway is not None:
             _stop(gateway)
+        for p in services.values():
+            _stop(p, 10)
         for p in validators.values():
             _stop(p, 10)
         if registry is not None:
@@ -368,56 +394,91 @@ def run_testbed(plan: TestbedPlan) -> int:
 
     if failed:
         _say(f"[testbed] meters failed: {failed}; see {wd / 'logs'}")
-    rc = _report(wd, meters, priv, plan.intervals)
-    return _report_chain(wd, priv, list(validators)) or rc or (1 if failed else 0)
+    rc = _report(wd, area, period, bed, enrolment, plan.intervals, settled)
+    return _report_chain(wd, tkey, list(validators)) or rc or (1 if failed else 0)
+
+
+def _follow(wd: Path, area: str, coordinator: subprocess.Popen) -> int:
+    """Until the coordinator's replica holds the gateway's certified height; that height."""
+    height, _ = certified_height(wd / "gateway.db")
+    replica = wd / f"coordinator-{area}.db"
+    deadline = time.monotonic() + 60
+    while chain_height(replica) < height:
+        if coordinator.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"the coordinator did not follow {area} to height {height}; see logs/coordinator.log")
+        time.sleep(0.1)
+    return height
+
+
+def _settle(wd: Path, bed: SettlementBed, area: str, period: Period) -> dict:
+    """`gridledger settle` over the whole run, from the coordinator's replica."""
+    _say(f"[testbed] coordinator holds certified height {chain_height(wd / f'coordinator-{area}.db')}; settling "
+         f"{area} over the run (gridledger settle, trustees {', '.join(TRUSTEES)}, any {THRESHOLD} decrypt)")
+    t0 = time.monotonic()
+    summary = settle(bed, area=area, period=period, cwd=wd)
+    summary["seconds"] = time.monotonic() - t0
+    _say(f"[testbed] {summary['bills']} bills in {summary['seconds']:.1f} s, total {summary['total']} "
+         f"{summary['currency']}, bill-id Merkle root {summary['root'][:16]}... recorded on the registry chain "
+         f"({summary['recorded']}); bills in {wd / 'bills'}")
+    if summary["unbilled"]:
+        _say(f"[testbed] not billed: {summary['unbilled']}")
+    return summary
 
 
 def _kwh(wh: int) -> str:
     return f"{wh / 1000:.3f}"
 
 
-def _report(wd: Path, meters: list[str], priv, intervals: int) -> int:
-    store = GatewayStore(wd / "gateway.db")  # the gateway has stopped
-    try:
-        by_meter: dict[str, list[Reading]] = {m: store.readings(m) for m in meters}
-    finally:
-        store.close()
-    header = f"{'meter':<6} {'readings':>8}  {'import kWh':>11} {'truth':>11}  {'export kWh':>11} {'truth':>11}  ok"
+def _report(wd: Path, area: str, period: Period, bed: SettlementBed, enrolment: dict[str, tuple[str, MeterKey]],
+            intervals: int, settled: dict) -> int:
+    """Each bill, verified from the validator keys alone, against the simulator's truth."""
+    truths = {m: read_truth(wd / "meters" / m / "truth.jsonl") for m in enrolment}
+    checks = {c.account: c for c in check_bills(
+        wd / "settlement.db", area=area, period=period, tariff=bed.tariff,
+        truth={acct: truth_slots(truths[m]) for m, (acct, _) in enrolment.items()},
+        validators=load_validator_set(wd / "validators.toml"),
+        registry_validators=load_validator_set(wd / "registry-validators.toml"))}
+    currency = settled["currency"]
+    header = (f"{'meter':<6} {'readings':>8}  {'import kWh':>11} {'truth':>11}  {'export kWh':>11} {'truth':>11}  "
+              f"{'bill ' + currency:>10} {'truth':>10}  ok")
     _say("")
     _say(header)
     _say("-" * len(header))
     ok_all = True
-    truth_imp = truth_exp = 0
-    for m in meters:
-        rs = by_meter[m]
-        tot: EnergyTotals = decrypt_total(priv, rs)
-        truth = read_truth(wd / "meters" / m / "truth.jsonl")
-        stored_seqs = {r.seq for r in rs}
-        t_imp = sum(v["import_wh"] for s, v in truth.items() if s in stored_seqs)
-        t_exp = sum(v["export_wh"] for s, v in truth.items() if s in stored_seqs)
-        truth_imp += t_imp
-        truth_exp += t_exp
-        ok = (tot.import_wh, tot.export_wh) == (t_imp, t_exp) and len(rs) == intervals == len(truth)
+    area_slots, area_truth, area_readings = [0] * SLOTS, [0] * SLOTS, 0
+    for m, (acct, _) in enrolment.items():
+        c = checks[acct]
+        ok = c.ok and c.readings == intervals == len(truths[m])
         ok_all &= ok
-        _say(f"{m:<6} {len(rs):>8}  {_kwh(tot.import_wh):>11} {_kwh(t_imp):>11}  "
-             f"{_kwh(tot.export_wh):>11} {_kwh(t_exp):>11}  {'yes' if ok else 'NO'}")
-    area = decrypt_total(priv, [r for rs in by_meter.values() for r in rs])
-    area_ok = (area.import_wh, area.export_wh) == (truth_imp, truth_exp)
+        area_slots = [a + b for a, b in zip(area_slots, c.slots)]
+        area_truth = [a + b for a, b in zip(area_truth, c.truth)]
+        area_readings += c.readings
+        _say(f"{m:<6} {c.readings:>8}  {_kwh(sum(c.slots[0::2])):>11} {_kwh(sum(c.truth[0::2])):>11}  "
+             f"{_kwh(sum(c.slots[1::2])):>11} {_kwh(sum(c.truth[1::2])):>11}  {c.total:>10} {c.truth_total:>10}  "
+             f"{'yes' if ok else 'NO'}")
+        if c.verified:
+            _say(f"       verify-bill refused {acct}'s bill: {c.verified}")
+    truth_total = str(sum(Decimal(c.truth_total) for c in checks.values()))
+    area_ok = area_slots == area_truth and settled["total"] == truth_total
     _say("-" * len(header))
-    _say(f"{'area':<6} {area.readings:>8}  {_kwh(area.import_wh):>11} {_kwh(truth_imp):>11}  "
-         f"{_kwh(area.export_wh):>11} {_kwh(truth_exp):>11}  {'yes' if area_ok else 'NO'}")
-    bands = ", ".join(f"band {b}: import {_kwh(area.band(b)[0])} / export {_kwh(area.band(b)[1])} kWh"
-                      for b in area.bands_used())
-    _say(f"\narea total by tariff band (one decryption of the product of {area.readings} ciphertexts): {bands}")
+    _say(f"{'area':<6} {area_readings:>8}  {_kwh(sum(area_slots[0::2])):>11} {_kwh(sum(area_truth[0::2])):>11}  "
+         f"{_kwh(sum(area_slots[1::2])):>11} {_kwh(sum(area_truth[1::2])):>11}  {settled['total']:>10} "
+         f"{truth_total:>10}  {'yes' if area_ok else 'NO'}")
+    bands = ", ".join(f"{BAND_NAMES[b] if b < len(BAND_NAMES) else b}: import {_kwh(area_slots[2 * b])} / "
+                      f"export {_kwh(area_slots[2 * b + 1])} kWh"
+                      for b in range(SLOTS // 2) if area_slots[2 * b] or area_slots[2 * b + 1])
+    _say(f"\narea by tariff band, from the bills: {bands}")
     if ok_all and area_ok:
-        _say("[testbed] PASS: every decrypted total equals the simulator's truth")
+        _say(f"[testbed] PASS: {len(checks)} bills verify from the validator keys alone, and every energy "
+             "figure and amount equals the simulator's truth")
         return 0
-    _say("[testbed] FAIL: decrypted totals differ from the truth")
+    _say("[testbed] FAIL: a bill does not verify or differs from the truth")
     return 1
 
 
-def _report_chain(wd: Path, priv, validators: list[str]) -> int:
-    """Audit every replica offline; decrypt the area total from certified headers alone."""
+def _report_chain(wd: Path, key: ThresholdPublicKey, validators: list[str]) -> int:
+    """Audit every replica offline; the certified headers' encrypted area total must
+    equal, as a ciphertext, the product of the stored readings and of the bills."""
     _say("")
     reg = verify_chain(wd / "registry.db", "registry", RegistryApp(load_genesis(wd / "registry-genesis.toml")),
                        load_validator_set(wd / "registry-validators.toml"))
@@ -434,28 +495,38 @@ def _report_chain(wd: Path, priv, validators: list[str]) -> int:
     with sqlite3.connect(f"file:{wd / 'gateway.db'}?mode=ro", uri=True) as conn:
         headers = [Header.decode(row[0]) for row in conn.execute(
             "SELECT header FROM chain_blocks WHERE cert IS NOT NULL ORDER BY height")]
-    n = int(json.loads((wd / "keys" / "paillier.pub.json").read_text())["n"])
-    product = 1
-    for h in headers:
-        product = product * int(h.app["total"], 16) % (n * n)
+    nsq = key.nsquare
+    from_headers = _product((int(h.app["total"], 16) for h in headers), nsq)
     readings = sum(h.app["readings"] for h in headers)
-    tot = decrypt_ciphertext(priv, product, readings)
-    _say(f"[testbed] area total from {len(headers)} certified headers ({readings} readings): "
-         f"import {_kwh(tot.import_wh)} kWh, export {_kwh(tot.export_wh)} kWh")
     store = GatewayStore(wd / "gateway.db")
     try:
-        stored = decrypt_total(priv, store.readings())
+        stored = store.readings()
     finally:
         store.close()
+    bills = [json.loads(p.read_text()) for p in sorted((wd / "bills").glob("*.json"))]
+    from_bills = _product((int(b["proofs"]["decryption"]["ciphertexts"][b["proofs"]["decryption"]["position"]], 16)
+                           for b in bills), nsq)
+    same = from_headers == _product((r.ciphertext for r in stored), nsq) == from_bills
+    _say(f"[testbed] area total from {len(headers)} certified headers ({readings} readings) "
+         + ("equals" if same else "DIFFERS FROM") + f", as a ciphertext, the product of the {len(stored)} stored "
+         f"readings and of the {len(bills)} bills' ciphertexts: the bills add up to the area, checked "
+         "without decrypting anything")
     heights = {r.certified for r in reports.values()}
     if not reg.ok:
         _say("[testbed] FAIL: the registry chain does not verify")
         return 1
-    if tot.slots != stored.slots or readings != stored.readings:
-        _say("[testbed] FAIL: the certified headers' total differs from the stored readings' total")
+    if not same or readings != len(stored):
+        _say("[testbed] FAIL: the certified headers' total differs from the stored readings or the bills")
         return 1
     if all(r.ok for r in reports.values()) and len(heights) == 1:
         _say("[testbed] PASS: every replica holds the same certified chain and it verifies")
         return 0
     _say("[testbed] FAIL: a replica's chain does not verify or replicas disagree")
     return 1
+
+
+def _product(cs, nsq: int) -> int:
+    out = gmpy2.mpz(1)
+    for c in cs:
+        out = out * c % nsq
+    return int(out)
