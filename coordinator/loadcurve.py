@@ -36,7 +36,8 @@ from .curverender import write_curve_files
 from .decrypt import DecryptError, MAX_ITEMS
 from .settle import Progress
 
-__all__ = ["CurveStore", "Interval", "intervals", "curve_chain", "run_loadcurve", "parse_when", "curve_document", "ITEMS_PER_REQUEST"]
+__all__ = ["CurveStore", "Interval", "intervals", "curve_chain", "run_loadcurve", "parse_when", "curve_document",
+           "ITEMS_PER_REQUEST"]
 
 # A request is one batched proof per trustee; an area item carries every reading
 # of its interval (~1.4 KB each with a 2048-bit key), so requests are bounded by
@@ -215,19 +216,23 @@ def curve_document(chain: str, t1: int, t2: int, min_meters: int, points: list[d
             "withheld": [p for p in points if p["status"] == "withheld"]}
 
 
-def run_loadcurve(config: Path, *, area: str, t1: int, t2: int, out: Path | None = None,
+def run_loadcurve(config: Path | str, *, area: str, t1: int | str, t2: int | str, out: Path | str | None = None,
                   log_level: str = "warning", progress: bool = True) -> dict:
-    """The load curve of `area` over intervals ending in (t1, t2]: decrypt what is
-    missing, write the files; the document (`curve_document`) with a `files` entry."""
+    """The load curve of `area` over intervals ending in (t1, t2] (Unix seconds, or
+    text for `parse_when`): decrypt what is missing, write the files; the document
+    (`curve_document`) with a `files` entry (kind -> path)."""
     import asyncio
 
     from gridledger.logs import setup_logging
     from .settle import open_run
 
+    t1, t2 = (parse_when(t) if isinstance(t, str) else t for t in (t1, t2))
     if not 0 <= t1 < t2:
         raise GridledgerError("--from must be before --to")
     setup_logging("loadcurve", log_level)
     run = open_run(Path(config), area)
+    if run.ledger.height == 0:
+        raise GridledgerError(f"{area}: no certified block indexed yet (is `gridledger coordinator run` following it?)")
     store = CurveStore(run.store.conn)
     k = run.settings.min_meters
     bar = Progress(0, f"load curve {area}") if progress else None

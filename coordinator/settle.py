@@ -49,8 +49,8 @@ from .combine import TrusteeClient
 from .tariff import Charges, Tariff
 from .threshold import PartialBatch, ThresholdPublicKey
 
-__all__ = ["covers", "Period", "SettlementStore", "InvalidBill", "make_bill", "bill_id", "verify_bill", "ITEMS_PER_REQUEST",
-           "SettlementSettings", "CoordinatorRun", "open_run", "Progress"]
+__all__ = ["covers", "Period", "SettlementStore", "InvalidBill", "make_bill", "bill_id", "verify_bill",
+           "ITEMS_PER_REQUEST", "SettlementSettings", "CoordinatorRun", "open_run", "Progress"]
 
 ITEMS_PER_REQUEST = 32   # one batched proof per trustee per request; a bill carries its batch's ciphertexts
 PERIOD_RE = re.compile(r"\d{4}-(0[1-9]|1[0-2])\Z")
