@@ -6,19 +6,18 @@ Every string taken from a bill is escaped; the page has no script and no externa
 from __future__ import annotations
 
 import csv
-import html
 import io
 import json
 import os
 import re
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from gridledger.wire import BANDS, METER_ID_RE
 
+from .charts import COLOURS, axis_top, legend, utc as _utc, esc as _e, value_axis
 from .tariff import DIRECTIONS, Charges, Tariff, TariffError, check_slots, format_kwh
 
 __all__ = ["BillError", "render_html", "bills_csv", "write_bill_files"]
@@ -29,7 +28,6 @@ _MAX_PROOF_LINES = 12
 # Chart geometry (px): wide enough bars for a "12345.678" label at 10 px type.
 _BAR_W, _BAR_GAP, _GROUP_GAP = 44, 4, 28
 _LEFT, _RIGHT, _TOP, _BOTTOM, _PLOT_H = 64, 16, 40, 36, 170
-_COLOURS = {"import": "#2f6db5", "export": "#3c9a5f"}
 
 
 class BillError(TariffError):
@@ -112,14 +110,6 @@ def _safe_names(b: _Bill) -> None:
     for what, value in (("account", b.account), ("period name", b.period)):
         if not METER_ID_RE.match(value):
             raise BillError("unsafe_name", f"{what} {value!r} is not [A-Za-z0-9_-]{{1,32}}")
-
-
-def _utc(ts: int, fmt: str = "%Y-%m-%d %H:%M UTC") -> str:
-    return datetime.fromtimestamp(ts, timezone.utc).strftime(fmt)
-
-
-def _e(value: Any) -> str:
-    return html.escape(str(value), quote=True)
 
 
 # ---------------------------------------------------------------- HTML
@@ -236,7 +226,7 @@ def _usage_svg(b: _Bill) -> str:
         return ('<svg xmlns="http://www.w3.org/2000/svg" width="480" height="40" viewBox="0 0 480 40" role="img" '
                 'aria-label="No energy"><text x="0" y="24" font-size="14">No energy was recorded in this period.'
                 '</text></svg>')
-    top, step = _axis_top(max(b.energy_wh) / 1000)
+    top, step = axis_top(max(b.energy_wh) / 1000)
     group_w = 2 * _BAR_W + _BAR_GAP
     width = max(360, _LEFT + len(bands) * (group_w + _GROUP_GAP) + _GROUP_GAP + _RIGHT)
     height = _TOP + _PLOT_H + _BOTTOM
@@ -244,14 +234,7 @@ def _usage_svg(b: _Bill) -> str:
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
            f'viewBox="0 0 {width} {height}" role="img" aria-label="Energy per tariff band in kWh" '
            'font-family="system-ui, sans-serif" font-size="11">']
-    ticks = round(top / step)
-    for i in range(ticks + 1):
-        y = base - _PLOT_H * i / ticks
-        out.append(f'<line x1="{_LEFT}" y1="{y:.1f}" x2="{width - _RIGHT}" y2="{y:.1f}" stroke="#e1e5ea"/>'
-                   f'<text x="{_LEFT - 6}" y="{y + 4:.1f}" text-anchor="end" fill="#5b6670">{_tick(i * step)}</text>')
-    out.append(f'<text transform="translate(14 {_TOP + _PLOT_H / 2:.0f}) rotate(-90)" text-anchor="middle" '
-               'fill="#5b6670">kWh</text>')
-    out.append(f'<line x1="{_LEFT}" y1="{base}" x2="{width - _RIGHT}" y2="{base}" stroke="#5b6670"/>')
+    out.append(value_axis(top, step, left=_LEFT, right=width - _RIGHT, y_top=_TOP, height=_PLOT_H, unit="kWh"))
     for g, band in enumerate(bands):
         x0 = _LEFT + _GROUP_GAP + g * (group_w + _GROUP_GAP)
         for d, direction in enumerate(DIRECTIONS):
@@ -264,41 +247,16 @@ def _usage_svg(b: _Bill) -> str:
             label = _e(f"{b.band_name(band)} {direction}: {kwh} kWh")
             out.append(f'<rect class="bar {direction}" data-band="{band}" data-direction="{direction}" '
                        f'x="{x}" y="{base - h:.1f}" width="{_BAR_W}" height="{h:.1f}" '
-                       f'fill="{_COLOURS[direction]}"><title>{label}</title></rect>'
+                       f'fill="{COLOURS[direction]}"><title>{label}</title></rect>'
                        f'<text class="value" x="{x + _BAR_W / 2:.1f}" y="{base - h - 4:.1f}" '
                        f'text-anchor="middle" font-size="10">{_e(kwh)}</text>')
         name = b.band_name(band)
         name = name if len(name) <= 18 else name[:17] + "…"
         out.append(f'<text class="band" x="{x0 + group_w / 2:.1f}" y="{base + 16}" text-anchor="middle">'
                    f'{_e(name)}</text>')
-    for i, direction in enumerate(DIRECTIONS):
-        x = _LEFT + i * 90
-        out.append(f'<rect x="{x}" y="8" width="12" height="12" fill="{_COLOURS[direction]}"/>'
-                   f'<text x="{x + 17}" y="18">{direction}</text>')
+    out.append(legend(_LEFT, 8, ((d, COLOURS[d]) for d in DIRECTIONS)))
     out.append("</svg>")
     return "".join(out)
-
-
-def _axis_top(peak: float) -> tuple[float, float]:
-    """A round axis maximum (and tick step, 1/2/5 x 10^k) at or above `peak`, about four ticks."""
-    raw = peak / 4
-    mag = 10 ** _floor_log10(raw)
-    step = next(m * mag for m in (1, 2, 5, 10) if m * mag >= raw)
-    ticks = max(1, -(-peak // step))
-    return ticks * step, step
-
-
-def _floor_log10(x: float) -> int:
-    k = 0
-    while x >= 10:
-        x, k = x / 10, k + 1
-    while x < 1:
-        x, k = x * 10, k - 1
-    return k
-
-
-def _tick(v: float) -> str:
-    return f"{v:.6g}"
 
 
 def _proof_summary(proofs: Any) -> str:

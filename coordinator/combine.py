@@ -35,11 +35,13 @@ class TrusteesUnavailable(Exception):
 @dataclass(slots=True)
 class Decryption:
     """Plaintexts by item index; refusals by item index (reason per trustee); the
-    batches used (for bills to carry); trustees whose partials failed their proof."""
+    batches used (for bills to carry); the request (id) that decrypted each item,
+    where the trustees' decision records find it; trustees whose partials failed their proof."""
     plaintexts: dict[int, int] = field(default_factory=dict)
     refused: dict[int, dict[str, str]] = field(default_factory=dict)
     batches: dict[int, tuple[list[int], list[PartialBatch]]] = field(default_factory=dict)  # item -> (cs, batches)
     positions: dict[int, int] = field(default_factory=dict)   # item -> its position in its batch
+    requests: dict[int, str] = field(default_factory=dict)    # item -> request id
     bad_trustees: set[str] = field(default_factory=set)
 
 
@@ -90,6 +92,7 @@ class TrusteeClient:
                     result.plaintexts[i] = plain[j]
                     result.batches[i] = (sub_cs, used)
                     result.positions[i] = j
+                    result.requests[i] = request_id(req)
                 return result
             if not refused:
                 raise TrusteesUnavailable(f"{len(full)} valid answers of {self.key.threshold} needed "

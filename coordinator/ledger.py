@@ -19,7 +19,7 @@ of the account's last reading in the block - or indexing stops with
 Tables, beside the replica's own in its SQLite file:
 
     ledger_accounts  (id, account, n)                 n: readings indexed so far
-    ledger_readings  (aid, n, t, height, idx, fresh, path)  key (aid, n); indexes (aid, t), (aid, height)
+    ledger_readings  (aid, n, t, height, idx, fresh, path)  key (aid, n); indexes (aid, t), (aid, height), (t)
     ledger_blocks    (height)                               indexed heights
 
 `n` is the reading's number in its account (the leaf's count once applied);
@@ -30,6 +30,8 @@ by its last reading at height <= h - no per-(account, height) table is needed.
 account's first, or a replacement meter's. `path` is the reading's Merkle path in
 its block, stored with the row: an account's rows sit together, so an answer's
 paths come from a few pages read in order, not one random page per block.
+The index on `t` alone serves area load curves (`readings_ending`): every
+account's reading of one interval.
 """
 
 from __future__ import annotations
@@ -71,6 +73,7 @@ CREATE TABLE IF NOT EXISTS ledger_readings (
     idx INTEGER NOT NULL, fresh INTEGER NOT NULL, path BLOB NOT NULL, PRIMARY KEY (aid, n)) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS ledger_readings_t ON ledger_readings (aid, t);
 CREATE INDEX IF NOT EXISTS ledger_readings_height ON ledger_readings (aid, height);
+CREATE INDEX IF NOT EXISTS ledger_readings_end ON ledger_readings (t);
 """
 _ROW = "n, t, height, idx, fresh, path"
 
@@ -325,6 +328,20 @@ class AreaLedger:
                     "headers": headers,
                     "anchors": [self._anchor(account, a, by_height[a]) if a else {"height": 0} for a in anchors],
                     "readings": self._readings(rows)}
+
+    def interval_ends(self, t1: int, t2: int) -> list[int]:
+        """The distinct interval ends t, t1 < t <= t2, of the indexed readings of every account."""
+        with self._read_lock:
+            return [t for (t,) in self._reader.execute(
+                "SELECT DISTINCT t FROM ledger_readings WHERE t > ? AND t <= ? ORDER BY t", (t1, t2))]
+
+    def readings_ending(self, t: int) -> list[dict]:
+        """Every indexed reading (any account) whose interval ends at `t`, in chain
+        order, each with its Merkle path: {height, index, tx, path}."""
+        with self._read_lock:
+            rows = self._reader.execute(f"SELECT {_ROW} FROM ledger_readings WHERE t = ? ORDER BY height, idx",
+                                        (t,)).fetchall()
+            return self._readings(rows)
 
     # -- pieces of answers ------------------------------------------------------
     def _aid(self, account: str) -> int | None:

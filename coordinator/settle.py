@@ -49,7 +49,8 @@ from .combine import TrusteeClient
 from .tariff import Charges, Tariff
 from .threshold import PartialBatch, ThresholdPublicKey
 
-__all__ = ["covers", "Period", "SettlementStore", "InvalidBill", "make_bill", "bill_id", "verify_bill", "ITEMS_PER_REQUEST"]
+__all__ = ["covers", "Period", "SettlementStore", "InvalidBill", "make_bill", "bill_id", "verify_bill",
+           "ITEMS_PER_REQUEST", "SettlementSettings", "CoordinatorRun", "open_run", "Progress"]
 
 ITEMS_PER_REQUEST = 32   # one batched proof per trustee per request; a bill carries its batch's ciphertexts
 PERIOD_RE = re.compile(r"\d{4}-(0[1-9]|1[0-2])\Z")
@@ -332,6 +333,55 @@ class SettlementSettings:
     timeout_s: float = 60.0
     registry_signer: str = ""       # node id that records runs on the registry chain ("" = do not record)
     registry_key: Path | None = None
+    min_meters: int = 10            # load curves: intervals over fewer meters are not even asked for
+    loadcurves: Path | None = None  # load-curve export folder; default "loadcurves" beside the bills
+
+
+@dataclass(slots=True)
+class CoordinatorRun:
+    """What a settlement or load-curve run of one area works with: the coordinator's
+    config and `[settlement]`, the trustees' key, the run database, the registry
+    replica, the area's ledger (caught up), and a client for the trustees."""
+    cfg: object                     # coordinator.role.CoordinatorConfig
+    settings: SettlementSettings
+    key: ThresholdPublicKey
+    store: SettlementStore
+    registry: object                # certlog.store.ChainStore of the registry chain (read only)
+    history: object                 # coordinator.registryapp.RegistryHistory
+    ledger: object                  # coordinator.ledger.AreaLedger
+    validators: ValidatorSet
+    trustees: TrusteeClient
+
+    def mqtt_client(self, purpose: str) -> aiomqtt.Client:
+        mqtt = self.cfg.mqtt
+        return aiomqtt.Client(mqtt.host, mqtt.port, identifier=f"{purpose}-{self.cfg.coordinator.name}",
+                              username=mqtt.username, password=mqtt.password)
+
+
+def open_run(config: Path, area: str) -> CoordinatorRun:
+    from certlog.store import ChainStore
+    from certlog.validators import load_validator_set, read_secret_key
+    from gridledger.config import read_toml, section
+    from .role import load_coordinator_config, open_ledger
+    from .registryapp import RegistryHistory
+    from .threshold import load_threshold_public
+
+    cfg = load_coordinator_config(config)
+    s = section(SettlementSettings, read_toml(config), "settlement", config.parent,
+                ("key", "threshold_public", "database", "bills", "registry_key", "loadcurves"))
+    if type(s.min_meters) is not int or s.min_meters < 2:
+        raise GridledgerError("[settlement] min_meters must be an integer >= 2")
+    src = cfg.area(area)
+    key = load_threshold_public(s.threshold_public)
+    store = SettlementStore(s.database)
+    reg_store = ChainStore(sqlite3.connect(f"file:{cfg.registry_chain.database}?mode=ro", uri=True,
+                                           check_same_thread=False, timeout=10))
+    history = RegistryHistory.from_store(reg_store, cfg.registry_chain.chain)
+    ledger = open_ledger(cfg, area, registry=history)  # the coordinator role's replica and index
+    ledger.catch_up()
+    trustees = TrusteeClient(key, cfg.coordinator.name, read_secret_key(s.key), timeout_s=s.timeout_s)
+    return CoordinatorRun(cfg, s, key, store, reg_store, history, ledger, load_validator_set(src.validators),
+                          trustees)
 
 
 def run_settlement(config: Path, *, area: str, period: Period, tariff: Path, out: Path | None,
@@ -339,47 +389,32 @@ def run_settlement(config: Path, *, area: str, period: Period, tariff: Path, out
     import asyncio
 
     from certlog.light import state_proof
-    from certlog.store import ChainStore
-    from certlog.validators import load_validator_set, read_secret_key
-    from gridledger.config import read_toml, section
     from gridledger.logs import setup_logging
-    from .role import load_coordinator_config, open_ledger
     from .registry import submit
-    from .registryapp import RegistryHistory, sign_record
-    from .threshold import load_threshold_public
+    from .registryapp import sign_record
 
     setup_logging("settle", log_level)
-    cfg = load_coordinator_config(config)
-    s = section(SettlementSettings, read_toml(config), "settlement", config.parent,
-                ("key", "threshold_public", "database", "bills", "registry_key"))
-    reg_settings, mqtt, src = cfg.registry_chain, cfg.mqtt, cfg.area(area)
     tariff_obj = Tariff.from_toml(tariff)
-    key = load_threshold_public(s.threshold_public)
-    store = SettlementStore(s.database)
-    reg_store = ChainStore(sqlite3.connect(f"file:{reg_settings.database}?mode=ro", uri=True,
-                                           check_same_thread=False, timeout=10))
-    history = RegistryHistory.from_store(reg_store, reg_settings.chain)
-    accounts = history.accounts(area)
-    reg_head = reg_store.head()
+    run = open_run(config, area)
+    cfg, s, key, store, ledger = run.cfg, run.settings, run.key, run.store, run.ledger
+    reg_settings, mqtt = cfg.registry_chain, cfg.mqtt
+    accounts = run.history.accounts(area)
+    reg_head = run.registry.head()
     if reg_head is None:
         raise GridledgerError("the registry replica holds no certified block yet")
-    key_proof = state_proof(reg_store.nodes, reg_head[0], reg_head[1], paillier_key_id(key.kid))
+    key_proof = state_proof(run.registry.nodes, reg_head[0], reg_head[1], paillier_key_id(key.kid))
     if key_proof["leaf"] is None:
         raise GridledgerError(f"threshold key {key.kid} is not published on the registry chain "
                               "(gridledger registry publish-key)")
-    ledger = open_ledger(cfg, area, registry=history)  # the coordinator role's replica and index
-    ledger.catch_up()
     head = ledger.store.head()
     if head is None or head[0].time // 1000 <= period.end:
         raise GridledgerError(f"{area}/{period.name} is still open: no block certified after its end yet")
-    trustees = TrusteeClient(key, cfg.coordinator.name, read_secret_key(s.key), timeout_s=s.timeout_s)
     out_dir = out or s.bills
 
     async def go() -> RunResult:
-        async with aiomqtt.Client(mqtt.host, mqtt.port, identifier=f"settle-{cfg.coordinator.name}-{period.name}",
-                                  username=mqtt.username, password=mqtt.password) as client:
-            return await settle_chain(client=client, trustees=trustees, ledger=ledger,
-                                      validators=load_validator_set(src.validators), chain=area, accounts=accounts,
+        async with run.mqtt_client(f"settle-{period.name}") as client:
+            return await settle_chain(client=client, trustees=run.trustees, ledger=ledger,
+                                      validators=run.validators, chain=area, accounts=accounts,
                                       period=period, tariff=tariff_obj, key_proof=key_proof,
                                       registry_chain=reg_settings.chain, store=store, out=out_dir,
                                       progress=Progress(len(accounts), f"settling {area} {period.name}"))

@@ -14,6 +14,11 @@ before any arithmetic, whether what it is asked to decrypt is allowed:
    inside the decrypted spans still holds at least `min_readings` readings.
    Otherwise two allowed bills [0, 100) and [0, 101) would subtract to one reading.
 
+An area item (`areatotal`, one interval's total over distinct meters) is
+allowed over at least `min_meters` meters, and only if, with the meter sets
+already decrypted for that interval, every atom (the readings in exactly the
+same sets) still holds at least `min_meters` readings (docs/loadcurves.md).
+
 Every decision, refusals included, is a signed record (BLS, the trustee's own
 key) written to SQLite in the same transaction as the boundaries it adds, and
 published on `gl/v1/trustees/{name}/decisions`; only then is the partial
@@ -43,6 +48,7 @@ from gridledger.errors import ConfigError
 from gridledger.logs import event
 from gridledger.mqtt import keep_connected, until_stopped
 
+from .areatotal import AreaFacts, check_area_item, set_id, smallest_atom
 from .decrypt import (REQUESTS_TOPIC, BillFacts, DecryptError, check_bill_item, check_request, decisions_topic,
                       request_id, response_topic)
 from .threshold import KeyShare, load_share
@@ -59,11 +65,12 @@ DECISION_DOMAIN = b"gridledger trustee decision v1\n"
 class Policy:
     min_readings: int = 96        # a day of 15-minute readings
     min_period_s: int = 86_400
+    min_meters: int = 10          # k: an area total is over at least this many meters
 
     def __post_init__(self) -> None:
-        if self.min_readings < 2 or self.min_period_s < 0:
-            raise ConfigError("[policy]: min_readings must be >= 2 (one reading is never decrypted), "
-                              "min_period_s >= 0")
+        if self.min_readings < 2 or self.min_period_s < 0 or self.min_meters < 2:
+            raise ConfigError("[policy]: min_readings and min_meters must be >= 2 (one reading is never "
+                              "decrypted), min_period_s >= 0")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -136,6 +143,9 @@ class Trustee:
             CREATE TABLE IF NOT EXISTS trustee_decisions (
                 id INTEGER PRIMARY KEY, request TEXT NOT NULL, item INTEGER NOT NULL,
                 verdict TEXT NOT NULL, reason TEXT, record TEXT NOT NULL, at REAL NOT NULL);
+            CREATE TABLE IF NOT EXISTS trustee_area_sets (
+                chain TEXT NOT NULL, t INTEGER NOT NULL, set_id TEXT NOT NULL, members TEXT NOT NULL,
+                PRIMARY KEY (chain, t, set_id)) WITHOUT ROWID;
         """)
 
     # -- policy ------------------------------------------------------------------------
@@ -159,6 +169,35 @@ class Trustee:
         pending[key] = spans
         return None
 
+    def _area_sets(self, chain: str, t: int) -> list[frozenset[str]]:
+        return [frozenset(json.loads(m)) for (m,) in self.conn.execute(
+            "SELECT members FROM trustee_area_sets WHERE chain = ? AND t = ?", (chain, t))]
+
+    def _judge_area(self, f: AreaFacts, pending: dict[tuple[str, int], list[frozenset[str]]]) -> str | None:
+        """None to allow, else the reason to refuse; `pending` holds this request's new meter sets."""
+        k = self.policy.min_meters
+        if len(f.meters) < k:
+            return "too_few_meters"
+        key = (f.chain, f.t)
+        sets = pending.get(key) or self._area_sets(*key)
+        if f.readings in sets:           # the same question again: nothing new is revealed
+            return None
+        if smallest_atom([*sets, f.readings]) < k:
+            return "overlaps_decrypted"
+        pending[key] = [*sets, f.readings]
+        return None
+
+    def _check(self, item: object, pending: dict, pending_area: dict, certified: dict):
+        """(facts or None, None to allow or the reason to refuse) for one item."""
+        try:
+            if isinstance(item, dict) and item.get("kind") == "area":
+                f = check_area_item(item, self.validators, self.key.kid, self.key.nsquare, certified)
+                return f, self._judge_area(f, pending_area)
+            f = check_bill_item(item, self.validators, self.key.kid, self.key.nsquare)
+            return f, self._judge(f, pending)
+        except DecryptError as exc:
+            return None, exc.reason
+
     def decide(self, req_obj: object) -> tuple[dict, list[int], list[dict]]:
         """Check a request: (response without partials, accepted ciphertexts, signed decisions).
         Decisions and new boundaries are durable when this returns."""
@@ -168,23 +207,23 @@ class Trustee:
         except DecryptError as exc:
             rid = request_id(req_obj) if isinstance(req_obj, dict) else "-"
             return self._refuse_all(rid, exc)
-        verdicts, cs, pending, facts = [], [], {}, []
+        verdicts, cs, pending, pending_area, facts, certified = [], [], {}, {}, [], {}
         for i, item in enumerate(req["items"]):
-            try:
-                f = check_bill_item(item, self.validators, self.key.kid, self.key.nsquare)
-                reason = self._judge(f, pending)
-            except DecryptError as exc:
-                f, reason = None, exc.reason
+            f, reason = self._check(item, pending, pending_area, certified)
             verdicts.append({"item": i, "status": "refused" if reason else "accepted", "reason": reason})
             facts.append(f)
             if reason is None:
                 cs.append(f.c)
         now = int(time.time())
         records = []
-        for v, f in zip(verdicts, facts):
+        for v, f, item in zip(verdicts, facts, req["items"]):
+            area = isinstance(item, dict) and item.get("kind") == "area"
             rec = {"trustee": self.name, "request": rid, "item": v["item"], "verdict": v["status"],
-                   "reason": v["reason"], "time": now, "kind": "bill"}
-            if f is not None:
+                   "reason": v["reason"], "time": now, "kind": "area" if area else "bill"}
+            if isinstance(f, AreaFacts):
+                rec.update(chain=f.chain, t=f.t, dt=f.dt, meters=len(f.meters), heights=list(f.heights),
+                           set=f.set_id)
+            elif f is not None:
                 rec.update(chain=f.chain, account=f.account, from_height=f.from_height, to_height=f.to_height,
                            readings=f.readings, from_count=f.start.count, to_count=f.end.count)
             records.append(self._signed(rec))
@@ -194,6 +233,9 @@ class Trustee:
             for (chain, account), spans in pending.items():
                 self.conn.executemany("INSERT OR IGNORE INTO trustee_spans VALUES (?, ?, ?, ?)",
                                       [(chain, account, lo, hi) for lo, hi in spans])
+            for (chain, t), sets in pending_area.items():
+                self.conn.executemany("INSERT OR IGNORE INTO trustee_area_sets VALUES (?, ?, ?, ?)",
+                                      [(chain, t, set_id(s), json.dumps(sorted(s))) for s in sets])
             self.conn.executemany(
                 "INSERT INTO trustee_decisions(request, item, verdict, reason, record, at) VALUES (?, ?, ?, ?, ?, ?)",
                 [(rid, r["item"], r["verdict"], r["reason"], json.dumps(r), time.time()) for r in records])

@@ -27,6 +27,7 @@ EXAMPLES = {
                             "--key keys/ops.ed25519.key",
     "trustee run": "gridledger trustee run --config trustee-t1.toml",
     "settle": "gridledger settle --config coordinator.toml --area area1 --period 2026-10 --tariff tariff.toml",
+    "loadcurve": "gridledger loadcurve --config coordinator.toml --area area1 --from 2026-10-01 --to 2026-10-08",
     "verify-bill": "gridledger verify-bill bills/acct-0001-2026-10.json --validators validators.toml",
     "registry genesis": "gridledger registry genesis --registrar ops=keys/ops.ed25519.key --out registry-genesis.toml",
     "registry run": "gridledger registry run --config registry.toml",
@@ -352,6 +353,21 @@ def _cmd_settle_run(args) -> int:
     return 0 if not summary["unbilled"] else 1
 
 
+def _cmd_loadcurve(args) -> int:
+    import json
+    from coordinator.combine import TrusteesUnavailable
+    from coordinator.loadcurve import parse_when, run_loadcurve
+    try:
+        doc = run_loadcurve(Path(args.config), area=args.area, t1=parse_when(args.start), t2=parse_when(args.end),
+                            out=Path(args.out) if args.out else None, log_level=args.log_level)
+    except TrusteesUnavailable as exc:
+        raise GridledgerError(f"trustees: {exc}") from None
+    print(json.dumps({"area": doc["area"], "from": doc["from"], "to": doc["to"], "min_meters": doc["min_meters"],
+                      "points": len(doc["points"]), "withheld": len(doc["withheld"]),
+                      "refused": len(doc["refused"]), "files": doc["files"]}))
+    return 0 if not doc["refused"] else 1
+
+
 def _cmd_bill_verify(args) -> int:
     import json
     from certlog.validators import load_validator_set
@@ -553,6 +569,17 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--to", dest="end", type=int, help="period end, Unix seconds (readings ending at or before it)")
     sp.add_argument("--tariff", required=True, help="tariff TOML file")
     sp.add_argument("--out", help="folder for the bills (JSON, HTML, CSV); default: [settlement] bills")
+    sp.add_argument("--log-level", default="warning")
+
+    sp = action(roles, "", "loadcurve", "decrypt an area's total per interval over at least k meters and plot "
+                "it (resumable)", _cmd_loadcurve)
+    sp.add_argument("--config", required=True, help="coordinator TOML file (with [settlement])")
+    sp.add_argument("--area", required=True, help="area chain id")
+    sp.add_argument("--from", dest="start", required=True,
+                    help="window start: Unix seconds or ISO date/datetime, UTC (intervals ending after it)")
+    sp.add_argument("--to", dest="end", required=True,
+                    help="window end: Unix seconds or ISO date/datetime, UTC (intervals ending at or before it)")
+    sp.add_argument("--out", help="folder for the JSON, CSV and SVG; default: [settlement] loadcurves")
     sp.add_argument("--log-level", default="warning")
 
     sp = action(roles, "", "verify-bill", "check a bill's every proof and certificate with the validator keys "

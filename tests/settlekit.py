@@ -17,7 +17,11 @@ from certlog.voter import Voter
 from coordinator.ledger import AreaLedger
 from coordinator.registryapp import Genesis, RegistryApp, enroll_record, paillier_key_id, sign_record
 from coordinator.threshold import KeyShare, ThresholdPublicKey, ceremony
+from certlog import bls
 from certlog.light import state_proof
+from certlog.validators import dump_validator_set, info_for, write_secret_key
+from coordinator.registryapp import dump_genesis
+from coordinator.threshold import write_ceremony
 from gridledger.meterkeys import MeterKey, public_hex
 from gridledger.paillier import PublicKey
 from gridledger.wire import BANDS
@@ -61,8 +65,10 @@ class World:
 
 
 def build_world(tmp: Path, *, accounts: int = 3, readings: int = 48, per_block: int = 8, tail: int = 2,
-                trustees: int = 3, area_db: str = "area.db",
+                trustees: int = 3, area_db: str = "area.db", stragglers: int = 0,
                 threshold: int = 2, bits: int = 1024, seed: int = 7) -> World:
+    """`readings` per meter in blocks of `per_block` each, then `tail` blocks of one
+    reading each, then (`stragglers` > 0) a block where only that many meters report."""
     tmp.mkdir(parents=True, exist_ok=True)
     key, shares = ceremony(trustees, threshold, bits, names=[f"t{i + 1}" for i in range(trustees)],
                            insecure_test_bits=True)
@@ -95,9 +101,13 @@ def build_world(tmp: Path, *, accounts: int = 3, readings: int = 48, per_block: 
         sim.t = START - 900 * per_block  # the first block ends at START
         world.meters[m] = sim
         world.truth[f"acct-{m}"] = []
-    for size in [per_block] * (readings // per_block) + [1] * tail:  # then blocks of one reading each
+    blocks = [(per_block, names)] * (readings // per_block) + [(1, names)] * tail
+    if stragglers:
+        blocks.append((1, names[:stragglers]))
+    for size, reporting in blocks:
         txs = []
-        for m, sim in world.meters.items():
+        for m in reporting:
+            sim = world.meters[m]
             for _ in range(size):
                 band, wh = rng.randrange(BANDS), rng.randrange(0, 2500)
                 r = sim.next(wh=wh, band=band)
@@ -105,3 +115,35 @@ def build_world(tmp: Path, *, accounts: int = 3, readings: int = 48, per_block: 
                 txs.append(r.to_json())
         certify(area, voters, txs)
     return world
+
+
+def write_run_configs(tmp: Path, world: World, broker, *, policy: str, settlement: str = "") -> tuple[list[Path], Path]:
+    """Key files and TOML for real trustee processes (each with `policy`, the body of
+    its [policy]) and a coordinator with [settlement] (plus `settlement` lines), over
+    `world`'s chains in tmp/chains: (trustee configs, coordinator config)."""
+    keys = tmp / "keys"
+    paths = write_ceremony(keys, world.key, world.shares)
+    (tmp / "validators.toml").write_text(dump_validator_set([info_for(f"v{i}", sk) for i, sk in enumerate(world.sks)]))
+    (tmp / "registry-genesis.toml").write_text(dump_genesis(Genesis({"ops": public_hex(world.registrar.public_key())})))
+    coord_sk = bls.KeyGen(b"\x21" * 32)
+    write_secret_key(keys / "coord.bls.key", coord_sk)
+    mqtt = f'[mqtt]\nhost = "{broker.host}"\nport = {broker.port}\n'
+    trustees = []
+    for i, name in enumerate(world.key.names):
+        write_secret_key(keys / f"{name}.bls.key", bls.KeyGen(bytes([0x70 + i]) * 32))
+        cfg = tmp / f"{name}.toml"
+        cfg.write_text(f'[trustee]\nname = "{name}"\ndatabase = "{name}.db"\n'
+                       f'share = "{paths["shares"][name]}"\nsecret_key = "keys/{name}.bls.key"\n'
+                       f'coordinator_public = "{bls.SkToPk(coord_sk).hex()}"\nvalidators = "validators.toml"\n'
+                       f'chains = ["{AREA}"]\n\n[policy]\n{policy}\n{mqtt}')
+        trustees.append(cfg)
+    coord = tmp / "coordinator.toml"
+    coord.write_text(f'[coordinator]\nname = "coord"\ndatabase = "chains/coordinator.db"\n\n'
+                     f'[settlement]\nkey = "keys/coord.bls.key"\n'
+                     f'threshold_public = "{paths["threshold_public"]}"\ndatabase = "settlement.db"\n'
+                     f'bills = "bills"\ntimeout_s = 20\n{settlement}\n'
+                     f'[[area]]\nchain = "{AREA}"\nvalidators = "validators.toml"\n'
+                     f'paillier_public = "{paths["paillier_public"]}"\n\n'
+                     f'[registry_chain]\nvalidators = "validators.toml"\ngenesis = "registry-genesis.toml"\n'
+                     f'database = "chains/registry.db"\n\n{mqtt}')
+    return trustees, coord

@@ -13,14 +13,9 @@ import subprocess
 import sys
 import time
 
-from certlog import bls
-from certlog.validators import dump_validator_set, info_for, write_secret_key
-from coordinator.registryapp import Genesis, dump_genesis
-from coordinator.threshold import write_ceremony
-from gridledger.meterkeys import public_hex
 from gridledger.testbed import _spawn, wait_up
 
-from settlekit import AREA, START, build_world
+from settlekit import AREA, START, build_world, write_run_configs
 
 ACCOUNTS = 96
 TARIFF = """name = "test"
@@ -39,31 +34,7 @@ def _setup(tmp, broker):
     # The area replica sits where `gridledger coordinator run` keeps it (coordinator-AREA.db).
     world = build_world(tmp / "chains", accounts=ACCOUNTS, readings=32, per_block=8, tail=0,
                         area_db=f"coordinator-{AREA}.db")
-    keys = tmp / "keys"
-    paths = write_ceremony(keys, world.key, world.shares)
-    (tmp / "validators.toml").write_text(dump_validator_set([info_for(f"v{i}", sk) for i, sk in enumerate(world.sks)]))
-    (tmp / "registry-genesis.toml").write_text(dump_genesis(Genesis({"ops": public_hex(world.registrar.public_key())})))
-    coord_sk = bls.KeyGen(b"\x21" * 32)
-    write_secret_key(keys / "coord.bls.key", coord_sk)
-    mqtt = f'[mqtt]\nhost = "{broker.host}"\nport = {broker.port}\n'
-    trustees = []
-    for i, name in enumerate(world.key.names):
-        write_secret_key(keys / f"{name}.bls.key", bls.KeyGen(bytes([0x70 + i]) * 32))
-        cfg = tmp / f"{name}.toml"
-        cfg.write_text(f'[trustee]\nname = "{name}"\ndatabase = "{name}.db"\n'
-                       f'share = "{paths["shares"][name]}"\nsecret_key = "keys/{name}.bls.key"\n'
-                       f'coordinator_public = "{bls.SkToPk(coord_sk).hex()}"\nvalidators = "validators.toml"\n'
-                       f'chains = ["{AREA}"]\n\n[policy]\nmin_readings = 12\nmin_period_s = 10800\n\n{mqtt}')
-        trustees.append(cfg)
-    coord = tmp / "coordinator.toml"
-    coord.write_text(f'[coordinator]\nname = "coord"\ndatabase = "chains/coordinator.db"\n\n'
-                     f'[settlement]\nkey = "keys/coord.bls.key"\n'
-                     f'threshold_public = "{paths["threshold_public"]}"\ndatabase = "settlement.db"\n'
-                     f'bills = "bills"\ntimeout_s = 20\n\n'
-                     f'[[area]]\nchain = "{AREA}"\nvalidators = "validators.toml"\n'
-                     f'paillier_public = "{paths["paillier_public"]}"\n\n'
-                     f'[registry_chain]\nvalidators = "validators.toml"\ngenesis = "registry-genesis.toml"\n'
-                     f'database = "chains/registry.db"\n\n{mqtt}')
+    trustees, coord = write_run_configs(tmp, world, broker, policy="min_readings = 12\nmin_period_s = 10800\n")
     (tmp / "tariff.toml").write_text(TARIFF)
     return world, trustees, coord
 
