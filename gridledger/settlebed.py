@@ -4,7 +4,9 @@ A real key ceremony (threshold Paillier, 2048 bits, any 2 of 3 trustees), its
 public key published on the registry chain, three trustee processes and the
 coordinator following the chains; after the meters stop, `gridledger settle`
 runs as an operator would run it, and every bill is verified from the validator
-keys alone (`verify_bill`) and compared with the simulator's truth. Nothing in
+keys alone (`verify_bill`) and compared with the simulator's truth; then
+`gridledger loadcurve` decrypts the area's total per interval (over at least k
+meters) and each point is compared with the truth too. Nothing in
 the testbed ever holds the whole private key.
 
 The trustees' policy is scaled to the testbed's compressed day (`TestbedPolicy`);
@@ -20,7 +22,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 from certlog import bls
 from certlog.validators import ValidatorSet, write_secret_key
@@ -34,7 +36,7 @@ from gridledger.wire import SLOTS, slot_index
 from .config import MqttConfig
 
 __all__ = ["TRUSTEES", "THRESHOLD", "SettlementBed", "TestbedPolicy", "key_ceremony", "publish_key",
-           "write_settlement", "settle", "BillCheck", "check_bills", "truth_slots", "TARIFF"]
+           "write_settlement", "settle", "loadcurve", "BillCheck", "check_bills", "truth_slots", "TARIFF"]
 
 TRUSTEES = ("t1", "t2", "t3")
 THRESHOLD = 2
@@ -112,7 +114,8 @@ def write_settlement(wd: Path, key: ThresholdPublicKey, paths: dict, *, area: st
                        f'secret_key = "../keys/{name}.bls.key"\n'
                        f'coordinator_public = "{bls.SkToPk(coord_sk).hex()}"\nvalidators = "../validators.toml"\n'
                        f'chains = ["{area}"]\n\n'
-                       f'[policy]\nmin_readings = {policy.min_readings}\nmin_period_s = 0\n\n'
+                       f'[policy]\nmin_readings = {policy.min_readings}\nmin_period_s = 0\n'
+                       f'min_meters = {policy.min_meters}\n\n'
                        f'{mqtt}client_id = "trustee-{name}"\n')
         trustees.append(cfg)
     coordinator = wd / "coordinator.toml"
@@ -120,7 +123,8 @@ def write_settlement(wd: Path, key: ThresholdPublicKey, paths: dict, *, area: st
         f'[coordinator]\nname = "coord"\ndatabase = "coordinator.db"\n\n'
         f'[settlement]\nkey = "keys/coord.bls.key"\nthreshold_public = "keys/threshold.pub.json"\n'
         f'database = "settlement.db"\nbills = "bills"\ntimeout_s = 60\n'
-        f'registry_signer = "ops"\nregistry_key = "keys/ops.ed25519.key"\n\n'
+        f'registry_signer = "ops"\nregistry_key = "keys/ops.ed25519.key"\n'
+        f'min_meters = {policy.min_meters}\nloadcurves = "loadcurves"\n\n'
         f'[[area]]\nchain = "{area}"\nvalidators = "validators.toml"\npaillier_public = "keys/paillier.pub.json"\n\n'
         f'[api]\nport = 0\n\n'
         f'[registry_chain]\nvalidators = "registry-validators.toml"\ngenesis = "registry-genesis.toml"\n'
@@ -148,10 +152,23 @@ def settle(bed: SettlementBed, *, area: str, period: Period, cwd: Path, timeout_
     return summary
 
 
-def truth_slots(truth: dict[int, dict]) -> list[int]:
+def loadcurve(bed: SettlementBed, *, area: str, period: Period, cwd: Path, timeout_s: float = 600) -> dict:
+    """`gridledger loadcurve` over the period as an operator runs it; the curve's JSON document."""
+    res = subprocess.run([sys.executable, "-m", "gridledger", "loadcurve", "--config", str(bed.coordinator),
+                          "--area", area, "--from", str(period.start), "--to", str(period.end)],
+                         stdout=subprocess.PIPE, text=True, timeout=timeout_s, cwd=cwd)
+    try:
+        summary = json.loads(res.stdout.strip().splitlines()[-1])
+        doc = json.loads(Path(summary["files"]["json"]).read_text())
+    except (IndexError, KeyError, OSError, ValueError):
+        raise RuntimeError(f"gridledger loadcurve failed ({res.returncode}): {res.stdout[-2000:]}") from None
+    return dict(doc, files=summary["files"])
+
+
+def truth_slots(records: Iterable[dict]) -> list[int]:
     """Wh per slot of the simulator's truth records (`testbed.read_truth`)."""
     slots = [0] * SLOTS
-    for rec in truth.values():
+    for rec in records:
         slots[slot_index(rec["band"], 0)] += rec["import_wh"]
         slots[slot_index(rec["band"], 1)] += rec["export_wh"]
     return slots

@@ -1,7 +1,11 @@
 """The one-machine testbed: a private Mosquitto, N meters running the real
-firmware under the MicroPython Unix port in accelerated time, and the gateway as
-a real process. It ends with a table of decrypted totals against the simulator's
-truth and exits non-zero if any differ.
+firmware under the MicroPython Unix port in accelerated time, and every role as
+a real process: the registry chain, the validators, the gateway, the coordinator
+and three trustees holding shares of a threshold key made by a real ceremony.
+It ends as a utility's month would: `gridledger settle` bills every account and
+`gridledger loadcurve` decrypts the area's load per interval; each bill, each
+load-curve point and each replica is checked against the simulator's truth and
+the validator keys, and the run exits non-zero if anything differs.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from .firmware_build import BUILD, build_firmware, micropython_command
 from .config import MqttConfig
 from .meterkeys import MeterKey, new_meter_key
 from .settlebed import (BAND_NAMES, THRESHOLD, TRUSTEES, SettlementBed, TestbedPolicy, check_bills, key_ceremony,
-                        publish_key, settle, truth_slots, write_settlement)
+                        loadcurve, publish_key, settle, truth_slots, write_settlement)
 from .wire import SLOTS, kid_of
 
 __all__ = ["TestbedPlan", "run_testbed", "write_meter_config", "meter_process", "gateway_process", "bridge_process",
@@ -379,6 +383,7 @@ def run_testbed(plan: TestbedPlan) -> int:
         gateway = None
         period = Period("testbed", virt_start, stop_at)
         settled = _settle(wd, bed, area, period)
+        curve = loadcurve(bed, area=area, period=period, cwd=wd)
     finally:
         for p in procs.values():
             _stop(p, 5)
@@ -395,6 +400,7 @@ def run_testbed(plan: TestbedPlan) -> int:
     if failed:
         _say(f"[testbed] meters failed: {failed}; see {wd / 'logs'}")
     rc = _report(wd, area, period, bed, enrolment, plan.intervals, settled)
+    rc = _report_curve(wd, curve, enrolment, plan.intervals, policy) or rc
     return _report_chain(wd, tkey, list(validators)) or rc or (1 if failed else 0)
 
 
@@ -435,7 +441,7 @@ def _report(wd: Path, area: str, period: Period, bed: SettlementBed, enrolment: 
     truths = {m: read_truth(wd / "meters" / m / "truth.jsonl") for m in enrolment}
     checks = {c.account: c for c in check_bills(
         wd / "settlement.db", area=area, period=period, tariff=bed.tariff,
-        truth={acct: truth_slots(truths[m]) for m, (acct, _) in enrolment.items()},
+        truth={acct: truth_slots(truths[m].values()) for m, (acct, _) in enrolment.items()},
         validators=load_validator_set(wd / "validators.toml"),
         registry_validators=load_validator_set(wd / "registry-validators.toml"))}
     currency = settled["currency"]
@@ -473,6 +479,31 @@ def _report(wd: Path, area: str, period: Period, bed: SettlementBed, enrolment: 
              "figure and amount equals the simulator's truth")
         return 0
     _say("[testbed] FAIL: a bill does not verify or differs from the truth")
+    return 1
+
+
+def _report_curve(wd: Path, curve: dict, meters: dict, intervals: int, policy: TestbedPolicy) -> int:
+    """Each decrypted load-curve point against the sum of the meters' truth for its interval."""
+    by_t: dict[int, list[dict]] = {}
+    for m in meters:
+        for rec in read_truth(wd / "meters" / m / "truth.jsonl").values():
+            by_t.setdefault(rec["t"], []).append(rec)
+    truth = {t: truth_slots(recs) for t, recs in by_t.items()}
+    points = curve["points"]
+    wrong = [p["t"] for p in points if p["energy_wh"] != truth.get(p["t"])]
+    expected = intervals if len(meters) >= policy.min_meters else 0
+    peak = max(points, key=lambda p: p["import_wh"], default=None)
+    _say(f"\n[testbed] load curve (gridledger loadcurve): {len(points)} interval totals decrypted by the trustees, "
+         f"each over >= {policy.min_meters} meters; {len(curve['withheld'])} withheld, "
+         f"{len(curve['refused'])} refused; plot {curve['files']['svg']}")
+    if peak is not None:
+        _say(f"[testbed] area peak import {peak['import_wh'] * 3600 / peak['dt'] / 1000:.2f} kW in the interval "
+             f"ending {time.strftime('%H:%M', time.gmtime(peak['t']))} UTC")
+    if not wrong and len(points) == expected and not curve["refused"]:
+        _say("[testbed] PASS: every load-curve point equals the sum of the meters' truth for its interval")
+        return 0
+    _say(f"[testbed] FAIL: load-curve points differ from the truth at {wrong[:5]}, or {expected - len(points)} "
+         "are missing")
     return 1
 
 

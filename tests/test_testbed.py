@@ -1,6 +1,6 @@
 """The demo (`./run demo` = `gridledger testbed run`) as a user runs it: real
-processes end to end (threshold key ceremony, trustees, coordinator, settle), ending with
-bills that verify and equal the simulator's truth."""
+processes end to end (threshold key ceremony, trustees, coordinator, settle, loadcurve), ending
+with bills and load-curve points that verify and equal the simulator's truth."""
 
 import re
 import subprocess
@@ -24,4 +24,6 @@ def test_testbed_ends_with_totals_equal_to_truth(tmp_path, broker):
     assert float(rows[-1][2]) > 0  # the simulated household used energy
     assert "3 bills verify from the validator keys alone" in res.stdout
     assert "threshold Paillier" in res.stdout and "recorded on the registry chain (height" in res.stdout
-    assert res.stdout.count("PASS") == 2 and "FAIL" not in res.stdout
+    assert "8 interval totals decrypted by the trustees, each over >= 3 meters" in res.stdout
+    assert "every load-curve point equals the sum of the meters' truth" in res.stdout
+    assert res.stdout.count("PASS") == 3 and "FAIL" not in res.stdout
