@@ -236,14 +236,19 @@ def export(bills: Sequence[dict], out: Path, chain: str, period: str) -> Path:
 
 
 class Progress:
-    """A one-line progress bar on stderr (a terminal) or a line per step (a log)."""
+    """A one-line progress bar on stderr (a terminal), or a line per tenth of the work (a log)."""
 
     def __init__(self, total: int, label: str, stream=sys.stderr):
         self.total, self.label, self.stream, self.done = total, label, stream, 0
         self.tty = stream.isatty()
+        self._tenth = -1
 
     def add(self, n: int) -> None:
         self.done += n
+        tenth = 10 * self.done // max(self.total, 1)
+        if not self.tty and tenth == self._tenth and self.done < self.total:
+            return
+        self._tenth = tenth
         width = 30
         filled = width * self.done // max(self.total, 1)
         line = f"{self.label} [{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total}"
