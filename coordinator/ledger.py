@@ -19,7 +19,8 @@ of the account's last reading in the block - or indexing stops with
 Tables, beside the replica's own in its SQLite file:
 
     ledger_accounts  (id, account, n)                 n: readings indexed so far
-    ledger_readings  (aid, n, t, height, idx, fresh, path)  key (aid, n); indexes (aid, t), (aid, height), (t)
+    ledger_readings  (aid, n, t, height, idx, fresh, path, data)
+                     key (aid, n); indexes (aid, t), (aid, height), (t)
     ledger_blocks    (height)                               indexed heights
 
 `n` is the reading's number in its account (the leaf's count once applied);
@@ -28,8 +29,11 @@ reading at or after a time, and the account's state after block h is summed up
 by its last reading at height <= h - no per-(account, height) table is needed.
 `fresh` marks a reading that starts a meter's chain (seq 1, zero prev): the
 account's first, or a replacement meter's. `path` is the reading's Merkle path in
-its block, stored with the row: an account's rows sit together, so an answer's
-paths come from a few pages read in order, not one random page per block.
+its block and `data` the reading itself, both stored with the row: an account's
+rows sit together, so an answer's readings and paths come from a few pages read
+in order, not one random page of `chain_txs` per block (the reading is kept
+twice, ~1.37 KB more per reading: a query server trades disk for answers whose
+cost does not grow with the store, cached or not; docs/queries.md).
 The index on `t` alone serves area load curves (`readings_ending`): every
 account's reading of one interval.
 """
@@ -70,12 +74,14 @@ CREATE TABLE IF NOT EXISTS ledger_accounts (
     id INTEGER PRIMARY KEY, account TEXT NOT NULL UNIQUE, n INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS ledger_readings (
     aid INTEGER NOT NULL, n INTEGER NOT NULL, t INTEGER NOT NULL, height INTEGER NOT NULL,
-    idx INTEGER NOT NULL, fresh INTEGER NOT NULL, path BLOB NOT NULL, PRIMARY KEY (aid, n)) WITHOUT ROWID;
+    idx INTEGER NOT NULL, fresh INTEGER NOT NULL, path BLOB NOT NULL, data BLOB NOT NULL,
+    PRIMARY KEY (aid, n)) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS ledger_readings_t ON ledger_readings (aid, t);
 CREATE INDEX IF NOT EXISTS ledger_readings_height ON ledger_readings (aid, height);
 CREATE INDEX IF NOT EXISTS ledger_readings_end ON ledger_readings (t);
 """
-_ROW = "n, t, height, idx, fresh, path"
+_ROW = "n, t, height, idx, fresh, path, data"
+_TABLES = ("ledger_blocks", "ledger_accounts", "ledger_readings")
 
 
 class _TrieReader(NodeDB):
@@ -102,6 +108,16 @@ def create_database(path) -> None:
         conn.execute("PRAGMA page_size=8192")
         conn.execute("PRAGMA journal_mode=WAL")
         conn.close()
+
+
+def _drop_old_layout(conn: sqlite3.Connection) -> None:
+    """The index is derived from the certified blocks: one in an older layout (before
+    each reading's bytes sat in its account's rows) is dropped, and catch_up rebuilds it."""
+    cols = {r[1] for r in conn.execute("PRAGMA table_info(ledger_readings)")}
+    if cols and "data" not in cols:
+        with conn:
+            for table in _TABLES:
+                conn.execute(f"DROP TABLE IF EXISTS {table}")
 
 
 def _resolver(registry) -> Callable[[str], str | None]:
@@ -139,6 +155,7 @@ class AreaLedger:
         self.store = store
         self.chain = chain
         self._account_of = _resolver(registry)
+        _drop_old_layout(store.conn)
         store.conn.executescript(_SCHEMA)
         self._reader = _reader_for(store.conn)
         self._nodes = _TrieReader(self._reader)
@@ -199,8 +216,8 @@ class AreaLedger:
                 raise ChainError("index_mismatch", f"{account}: the certified state is not what its readings give",
                                  height=h)
             accounts.append((account, aid, n + len(items)))
-            rows.append((account, [(n + k + 1, r.t, h, i, int(r.seq == 1 and r.prev == ZERO_HASH), paths[i])
-                                   for k, (r, i) in enumerate(items)]))
+            rows.append((account, [(n + k + 1, r.t, h, i, int(r.seq == 1 and r.prev == ZERO_HASH), paths[i],
+                                    bytes(txs[i])) for k, (r, i) in enumerate(items)]))
         with self.store.transaction() as c:
             ids = {}
             for account, aid, n in accounts:
@@ -209,8 +226,8 @@ class AreaLedger:
                 else:
                     c.execute("UPDATE ledger_accounts SET n = ? WHERE id = ?", (n, aid))
                 ids[account] = aid
-            c.executemany("INSERT INTO ledger_readings(aid, n, t, height, idx, fresh, path) "
-                          "VALUES (?, ?, ?, ?, ?, ?, ?)", [(ids[a], *row) for a, rs in rows for row in rs])
+            c.executemany("INSERT INTO ledger_readings(aid, n, t, height, idx, fresh, path, data) "
+                          "VALUES (?, ?, ?, ?, ?, ?, ?, ?)", [(ids[a], *row) for a, rs in rows for row in rs])
             c.execute("INSERT INTO ledger_blocks(height) VALUES (?)", (h,))
         for account, aid, n in accounts:
             self._accounts[account] = (ids[account], n)
@@ -365,24 +382,11 @@ class AreaLedger:
     def _anchor(self, account: str, height: int, header: Mapping) -> dict:
         return {"height": height, **prove(self._nodes, header["state_root"], account_key(account))}
 
-    def _readings(self, rows: Sequence[tuple]) -> list[dict]:
-        """The rows' transactions, read in one statement per 300, with their paths."""
-        txs = {(h, i): data for h, i, data in self._seek(
-            "WITH k(h, i) AS (VALUES {}) SELECT height, idx, data FROM k CROSS JOIN chain_txs "
-            "ON height = k.h AND idx = k.i", [(r[2], r[3]) for r in rows])}
-        return [{"height": r[2], "index": r[3], "tx": bytes(txs[r[2], r[3]]).decode("ascii"),
-                 "path": txpaths.split(r[5])} for r in rows]
-
-    def _seek(self, sql: str, keys: Iterable[tuple]) -> list[tuple]:
-        """Rows whose key is in `keys`, 300 keys a statement (SQLite's variable limit);
-        `sql` joins a VALUES list of keys to the table (CROSS JOIN: one key seek
-        each, where SQLite would scan the table for `(a, b) IN (VALUES ...)`)."""
-        keys, out = list(keys), []
-        for k in range(0, len(keys), 300):
-            part = keys[k:k + 300]
-            values = ",".join(["(" + ",".join("?" * len(part[0])) + ")"] * len(part))
-            out += self._reader.execute(sql.format(values), [x for key in part for x in key]).fetchall()
-        return out
+    @staticmethod
+    def _readings(rows: Sequence[tuple]) -> list[dict]:
+        """The rows' transactions with their Merkle paths."""
+        return [{"height": r[2], "index": r[3], "tx": bytes(r[6]).decode("ascii"), "path": txpaths.split(r[5])}
+                for r in rows]
 
     def _headers(self, heights: Iterable[int], certs: str) -> tuple[list[dict], dict[int, dict]]:
         """The headers an answer needs, ascending: the highest with its certificate,

@@ -186,6 +186,23 @@ def test_a_reopened_ledger_catches_up_and_indexing_is_idempotent(bed, tmp_path):
     assert led.interval("acct-x", ts[1], ts[5]) == bed.ledger.interval("acct-x", ts[1], ts[5])
 
 
+def test_an_index_in_the_old_layout_is_rebuilt_from_the_blocks(bed, tmp_path):
+    """A ledger file from before readings were kept in the index (no `data` column)
+    is dropped on open and rebuilt by catch_up; answers are the same as before."""
+    bed.prop.store.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    shutil.copy(bed.tmp / "gw.db", tmp_path / "old.db")
+    conn = connect(tmp_path / "old.db")
+    conn.executescript("DROP TABLE ledger_readings; CREATE TABLE ledger_readings (aid INTEGER NOT NULL, "
+                       "n INTEGER NOT NULL, t INTEGER NOT NULL, height INTEGER NOT NULL, idx INTEGER NOT NULL, "
+                       "fresh INTEGER NOT NULL, path BLOB NOT NULL, PRIMARY KEY (aid, n)) WITHOUT ROWID;")
+    led = AreaLedger(ChainStore(conn), CHAIN, registry=bed.area.registry)
+    assert led.height == 0 and conn.execute("SELECT COUNT(*) FROM ledger_accounts").fetchone()[0] == 0
+    assert led.catch_up() == 7
+    ts = bed.times("acct-m1")
+    assert led.interval("acct-m1", ts[0], ts[-1]) == bed.ledger.interval("acct-m1", ts[0], ts[-1])
+    assert led.exact("acct-x") == bed.ledger.exact("acct-x")
+
+
 def test_a_registry_that_disagrees_with_the_certified_state_stops_the_index(bed, tmp_path):
     bed.prop.store.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     shutil.copy(bed.tmp / "gw.db", tmp_path / "copy.db")
