@@ -11,6 +11,7 @@ from typing import Iterable, Mapping
 
 import sqlite_utils
 
+from certlog.store import connect
 from gridledger.wire import Reading
 
 from .ingest import ChainHead
@@ -31,12 +32,7 @@ def stored_counts(path: Path | str) -> dict[str, int]:
 
 class GatewayStore:
     def __init__(self, path: Path | str):
-        conn = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
-        self.db = sqlite_utils.Database(conn)
-        # busy_timeout first: switching to WAL takes a lock another process may hold.
-        self.db.execute("PRAGMA busy_timeout=5000")
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=FULL")
+        self.db = sqlite_utils.Database(connect(path))
         readings = self.db["readings"]
         if not readings.exists():
             readings.create({"meter": str, "seq": int, "t": int, "dt": int, "prev": str, "kid": str,

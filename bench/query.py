@@ -33,7 +33,6 @@ import hashlib
 import json
 import os
 import random
-import sqlite3
 import time
 from pathlib import Path
 
@@ -41,10 +40,10 @@ from aggregator.areaapp import AccountState, AreaApp
 from aggregator.registry import MeterEntry, Registry
 from certlog import bls, merkle
 from certlog.block import ZERO_HASH, Certificate, ChainError, Header, cert_message
-from certlog.store import ChainStore
+from certlog.store import ChainStore, connect
 from certlog.validators import ValidatorSet, info_for
 from coordinator import txpaths
-from coordinator.ledger import AreaLedger, create_database, verify_exact, verify_interval
+from coordinator.ledger import AreaLedger, verify_exact, verify_interval
 from coordinator.proofs import _reading, _state, accept_headers
 from gridledger.meterkeys import MeterKey
 from gridledger.paillier import PublicKey
@@ -84,9 +83,7 @@ class Builder:
         self.registry = Registry([MeterEntry(k.meter, account_id(i), k.public_hex) for i, k in enumerate(self.keys)])
         self.app = AreaApp(AREA, self.registry, PublicKey(self.n))
         self.sks, self.vset = validators()
-        create_database(path)
-        conn = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
-        conn.execute("PRAGMA journal_mode=WAL")
+        conn = connect(path)  # 8 KiB pages, as every store
         conn.execute("PRAGMA synchronous=OFF")  # a generated cache: rebuilt if a crash tears it
         self.store = ChainStore(conn)
         # The baseline's own index: where the reading with this hash is (the paper's pointer).

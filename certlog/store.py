@@ -22,8 +22,16 @@ __all__ = ["NodeDB", "ChainStore", "connect"]
 
 
 def connect(path: Path | str) -> sqlite3.Connection:
+    """A store's connection: WAL, synchronous=FULL, and in a new file 8 KiB pages.
+
+    A reading transaction is ~1.35 KB (a 4096-bit ciphertext in hex). With
+    SQLite's default 4 KiB pages a row keeps at most ~1 KB in its B-tree page and
+    moves the rest to an overflow page of its own: 4.7 KB on disk per reading.
+    With 8 KiB pages a row fits: 1.37 KB. The page size only applies to a file
+    with no table yet (and, once in WAL mode, it is fixed for good)."""
     conn = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
     conn.execute("PRAGMA busy_timeout=5000")  # before WAL: switching takes a lock
+    conn.execute("PRAGMA page_size=8192")
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=FULL")
     return conn

@@ -43,7 +43,6 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
-from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
 
 from aggregator.areaapp import account_key
@@ -57,7 +56,7 @@ from gridledger.wire import ZERO_HASH, parse_reading
 from . import txpaths
 from .proofs import ExactAnswer, IntervalPage, verify_exact, verify_interval, verify_interval_page, verify_state_proof
 
-__all__ = ["AreaLedger", "create_database", "LINK_GAP", "MAX_READINGS", "MAX_ACCOUNT", "verify_state_proof", "verify_exact",
+__all__ = ["AreaLedger", "LINK_GAP", "MAX_READINGS", "MAX_ACCOUNT", "verify_state_proof", "verify_exact",
            "verify_interval", "verify_interval_page", "ExactAnswer", "IntervalPage"]
 
 # Between two heights an answer needs, up to this many headers are shipped to link
@@ -93,21 +92,6 @@ class _TrieReader(NodeDB):
         if row is None:
             raise KeyError(key)
         return row[0]
-
-
-def create_database(path) -> None:
-    """Create the SQLite file of a ledger with 8 KiB pages, if it does not exist.
-
-    A reading transaction is ~1.35 KB (a 4096-bit ciphertext in hex). With the
-    default 4 KiB pages SQLite keeps at most ~1 KB of a row in its B-tree page and
-    moves the rest to an overflow page of its own: 4.7 KB on disk per reading.
-    With 8 KiB pages a row fits: 1.37 KB. The page size is fixed when the file
-    is created (and, once in WAL mode, for good)."""
-    if not Path(path).exists():
-        conn = sqlite3.connect(str(path))
-        conn.execute("PRAGMA page_size=8192")
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.close()
 
 
 def _drop_old_layout(conn: sqlite3.Connection) -> None:

@@ -42,7 +42,7 @@ from gridledger.paillier import load_public
 from gridledger.wire import METER_ID_RE
 
 from .api import make_app
-from .ledger import AreaLedger, create_database
+from .ledger import AreaLedger
 from .registry import RegistryChainSettings, registry_node
 
 __all__ = ["CoordinatorSettings", "AreaSettings", "ApiSettings", "CoordinatorConfig", "CoordinatorRole",
@@ -139,7 +139,6 @@ class CoordinatorRole:
         self.followers: list[Follower] = []
         for a in cfg.areas:
             path = area_database(cfg.coordinator.database, a.chain)
-            create_database(path)
             app = AreaApp(a.chain, self.history, load_public(a.paillier_public))
             replica = Replica(a.chain, app, ChainStore(connect(path)), load_validator_set(a.validators))
             ledger = self.ledgers[a.chain] = AreaLedger(replica.store, a.chain, registry=self.history)

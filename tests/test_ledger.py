@@ -433,3 +433,15 @@ def test_a_state_proof_for_settlement(bed, kind, expected):
         assert (st.meter, st.seq, st.count) == ("x2", 2, 5)
     else:
         assert reason(verify_state_proof, obj, bed.vset, CHAIN, account="acct-x") == expected
+
+
+def test_stores_are_created_with_8_kib_pages(tmp_path):
+    """A reading (~1.35 KB) fits in an 8 KiB page; in SQLite's default 4 KiB page it
+    would spill into an overflow page of its own (~3.4x the disk)."""
+    from aggregator.store import GatewayStore
+    store = GatewayStore(tmp_path / "gateway.db")
+    assert store.db.execute("PRAGMA page_size").fetchone()[0] == 8192
+    conn = connect(tmp_path / "chain.db")
+    ChainStore(conn)
+    assert conn.execute("PRAGMA page_size").fetchone()[0] == 8192
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
