@@ -120,5 +120,5 @@ def check_state_proof(obj: object, validators: ValidatorSet, chain: str, key: by
         raise ChainError("wrong_chain", f"{header.chain!r} is not {chain!r}", height=header.height)
     if height != header.height:
         raise ChainError("proof_schema", "height differs from the header's", height=header.height)
-    validators.check_certificate(cert, header)
+    validators.check_certificate(cert, header, remember=True)  # the same boundary blocks, account after account
     return header, proven_value(header.state_root, key, obj, height=header.height)
