@@ -29,103 +29,50 @@ bench/.data/ and reused.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import random
 import time
 from pathlib import Path
 
-from aggregator.areaapp import AccountState, AreaApp
-from aggregator.registry import MeterEntry, Registry
-from certlog import bls, merkle
-from certlog.block import ZERO_HASH, Certificate, ChainError, Header, cert_message
-from certlog.store import ChainStore, connect
-from certlog.validators import ValidatorSet, info_for
+from aggregator.areaapp import AccountState
+from certlog.block import ZERO_HASH, ChainError
+from certlog.validators import ValidatorSet
 from coordinator import txpaths
-from coordinator.ledger import AreaLedger, verify_exact, verify_interval
+from coordinator.ledger import verify_exact, verify_interval
 from coordinator.proofs import _reading, _state, accept_headers
-from gridledger.meterkeys import MeterKey
-from gridledger.paillier import PublicKey
-from gridledger.wire import Reading, kid_of, signed_bytes
+from gridledger.wire import Reading
 
+from areachain import AREA, DT, AreaChain, account_id
 from benchlib import ROOT, emit, load_test_modulus, machine, median
 
 NAME = "query"
-AREA = "A"
-DT = 900
 T0 = 1_600_000_200 // DT * DT
 DATA = ROOT / "bench" / ".data"
 PAPER = {"interval50_s": 0.8, "interval100_s": 1.0}  # seed 000, Fig. 13 (read off the text)
 
 
-def meter_id(i: int) -> str:
-    return f"bm{i:05d}"
-
-
-def account_id(i: int) -> str:
-    return f"acct-{i:05d}"
-
-
-def validators() -> tuple[list[int], ValidatorSet]:
-    sks = [bls.KeyGen(hashlib.sha256(b"bench validator %d" % i).digest()) for i in range(4)]
-    return sks, ValidatorSet([info_for(f"v{i}", sk) for i, sk in enumerate(sks)])
-
-
-class Builder:
-    """Blocks of one reading per account, certified and indexed, appended to `path`."""
+class Builder(AreaChain):
+    """Blocks of one reading per account (seq = height), appended to `path`, with
+    the baseline's own index: where the reading with this hash is (the paper's pointer)."""
 
     def __init__(self, path: Path, accounts: int):
-        self.n = load_test_modulus()
-        self.nsq = self.n * self.n
-        self.kid = kid_of(self.n)
-        self.keys = [MeterKey(meter_id(i), hashlib.sha256(b"bench meter %d" % i).digest()) for i in range(accounts)]
-        self.registry = Registry([MeterEntry(k.meter, account_id(i), k.public_hex) for i, k in enumerate(self.keys)])
-        self.app = AreaApp(AREA, self.registry, PublicKey(self.n))
-        self.sks, self.vset = validators()
-        conn = connect(path)  # 8 KiB pages, as every store
-        conn.execute("PRAGMA synchronous=OFF")  # a generated cache: rebuilt if a crash tears it
-        self.store = ChainStore(conn)
-        # The baseline's own index: where the reading with this hash is (the paper's pointer).
-        conn.execute("CREATE TABLE IF NOT EXISTS bench_location (hash BLOB PRIMARY KEY, height INTEGER, "
-                     "idx INTEGER, n INTEGER) WITHOUT ROWID")
-        self.ledger = AreaLedger(self.store, AREA, registry=self.registry)
-        head = self.store.head()
-        self.head = head[0] if head else None
-        self.prev = [ZERO_HASH] * accounts
-        if self.head is not None:  # resuming: each meter's last hash from the latest block
+        super().__init__(path, load_test_modulus(), accounts)
+        self.store.conn.execute("CREATE TABLE IF NOT EXISTS bench_location (hash BLOB PRIMARY KEY, height INTEGER, "
+                                "idx INTEGER, n INTEGER) WITHOUT ROWID")
+        if self.head is not None:  # resuming: each meter's last reading from the latest block
             for i, tx in enumerate(self.store.txs(self.head.height)):
-                self.prev[i] = Reading(**json.loads(tx)).hash
-
-    @property
-    def height(self) -> int:
-        return self.head.height if self.head else 0
+                self.prev[i], self.seq[i] = Reading(**json.loads(tx)).hash, self.head.height
 
     def block(self) -> None:
         h = self.height + 1
         t = T0 + DT * h
-        readings = []
-        for i, key in enumerate(self.keys):
-            c = format(int.from_bytes(os.urandom(512), "big") % self.nsq, "x")
-            sig = key.sign(signed_bytes(key.meter, h, t, DT, self.prev[i], self.kid, c)).hex()
-            r = Reading(meter=key.meter, seq=h, t=t, dt=DT, prev=self.prev[i], kid=self.kid, c=c, sig=sig)
-            readings.append(r)
-            self.prev[i] = r.hash
-        txs = [r.to_json() for r in readings]
-        time_ms = t * 1000 + 1000
-        out = self.app.execute(self.store.nodes, self.head.state_root if self.head else self.app.genesis_root,
-                               time_ms, txs, trusted=True, decoded=readings)
-        header = Header(chain=AREA, height=h, prev=self.head.hash if self.head else ZERO_HASH, time=time_ms,
-                        tx_root=merkle.root(txs), state_root=out.state_root, txs=len(txs), app=out.app)
-        msg = cert_message(AREA, h, header.hash)
-        cert = Certificate(AREA, h, header.hash, (0, 1, 2), bls.Aggregate([bls.Sign(sk, msg) for sk in self.sks[:3]]))
-        with self.store.transaction() as c:
-            self.store.put_block(header, txs, cert)
-            c.executemany("INSERT INTO bench_location VALUES (?, ?, ?, ?)",
-                          [(bytes.fromhex(r.hash), h, i, h) for i, r in enumerate(readings)])
-        self.ledger.index(header, txs)
-        self.store.nodes.cache.clear()  # the replica's node cache keeps everything; here a block's worth
-        self.head = header
+        # A random unit mod n^2 as the ciphertext: the query path never decrypts.
+        readings = [self.reading(i, t, format(int.from_bytes(os.urandom(512), "big") % self.nsq, "x"))
+                    for i in range(len(self.keys))]
+        self.commit(readings, t * 1000 + 1000, also=lambda c: c.executemany(
+            "INSERT INTO bench_location VALUES (?, ?, ?, ?)",
+            [(bytes.fromhex(r.hash), h, i, h) for i, r in enumerate(readings)]))
 
 
 # -- the baseline: the paper's walk along prev ------------------------------------------

@@ -109,7 +109,9 @@ def check_state_proof(obj: object, validators: ValidatorSet, chain: str, key: by
     """(certified header, value under `key` in its state; b"" when absent), or `ChainError`.
 
     The header must be of `chain` and certified by `validators`; the proof must
-    lead from its state root to exactly the claimed leaf (or to its absence)."""
+    lead from its state root to exactly the claimed leaf (or to its absence).
+    The set remembers certificates it verified: a settlement proves every account
+    against the same boundary blocks, whose certificates are then checked once."""
     try:
         header = Header.from_dict(obj["header"])
         cert = Certificate.from_dict(obj["cert"])
@@ -120,5 +122,5 @@ def check_state_proof(obj: object, validators: ValidatorSet, chain: str, key: by
         raise ChainError("wrong_chain", f"{header.chain!r} is not {chain!r}", height=header.height)
     if height != header.height:
         raise ChainError("proof_schema", "height differs from the header's", height=header.height)
-    validators.check_certificate(cert, header)
+    validators.check_certificate(cert, header, remember=True)
     return header, proven_value(header.state_root, key, obj, height=header.height)

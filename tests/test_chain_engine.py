@@ -107,6 +107,35 @@ def test_certificates_need_a_quorum_of_valid_distinct_signers(tmp_path):
     assert not vset.check_vote(Vote(h.chain, h.height, h.hash, 1, sigs[2]))
 
 
+def test_a_remembered_certificate_never_vouches_for_a_forged_one(tmp_path, monkeypatch):
+    checks = []
+    real = bls.FastAggregateVerify
+    monkeypatch.setattr(bls, "FastAggregateVerify", lambda *a: checks.append(1) or real(*a))
+    sks = validator_keys(4)
+    vset = validator_set(sks)
+    area = make_area(["m1"])
+    h = replica(tmp_path / "gw.db", area, vset).build(txs_of([area.meters["m1"].next()]))
+    msg = cert_message(h.chain, h.height, h.hash)
+    sigs = [bls.Sign(sk, msg) for sk in sks]
+    good = Certificate(h.chain, h.height, h.hash, (0, 1, 2), bls.Aggregate(sigs[:3]))
+    forged = [Certificate(h.chain, h.height, h.hash, (0, 1, 2), bls.Aggregate(sigs[:2] + [sigs[3]])),
+              Certificate(h.chain, h.height, h.hash, (0, 1, 3), good.signature),   # same signature, other signers
+              Certificate(h.chain, h.height, h.hash, (0, 1, 2),
+                          bls.Aggregate([bls.Sign(sk, msg) for sk in validator_keys(7)[4:]]))]  # outsiders
+    for _ in range(2):  # verified the first time, remembered the second
+        vset.check_certificate(good, h, remember=True)
+    assert len(checks) == 1
+    for c in forged * 2:  # never remembered, refused every time, each time after a pairing check
+        with pytest.raises(ChainError) as e:
+            vset.check_certificate(c, h, remember=True)
+        assert e.value.reason == "cert_signature"
+    assert len(checks) == 1 + 2 * len(forged)
+    other = Header(**{**h.to_dict(), "time": h.time + 1})
+    with pytest.raises(ChainError) as e:  # the remembered certificate on another header: still a mismatch
+        vset.check_certificate(good, other, remember=True)
+    assert e.value.reason == "cert_mismatch"
+
+
 def test_header_encoding_is_canonical_and_strict():
     h = Header(chain="a", height=1, prev="0" * 64, time=5, tx_root=merkle.EMPTY_ROOT, state_root="1" * 64,
                txs=0, app={"x": 1})
