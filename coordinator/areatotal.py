@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 from collections import Counter, defaultdict
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping, MutableMapping
+from typing import Any, Iterable, Mapping
 
 import gmpy2
 
@@ -73,11 +73,10 @@ def _schema(detail: str) -> DecryptError:
     return DecryptError("item_schema", detail)
 
 
-def check_area_item(item: Any, validators: Mapping[str, ValidatorSet], kid: str, nsquare: int,
-                    certified: MutableMapping[tuple[str, bytes], bool] | None = None) -> AreaFacts:
+def check_area_item(item: Any, validators: Mapping[str, ValidatorSet], kid: str, nsquare: int) -> AreaFacts:
     """Check every certificate, inclusion and reading of an area item; its facts, or
-    `DecryptError`. `certified` remembers certificates already verified (one request
-    may carry a block in many items)."""
+    `DecryptError`. Certificates are checked with the validator set's memory of those
+    it verified already (one request may carry a block in many items)."""
     if not isinstance(item, dict) or item.get("kind") != "area" or set(item) != _ITEM_KEYS:
         raise _schema("an area item is {kind, chain, t, blocks, readings}")
     chain, t, blocks, readings = item["chain"], item["t"], item["blocks"], item["readings"]
@@ -93,7 +92,7 @@ def check_area_item(item: Any, validators: Mapping[str, ValidatorSet], kid: str,
         if not isinstance(r, dict) or set(r) != _READING_KEYS or not _int(r["height"]) or not _int(r["index"]) \
                 or not isinstance(r["tx"], str) or not isinstance(r["path"], list):
             raise _schema("a reading is {height, index, tx, path}")
-    headers = _certified_headers(blocks, validators[chain], chain, kid, certified)
+    headers = _certified_headers(blocks, validators[chain], chain, kid)
     if {r["height"] for r in readings} != set(headers):
         raise _schema("blocks are exactly the blocks of the readings")
 
@@ -128,8 +127,7 @@ def check_area_item(item: Any, validators: Mapping[str, ValidatorSet], kid: str,
     return AreaFacts(chain, t, dt, int(c), tuple(sorted(meters)), frozenset(hashes), tuple(sorted(headers)))
 
 
-def _certified_headers(blocks: list, vset: ValidatorSet, chain: str, kid: str,
-                       certified: MutableMapping[tuple[str, bytes], bool] | None) -> dict[int, Header]:
+def _certified_headers(blocks: list, vset: ValidatorSet, chain: str, kid: str) -> dict[int, Header]:
     headers: dict[int, Header] = {}
     for b in blocks:
         if not isinstance(b, dict) or set(b) != {"header", "cert"}:
@@ -140,11 +138,7 @@ def _certified_headers(blocks: list, vset: ValidatorSet, chain: str, kid: str,
                 raise ChainError("wrong_chain", f"{header.chain!r} is not {chain!r}")
             if header.height in headers:
                 raise _schema(f"block {header.height} is listed twice")
-            key = (header.hash, cert.encode())
-            if certified is None or key not in certified:
-                vset.check_certificate(cert, header)
-                if certified is not None:
-                    certified[key] = True
+            vset.check_certificate(cert, header, remember=True)
         except ChainError as exc:
             raise DecryptError(exc.reason, exc.detail) from None
         if header.app.get("kid") != kid:

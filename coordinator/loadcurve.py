@@ -156,7 +156,6 @@ async def curve_chain(*, client: aiomqtt.Client, trustees: TrusteeClient, ledger
     if progress:
         progress.total = len(ends)
     batch: list[tuple[Interval, dict, int]] = []
-    certified: dict = {}                # certificates this run checked already
 
     async def flush() -> None:
         if batch:
@@ -178,7 +177,7 @@ async def curve_chain(*, client: aiomqtt.Client, trustees: TrusteeClient, ledger
             blocks = [ledger.certified(h) for h in sorted({r["height"] for r in iv.readings})]
             item = area_item(chain, t, blocks, iv.readings)
             try:  # the trustees' own checks, so a bad item is withheld here, not refused there
-                f = check_area_item(item, {chain: validators}, key.kid, key.nsquare, certified)
+                f = check_area_item(item, {chain: validators}, key.kid, key.nsquare)
             except DecryptError as exc:
                 withheld.append(dict(point, reason=exc.reason))
                 continue

@@ -187,11 +187,11 @@ class Trustee:
         pending[key] = [*sets, f.readings]
         return None
 
-    def _check(self, item: object, pending: dict, pending_area: dict, certified: dict):
+    def _check(self, item: object, pending: dict, pending_area: dict):
         """(facts or None, None to allow or the reason to refuse) for one item."""
         try:
             if isinstance(item, dict) and item.get("kind") == "area":
-                f = check_area_item(item, self.validators, self.key.kid, self.key.nsquare, certified)
+                f = check_area_item(item, self.validators, self.key.kid, self.key.nsquare)
                 return f, self._judge_area(f, pending_area)
             f = check_bill_item(item, self.validators, self.key.kid, self.key.nsquare)
             return f, self._judge(f, pending)
@@ -207,9 +207,9 @@ class Trustee:
         except DecryptError as exc:
             rid = request_id(req_obj) if isinstance(req_obj, dict) else "-"
             return self._refuse_all(rid, exc)
-        verdicts, cs, pending, pending_area, facts, certified = [], [], {}, {}, [], {}
+        verdicts, cs, pending, pending_area, facts = [], [], {}, {}, []
         for i, item in enumerate(req["items"]):
-            f, reason = self._check(item, pending, pending_area, certified)
+            f, reason = self._check(item, pending, pending_area)
             verdicts.append({"item": i, "status": "refused" if reason else "accepted", "reason": reason})
             facts.append(f)
             if reason is None:
