@@ -10,12 +10,14 @@ import pytest
 from aggregator.admission import admit_body, admit_header
 from aggregator.receipts import (AuditAnswer, StorageReceipt, answer_audit, check_audit, sign_receipt,
                                  verify_receipt)
+from aggregator.storageserve import StorageServer
 from aggregator.storagestore import StorageStore
 from aggregator.storagewire import (CHUNK_MIN, Reassembly, StorageError, chunk_count, chunk_of, decode_body,
                                     encode_body, encode_request, parse_placement, parse_request, parse_response,
                                     encode_response)
 from certlog import bls
 from certlog.block import Certificate, ChainError, Header
+from certlog.light import LightClient
 
 from storagekit import make_chain, sign
 
@@ -247,3 +249,72 @@ def test_placements_parse_and_bad_ones_are_refused():
         with pytest.raises(StorageError) as exc:
             parse_placement(bad)
         assert exc.value.reason == "bad_placement"
+
+
+# -- serving ------------------------------------------------------------------------
+
+def _ask(server, op, **args):
+    return parse_response(server.answer(parse_request(encode_request("r1", "s9", op, **args))))
+
+
+@pytest.fixture
+def server(chain, store):
+    blocks, vset, _ = chain
+    for b in blocks:
+        store.put_header(b.header, b.cert)
+    for b in blocks[:3]:
+        store.put_body(b.header, b.txs)
+    return StorageServer(store, node="s1", kind="heavy", secret_key=NODE_SK)
+
+
+def test_a_node_serves_inventory_headers_and_transactions_that_verify(chain, server):
+    blocks, vset, _ = chain
+    meta, _ = _ask(server, "inventory")
+    assert (meta["ok"], meta["height"], meta["bodies"], meta["kind"]) == (True, 4, [[1, 3]], "heavy")
+    meta, _ = _ask(server, "headers", lo=2, hi=9)
+    got = [(Header.from_dict(x["header"]), Certificate.from_dict(x["cert"])) for x in meta["headers"]]
+    assert [h.height for h, _ in got] == [2, 3, 4]
+    for h, c in got:
+        admit_header(vset, "area1", h, c)
+    meta, _ = _ask(server, "tx", height=2, index=6)
+    light = LightClient("area1", vset)
+    for b in blocks[:2]:
+        light.add(b.header, b.cert)
+    light.verify_tx(2, bytes.fromhex(meta["tx"]), 6, meta["path"])
+
+
+def test_an_audit_is_answered_with_a_signed_verifiable_answer(chain, server):
+    blocks, _, _ = chain
+    nonce = os.urandom(16).hex()
+    meta, _ = _ask(server, "audit", height=3, index=2, nonce=nonce)
+    check_audit(AuditAnswer.from_dict(meta["answer"]), blocks[2].header, nonce=nonce, index=2, node="s1",
+                public_key=NODE_PK)
+
+
+def test_a_body_is_served_in_chunks_that_reassemble_to_it(chain, server):
+    blocks, _, _ = chain
+    b = blocks[1]
+    meta, first = _ask(server, "body", height=2, hash=b.header.hash, chunk=0, chunk_size=CHUNK_MIN)
+    r = Reassembly(meta["size"], CHUNK_MIN)
+    assert meta["chunks"] == r.count >= 1
+    r.add(0, first)
+    for i in r.missing():
+        m, d = _ask(server, "body", height=2, hash=b.header.hash, chunk=i, chunk_size=CHUNK_MIN)
+        r.add(m["chunk"], d)
+    assert decode_body(r.data()) == b.txs
+
+
+@pytest.mark.parametrize("op, args, reason", [
+    ("body", {"height": 4, "chunk": 0, "chunk_size": CHUNK_MIN}, "not_held"),       # header only
+    ("body", {"height": 2, "hash": "ab" * 32, "chunk": 0, "chunk_size": CHUNK_MIN}, "not_held"),
+    ("body", {"height": 2, "chunk": 99, "chunk_size": CHUNK_MIN}, "no_such_chunk"),
+    ("tx", {"height": 9, "index": 0}, "unknown_height"),
+    ("tx", {"height": 2, "index": 7}, "no_such_tx"),
+    ("audit", {"height": 4, "index": 0, "nonce": "00" * 16}, "not_held"),
+])
+def test_a_request_for_what_is_not_there_gets_a_typed_error(chain, server, op, args, reason):
+    blocks, _, _ = chain
+    if op == "body" and "hash" not in args:
+        args = {**args, "hash": blocks[args["height"] - 1].header.hash}
+    meta, data = _ask(server, op, **args)
+    assert (meta["ok"], meta["error"], meta["id"], data) == (False, reason, "r1", b"")
