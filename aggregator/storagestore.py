@@ -108,6 +108,13 @@ class StorageStore:
                                 (height, index)).fetchone()
         return None if row is None else row[0]
 
+    def first_missing_body(self) -> int:
+        """The lowest height >= 1 whose body is not held."""
+        return self.conn.execute(
+            "SELECT CASE WHEN NOT EXISTS (SELECT 1 FROM storage_bodies WHERE height = 1) THEN 1 ELSE "
+            "(SELECT MIN(height) + 1 FROM storage_bodies b WHERE NOT EXISTS "
+            "(SELECT 1 FROM storage_bodies c WHERE c.height = b.height + 1)) END").fetchone()[0]
+
     def body_heights(self) -> list[int]:
         return [r[0] for r in self.conn.execute("SELECT height FROM storage_bodies ORDER BY height")]
 
