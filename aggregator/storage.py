@@ -163,17 +163,19 @@ class StorageNode:
         async def serve(client: aiomqtt.Client) -> None:
             self._client = client
             try:
+                works = [self._consume(client), self._catch_up_loop(), self._status()]
                 if full_sync:
                     await self._request_sync(force=True)
-                await until_stopped(stop, self._consume(client), self._catch_up_loop(), self._status())
+                    works.append(self._sync_loop())
+                await until_stopped(stop, *works)
             finally:
                 self._client = None
 
         try:
             await keep_connected(self.mqtt, f"storage-{self.chain}-{self.name}", topics, stop, serve, log)
         finally:
-            self.store.close()
             event(log, "stop", **self.status())
+            self.store.close()
 
     def status(self) -> dict:
         return {"headers": self.store.header_height(), **self.counts, **self.server.counts,
@@ -275,13 +277,24 @@ class StorageNode:
         while True:
             t0 = time.monotonic()
             summary = await self.catchup.round()
-            if summary["headers"] or summary["fetched"] or summary["wanted"]:
+            if summary["headers"] or summary["fetched"]:
                 event(log, "catchup", seconds=round(time.monotonic() - t0, 3), **summary)
             self._wake.clear()
             try:
                 await asyncio.wait_for(self._wake.wait(), self.settings.catchup_s)
             except TimeoutError:
                 pass
+
+    async def _sync_loop(self) -> None:
+        """Ask the proposer again while a certified block's body is missing: a request
+        held back by the rate limit, or a batch lost, must not leave a gap for good."""
+        while True:
+            await asyncio.sleep(SYNC_RETRY_S)
+            if time.monotonic() - self._last_sync >= SYNC_RETRY_S and await self._db_call(self._lacking):
+                await self._request_sync(force=True)
+
+    def _lacking(self) -> bool:
+        return self.store.first_missing_body() <= self.store.header_height()
 
     async def _request_sync(self, *, force: bool = False) -> None:
         now = time.monotonic()
