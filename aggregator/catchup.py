@@ -35,6 +35,8 @@ INVENTORY_PAGES = 64
 # these reasons say the data was wrong (a time-out only says the peer was slow).
 BAD_DATA = {"tx_root_mismatch", "tx_count_mismatch", "body_format", "bad_chunk", "bad_response"}
 
+RETRY = {"peer_timeout", "busy"}  # worth asking the same peer again
+
 Publish = Callable[[str, bytes], Awaitable[None]]
 
 
@@ -71,9 +73,11 @@ class Requester:
             try:
                 return await self._once(peer, op, args)
             except StorageError as exc:
-                if exc.reason != "peer_timeout" or attempt == self.retries:
+                if exc.reason not in RETRY or attempt == self.retries:
                     raise
                 self.counts["retried"] += 1
+                if exc.reason == "busy":
+                    await asyncio.sleep(self.timeout_s / 4 * (attempt + 1))
         raise AssertionError("unreachable")
 
     async def _once(self, peer: str, op: str, args: dict) -> tuple[dict, bytes]:

@@ -36,6 +36,7 @@ class Fabric:
     def __init__(self):
         self.nodes: dict[str, StorageNode] = {}
         self.receipts: list[StorageReceipt] = []
+        self.outside: list[tuple[str, bytes]] = []   # sent to topics of no node here
         self.drop_every = 0       # lose every n-th response (a flaky link)
         self._responses = 0
 
@@ -56,6 +57,8 @@ class Fabric:
             if self.drop_every and self._responses % self.drop_every == 0:
                 return
             loop.call_soon(self.nodes[parts[-2]].requester.on_response, payload)
+        else:
+            self.outside.append((topic, payload))
 
 
 @pytest.fixture
@@ -148,6 +151,28 @@ async def test_lost_responses_are_retried_and_the_transfer_completes(bed):
     await _fill(s1, blocks)
     s3 = node("s3", peers=["s1"])
     fabric.drop_every = 4
-    summary = await asyncio.wait_for(s3.catchup.round(), 30)
-    assert summary["fetched"] == 6 and s3.requester.counts["retried"] >= 10
+    fetched = 0
+    for _ in range(5):  # a request unlucky three times in a row waits for the next round, as in the node's loop
+        fetched += (await asyncio.wait_for(s3.catchup.round(), 30))["fetched"]
+        if not await s3.wanted():
+            break
+    assert fetched == 6 and s3.requester.counts["retried"] >= 10
     assert all(s3.store.body(b.header.height) == b.txs for b in blocks)
+
+
+async def test_malformed_requests_get_typed_error_responses_and_the_node_keeps_serving(bed):
+    blocks, fabric, node, tmp = bed
+    s1 = node("s1")
+    await _fill(s1, blocks[:1])
+    for payload in (b"\xff\xfe", b"[]", b'{"id":"1","from":"x9","op":"rm"}',
+                    b'{"id":"2","from":"x9","op":"tx","height":-1,"index":0}',
+                    b'{"id":"3","from":"x9","op":"body","height":1,"hash":"' + b"ab" * 32 + b'","chunk":0,'
+                    b'"chunk_size":4096}', b'{"id":"4","from":"x9","op":"inventory"}'):
+        s1._answer_soon(payload)
+    await asyncio.sleep(0.2)
+    answers = {json.loads(p.split(b"\n")[0])["id"]: json.loads(p.split(b"\n")[0]) for t, p in fabric.outside
+               if t.endswith("/x9/resp")}
+    assert {k: v.get("error") for k, v in answers.items()} == {"1": "unknown_op", "2": "bad_request",
+                                                                "3": "not_held", "4": None}
+    assert answers["4"]["bodies"] == [[1, 1]]
+    assert s1.counts["request_bad_request"] == 3 and s1.counts["request_unknown_op"] == 1
