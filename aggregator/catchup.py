@@ -17,7 +17,7 @@ import logging
 import secrets
 from collections import Counter
 from dataclasses import dataclass
-from typing import Awaitable, Callable, Protocol, Sequence
+from typing import Awaitable, Callable, Collection, Protocol, Sequence
 
 from certlog.block import Certificate, ChainError, Header
 from gridledger.logs import event
@@ -126,16 +126,19 @@ class Inventory:
         return cls(peer, height, tuple(ranges))
 
 
-def assign(wanted: Sequence[int], inventories: Sequence[Inventory]) -> dict[int, list[str]]:
+def assign(wanted: Sequence[int], inventories: Sequence[Inventory],
+           demoted: Collection[str] = ()) -> dict[int, list[str]]:
     """For each wanted height, the peers holding it in the order to try them. The
     first choice rotates over the holders, so the work (and the trust) is spread
-    over every peer that holds the data; a height no peer holds is left out."""
+    over every peer that holds the data; peers in `demoted` (they served wrong
+    data before) come last; a height no peer holds is left out."""
     out: dict[int, list[str]] = {}
     for k, h in enumerate(wanted):
         holders = [inv.peer for inv in inventories if inv.holds(h)]
         if holders:
             r = k % len(holders)
-            out[h] = holders[r:] + holders[:r]
+            order = holders[r:] + holders[:r]
+            out[h] = [p for p in order if p not in demoted] + [p for p in order if p in demoted]
     return out
 
 
@@ -166,7 +169,7 @@ class CatchUp:
         invs = [i for i in await asyncio.gather(*(self._inventory(p) for p in self.peers)) if i is not None]
         headers = await self._headers(invs)
         wanted = await self.keeper.wanted()
-        plan = assign(wanted, invs)
+        plan = assign(wanted, invs, demoted=set(self.bad_peers))
         gate = asyncio.Semaphore(self.parallel)
         sources = await asyncio.gather(*(self._body(h, peers, gate) for h, peers in plan.items()))
         got = Counter(s for s in sources if s is not None)

@@ -260,7 +260,11 @@ class StorageNode:
 
     async def _answer(self, req) -> None:
         try:
-            response = await self._db_call(self.server.answer, req)
+            try:
+                response = await self._db_call(self.server.answer, req)
+            except Exception:  # e.g. a disk error: the peer hears why, the node keeps serving
+                log.exception("answer_failed")
+                response = error_response(req.id, "internal")
             await self._reply(req.sender, response)
         finally:
             self._serving -= 1
@@ -276,8 +280,14 @@ class StorageNode:
             return await asyncio.Event().wait()
         while True:
             t0 = time.monotonic()
-            summary = await self.catchup.round()
-            if summary["headers"] or summary["fetched"]:
+            try:
+                summary = await self.catchup.round()
+            except aiomqtt.MqttError:
+                raise  # the session is gone: keep_connected reconnects
+            except Exception:  # a bug in one round must not stop serving; the next round retries
+                log.exception("catchup_failed")
+                summary = {}
+            if summary.get("headers") or summary.get("fetched"):
                 event(log, "catchup", seconds=round(time.monotonic() - t0, 3), **summary)
             self._wake.clear()
             try:

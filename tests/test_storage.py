@@ -318,3 +318,13 @@ def test_a_request_for_what_is_not_there_gets_a_typed_error(chain, server, op, a
         args = {**args, "hash": blocks[args["height"] - 1].header.hash}
     meta, data = _ask(server, op, **args)
     assert (meta["ok"], meta["error"], meta["id"], data) == (False, reason, "r1", b"")
+
+
+def test_catch_up_spreads_bodies_over_every_holder_and_tries_a_bad_peer_last():
+    from aggregator.catchup import Inventory, assign
+    invs = [Inventory("s1", 9, ((1, 9),)), Inventory("s2", 9, ((1, 4), (6, 9))), Inventory("s3", 9, ((9, 9),))]
+    plan = assign([1, 2, 5, 9, 12], invs)
+    assert plan[1] == ["s1", "s2"] and plan[2] == ["s2", "s1"] and plan[5] == ["s1"] and 12 not in plan
+    assert {peers[0] for peers in plan.values()} == {"s1", "s2"}
+    assert plan[9][0] in {"s1", "s2", "s3"} and sorted(plan[9]) == ["s1", "s2", "s3"]
+    assert all(peers[-1] == "s2" for h, peers in assign([1, 2, 3], invs, demoted={"s2"}).items())
