@@ -41,6 +41,8 @@ EXAMPLES = {
     "bridge serial": "gridledger bridge serial --config gateway.toml --port /dev/ttyACM0",
     "loadgen run": "gridledger loadgen run --config gateway.toml --keys lg/ --meters 1000 --readings 10",
     "coordinator run": "gridledger coordinator run --config coordinator.toml",
+    "storage run": "gridledger storage run --config storage-s1.toml",
+    "storage inventory": "gridledger storage inventory --config storage-s1.toml",
     "query exact": "gridledger query exact --config coordinator.toml --area A --account acct-0001",
     "query interval": "gridledger query interval --config coordinator.toml --area A --account acct-0001 "
                       "--from 1767225600 --to 1767312000 --url http://127.0.0.1:8480",
@@ -292,6 +294,29 @@ def _cmd_bridge_serial(args) -> int:
 def _cmd_validator_run(args) -> int:
     from aggregator.validator import ValidatorRole, load_validator_config
     return _run_role("validator", args.log_level, ValidatorRole(load_validator_config(Path(args.config))))
+
+
+def _cmd_storage_run(args) -> int:
+    from aggregator.storage import StorageNode, load_storage_config
+    return _run_role("storage", args.log_level, StorageNode(load_storage_config(Path(args.config))))
+
+
+def _cmd_storage_inventory(args) -> int:
+    import json
+    import sqlite3
+    from aggregator.storage import load_storage_config
+    from aggregator.storagestore import StorageStore
+    s = load_storage_config(Path(args.config)).storage
+    if not s.database.exists():
+        raise GridledgerError(f"{s.database} does not exist: has the node run?")
+    store = StorageStore(conn=sqlite3.connect(f"file:{s.database}?mode=ro", uri=True, timeout=10))
+    try:
+        print(json.dumps({"node": s.name, "kind": s.kind, "chain": s.chain, "headers": store.header_height(),
+                          "bodies": [list(r) for r in store.body_ranges(limit=1_000_000)],
+                          "placed_missing": store.wanted(s.kind) if s.kind != "full" else []}))
+    finally:
+        store.close()
+    return 0
 
 
 def _cmd_coordinator_run(args) -> int:
@@ -587,6 +612,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("bill", help="the bill's JSON file")
     sp.add_argument("--validators", required=True, help="validator-set TOML of the area chain")
     sp.add_argument("--registry-validators", help="validator set of the registry chain (default: the same)")
+
+    st = roles.add_parser("storage", help="a storage node (full, heavy or light) of an area chain").add_subparsers(
+        dest="action", required=True)
+    daemon(st, "storage", "run a storage node: keep certified blocks, sign receipts, serve peers, catch up",
+           _cmd_storage_run, "storage node")
+    sp = action(st, "storage", "inventory", "print a storage node's headers and held bodies (read-only)",
+                _cmd_storage_inventory)
+    sp.add_argument("--config", required=True, help="the storage node's TOML file")
 
     co = roles.add_parser("coordinator", help="the coordinator: follows area chains, answers queries").add_subparsers(
         dest="action", required=True)

@@ -45,7 +45,7 @@ from .wire import SLOTS, kid_of
 __all__ = ["TestbedPlan", "run_testbed", "write_meter_config", "meter_process", "gateway_process", "bridge_process",
            "read_truth", "validator_process", "wait_up", "write_chain", "chain_table", "certified_height",
            "chain_height", "registry_chain_table", "write_registry_chain", "enroll_meters", "registry_process",
-           "RegistrySetup", "coordinator_process", "trustee_process"]
+           "RegistrySetup", "coordinator_process", "trustee_process", "write_storage_node", "storage_process"]
 
 BOOT_GRACE_S = 3.0  # real seconds between launch and the first virtual interval
 DAY = 86400
@@ -112,6 +112,27 @@ def bridge_process(config: Path, port: Path | str, log: Path, *, baud: int = 115
 def validator_process(config: Path, log: Path) -> subprocess.Popen:
     """An area-chain validator as a real process."""
     return _spawn([sys.executable, "-m", "gridledger", "validator", "run", "--config", str(config)], log)
+
+
+def storage_process(config: Path, log: Path) -> subprocess.Popen:
+    """A storage node (`gridledger storage run`) as a real process."""
+    return _spawn([sys.executable, "-m", "gridledger", "storage", "run", "--config", str(config)], log)
+
+
+def write_storage_node(wd: Path, name: str, *, kind: str, chain: str, host: str, port: int,
+                       peers: list[str] = (), validators: str = "../validators.toml", **options) -> Path:
+    """A storage node's key (`storage/NAME.bls.key`, made once) and config
+    (`storage/NAME.toml`); `options` are further `[storage]` keys (TOML scalars)."""
+    folder = wd / "storage"
+    key = folder / f"{name}.bls.key"
+    if not key.exists():
+        write_secret_key(key, new_secret_key())
+    extra = "".join(f"{k} = {json.dumps(v)}\n" for k, v in options.items())
+    cfg = folder / f"{name}.toml"
+    cfg.write_text(f'[storage]\nname = "{name}"\nkind = "{kind}"\nchain = "{chain}"\ndatabase = "{name}.db"\n'
+                   f'secret_key = "{name}.bls.key"\nvalidators = "{validators}"\npeers = {json.dumps(list(peers))}\n'
+                   f'{extra}\n[mqtt]\nhost = "{host}"\nport = {port}\nclient_id = "storage-{chain}-{name}"\n')
+    return cfg
 
 
 def write_chain(wd: Path, *, area: str, host: str, port: int, validators: int = 4,

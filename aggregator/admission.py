@@ -1,0 +1,34 @@
+"""What a storage node lets in: a header only with a certificate the validator set
+signed, a body only if it is exactly what that certified header commits to.
+
+Pure checks over parsed objects; each refusal is a `ChainError` whose reason is
+counted and logged by the caller, and nothing refused is ever stored.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from certlog import merkle
+from certlog.block import Certificate, ChainError, Header
+from certlog.validators import ValidatorSet
+
+__all__ = ["admit_header", "admit_body"]
+
+
+def admit_header(validators: ValidatorSet, chain: str, header: Header, cert: Certificate | None) -> None:
+    """Raise `ChainError` unless `header` is of `chain` and `cert` certifies it."""
+    if header.chain != chain:
+        raise ChainError("wrong_chain", f"{header.chain!r} is not {chain!r}", height=header.height)
+    if cert is None:
+        raise ChainError("no_certificate", "a header travels with its certificate", height=header.height)
+    validators.check_certificate(cert, header, remember=True)
+
+
+def admit_body(header: Header, txs: Sequence[bytes]) -> None:
+    """Raise `ChainError` unless `txs` is the body the (certified) `header` commits to."""
+    if len(txs) != header.txs:
+        raise ChainError("tx_count_mismatch", f"header says {header.txs}, body has {len(txs)}",
+                         height=header.height)
+    if merkle.root(txs) != header.tx_root:
+        raise ChainError("tx_root_mismatch", "body does not hash to the certified tx_root", height=header.height)

@@ -1,0 +1,281 @@
+"""Catch-up from peers (seed 000's DRS): ask their inventories, fetch what this node
+lacks from all the peers that hold it in parallel, keep only what matches a
+certified header.
+
+`Requester` is the request/response layer over MQTT: ids, a bounded window of
+outstanding requests per peer, time-outs and retries. `CatchUp` runs one round:
+headers first (each certificate checked), then bodies, spread over every peer
+holding them (so over at least f+1 sources when that many hold it), each body in
+chunks. A peer that serves a body not matching the certified header is named,
+counted and skipped for that body, which is fetched from the next holder.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from collections import Counter
+from dataclasses import dataclass
+from typing import Awaitable, Callable, Collection, Protocol, Sequence
+
+from certlog.block import Certificate, ChainError, Header
+from gridledger.logs import event
+
+from .admission import admit_body
+from .storagewire import (HEADERS_MAX, Reassembly, StorageError, StorageTopics, decode_body, encode_request,
+                          parse_response)
+
+__all__ = ["Requester", "Inventory", "CatchUp", "assign", "Keeper"]
+
+log = logging.getLogger("gridledger.storage.catchup")
+
+INVENTORY_PAGES = 64
+# A peer that serves a wrong body or malformed chunks is skipped for that body;
+# these reasons say the data was wrong (a time-out only says the peer was slow).
+BAD_DATA = {"tx_root_mismatch", "tx_count_mismatch", "body_format", "bad_chunk", "bad_response"}
+
+RETRY = {"peer_timeout", "busy"}  # worth asking the same peer again
+
+Publish = Callable[[str, bytes], Awaitable[None]]
+
+
+class Requester:
+    """Requests to peers and their responses, matched by id (random per process, so
+    a response cannot be forged without seeing the request)."""
+
+    def __init__(self, publish: Publish, me: str, topics: StorageTopics, *, timeout_s: float = 3.0,
+                 window: int = 4, retries: int = 2):
+        self.publish, self.me, self.topics = publish, me, topics
+        self.timeout_s, self.window, self.retries = timeout_s, window, retries
+        self.counts: Counter[str] = Counter()
+        self._prefix = secrets.token_hex(4)
+        self._next = 0
+        self._pending: dict[str, asyncio.Future] = {}
+        self._windows: dict[str, asyncio.Semaphore] = {}
+
+    def on_response(self, payload: bytes) -> None:
+        try:
+            meta, data = parse_response(payload)
+        except StorageError as exc:
+            self.counts[f"response_{exc.reason}"] += 1
+            return
+        fut = self._pending.get(meta["id"])
+        if fut is None or fut.done():
+            self.counts["response_unexpected"] += 1  # late (timed out) or not ours
+            return
+        fut.set_result((meta, data))
+
+    async def ask(self, peer: str, op: str, **args) -> tuple[dict, bytes]:
+        """The peer's answer, retried on time-out; `StorageError` with the peer's own
+        reason if it refuses, or `peer_timeout`."""
+        for attempt in range(self.retries + 1):
+            try:
+                return await self._once(peer, op, args)
+            except StorageError as exc:
+                if exc.reason not in RETRY or attempt == self.retries:
+                    raise
+                self.counts["retried"] += 1
+                if exc.reason == "busy":
+                    await asyncio.sleep(self.timeout_s / 4 * (attempt + 1))
+        raise AssertionError("unreachable")
+
+    async def _once(self, peer: str, op: str, args: dict) -> tuple[dict, bytes]:
+        window = self._windows.setdefault(peer, asyncio.Semaphore(self.window))
+        async with window:
+            self._next += 1
+            rid = f"{self._prefix}-{self._next}"
+            fut = asyncio.get_running_loop().create_future()
+            self._pending[rid] = fut
+            try:
+                await self.publish(self.topics.requests(peer), encode_request(rid, self.me, op, **args))
+                meta, data = await asyncio.wait_for(fut, self.timeout_s)
+            except TimeoutError:
+                self.counts["timeout"] += 1
+                raise StorageError("peer_timeout", f"{peer} did not answer {op} in {self.timeout_s} s") from None
+            finally:
+                self._pending.pop(rid, None)
+        if meta.get("ok") is not True:
+            reason = meta.get("error")
+            raise StorageError(reason if isinstance(reason, str) and len(reason) <= 64 else "bad_response",
+                               f"{peer}: {str(meta.get('detail', ''))[:120]}")
+        return meta, data
+
+
+@dataclass(frozen=True, slots=True)
+class Inventory:
+    peer: str
+    height: int                      # the peer's highest certified header
+    bodies: tuple[tuple[int, int], ...]  # inclusive ranges of the bodies it holds
+
+    def holds(self, height: int) -> bool:
+        return any(lo <= height <= hi for lo, hi in self.bodies)
+
+    @classmethod
+    def from_pages(cls, peer: str, pages: Sequence[dict]) -> "Inventory":
+        ranges = []
+        for meta in pages:
+            for r in meta.get("bodies", []):
+                if (not isinstance(r, list) or len(r) != 2 or not all(type(x) is int for x in r)
+                        or not 1 <= r[0] <= r[1]):
+                    raise StorageError("bad_response", f"{peer}: inventory range {str(r)[:40]}")
+                ranges.append((r[0], r[1]))
+        height = pages[0].get("height") if pages else 0
+        if type(height) is not int or height < 0:
+            raise StorageError("bad_response", f"{peer}: inventory height")
+        return cls(peer, height, tuple(ranges))
+
+
+def assign(wanted: Sequence[int], inventories: Sequence[Inventory],
+           demoted: Collection[str] = ()) -> dict[int, list[str]]:
+    """For each wanted height, the peers holding it in the order to try them. The
+    first choice rotates over the holders, so the work (and the trust) is spread
+    over every peer that holds the data; peers in `demoted` (they served wrong
+    data before) come last; a height no peer holds is left out."""
+    out: dict[int, list[str]] = {}
+    for k, h in enumerate(wanted):
+        holders = [inv.peer for inv in inventories if inv.holds(h)]
+        if holders:
+            r = k % len(holders)
+            order = holders[r:] + holders[:r]
+            out[h] = [p for p in order if p not in demoted] + [p for p in order if p in demoted]
+    return out
+
+
+class Keeper(Protocol):
+    """What catch-up needs from the node: its store (read) and its admission (write)."""
+    kind: str
+
+    async def header(self, height: int) -> tuple[Header, Certificate] | None: ...
+    async def missing_headers(self, upto: int) -> list[int]: ...
+    async def wanted(self) -> list[int]: ...
+    async def has_body(self, height: int) -> bool: ...
+    async def keep_header(self, header: Header, cert: Certificate, source: str) -> None: ...
+    async def keep_body(self, header: Header, txs: list[bytes], source: str) -> bool: ...
+
+
+class CatchUp:
+    def __init__(self, keeper: Keeper, requester: Requester, peers: Sequence[str], *, chunk_size: int,
+                 parallel: int = 8):
+        self.keeper, self.req = keeper, requester
+        self.peers = list(peers)
+        self.chunk_size = chunk_size
+        self.parallel = parallel
+        self.counts: Counter[str] = Counter()
+        self.bad_peers: Counter[str] = Counter()   # wrong data served, by peer
+
+    async def round(self) -> dict:
+        """One round; returns what it did (for the log and the tests)."""
+        invs = [i for i in await asyncio.gather(*(self._inventory(p) for p in self.peers)) if i is not None]
+        headers = await self._headers(invs)
+        wanted = await self.keeper.wanted()
+        plan = assign(wanted, invs, demoted=set(self.bad_peers))
+        gate = asyncio.Semaphore(self.parallel)
+        sources = await asyncio.gather(*(self._body(h, peers, gate) for h, peers in plan.items()))
+        got = Counter(s for s in sources if s is not None)
+        return {"peers": len(invs), "headers": headers, "wanted": len(wanted), "fetched": sum(got.values()),
+                "sources": len(got), "by_source": dict(got)}
+
+    async def _inventory(self, peer: str) -> Inventory | None:
+        pages, after = [], 0
+        try:
+            for _ in range(INVENTORY_PAGES):
+                meta, _ = await self.req.ask(peer, "inventory", after=after)
+                pages.append(meta)
+                if not meta.get("more") or not meta.get("bodies"):
+                    break
+                after = meta["bodies"][-1][1]
+            return Inventory.from_pages(peer, pages)
+        except (StorageError, TypeError, IndexError, KeyError) as exc:
+            self._refused(peer, getattr(exc, "reason", "bad_response"), str(exc))
+            return None
+
+    async def _headers(self, invs: Sequence[Inventory]) -> int:
+        top = max((i.height for i in invs), default=0)
+        missing = await self.keeper.missing_headers(top)
+        runs = _runs(missing, HEADERS_MAX)
+        jobs = []
+        for k, (lo, hi) in enumerate(runs):
+            holders = [i.peer for i in invs if i.height >= hi]
+            if holders:
+                jobs.append(self._header_run(holders[k % len(holders)], lo, hi))
+        return sum(await asyncio.gather(*jobs))
+
+    async def _header_run(self, peer: str, lo: int, hi: int) -> int:
+        kept = 0
+        try:
+            meta, _ = await self.req.ask(peer, "headers", lo=lo, hi=hi)
+            items = meta.get("headers")
+            if not isinstance(items, list):
+                raise StorageError("bad_response", f"{peer}: headers")
+            for item in items:
+                header = Header.from_dict(item.get("header") if isinstance(item, dict) else None)
+                cert = Certificate.from_dict(item.get("cert"))
+                if not lo <= header.height <= hi:
+                    raise StorageError("bad_response", f"{peer}: header {header.height} outside {lo}..{hi}")
+                await self.keeper.keep_header(header, cert, peer)
+                kept += 1
+        except ChainError as exc:
+            self._refused(peer, exc.reason, exc.detail, bad=exc.reason not in ("peer_timeout",))
+        return kept
+
+    async def _body(self, height: int, peers: list[str], gate: asyncio.Semaphore) -> str | None:
+        """Fetch and keep one body from the first of `peers` that serves it right."""
+        held = await self.keeper.header(height)
+        if held is None:
+            return None
+        header = held[0]
+        async with gate:
+            if await self.keeper.has_body(height):
+                return None  # arrived by another path (the proposer, a placement) meanwhile
+            for peer in peers:
+                try:
+                    txs = await self._download(peer, header)
+                    admit_body(header, txs)
+                except ChainError as exc:
+                    self._refused(peer, exc.reason, exc.detail, height=height, bad=exc.reason in BAD_DATA)
+                    continue
+                await self.keeper.keep_body(header, txs, peer)
+                return peer
+        return None
+
+    async def _download(self, peer: str, header: Header) -> list[bytes]:
+        ask = lambda chunk: self.req.ask(peer, "body", height=header.height, hash=header.hash,  # noqa: E731
+                                         chunk=chunk, chunk_size=self.chunk_size)
+        meta, data = await ask(0)
+        try:
+            body = Reassembly(meta["size"], self.chunk_size)
+        except KeyError:
+            raise StorageError("bad_response", "no size") from None
+        body.add(0, data)
+
+        async def fetch(i: int) -> None:
+            m, d = await ask(i)
+            if m.get("chunk") != i:
+                raise StorageError("bad_chunk", f"asked chunk {i}, got {m.get('chunk')!r}")
+            body.add(i, d)
+
+        # All at once: the peer's window bounds how many are in flight.
+        results = await asyncio.gather(*(fetch(i) for i in body.missing()), return_exceptions=True)
+        for r in results:
+            if isinstance(r, BaseException):
+                raise r
+        return decode_body(body.data())
+
+    def _refused(self, peer: str, reason: str, detail: str, *, height: int | None = None, bad: bool = False) -> None:
+        self.counts[reason] += 1
+        if bad:
+            self.bad_peers[peer] += 1
+        event(log, "refused", logging.WARNING, peer=peer, reason=reason, detail=detail[:200], height=height,
+              bad_data=bad)
+
+
+def _runs(heights: Sequence[int], most: int) -> list[tuple[int, int]]:
+    """Consecutive heights as inclusive runs of at most `most`."""
+    runs: list[tuple[int, int]] = []
+    for h in heights:
+        if runs and h == runs[-1][1] + 1 and h - runs[-1][0] < most:
+            runs[-1] = (runs[-1][0], h)
+        else:
+            runs.append((h, h))
+    return runs

@@ -1,0 +1,170 @@
+"""What a storage node signs with its BLS key: storage receipts and audit answers.
+
+A receipt says "I hold the body of this certified block" (seed 003's second
+verification); it is sent only once the body is durable. An audit answer says
+"here is transaction `index` of that block, for your `nonce`", with its Merkle
+path to the certified tx root. Each signed message has its own domain tag, so
+no signature can pass for another kind (or for a validator's vote).
+Verification returns False / raises `ChainError`, never anything else.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from certlog import bls, merkle
+from certlog.block import ChainError, Header, canonical
+
+from .storagewire import KINDS, NODE_RE, NONCE_RE
+
+__all__ = ["StorageReceipt", "receipt_message", "sign_receipt", "verify_receipt", "AuditAnswer",
+           "audit_message", "answer_audit", "check_audit"]
+
+RECEIPT_TAG = "gl-storage-receipt-v1"
+AUDIT_TAG = "gl-storage-audit-v1"
+
+
+def _hex(obj: dict, key: str, length: int, reason: str) -> bytes:
+    v = obj.get(key)
+    try:
+        if not isinstance(v, str) or len(v) != 2 * length:
+            raise ValueError
+        return bytes.fromhex(v)
+    except ValueError:
+        raise ChainError(reason, f"{key} must be {length} bytes of hex") from None
+
+
+def _str(obj: dict, key: str, reason: str) -> str:
+    v = obj.get(key)
+    if not isinstance(v, str) or not v or len(v) > 64 or "\n" in v:
+        raise ChainError(reason, f"{key} must be a short string")
+    return v
+
+
+def _height(obj: dict, key: str, reason: str, lo: int = 1) -> int:
+    v = obj.get(key)
+    if type(v) is not int or v < lo:
+        raise ChainError(reason, f"{key} must be an integer >= {lo}")
+    return v
+
+
+# -- storage receipts -------------------------------------------------------------
+
+def receipt_message(chain: str, height: int, header_hash: str, node: str, kind: str) -> bytes:
+    return f"{RECEIPT_TAG}\n{chain}\n{height}\n{header_hash}\n{node}\n{kind}".encode("ascii")
+
+
+@dataclass(frozen=True, slots=True)
+class StorageReceipt:
+    chain: str
+    height: int
+    hash: str          # the certified header's hash
+    node: str
+    kind: str          # full | heavy | light
+    signature: bytes
+
+    def message(self) -> bytes:
+        return receipt_message(self.chain, self.height, self.hash, self.node, self.kind)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"chain": self.chain, "height": self.height, "hash": self.hash, "node": self.node,
+                "kind": self.kind, "sig": self.signature.hex()}
+
+    def encode(self) -> bytes:
+        return canonical(self.to_dict())
+
+    @classmethod
+    def from_dict(cls, obj: Any) -> "StorageReceipt":
+        if not isinstance(obj, dict) or set(obj) != {"chain", "height", "hash", "node", "kind", "sig"}:
+            raise ChainError("receipt_schema", "a receipt has chain, height, hash, node, kind, sig")
+        node, kind = _str(obj, "node", "receipt_schema"), obj.get("kind")
+        if not NODE_RE.match(node) or kind not in KINDS:
+            raise ChainError("receipt_schema", "node name or kind")
+        return cls(_str(obj, "chain", "receipt_schema"), _height(obj, "height", "receipt_schema"),
+                   _hex(obj, "hash", 32, "receipt_schema").hex(), node, kind,
+                   _hex(obj, "sig", bls.SIGNATURE_LEN, "receipt_schema"))
+
+
+def sign_receipt(sk: int, header: Header, node: str, kind: str) -> StorageReceipt:
+    r = StorageReceipt(header.chain, header.height, header.hash, node, kind, b"")
+    return StorageReceipt(r.chain, r.height, r.hash, node, kind, bls.Sign(sk, r.message()))
+
+
+def verify_receipt(receipt: StorageReceipt, public_key: bytes, header: Header | None = None) -> bool:
+    """True when `public_key` signed this receipt (and, given `header`, it is that header's)."""
+    if header is not None and (receipt.chain, receipt.height, receipt.hash) != (header.chain, header.height,
+                                                                                header.hash):
+        return False
+    return bls.Verify(public_key, receipt.message(), receipt.signature)
+
+
+# -- audit answers --------------------------------------------------------------------
+
+def audit_message(nonce: str, chain: str, height: int, index: int, tx_hash: str, node: str) -> bytes:
+    return f"{AUDIT_TAG}\n{nonce}\n{chain}\n{height}\n{index}\n{tx_hash}\n{node}".encode("ascii")
+
+
+@dataclass(frozen=True, slots=True)
+class AuditAnswer:
+    chain: str
+    height: int
+    index: int
+    nonce: str
+    tx: bytes
+    path: tuple[str, ...]   # Merkle siblings, leaf upwards (certlog.merkle)
+    node: str
+    signature: bytes
+
+    def message(self) -> bytes:
+        return audit_message(self.nonce, self.chain, self.height, self.index,
+                             hashlib.sha256(self.tx).hexdigest(), self.node)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"chain": self.chain, "height": self.height, "index": self.index, "nonce": self.nonce,
+                "tx": self.tx.hex(), "path": list(self.path), "node": self.node, "sig": self.signature.hex()}
+
+    @classmethod
+    def from_dict(cls, obj: Any) -> "AuditAnswer":
+        keys = {"chain", "height", "index", "nonce", "tx", "path", "node", "sig"}
+        if not isinstance(obj, dict) or set(obj) != keys:
+            raise ChainError("audit_schema", f"an audit answer has {sorted(keys)}")
+        nonce, tx, path = obj["nonce"], obj["tx"], obj["path"]
+        if not isinstance(nonce, str) or not NONCE_RE.match(nonce):
+            raise ChainError("audit_schema", "nonce")
+        if not isinstance(path, list) or len(path) > 64 or not all(isinstance(p, str) for p in path):
+            raise ChainError("audit_schema", "path must be a list of hex hashes")
+        try:
+            raw = bytes.fromhex(tx) if isinstance(tx, str) else None
+        except ValueError:
+            raw = None
+        if raw is None:
+            raise ChainError("audit_schema", "tx must be hex")
+        return cls(_str(obj, "chain", "audit_schema"), _height(obj, "height", "audit_schema"),
+                   _height(obj, "index", "audit_schema", 0), nonce, raw, tuple(path),
+                   _str(obj, "node", "audit_schema"), _hex(obj, "sig", bls.SIGNATURE_LEN, "audit_schema"))
+
+
+def answer_audit(sk: int, node: str, header: Header, txs: Sequence[bytes], index: int, nonce: str) -> AuditAnswer:
+    """The signed answer to an audit of transaction `index` of this block (IndexError if none)."""
+    path = tuple(merkle.path(txs, index))
+    a = AuditAnswer(header.chain, header.height, index, nonce, bytes(txs[index]), path, node, b"")
+    return AuditAnswer(a.chain, a.height, index, nonce, a.tx, path, node, bls.Sign(sk, a.message()))
+
+
+def check_audit(answer: AuditAnswer, header: Header, *, nonce: str, index: int, node: str,
+                public_key: bytes) -> None:
+    """Raise `ChainError` unless `answer` is `node`'s signed answer, for exactly this
+    nonce and index, with a transaction the certified `header` commits to."""
+    h = header.height
+    if (answer.chain, answer.height) != (header.chain, h):
+        raise ChainError("audit_wrong_block", f"answer is for {answer.chain}/{answer.height}", height=h)
+    if answer.nonce != nonce:
+        raise ChainError("audit_nonce", "answer is for another challenge", height=h)
+    if answer.index != index or answer.node != node:
+        raise ChainError("audit_wrong_question", f"tx {answer.index} from {answer.node}", height=h)
+    if not merkle.verify_path(header.tx_root, answer.tx, index, header.txs, answer.path):
+        raise ChainError("audit_bad_path", f"tx {index} is not in block {h}", height=h)
+    if not bls.Verify(public_key, answer.message(), answer.signature):
+        raise ChainError("audit_signature", f"not signed by {node}", height=h)

@@ -1,0 +1,317 @@
+"""The storage node role: `gridledger storage run --config storage.toml`.
+
+A full node keeps every certified block of its chain; heavy and light nodes keep
+every certified header and the bodies placed on them. Headers come from the
+chain's certificates topic, bodies from the proposer's sync service (full nodes)
+and from peers (`catchup`); each is admitted only against the validator set and
+its certified header, and once a body is durable the node publishes a signed
+storage receipt. It answers peers' requests (`storageserve`) over MQTT.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiomqtt
+
+from certlog import bls
+from certlog.block import Certificate, ChainError, Header, canonical
+from certlog.net import SYNC_BATCH, Topics, decode_block
+from certlog.validators import load_validator_set, read_secret_key
+from gridledger.config import MqttConfig, read_toml, section
+from gridledger.errors import ConfigError
+from gridledger.logs import event
+from gridledger.mqtt import keep_connected, until_stopped
+
+from .admission import admit_body, admit_header
+from .catchup import CatchUp, Requester
+from .receipts import sign_receipt
+from .storageserve import StorageServer, error_response
+from .storagestore import StorageStore
+from .storagewire import (CHUNK_MAX, CHUNK_MIN, KINDS, NODE_RE, StorageError, StorageTopics, parse_placement,
+                          parse_request)
+
+__all__ = ["StorageSettings", "StorageConfig", "StorageNode", "load_storage_config"]
+
+log = logging.getLogger("gridledger.storage")
+
+SYNC_RETRY_S = 1.0
+STATUS_EVERY_S = 10.0
+SERVING_MAX = 16   # requests answered at once; beyond that a peer is told "busy" and retries
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StorageSettings:
+    name: str
+    kind: str                      # full | heavy | light
+    chain: str
+    database: Path
+    secret_key: Path               # BLS key that signs receipts and audit answers
+    validators: Path               # the chain's validator set
+    peers: list[str] = field(default_factory=list)   # other storage nodes of the chain
+    proposer_sync: bool = True     # full nodes: fetch new blocks from the proposer's sync service
+    catchup_s: float = 5.0         # seconds between catch-up rounds (inventories of peers)
+    chunk_size: int = CHUNK_MAX
+    window: int = 4                # outstanding requests per peer
+    timeout_s: float = 3.0         # per request, before a retry
+
+
+@dataclass(frozen=True, slots=True)
+class StorageConfig:
+    storage: StorageSettings
+    mqtt: MqttConfig = field(default_factory=MqttConfig)
+
+
+def load_storage_config(path: Path) -> StorageConfig:
+    path = Path(path)
+    doc = read_toml(path)
+    s = section(StorageSettings, doc, "storage", path.parent, ("database", "secret_key", "validators"))
+    if s.kind not in KINDS:
+        raise ConfigError(f"[storage] kind must be one of {', '.join(KINDS)}, not {s.kind!r}")
+    if not NODE_RE.match(s.name) or not all(isinstance(p, str) and NODE_RE.match(p) for p in s.peers):
+        raise ConfigError("[storage] name and peers must match [A-Za-z0-9_-]{1,64}")
+    if s.name in s.peers:
+        raise ConfigError("[storage] peers must not include the node itself")
+    if not CHUNK_MIN <= s.chunk_size <= CHUNK_MAX or not 1 <= s.window <= 64:
+        raise ConfigError(f"[storage] chunk_size must be {CHUNK_MIN}..{CHUNK_MAX}, window 1..64")
+    if s.catchup_s <= 0 or s.timeout_s <= 0:
+        raise ConfigError("[storage] catchup_s and timeout_s must be positive")
+    return StorageConfig(s, section(MqttConfig, doc, "mqtt"))
+
+
+class StorageNode:
+    def __init__(self, cfg: StorageConfig):
+        s = self.settings = cfg.storage
+        self.mqtt = cfg.mqtt
+        self.name, self.kind, self.chain = s.name, s.kind, s.chain
+        self.validators = load_validator_set(s.validators)
+        self._sk = read_secret_key(s.secret_key)
+        self.public_key = bls.SkToPk(self._sk)
+        self.store = StorageStore(s.database)
+        self.server = StorageServer(self.store, node=s.name, kind=s.kind, secret_key=self._sk)
+        self.chain_topics = Topics(s.chain)
+        self.topics = StorageTopics(s.chain)
+        self.sync_name = f"storage-{s.name}"   # our name at the proposer's sync service
+        self.counts: Counter[str] = Counter()
+        self._db = asyncio.Lock()              # one user of the SQLite connection at a time
+        self._client: aiomqtt.Client | None = None
+        self.requester = Requester(self._publish_qos0, s.name, self.topics, timeout_s=s.timeout_s, window=s.window)
+        self.catchup = CatchUp(self, self.requester, s.peers, chunk_size=s.chunk_size)
+        self._serving = 0
+        self._wake = asyncio.Event()
+        self._last_sync = 0.0
+        self._sync_end = 0
+
+    # -- the store, one user at a time, off the event loop -------------------------------
+    async def _db_call(self, fn, *args):
+        async with self._db:
+            return await asyncio.to_thread(fn, *args)
+
+    async def header(self, height: int) -> tuple[Header, Certificate] | None:
+        return await self._db_call(self.store.header, height)
+
+    async def missing_headers(self, upto: int) -> list[int]:
+        return await self._db_call(self.store.missing_headers, upto)
+
+    async def wanted(self) -> list[int]:
+        return await self._db_call(self.store.wanted, self.kind)
+
+    async def has_body(self, height: int) -> bool:
+        return await self._db_call(self.store.has_body, height)
+
+    # -- admission: what every path (certs, proposer, peers, placements) goes through -----
+    async def keep_header(self, header: Header, cert: Certificate | None, source: str) -> None:
+        admit_header(self.validators, self.chain, header, cert)
+        if await self._db_call(self.store.put_header, header, cert):
+            self.counts["headers"] += 1
+
+    async def keep_body(self, header: Header, txs: list[bytes], source: str) -> bool:
+        """Keep a body of a held certified header; publish the receipt once it is durable."""
+        held = await self.header(header.height)
+        if held is None or held[0].hash != header.hash:
+            raise ChainError("unknown_header", "no such certified header held", height=header.height)
+        admit_body(header, txs)
+        if not await self._db_call(self.store.put_body, header, txs):
+            return False
+        self.counts["bodies"] += 1
+        self.counts[f"bodies_from_{'proposer' if source == 'proposer' else 'peers'}"] += 1
+        receipt = sign_receipt(self._sk, header, self.name, self.kind)
+        if self._client is not None:
+            await self._client.publish(self.topics.receipts, receipt.encode(), qos=1)
+        event(log, "stored", logging.DEBUG, height=header.height, txs=len(txs), source=source)
+        return True
+
+    def _refused(self, where: str, exc: ChainError, **fields) -> None:
+        self.counts[exc.reason] += 1
+        event(log, "refused", logging.WARNING, where=where, reason=exc.reason, detail=exc.detail[:200],
+              height=exc.height, **fields)
+
+    # -- the process ----------------------------------------------------------------------
+    async def run(self, stop: asyncio.Event) -> None:
+        event(log, "start", node=self.name, kind=self.kind, chain=self.chain, peers=self.settings.peers,
+              public_key=self.public_key.hex(), headers=self.store.header_height(),
+              bodies=len(self.store.body_heights()))
+        full_sync = self.kind == "full" and self.settings.proposer_sync
+        topics = [self.chain_topics.certs, self.topics.requests(self.name), self.topics.responses(self.name),
+                  self.topics.store(self.name)] + ([self.chain_topics.blocks(self.sync_name)] if full_sync else [])
+
+        async def serve(client: aiomqtt.Client) -> None:
+            self._client = client
+            try:
+                works = [self._consume(client), self._catch_up_loop(), self._status()]
+                if full_sync:
+                    await self._request_sync(force=True)
+                    works.append(self._sync_loop())
+                await until_stopped(stop, *works)
+            finally:
+                self._client = None
+
+        try:
+            await keep_connected(self.mqtt, f"storage-{self.chain}-{self.name}", topics, stop, serve, log)
+        finally:
+            event(log, "stop", **self.status())
+            self.store.close()
+
+    def status(self) -> dict:
+        return {"headers": self.store.header_height(), **self.counts, **self.server.counts,
+                **{f"catchup_{k}": v for k, v in self.catchup.counts.items()},
+                **{f"request_{k}": v for k, v in self.requester.counts.items()},
+                "bad_peers": dict(self.catchup.bad_peers)}
+
+    async def _status(self) -> None:
+        while True:
+            await asyncio.sleep(STATUS_EVERY_S)
+            event(log, "status", **self.status())
+
+    async def _publish_qos0(self, topic: str, payload: bytes) -> None:
+        # Requests and responses are QoS 0: the requester retries on its own time-out,
+        # and a broker must not queue chunks for a peer that has gone away.
+        if self._client is None:
+            raise StorageError("peer_timeout", "not connected")
+        await self._client.publish(topic, payload, qos=0)
+
+    async def _consume(self, client: aiomqtt.Client) -> None:
+        requests, responses = self.topics.requests(self.name), self.topics.responses(self.name)
+        async for msg in client.messages:
+            topic = msg.topic.value
+            payload = bytes(msg.payload) if isinstance(msg.payload, (bytes, bytearray)) else b""
+            if topic == responses:
+                self.requester.on_response(payload)
+            elif topic == requests:
+                self._answer_soon(payload)
+            else:
+                try:
+                    await self._on_chain_message(topic, payload)
+                except ChainError as exc:
+                    self._refused(topic.rsplit("/", 1)[-1], exc)
+
+    async def _on_chain_message(self, topic: str, payload: bytes) -> None:
+        if topic == self.topics.store(self.name):
+            await self._on_placement(payload)
+            return
+        msg = decode_block(payload)
+        if topic == self.chain_topics.certs:
+            await self.keep_header(msg.header, msg.cert, "certs")
+            if self.kind == "full" and self.settings.proposer_sync and not await self.has_body(msg.header.height):
+                await self._request_sync()
+            return
+        # a block from the proposer's sync service
+        if msg.txs is None:
+            raise ChainError("message_schema", "a synced block carries its transactions", height=msg.header.height)
+        await self.keep_header(msg.header, msg.cert, "proposer")
+        await self.keep_body(msg.header, msg.txs, "proposer")
+        if msg.header.height >= self._sync_end:
+            await self._request_sync(force=True)  # a full batch: there may be more
+
+    async def _on_placement(self, payload: bytes) -> None:
+        p = parse_placement(payload)
+        if p.block is not None:
+            msg = decode_block(canonical(p.block))
+            if msg.txs is None:
+                raise StorageError("bad_placement", "a placed block carries its transactions")
+            await self.keep_header(msg.header, msg.cert, p.by or "placement")
+            await self._db_call(self.store.place, [msg.header.height], p.by)
+            await self.keep_body(msg.header, msg.txs, p.by or "placement")
+        else:
+            await self._db_call(self.store.place, p.heights, p.by)
+            self._wake.set()  # fetch them from peers now
+        self.counts["placements"] += 1
+
+    def _answer_soon(self, payload: bytes) -> None:
+        try:
+            req = parse_request(payload)
+        except StorageError as exc:
+            self.counts[f"request_{exc.reason}"] += 1
+            bad = getattr(exc, "request", None)
+            if bad is not None:
+                asyncio.ensure_future(self._reply(bad.sender, error_response(bad.id, exc.reason, exc.detail)))
+            return
+        if self._serving >= SERVING_MAX:
+            self.counts["request_busy"] += 1
+            asyncio.ensure_future(self._reply(req.sender, error_response(req.id, "busy")))
+            return
+        self._serving += 1
+        asyncio.ensure_future(self._answer(req))
+
+    async def _answer(self, req) -> None:
+        try:
+            try:
+                response = await self._db_call(self.server.answer, req)
+            except Exception:  # e.g. a disk error: the peer hears why, the node keeps serving
+                log.exception("answer_failed")
+                response = error_response(req.id, "internal")
+            await self._reply(req.sender, response)
+        finally:
+            self._serving -= 1
+
+    async def _reply(self, peer: str, payload: bytes) -> None:
+        try:
+            await self._publish_qos0(self.topics.responses(peer), payload)
+        except (StorageError, aiomqtt.MqttError):
+            self.counts["reply_lost"] += 1
+
+    async def _catch_up_loop(self) -> None:
+        if not self.settings.peers:
+            return await asyncio.Event().wait()
+        while True:
+            t0 = time.monotonic()
+            try:
+                summary = await self.catchup.round()
+            except aiomqtt.MqttError:
+                raise  # the session is gone: keep_connected reconnects
+            except Exception:  # a bug in one round must not stop serving; the next round retries
+                log.exception("catchup_failed")
+                summary = {}
+            if summary.get("headers") or summary.get("fetched"):
+                event(log, "catchup", seconds=round(time.monotonic() - t0, 3), **summary)
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), self.settings.catchup_s)
+            except TimeoutError:
+                pass
+
+    async def _sync_loop(self) -> None:
+        """Ask the proposer again while a certified block's body is missing: a request
+        held back by the rate limit, or a batch lost, must not leave a gap for good."""
+        while True:
+            await asyncio.sleep(SYNC_RETRY_S)
+            if time.monotonic() - self._last_sync >= SYNC_RETRY_S and await self._db_call(self._lacking):
+                await self._request_sync(force=True)
+
+    def _lacking(self) -> bool:
+        return self.store.first_missing_body() <= self.store.header_height()
+
+    async def _request_sync(self, *, force: bool = False) -> None:
+        now = time.monotonic()
+        if self._client is None or (not force and now - self._last_sync < SYNC_RETRY_S):
+            return
+        self._last_sync = now
+        start = await self._db_call(self.store.first_missing_body)
+        self._sync_end = start + SYNC_BATCH - 1
+        await self._client.publish(self.chain_topics.sync, canonical({"validator": self.sync_name, "from": start}),
+                                   qos=1)

@@ -1,0 +1,106 @@
+"""What a storage node answers: one request in, one response out, over its store.
+
+No MQTT here: `StorageServer.answer` takes a parsed request and returns the
+response bytes (`storagewire` framing). Every refusal is a typed error response
+(`{"ok": false, "error": reason}`), never an exception. Bodies being sent in
+chunks are kept encoded in a small cache, so a body of n chunks is read from
+SQLite once, not n times.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter, OrderedDict
+
+from certlog import merkle
+from certlog.block import ChainError
+
+from .receipts import answer_audit
+from .storagestore import StorageStore
+from .storagewire import RANGES_MAX, Request, chunk_count, chunk_of, encode_body, encode_response
+
+__all__ = ["StorageServer", "error_response"]
+
+CACHE_BYTES = 64 * 1024 * 1024  # encoded bodies kept for chunked reads in flight
+
+
+def error_response(req_id: str, reason: str, detail: str = "") -> bytes:
+    return encode_response({"id": req_id, "ok": False, "error": reason, "detail": detail[:200]})
+
+
+class StorageServer:
+    def __init__(self, store: StorageStore, *, node: str, kind: str, secret_key: int):
+        self.store = store
+        self.node, self.kind = node, kind
+        self._sk = secret_key
+        self.counts: Counter[str] = Counter()
+        self._cache: OrderedDict[tuple[int, str], tuple[list[bytes], bytes]] = OrderedDict()
+        self._cached = 0
+
+    def answer(self, req: Request) -> bytes:
+        try:
+            meta, data = getattr(self, f"_{req.op}")(**req.args)
+        except ChainError as exc:
+            self.counts[f"{req.op}_{exc.reason}"] += 1
+            return error_response(req.id, exc.reason, exc.detail)
+        self.counts[f"served_{req.op}"] += 1
+        return encode_response({"id": req.id, "ok": True, "op": req.op, **meta}, data)
+
+    # -- the operations: (meta, raw bytes) or ChainError -------------------------------
+    def _inventory(self, after: int) -> tuple[dict, bytes]:
+        ranges = self.store.body_ranges(after, RANGES_MAX + 1)
+        return {"node": self.node, "kind": self.kind, "height": self.store.header_height(),
+                "bodies": [list(r) for r in ranges[:RANGES_MAX]], "more": len(ranges) > RANGES_MAX}, b""
+
+    def _headers(self, lo: int, hi: int) -> tuple[dict, bytes]:
+        rows = self.store.raw_headers(lo, hi)
+        return {"headers": [{"header": json.loads(h), "cert": json.loads(c)} for h, c in rows]}, b""
+
+    def _body(self, height: int, hash: str, chunk: int, chunk_size: int) -> tuple[dict, bytes]:
+        _, data = self._held(height, hash)
+        meta = {"height": height, "hash": hash, "chunk": chunk, "chunks": chunk_count(len(data), chunk_size),
+                "size": len(data), "chunk_size": chunk_size}
+        return meta, chunk_of(data, chunk, chunk_size)
+
+    def _tx(self, height: int, index: int) -> tuple[dict, bytes]:
+        header, cert = self._header(height)
+        txs, _ = self._held(height, header.hash)
+        if index >= len(txs):
+            raise ChainError("no_such_tx", f"block {height} has {len(txs)} transactions", height=height)
+        return {"height": height, "index": index, "tx": txs[index].hex(), "path": merkle.path(txs, index),
+                "header": header.to_dict(), "cert": cert.to_dict()}, b""
+
+    def _audit(self, height: int, index: int, nonce: str) -> tuple[dict, bytes]:
+        header, _ = self._header(height)
+        txs, _ = self._held(height, header.hash)
+        if index >= len(txs):
+            raise ChainError("no_such_tx", f"block {height} has {len(txs)} transactions", height=height)
+        return {"answer": answer_audit(self._sk, self.node, header, txs, index, nonce).to_dict()}, b""
+
+    # -- reading the store ---------------------------------------------------------------
+    def _header(self, height: int):
+        held = self.store.header(height)
+        if held is None:
+            raise ChainError("unknown_height", f"no certified header at {height}", height=height)
+        return held
+
+    def _held(self, height: int, header_hash: str) -> tuple[list[bytes], bytes]:
+        """The body at `height` (its txs and transfer bytes), if it is the one of `header_hash`."""
+        key = (height, header_hash)
+        hit = self._cache.get(key)
+        if hit is not None:
+            self._cache.move_to_end(key)
+            return hit
+        held = self.store.header(height)
+        if held is None or held[0].hash != header_hash:
+            raise ChainError("not_held", f"no header {header_hash[:16]}… at {height}", height=height)
+        txs = self.store.body(height)
+        if txs is None:
+            raise ChainError("not_held", f"body {height} is not kept here", height=height)
+        entry = (txs, encode_body(txs))
+        self._cache[key] = entry
+        self._cached += len(entry[1])
+        while self._cached > CACHE_BYTES and len(self._cache) > 1:
+            _, (_, old) = self._cache.popitem(last=False)
+            self._cached -= len(old)
+        return entry

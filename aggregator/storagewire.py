@@ -1,0 +1,291 @@
+"""How storage nodes talk over MQTT: topics, requests, responses, bodies and chunks.
+
+    gl/v1/storage/{chain}/{node}/req      request   {"id", "from", "op", ...}           QoS 0
+    gl/v1/storage/{chain}/{node}/resp     response  JSON line, then optionally "\\n" + raw bytes
+    gl/v1/storage/{chain}/{node}/store    placement {"heights": [...]} or {"block": {...}}   QoS 1
+    gl/v1/storage/{chain}/receipts        signed storage receipts                          QoS 1
+
+A response goes to the requester's own `resp` topic, named by the request's
+`from`, never to a topic the request chooses. A body travels as bytes
+(`encode_body`) cut into chunks of at most `CHUNK_MAX`. Every parse failure is
+a `StorageError` with a stable reason; nothing here trusts its input.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from certlog.block import ChainError, canonical
+
+__all__ = ["StorageError", "StorageTopics", "NODE_RE", "KINDS", "OPS", "Request", "parse_request",
+           "encode_request", "encode_response", "parse_response", "encode_body", "decode_body", "chunk_of",
+           "chunk_count", "Reassembly", "Placement", "parse_placement", "encode_placement", "CHUNK_MAX",
+           "CHUNK_MIN", "BODY_MAX", "HEADERS_MAX", "RANGES_MAX", "REQUEST_MAX"]
+
+# A chunk of 256 KiB is a fraction of any broker's message limit (Mosquitto's is
+# 256 MiB, AWS IoT's 128 KiB would need a smaller `chunk_size`), and a window of a
+# few per peer keeps the broker's memory per transfer to about a megabyte.
+CHUNK_MAX = 256 * 1024
+CHUNK_MIN = 1024
+BODY_MAX = 64 * 1024 * 1024   # the chain's own message limit (certlog.net.MAX_MESSAGE)
+TXS_MAX = 1_000_000
+HEADERS_MAX = 128             # certified headers per response (~0.8 KB each)
+RANGES_MAX = 1024             # inventory ranges per response
+REQUEST_MAX = 4096            # bytes: every request is small
+NODE_RE = re.compile(r"[A-Za-z0-9_-]{1,64}\Z")
+NONCE_RE = re.compile(r"[0-9a-f]{32,128}\Z")
+REQUEST_ID_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}\Z")
+KINDS = ("full", "heavy", "light")
+OPS = ("inventory", "headers", "body", "tx", "audit")
+
+
+class StorageError(ChainError):
+    """A storage message, request or transfer refused; `reason` is a stable code."""
+
+
+class StorageTopics:
+    def __init__(self, chain: str):
+        self.base = f"gl/v1/storage/{chain}"
+        self.receipts = f"{self.base}/receipts"
+
+    def requests(self, node: str) -> str:
+        return f"{self.base}/{node}/req"
+
+    def responses(self, node: str) -> str:
+        return f"{self.base}/{node}/resp"
+
+    def store(self, node: str) -> str:
+        return f"{self.base}/{node}/store"
+
+
+def _json(payload: bytes, limit: int, reason: str) -> Any:
+    if len(payload) > limit:
+        raise StorageError(reason, f"{len(payload)} bytes, at most {limit}")
+    try:
+        return json.loads(payload)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise StorageError(reason, f"not JSON: {str(exc)[:60]}") from None
+
+
+def _uint(obj: dict, key: str, lo: int = 0, hi: int = 2 ** 62, reason: str = "bad_request") -> int:
+    v = obj.get(key)
+    if type(v) is not int or not lo <= v <= hi:
+        raise StorageError(reason, f"{key} must be an integer in [{lo}, {hi}]")
+    return v
+
+
+# -- requests -------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    id: str
+    sender: str               # the requester's node name: the response goes to its resp topic
+    op: str
+    args: dict[str, Any]      # op-specific, checked by `parse_request`
+
+
+def encode_request(req_id: str, sender: str, op: str, **args: Any) -> bytes:
+    return canonical({"id": req_id, "from": sender, "op": op, **args})
+
+
+def parse_request(payload: bytes) -> Request:
+    """A checked request. A request whose `id` and `from` are readable but whose
+    rest is bad raises `StorageError` with `.request` set, so it can be answered."""
+    obj = _json(payload, REQUEST_MAX, "bad_request")
+    if not isinstance(obj, dict):
+        raise StorageError("bad_request", "a request is a JSON object")
+    rid, sender = obj.get("id"), obj.get("from")
+    if not (isinstance(rid, str) and REQUEST_ID_RE.match(rid) and isinstance(sender, str) and NODE_RE.match(sender)):
+        raise StorageError("bad_request", "id and from must be short names")
+    op = obj.get("op")
+    try:
+        if op not in OPS:
+            raise StorageError("unknown_op", f"{str(op)[:32]!r}")
+        args = _ARGS[op](obj)
+    except StorageError as exc:
+        exc.request = Request(rid, sender, str(op)[:32], {})
+        raise
+    return Request(rid, sender, op, args)
+
+
+def _inventory_args(obj: dict) -> dict:
+    return {"after": _uint(obj, "after")} if "after" in obj else {"after": 0}
+
+
+def _headers_args(obj: dict) -> dict:
+    lo = _uint(obj, "lo", 1)
+    hi = _uint(obj, "hi", lo)
+    return {"lo": lo, "hi": min(hi, lo + HEADERS_MAX - 1)}
+
+
+def _body_args(obj: dict) -> dict:
+    h = obj.get("hash")
+    if not isinstance(h, str) or len(h) != 64:
+        raise StorageError("bad_request", "hash: the certified header's hash the body must match")
+    return {"height": _uint(obj, "height", 1), "hash": h, "chunk": _uint(obj, "chunk", 0, BODY_MAX),
+            "chunk_size": _uint(obj, "chunk_size", CHUNK_MIN, CHUNK_MAX)}
+
+
+def _tx_args(obj: dict) -> dict:
+    return {"height": _uint(obj, "height", 1), "index": _uint(obj, "index", 0, TXS_MAX)}
+
+
+def _audit_args(obj: dict) -> dict:
+    nonce = obj.get("nonce")
+    if not isinstance(nonce, str) or not NONCE_RE.match(nonce):
+        raise StorageError("bad_request", "nonce must be 16 to 64 bytes of lowercase hex")
+    return {**_tx_args(obj), "nonce": nonce}
+
+
+_ARGS = {"inventory": _inventory_args, "headers": _headers_args, "body": _body_args, "tx": _tx_args,
+         "audit": _audit_args}
+
+
+# -- responses: one JSON line, then the raw bytes of a chunk (if any) ---------------
+
+def encode_response(meta: dict[str, Any], data: bytes = b"") -> bytes:
+    head = canonical(meta)  # canonical JSON has no newline: the first one ends it
+    return head + b"\n" + data if data else head
+
+
+def parse_response(payload: bytes) -> tuple[dict[str, Any], bytes]:
+    head, sep, data = bytes(payload).partition(b"\n")
+    meta = _json(head, 4 * CHUNK_MAX, "bad_response")
+    if not isinstance(meta, dict) or not isinstance(meta.get("id"), str):
+        raise StorageError("bad_response", "a response is a JSON object with the request's id")
+    if len(data) > CHUNK_MAX:
+        raise StorageError("bad_chunk", f"{len(data)} bytes of data, at most {CHUNK_MAX}")
+    return meta, data
+
+
+# -- bodies and chunks --------------------------------------------------------------
+
+_U32 = struct.Struct(">I")
+
+
+def encode_body(txs: Sequence[bytes]) -> bytes:
+    """A body's transfer bytes: the count, then each transaction as length + bytes
+    (binary-safe: a node serves what it holds, even bytes that are not UTF-8)."""
+    parts = [_U32.pack(len(txs))]
+    for t in txs:
+        parts += (_U32.pack(len(t)), bytes(t))
+    return b"".join(parts)
+
+
+def decode_body(data: bytes) -> list[bytes]:
+    view = memoryview(data)
+    if len(view) < 4:
+        raise StorageError("body_format", "shorter than its count")
+    (n,), off = _U32.unpack_from(view, 0), 4
+    if n > TXS_MAX or n * 4 > len(view) - off:
+        raise StorageError("body_format", f"{n} transactions cannot fit {len(view)} bytes")
+    txs = []
+    for _ in range(n):
+        if off + 4 > len(view):
+            raise StorageError("body_format", "truncated length")
+        (size,) = _U32.unpack_from(view, off)
+        off += 4
+        if off + size > len(view):
+            raise StorageError("body_format", "truncated transaction")
+        txs.append(bytes(view[off:off + size]))
+        off += size
+    if off != len(view):
+        raise StorageError("body_format", f"{len(view) - off} bytes after the last transaction")
+    return txs
+
+
+def chunk_count(size: int, chunk_size: int) -> int:
+    return max(1, -(-size // chunk_size))
+
+
+def chunk_of(data: bytes, index: int, chunk_size: int) -> bytes:
+    if not 0 <= index < chunk_count(len(data), chunk_size):
+        raise StorageError("no_such_chunk", f"chunk {index} of {chunk_count(len(data), chunk_size)}")
+    return data[index * chunk_size:(index + 1) * chunk_size]
+
+
+class Reassembly:
+    """One body arriving in chunks of `chunk_size`, `size` bytes in all (as the
+    first chunk's response said). Every chunk must be exactly where and as long as
+    it claims; a second copy of a chunk must equal the first."""
+
+    def __init__(self, size: int, chunk_size: int):
+        if type(size) is not int or not 4 <= size <= BODY_MAX:
+            raise StorageError("bad_chunk", f"body size {size!r} out of range")
+        if not CHUNK_MIN <= chunk_size <= CHUNK_MAX:
+            raise StorageError("bad_chunk", f"chunk size {chunk_size!r} out of range")
+        self.size, self.chunk_size = size, chunk_size
+        self.count = chunk_count(size, chunk_size)
+        self._buf = bytearray(size)
+        self._have: set[int] = set()
+
+    def missing(self) -> list[int]:
+        return [i for i in range(self.count) if i not in self._have]
+
+    def add(self, index: int, data: bytes) -> None:
+        if type(index) is not int or not 0 <= index < self.count:
+            raise StorageError("bad_chunk", f"chunk {index!r} of {self.count}")
+        start = index * self.chunk_size
+        want = min(self.chunk_size, self.size - start)
+        if len(data) != want:
+            raise StorageError("bad_chunk", f"chunk {index} has {len(data)} bytes, {want} expected")
+        if index in self._have:
+            if self._buf[start:start + want] != data:
+                raise StorageError("bad_chunk", f"chunk {index} arrived twice, different")
+            return
+        self._buf[start:start + want] = data
+        self._have.add(index)
+
+    @property
+    def complete(self) -> bool:
+        return len(self._have) == self.count
+
+    def data(self) -> bytes:
+        if not self.complete:
+            raise StorageError("bad_chunk", f"chunks {self.missing()[:8]} missing")
+        return bytes(self._buf)
+
+
+# -- placements -----------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    """Bodies a node is asked to keep: by height (it fetches them from its peers),
+    or one certified block carried whole (`certlog.net.encode_block` form)."""
+    heights: tuple[int, ...] = ()
+    block: dict | None = None
+    by: str = ""
+
+
+PLACEMENT_HEIGHTS_MAX = 4096
+
+
+def encode_placement(*, heights: Sequence[int] = (), block: bytes | None = None, by: str = "") -> bytes:
+    obj: dict[str, Any] = {"by": by}
+    if heights:
+        obj["heights"] = list(heights)
+    if block is not None:
+        obj["block"] = json.loads(block)
+    return canonical(obj)
+
+
+def parse_placement(payload: bytes) -> Placement:
+    obj = _json(payload, BODY_MAX, "bad_placement")
+    if not isinstance(obj, dict) or ("heights" in obj) == ("block" in obj):
+        raise StorageError("bad_placement", "a placement has heights or a block")
+    by = obj.get("by", "")
+    if not isinstance(by, str) or len(by) > 64:
+        raise StorageError("bad_placement", "by must be a short name")
+    if "block" in obj:
+        if not isinstance(obj["block"], dict):
+            raise StorageError("bad_placement", "block must be an object")
+        return Placement(block=obj["block"], by=by)
+    hs = obj["heights"]
+    if (not isinstance(hs, list) or not 0 < len(hs) <= PLACEMENT_HEIGHTS_MAX
+            or not all(type(h) is int and 1 <= h <= 2 ** 62 for h in hs)):
+        raise StorageError("bad_placement", f"heights: 1 to {PLACEMENT_HEIGHTS_MAX} heights >= 1")
+    return Placement(heights=tuple(sorted(set(hs))), by=by)
