@@ -1,0 +1,276 @@
+"""The P chain's app: where each certified area block is placed, and who holds it.
+
+Transactions (canonical JSON), proposed by the verifier:
+
+    placement {kind, height, hash, cert: {signers, sig}, nodes, snapshot}
+    receipt   {kind, receipt: {chain, height, hash, node, kind, sig}}
+
+A placement names an area block by height and header hash, with the area chain's
+certificate for it (checked against the area validator set, so only certified
+blocks are placed), the RV snapshot of every heavy and light node, and the
+chosen nodes, which must be exactly `reliability.place` over that snapshot. A
+snapshot's T for a node must equal the blocks already placed on it here. A
+receipt is a storage node's BLS receipt (`aggregator.receipts`): it must verify
+under the node's key from the genesis, name a placed block by its hash and a
+node chosen for it, once.
+
+State (MPT keyed by SHA-256 of `kind NUL id`):
+
+    block/H   RLP [header hash, chosen nodes, receipted nodes, stored]
+    node/N    RLP [blocks placed on N]
+
+`stored` turns 1 once more than 2/3 of the chosen nodes have receipted (seed 003's
+N+X second verification). The genesis file fixes the area, `replicas` and the
+storage nodes with their kinds and BLS keys; its digest is a header field.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import MutableMapping, Sequence
+
+import rlp
+
+from certlog import bls
+from certlog.app import InvalidBlock, Outcome
+from certlog.block import Certificate, ChainError, canonical
+from certlog.mpt import BLANK_ROOT, Trie
+from certlog.validators import ValidatorSet
+from gridledger.errors import ConfigError
+
+from .receipts import StorageReceipt, verify_receipt
+from .reliability import Measure, place
+from .storagewire import KINDS, NODE_RE
+
+__all__ = ["PNode", "PGenesis", "load_pgenesis", "dump_pgenesis", "PChainApp", "placement_tx", "receipt_tx",
+           "block_key", "node_key", "decode_block_leaf", "stored_now"]
+
+HEX64 = 64
+
+
+@dataclass(frozen=True, slots=True)
+class PNode:
+    name: str
+    kind: str          # full | heavy | light
+    public_key: bytes  # BLS, signs its receipts
+
+
+@dataclass(frozen=True, slots=True)
+class PGenesis:
+    area: str
+    replicas: int
+    nodes: tuple[PNode, ...]
+
+    def __post_init__(self):
+        names = [n.name for n in self.nodes]
+        if len(set(names)) != len(names) or not all(NODE_RE.match(n) for n in names):
+            raise ConfigError("P-chain genesis: node names must be unique and match [A-Za-z0-9_-]{1,64}")
+        if any(n.kind not in KINDS or len(n.public_key) != bls.PUBKEY_LEN for n in self.nodes):
+            raise ConfigError(f"P-chain genesis: kinds are {', '.join(KINDS)}; keys are 48-byte BLS keys")
+        if type(self.replicas) is not int or self.replicas < 0:
+            raise ConfigError("P-chain genesis: replicas must be an integer >= 0")
+
+    @property
+    def full(self) -> tuple[str, ...]:
+        return tuple(sorted(n.name for n in self.nodes if n.kind == "full"))
+
+    @property
+    def candidates(self) -> tuple[str, ...]:
+        """Heavy and light nodes, sorted: the ones ranked by RV."""
+        return tuple(sorted(n.name for n in self.nodes if n.kind != "full"))
+
+    def node(self, name: str) -> PNode | None:
+        return next((n for n in self.nodes if n.name == name), None)
+
+    @property
+    def digest(self) -> str:
+        nodes = sorted([n.name, n.kind, n.public_key.hex()] for n in self.nodes)
+        return hashlib.sha256(canonical({"area": self.area, "replicas": self.replicas, "nodes": nodes})).hexdigest()
+
+
+def load_pgenesis(path: Path) -> PGenesis:
+    try:
+        doc = tomllib.loads(Path(path).read_text())
+        nodes = tuple(PNode(n["name"], n["kind"], bytes.fromhex(n["public_key"])) for n in doc.get("nodes", []))
+        return PGenesis(doc["area"], doc.get("replicas", 2), nodes)
+    except (OSError, tomllib.TOMLDecodeError, KeyError, TypeError, ValueError) as exc:
+        raise ConfigError(f"{path}: a P-chain genesis needs area, replicas and [[nodes]] "
+                          f"with name, kind, public_key ({exc})") from exc
+
+
+def dump_pgenesis(g: PGenesis) -> str:
+    out = ["# gridledger P-chain genesis: the area, the replicas beyond the full nodes, the storage nodes", "",
+           f'area = "{g.area}"', f"replicas = {g.replicas}", ""]
+    for n in g.nodes:
+        out += ["[[nodes]]", f'name = "{n.name}"', f'kind = "{n.kind}"', f'public_key = "{n.public_key.hex()}"', ""]
+    return "\n".join(out)
+
+
+# -- transactions ----------------------------------------------------------------------
+
+def placement_tx(cert: Certificate, nodes: Sequence[str], snapshot: Sequence[Measure]) -> bytes:
+    return canonical({"kind": "placement", "height": cert.height, "hash": cert.hash,
+                      "cert": {"signers": list(cert.signers), "sig": cert.signature.hex()},
+                      "nodes": list(nodes), "snapshot": [m.to_dict() for m in snapshot]})
+
+
+def receipt_tx(receipt: StorageReceipt) -> bytes:
+    return canonical({"kind": "receipt", "receipt": receipt.to_dict()})
+
+
+def _key(kind: str, ident: str) -> bytes:
+    return hashlib.sha256(kind.encode() + b"\0" + ident.encode()).digest()
+
+
+def block_key(height: int) -> bytes:
+    return _key("block", str(height))
+
+
+def node_key(name: str) -> bytes:
+    return _key("node", name)
+
+
+def decode_block_leaf(raw: bytes) -> dict:
+    """A `block/H` leaf as {hash, nodes, receipted, stored}."""
+    h, nodes, got, stored = rlp.decode(raw)
+    return {"hash": h.hex(), "nodes": [n.decode() for n in nodes], "receipted": [n.decode() for n in got],
+            "stored": stored == b"\x01"}
+
+
+def stored_now(receipted: int, chosen: int) -> bool:
+    """More than 2/3 of the chosen nodes have receipted."""
+    return 3 * receipted > 2 * chosen
+
+
+class _Ref:
+    """What `ValidatorSet.check_certificate` needs of a header: its identity."""
+    __slots__ = ("chain", "height", "hash")
+
+    def __init__(self, chain: str, height: int, hash: str):
+        self.chain, self.height, self.hash = chain, height, hash
+
+
+def _int(v, lo: int = 0) -> bool:
+    return type(v) is int and lo <= v < 2 ** 62
+
+
+class PChainApp:
+    name = "pchain"
+    genesis_root = BLANK_ROOT.hex()
+
+    def __init__(self, genesis: PGenesis, area_validators: ValidatorSet):
+        self.genesis = genesis
+        self.area_validators = area_validators
+
+    def execute(self, nodes: MutableMapping[bytes, bytes], parent_root: str, time_ms: int,
+                txs: Sequence[bytes], *, trusted: bool = False, decoded: Sequence[object] | None = None) -> Outcome:
+        trie = Trie(nodes, bytes.fromhex(parent_root))
+        dirty: dict[bytes, list] = {}
+
+        def get(key: bytes) -> list | None:
+            if key in dirty:
+                return dirty[key]
+            raw = trie.get(key)
+            return rlp.decode(raw) if raw else None
+
+        counts = {"placements": 0, "receipts": 0, "stored": 0}
+        for i, tx in enumerate(txs):
+            rec = self._parse(i, tx)
+            if rec["kind"] == "placement":
+                self._placement(i, rec, get, dirty, trusted)
+                counts["placements"] += 1
+            else:
+                counts["stored"] += self._receipt(i, rec, get, dirty, trusted)
+                counts["receipts"] += 1
+        for k in sorted(dirty):
+            trie.set(k, rlp.encode(dirty[k]))
+        return Outcome(trie.commit().hex(), {"genesis": self.genesis.digest, **counts})
+
+    @staticmethod
+    def _parse(i: int, tx: bytes) -> dict:
+        try:
+            rec = json.loads(tx)
+        except (UnicodeDecodeError, ValueError, RecursionError):
+            raise InvalidBlock("tx_malformed", "not JSON", index=i) from None
+        want = {"placement": {"kind", "height", "hash", "cert", "nodes", "snapshot"}, "receipt": {"kind", "receipt"}}
+        if not isinstance(rec, dict) or rec.get("kind") not in want:
+            raise InvalidBlock("tx_unknown_kind", "kind must be placement or receipt", index=i)
+        if set(rec) != want[rec["kind"]]:
+            raise InvalidBlock("tx_bad_field", f"{rec['kind']} needs exactly {sorted(want[rec['kind']])}", index=i)
+        if canonical(rec) != tx:
+            raise InvalidBlock("tx_not_canonical", "a record is its canonical JSON", index=i)
+        return rec
+
+    def _placement(self, i: int, rec: dict, get, dirty: dict, trusted: bool) -> None:
+        g = self.genesis
+        h, hh, c = rec["height"], rec["hash"], rec["cert"]
+        try:
+            if not _int(h, 1) or not isinstance(hh, str) or len(hh) != HEX64 or not isinstance(c, dict):
+                raise ValueError("height, hash or cert")
+            if bytes.fromhex(hh).hex() != hh:
+                raise ValueError("hash must be lowercase hex")
+            cert = Certificate(g.area, h, hh, tuple(c["signers"]), bytes.fromhex(c["sig"]))
+            if not all(_int(s) for s in cert.signers) or set(c) != {"signers", "sig"}:
+                raise ValueError("signers")
+            snapshot = [Measure(m["node"], m["cp"], m["np"], m["cre"], m["t"]) for m in rec["snapshot"]]
+            if any(set(m) != {"node", "cp", "np", "cre", "t"} for m in rec["snapshot"]):
+                raise ValueError("snapshot entry fields")
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise InvalidBlock("tx_bad_field", f"placement: {exc}", index=i) from None
+        if get(block_key(h)) is not None:
+            raise InvalidBlock("tx_duplicate_placement", f"area block {h} is already placed", index=i)
+        try:
+            self.area_validators.check_certificate(cert, _Ref(g.area, h, hh), remember=True)
+        except ChainError as exc:
+            raise InvalidBlock("tx_bad_certificate", f"{exc.reason}: block {h}", index=i) from None
+        if tuple(m.node for m in snapshot) != g.candidates:
+            raise InvalidBlock("tx_bad_snapshot", "the snapshot lists every heavy and light node, by name",
+                               index=i)
+        for m in snapshot:
+            leaf = get(node_key(m.node))
+            placed = int.from_bytes(leaf[0], "big") if leaf else 0
+            if m.t != placed:
+                raise InvalidBlock("tx_snapshot_load", f"{m.node}: t {m.t}, placed {placed}", index=i)
+        chosen = place(hh, g.full, snapshot, g.replicas)
+        if list(chosen) != rec["nodes"]:
+            raise InvalidBlock("tx_wrong_placement", f"the snapshot chooses {list(chosen)}", index=i)
+        for n in chosen:
+            leaf = get(node_key(n))
+            dirty[node_key(n)] = [(int.from_bytes(leaf[0], "big") if leaf else 0) + 1]
+        dirty[block_key(h)] = [bytes.fromhex(hh), [n.encode() for n in chosen], [], b""]
+
+    def _receipt(self, i: int, rec: dict, get, dirty: dict, trusted: bool) -> int:
+        """Apply a receipt; 1 if it makes its block stored."""
+        try:
+            r = StorageReceipt.from_dict(rec["receipt"])
+        except ChainError as exc:
+            raise InvalidBlock("tx_bad_field", f"receipt: {exc.detail}", index=i) from None
+        g = self.genesis
+        if r.chain != g.area:
+            raise InvalidBlock("tx_wrong_chain", f"receipt for {r.chain}", index=i)
+        node = g.node(r.node)
+        if node is None:
+            raise InvalidBlock("tx_unknown_node", r.node, index=i)
+        if r.kind != node.kind:
+            raise InvalidBlock("tx_wrong_kind", f"{r.node} is {node.kind}, receipt says {r.kind}", index=i)
+        leaf = get(block_key(r.height))
+        if leaf is None:
+            raise InvalidBlock("tx_not_placed", f"area block {r.height} is not placed", index=i)
+        bhash, chosen, got, stored = leaf
+        if bhash.hex() != r.hash:
+            raise InvalidBlock("tx_wrong_block", f"receipt names another block at height {r.height}", index=i)
+        name = r.node.encode()
+        if name not in chosen:
+            raise InvalidBlock("tx_not_placed", f"block {r.height} is not placed on {r.node}", index=i)
+        if name in got:
+            raise InvalidBlock("tx_duplicate_receipt", f"{r.node} already receipted block {r.height}", index=i)
+        if not trusted and not verify_receipt(r, node.public_key):
+            raise InvalidBlock("tx_bad_signature", f"receipt not signed by {r.node}", index=i)
+        got = sorted(list(got) + [name])
+        now = stored_now(len(got), len(chosen))
+        dirty[block_key(r.height)] = [bhash, list(chosen), got, b"\x01" if now else b""]
+        return int(now and stored != b"\x01")
