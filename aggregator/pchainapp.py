@@ -177,14 +177,17 @@ class PChainApp:
             raw = trie.get(key)
             return rlp.decode(raw) if raw else None
 
+        def put(key: bytes, value: list) -> None:
+            dirty[key] = rlp.decode(rlp.encode(value))  # as `get` reads it back, within the block too
+
         counts = {"placements": 0, "receipts": 0, "stored": 0}
         for i, tx in enumerate(txs):
             rec = self._parse(i, tx)
             if rec["kind"] == "placement":
-                self._placement(i, rec, get, dirty, trusted)
+                self._placement(i, rec, get, put, trusted)
                 counts["placements"] += 1
             else:
-                counts["stored"] += self._receipt(i, rec, get, dirty, trusted)
+                counts["stored"] += self._receipt(i, rec, get, put, trusted)
                 counts["receipts"] += 1
         for k in sorted(dirty):
             trie.set(k, rlp.encode(dirty[k]))
@@ -205,7 +208,7 @@ class PChainApp:
             raise InvalidBlock("tx_not_canonical", "a record is its canonical JSON", index=i)
         return rec
 
-    def _placement(self, i: int, rec: dict, get, dirty: dict, trusted: bool) -> None:
+    def _placement(self, i: int, rec: dict, get, put, trusted: bool) -> None:
         g = self.genesis
         h, hh, c = rec["height"], rec["hash"], rec["cert"]
         try:
@@ -240,10 +243,10 @@ class PChainApp:
             raise InvalidBlock("tx_wrong_placement", f"the snapshot chooses {list(chosen)}", index=i)
         for n in chosen:
             leaf = get(node_key(n))
-            dirty[node_key(n)] = [(int.from_bytes(leaf[0], "big") if leaf else 0) + 1]
-        dirty[block_key(h)] = [bytes.fromhex(hh), [n.encode() for n in chosen], [], b""]
+            put(node_key(n), [(int.from_bytes(leaf[0], "big") if leaf else 0) + 1])
+        put(block_key(h), [bytes.fromhex(hh), [n.encode() for n in chosen], [], b""])
 
-    def _receipt(self, i: int, rec: dict, get, dirty: dict, trusted: bool) -> int:
+    def _receipt(self, i: int, rec: dict, get, put, trusted: bool) -> int:
         """Apply a receipt; 1 if it makes its block stored."""
         try:
             r = StorageReceipt.from_dict(rec["receipt"])
@@ -272,5 +275,5 @@ class PChainApp:
             raise InvalidBlock("tx_bad_signature", f"receipt not signed by {r.node}", index=i)
         got = sorted(list(got) + [name])
         now = stored_now(len(got), len(chosen))
-        dirty[block_key(r.height)] = [bhash, list(chosen), got, b"\x01" if now else b""]
+        put(block_key(r.height), [bhash, list(chosen), got, b"\x01" if now else b""])
         return int(now and stored != b"\x01")

@@ -59,6 +59,7 @@ class StorageSettings:
     chunk_size: int = CHUNK_MAX
     window: int = 4                # outstanding requests per peer
     timeout_s: float = 3.0         # per request, before a retry
+    capacity_bytes: int = 0        # offered for bodies, reported in inventories (RV's CP); 0: not limited
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,8 +80,8 @@ def load_storage_config(path: Path) -> StorageConfig:
         raise ConfigError("[storage] peers must not include the node itself")
     if not CHUNK_MIN <= s.chunk_size <= CHUNK_MAX or not 1 <= s.window <= 64:
         raise ConfigError(f"[storage] chunk_size must be {CHUNK_MIN}..{CHUNK_MAX}, window 1..64")
-    if s.catchup_s <= 0 or s.timeout_s <= 0:
-        raise ConfigError("[storage] catchup_s and timeout_s must be positive")
+    if s.catchup_s <= 0 or s.timeout_s <= 0 or type(s.capacity_bytes) is not int or s.capacity_bytes < 0:
+        raise ConfigError("[storage] catchup_s and timeout_s must be positive, capacity_bytes >= 0")
     return StorageConfig(s, section(MqttConfig, doc, "mqtt"))
 
 
@@ -93,7 +94,8 @@ class StorageNode:
         self._sk = read_secret_key(s.secret_key)
         self.public_key = bls.SkToPk(self._sk)
         self.store = StorageStore(s.database)
-        self.server = StorageServer(self.store, node=s.name, kind=s.kind, secret_key=self._sk)
+        self.server = StorageServer(self.store, node=s.name, kind=s.kind, secret_key=self._sk,
+                                    capacity=s.capacity_bytes)
         self.chain_topics = Topics(s.chain)
         self.topics = StorageTopics(s.chain)
         self.sync_name = f"storage-{s.name}"   # our name at the proposer's sync service
@@ -140,11 +142,14 @@ class StorageNode:
             return False
         self.counts["bodies"] += 1
         self.counts[f"bodies_from_{'proposer' if source == 'proposer' else 'peers'}"] += 1
+        await self._send_receipt(header)
+        event(log, "stored", logging.DEBUG, height=header.height, txs=len(txs), source=source)
+        return True
+
+    async def _send_receipt(self, header: Header) -> None:
         receipt = sign_receipt(self._sk, header, self.name, self.kind)
         if self._client is not None:
             await self._client.publish(self.topics.receipts, receipt.encode(), qos=1)
-        event(log, "stored", logging.DEBUG, height=header.height, txs=len(txs), source=source)
-        return True
 
     def _refused(self, where: str, exc: ChainError, **fields) -> None:
         self.counts[exc.reason] += 1
@@ -240,6 +245,13 @@ class StorageNode:
         else:
             await self._db_call(self.store.place, p.heights, p.by)
             self._wake.set()  # fetch them from peers now
+            # A placement sent again means the verifier has no receipt yet: say again
+            # what is already held (a lost receipt must not leave a block unstored).
+            for h in p.heights:
+                held = await self.header(h)
+                if held is not None and await self.has_body(h):
+                    await self._send_receipt(held[0])
+                    self.counts["receipts_resent"] += 1
         self.counts["placements"] += 1
 
     def _answer_soon(self, payload: bytes) -> None:

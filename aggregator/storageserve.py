@@ -29,9 +29,10 @@ def error_response(req_id: str, reason: str, detail: str = "") -> bytes:
 
 
 class StorageServer:
-    def __init__(self, store: StorageStore, *, node: str, kind: str, secret_key: int):
+    def __init__(self, store: StorageStore, *, node: str, kind: str, secret_key: int, capacity: int = 0):
         self.store = store
         self.node, self.kind = node, kind
+        self.capacity = capacity  # bytes offered for bodies (0: not limited); reported for RV's CP
         self._sk = secret_key
         self.counts: Counter[str] = Counter()
         self._cache: OrderedDict[tuple[int, str], tuple[list[bytes], bytes]] = OrderedDict()
@@ -50,7 +51,8 @@ class StorageServer:
     def _inventory(self, after: int) -> tuple[dict, bytes]:
         ranges = self.store.body_ranges(after, RANGES_MAX + 1)
         return {"node": self.node, "kind": self.kind, "height": self.store.header_height(),
-                "bodies": [list(r) for r in ranges[:RANGES_MAX]], "more": len(ranges) > RANGES_MAX}, b""
+                "bodies": [list(r) for r in ranges[:RANGES_MAX]], "more": len(ranges) > RANGES_MAX,
+                "used": self.store.used_bytes(), "capacity": self.capacity}, b""
 
     def _headers(self, lo: int, hi: int) -> tuple[dict, bytes]:
         rows = self.store.raw_headers(lo, hi)

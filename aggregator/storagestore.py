@@ -115,6 +115,10 @@ class StorageStore:
             "(SELECT MIN(height) + 1 FROM storage_bodies b WHERE NOT EXISTS "
             "(SELECT 1 FROM storage_bodies c WHERE c.height = b.height + 1)) END").fetchone()[0]
 
+    def used_bytes(self) -> int:
+        """Bytes of the bodies held (their transfer encoding): what CP's report counts."""
+        return self.conn.execute("SELECT COALESCE(SUM(bytes), 0) FROM storage_bodies").fetchone()[0]
+
     def body_heights(self) -> list[int]:
         return [r[0] for r in self.conn.execute("SELECT height FROM storage_bodies ORDER BY height")]
 

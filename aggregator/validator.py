@@ -24,6 +24,7 @@ from gridledger.wire import METER_ID_RE
 from coordinator.registry import RegistryChainSettings, registry_node
 
 from .areaapp import AreaApp
+from .pchain import PChainSettings, pchain_node
 from .registry import load_registry
 
 __all__ = ["ValidatorSettings", "ValidatorConfig", "ValidatorRole", "load_validator_config", "build_node"]
@@ -46,6 +47,7 @@ class ValidatorConfig:
     mqtt: MqttConfig = field(default_factory=MqttConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     registry_chain: RegistryChainSettings | None = None
+    p_chain: PChainSettings | None = None
 
 
 def load_validator_config(path: Path) -> ValidatorConfig:
@@ -59,17 +61,23 @@ def load_validator_config(path: Path) -> ValidatorConfig:
     if (v.registry is None) == (registry_chain is None):
         raise ConfigError(f"{path}: give either [validator] registry (a file) or a [registry_chain] table")
     return ValidatorConfig(v, section(MqttConfig, doc, "mqtt"), section(MetricsConfig, doc, "metrics"),
-                           registry_chain)
+                           registry_chain, PChainSettings.from_doc(doc, path.parent))
 
 
 class ValidatorRole:
     """The process: a `ValidatorNode` of the area chain plus its metrics endpoint and,
     with `[registry_chain]`, its node of the registry chain (voting if it is one of
-    that chain's validators, following otherwise)."""
+    that chain's validators, following otherwise); with `[p_chain]`, likewise its
+    node of the area's P chain."""
 
     def __init__(self, cfg: ValidatorConfig):
         self.cfg = cfg
         self.node, self.registry_node = build_node(cfg)
+        self.p_node = None
+        if cfg.p_chain is not None:
+            s = cfg.validator
+            self.p_node = pchain_node(cfg.p_chain, s.area, self.node.replica.validators, cfg.mqtt, s.name,
+                                      s.secret_key)
 
     def metrics(self) -> list[Snapshot]:
         n = self.node
@@ -80,10 +88,8 @@ class ValidatorRole:
 
     async def run(self, stop: asyncio.Event) -> None:
         serve_metrics(self.cfg.metrics, self.metrics)
-        if self.registry_node is None:
-            await self.node.run(stop)
-        else:
-            await asyncio.gather(self.node.run(stop), self.registry_node.run(stop))
+        extra = [n for n in (self.registry_node, self.p_node) if n is not None]
+        await asyncio.gather(self.node.run(stop), *(n.run(stop) for n in extra))
 
 
 def build_node(cfg: ValidatorConfig) -> tuple[ValidatorNode, ValidatorNode | Follower | None]:

@@ -43,6 +43,7 @@ EXAMPLES = {
     "coordinator run": "gridledger coordinator run --config coordinator.toml",
     "storage run": "gridledger storage run --config storage-s1.toml",
     "storage inventory": "gridledger storage inventory --config storage-s1.toml",
+    "verifier run": "gridledger verifier run --config verifier.toml",
     "query exact": "gridledger query exact --config coordinator.toml --area A --account acct-0001",
     "query interval": "gridledger query interval --config coordinator.toml --area A --account acct-0001 "
                       "--from 1767225600 --to 1767312000 --url http://127.0.0.1:8480",
@@ -317,6 +318,11 @@ def _cmd_storage_inventory(args) -> int:
     finally:
         store.close()
     return 0
+
+
+def _cmd_verifier_run(args) -> int:
+    from aggregator.verifier import Verifier, load_verifier_config
+    return _run_role("verifier", args.log_level, Verifier(load_verifier_config(Path(args.config))))
 
 
 def _cmd_coordinator_run(args) -> int:
@@ -620,6 +626,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp = action(st, "storage", "inventory", "print a storage node's headers and held bodies (read-only)",
                 _cmd_storage_inventory)
     sp.add_argument("--config", required=True, help="the storage node's TOML file")
+
+    vf = roles.add_parser("verifier", help="the verifier: placement by reliability, the P chain's proposer"
+                          ).add_subparsers(dest="action", required=True)
+    daemon(vf, "verifier", "run the verifier: place certified blocks by RV, record placements and receipts "
+           "on the P chain, re-send placements without receipts", _cmd_verifier_run, "verifier")
 
     co = roles.add_parser("coordinator", help="the coordinator: follows area chains, answers queries").add_subparsers(
         dest="action", required=True)

@@ -28,7 +28,9 @@ from aggregator.audit import audit_from_config
 from aggregator.store import GatewayStore, stored_counts
 from certlog.block import Header
 from certlog.audit import verify_chain
-from certlog.validators import dump_validator_set, load_validator_set, info_for, new_secret_key, write_secret_key
+from certlog import bls
+from certlog.validators import (dump_validator_set, load_validator_set, info_for, new_secret_key, read_secret_key,
+                               write_secret_key)
 from coordinator.registry import submit
 from coordinator.registryapp import Genesis, RegistryApp, load_genesis, dump_genesis, enroll_record, node_record, sign_record
 from coordinator.settle import Period
@@ -132,6 +134,43 @@ def write_storage_node(wd: Path, name: str, *, kind: str, chain: str, host: str,
     cfg.write_text(f'[storage]\nname = "{name}"\nkind = "{kind}"\nchain = "{chain}"\ndatabase = "{name}.db"\n'
                    f'secret_key = "{name}.bls.key"\nvalidators = "{validators}"\npeers = {json.dumps(list(peers))}\n'
                    f'{extra}\n[mqtt]\nhost = "{host}"\nport = {port}\nclient_id = "storage-{chain}-{name}"\n')
+    return cfg
+
+
+def verifier_process(config: Path, log: Path) -> subprocess.Popen:
+    """The verifier (`gridledger verifier run`: placement, the P chain's proposer) as a real process."""
+    return _spawn([sys.executable, "-m", "gridledger", "verifier", "run", "--config", str(config)], log)
+
+
+def write_pchain(wd: Path, *, area: str, host: str, port: int, nodes: dict[str, str], replicas: int = 2,
+                 validator_configs: list[Path] = (), **options) -> Path:
+    """The P chain beside what `write_chain` wrote: its validator set (the same
+    validators, the verifier as proposer), its genesis (the storage nodes `nodes`,
+    name -> kind, with their keys under `storage/`, made here if absent), the
+    verifier's config (`options`: further `[verifier]` keys) and a `[p_chain]`
+    table in each validator config. Returns the verifier's config."""
+    from aggregator.pchainapp import PGenesis, PNode, dump_pgenesis
+    members = load_validator_set(wd / "validators.toml").members
+    sk = new_secret_key()
+    write_secret_key(wd / "verifier.bls.key", sk)
+    (wd / "p-validators.toml").write_text(dump_validator_set(members, info_for("verifier", sk)))
+    infos = []
+    for name, kind in nodes.items():
+        key = wd / "storage" / f"{name}.bls.key"
+        if not key.exists():
+            write_secret_key(key, new_secret_key())
+        infos.append(PNode(name, kind, bls.SkToPk(read_secret_key(key))))
+    (wd / "pchain-genesis.toml").write_text(dump_pgenesis(PGenesis(area, replicas, tuple(infos))))
+    for cfg in validator_configs:
+        name = cfg.stem
+        cfg.write_text(cfg.read_text() + '\n[p_chain]\nvalidators = "../p-validators.toml"\n'
+                       f'genesis = "../pchain-genesis.toml"\ndatabase = "{name}-p.db"\n')
+    extra = "".join(f"{k} = {json.dumps(v)}\n" for k, v in options.items())
+    cfg = wd / "verifier.toml"
+    cfg.write_text(f'[verifier]\nname = "verifier"\narea = "{area}"\ndatabase = "verifier.db"\n'
+                   'proposer_key = "verifier.bls.key"\nvalidators = "p-validators.toml"\n'
+                   f'area_validators = "validators.toml"\ngenesis = "pchain-genesis.toml"\n{extra}\n'
+                   f'[mqtt]\nhost = "{host}"\nport = {port}\nclient_id = "verifier-{area}"\n')
     return cfg
 
 

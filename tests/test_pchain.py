@@ -146,6 +146,17 @@ def test_a_placement_and_its_receipts_may_share_a_block(bed):
     assert st.block(1)["stored"] == (set(st.block(1)["nodes"]) >= {"s1", "s2", "h1"})
 
 
+def test_placements_in_one_block_see_each_others_loads(bed):
+    blocks, app, genesis = bed
+    one, two = State(app), State(app)
+    txs = []
+    for b in blocks:
+        txs.append(placement(two, genesis, b))
+        two.run([txs[-1]])
+    one.run(txs)
+    assert one.root == two.root and [one.load(n) for n in genesis.candidates] == [2, 2, 2]
+
+
 def _refused(st, txs, reason, *, trusted=False):
     with pytest.raises(InvalidBlock) as e:
         st.run(txs, trusted=trusted)
