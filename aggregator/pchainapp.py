@@ -4,6 +4,7 @@ Transactions (canonical JSON), proposed by the verifier:
 
     placement {kind, height, hash, cert: {signers, sig}, nodes, snapshot}
     receipt   {kind, receipt: {chain, height, hash, node, kind, sig}}
+    replace   {kind, height, hash, old, new, evidence, snapshot}
 
 A placement names an area block by height and header hash, with the area chain's
 certificate for it (checked against the area validator set, so only certified
@@ -12,12 +13,17 @@ chosen nodes, which must be exactly `reliability.place` over that snapshot. A
 snapshot's T for a node must equal the blocks already placed on it here. A
 receipt is a storage node's BLS receipt (`aggregator.receipts`): it must verify
 under the node's key from the genesis, name a placed block by its hash and a
-node chosen for it, once.
+node chosen for it, once. A replace moves a placed block's replica from `old`
+(a chosen node, e.g. one that failed an audit) to `new`, which must be the best
+node by the snapshot's RV among those not chosen yet; `evidence` is the R-chain
+height the verifier names as its reason (recorded, not checked here: this app
+does not read the R chain). `old`'s receipt stops counting and `stored` is
+recomputed over the new set.
 
 State (MPT keyed by SHA-256 of `kind NUL id`):
 
     block/H   RLP [header hash, chosen nodes, receipted nodes, stored]
-    node/N    RLP [blocks placed on N]
+    node/N    RLP [blocks placed on N now]
 
 `stored` turns 1 once more than 2/3 of the chosen nodes have receipted (seed 003's
 N+X second verification). The genesis file fixes the area, `replicas` and the
@@ -43,11 +49,12 @@ from certlog.validators import ValidatorSet
 from gridledger.errors import ConfigError
 
 from .receipts import StorageReceipt, verify_receipt
-from .reliability import Measure, place
+from .reliability import SCALE, Measure, place, rank
 from .storagewire import KINDS, NODE_RE
 
 __all__ = ["PNode", "PGenesis", "load_pgenesis", "dump_pgenesis", "PChainApp", "placement_tx", "receipt_tx",
-           "block_key", "node_key", "decode_block_leaf", "stored_now"]
+           "block_key", "node_key", "decode_block_leaf", "stored_now", "replace_tx", "replacement", "TrieView",
+           "parse_record", "state_key"]
 
 HEX64 = 64
 
@@ -64,6 +71,7 @@ class PGenesis:
     area: str
     replicas: int
     nodes: tuple[PNode, ...]
+    cre_start: int = SCALE   # every node's CRE before its first audit (the R chain starts from it)
 
     def __post_init__(self):
         names = [n.name for n in self.nodes]
@@ -73,6 +81,8 @@ class PGenesis:
             raise ConfigError(f"P-chain genesis: kinds are {', '.join(KINDS)}; keys are 48-byte BLS keys")
         if type(self.replicas) is not int or self.replicas < 0:
             raise ConfigError("P-chain genesis: replicas must be an integer >= 0")
+        if type(self.cre_start) is not int or not 0 <= self.cre_start <= SCALE:
+            raise ConfigError(f"P-chain genesis: cre_start must be an integer in [0, {SCALE}]")
 
     @property
     def full(self) -> tuple[str, ...]:
@@ -89,14 +99,15 @@ class PGenesis:
     @property
     def digest(self) -> str:
         nodes = sorted([n.name, n.kind, n.public_key.hex()] for n in self.nodes)
-        return hashlib.sha256(canonical({"area": self.area, "replicas": self.replicas, "nodes": nodes})).hexdigest()
+        return hashlib.sha256(canonical({"area": self.area, "replicas": self.replicas, "nodes": nodes,
+                                         "cre_start": self.cre_start})).hexdigest()
 
 
 def load_pgenesis(path: Path) -> PGenesis:
     try:
         doc = tomllib.loads(Path(path).read_text())
         nodes = tuple(PNode(n["name"], n["kind"], bytes.fromhex(n["public_key"])) for n in doc.get("nodes", []))
-        return PGenesis(doc["area"], doc.get("replicas", 2), nodes)
+        return PGenesis(doc["area"], doc.get("replicas", 2), nodes, doc.get("cre_start", SCALE))
     except (OSError, tomllib.TOMLDecodeError, KeyError, TypeError, ValueError) as exc:
         raise ConfigError(f"{path}: a P-chain genesis needs area, replicas and [[nodes]] "
                           f"with name, kind, public_key ({exc})") from exc
@@ -104,7 +115,7 @@ def load_pgenesis(path: Path) -> PGenesis:
 
 def dump_pgenesis(g: PGenesis) -> str:
     out = ["# gridledger P-chain genesis: the area, the replicas beyond the full nodes, the storage nodes", "",
-           f'area = "{g.area}"', f"replicas = {g.replicas}", ""]
+           f'area = "{g.area}"', f"replicas = {g.replicas}", f"cre_start = {g.cre_start}", ""]
     for n in g.nodes:
         out += ["[[nodes]]", f'name = "{n.name}"', f'kind = "{n.kind}"', f'public_key = "{n.public_key.hex()}"', ""]
     return "\n".join(out)
@@ -122,16 +133,27 @@ def receipt_tx(receipt: StorageReceipt) -> bytes:
     return canonical({"kind": "receipt", "receipt": receipt.to_dict()})
 
 
-def _key(kind: str, ident: str) -> bytes:
+def replace_tx(height: int, header_hash: str, old: str, new: str, evidence: int,
+               snapshot: Sequence[Measure]) -> bytes:
+    return canonical({"kind": "replace", "height": height, "hash": header_hash, "old": old, "new": new,
+                      "evidence": evidence, "snapshot": [m.to_dict() for m in snapshot]})
+
+
+def replacement(header_hash: str, chosen: Sequence[str], snapshot: Sequence[Measure]) -> str | None:
+    """The node that takes over a replica of this block: the best by RV not holding it."""
+    return next((n for n in rank(header_hash, snapshot) if n not in chosen), None)
+
+
+def state_key(kind: str, ident: str) -> bytes:
     return hashlib.sha256(kind.encode() + b"\0" + ident.encode()).digest()
 
 
 def block_key(height: int) -> bytes:
-    return _key("block", str(height))
+    return state_key("block", str(height))
 
 
 def node_key(name: str) -> bytes:
-    return _key("node", name)
+    return state_key("node", name)
 
 
 def decode_block_leaf(raw: bytes) -> dict:
@@ -158,6 +180,61 @@ def _int(v, lo: int = 0) -> bool:
     return type(v) is int and lo <= v < 2 ** 62
 
 
+def _measures(raw) -> list[Measure]:
+    """A snapshot's entries (ValueError, KeyError, TypeError when malformed)."""
+    if any(set(m) != {"node", "cp", "np", "cre", "t"} for m in raw):
+        raise ValueError("snapshot entry fields")
+    return [Measure(m["node"], m["cp"], m["np"], m["cre"], m["t"]) for m in raw]
+
+
+def _load(get, node: str) -> int:
+    """T: blocks placed on `node` now (a replacement moves one to another node)."""
+    leaf = get(node_key(node))
+    return int.from_bytes(leaf[0], "big") if leaf else 0
+
+
+class TrieView:
+    """An app's reads and writes within one block: writes are seen by later reads of
+    the same block and reach the trie once, in key order, on `commit`."""
+
+    def __init__(self, nodes: MutableMapping[bytes, bytes], parent_root: str):
+        self.trie = Trie(nodes, bytes.fromhex(parent_root))
+        self.dirty: dict[bytes, list] = {}
+
+    def get(self, key: bytes) -> list | None:
+        if key in self.dirty:
+            return self.dirty[key]
+        raw = self.trie.get(key)
+        return rlp.decode(raw) if raw else None
+
+    def put(self, key: bytes, value: list) -> None:
+        self.dirty[key] = rlp.decode(rlp.encode(value))  # as `get` reads it back
+
+    def commit(self) -> str:
+        for k in sorted(self.dirty):
+            self.trie.set(k, rlp.encode(self.dirty[k]))
+        return self.trie.commit().hex()
+
+
+def parse_record(i: int, tx: bytes, want: dict[str, set[str]]) -> dict:
+    """A record as canonical JSON with a known `kind` and exactly its fields."""
+    try:
+        rec = json.loads(tx)
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise InvalidBlock("tx_malformed", "not JSON", index=i) from None
+    if not isinstance(rec, dict) or rec.get("kind") not in want:
+        raise InvalidBlock("tx_unknown_kind", f"kind must be one of {sorted(want)}", index=i)
+    if set(rec) != want[rec["kind"]]:
+        raise InvalidBlock("tx_bad_field", f"{rec['kind']} needs exactly {sorted(want[rec['kind']])}", index=i)
+    if canonical(rec) != tx:
+        raise InvalidBlock("tx_not_canonical", "a record is its canonical JSON", index=i)
+    return rec
+
+
+RECORDS = {"placement": {"kind", "height", "hash", "cert", "nodes", "snapshot"}, "receipt": {"kind", "receipt"},
+           "replace": {"kind", "height", "hash", "old", "new", "evidence", "snapshot"}}
+
+
 class PChainApp:
     name = "pchain"
     genesis_root = BLANK_ROOT.hex()
@@ -168,45 +245,20 @@ class PChainApp:
 
     def execute(self, nodes: MutableMapping[bytes, bytes], parent_root: str, time_ms: int,
                 txs: Sequence[bytes], *, trusted: bool = False, decoded: Sequence[object] | None = None) -> Outcome:
-        trie = Trie(nodes, bytes.fromhex(parent_root))
-        dirty: dict[bytes, list] = {}
-
-        def get(key: bytes) -> list | None:
-            if key in dirty:
-                return dirty[key]
-            raw = trie.get(key)
-            return rlp.decode(raw) if raw else None
-
-        def put(key: bytes, value: list) -> None:
-            dirty[key] = rlp.decode(rlp.encode(value))  # as `get` reads it back, within the block too
-
-        counts = {"placements": 0, "receipts": 0, "stored": 0}
+        view = TrieView(nodes, parent_root)
+        counts = {"placements": 0, "receipts": 0, "replacements": 0, "stored": 0}
         for i, tx in enumerate(txs):
-            rec = self._parse(i, tx)
+            rec = parse_record(i, tx, RECORDS)
             if rec["kind"] == "placement":
-                self._placement(i, rec, get, put, trusted)
+                self._placement(i, rec, view.get, view.put, trusted)
                 counts["placements"] += 1
+            elif rec["kind"] == "replace":
+                self._replace(i, rec, view.get, view.put)
+                counts["replacements"] += 1
             else:
-                counts["stored"] += self._receipt(i, rec, get, put, trusted)
+                counts["stored"] += self._receipt(i, rec, view.get, view.put, trusted)
                 counts["receipts"] += 1
-        for k in sorted(dirty):
-            trie.set(k, rlp.encode(dirty[k]))
-        return Outcome(trie.commit().hex(), {"genesis": self.genesis.digest, **counts})
-
-    @staticmethod
-    def _parse(i: int, tx: bytes) -> dict:
-        try:
-            rec = json.loads(tx)
-        except (UnicodeDecodeError, ValueError, RecursionError):
-            raise InvalidBlock("tx_malformed", "not JSON", index=i) from None
-        want = {"placement": {"kind", "height", "hash", "cert", "nodes", "snapshot"}, "receipt": {"kind", "receipt"}}
-        if not isinstance(rec, dict) or rec.get("kind") not in want:
-            raise InvalidBlock("tx_unknown_kind", "kind must be placement or receipt", index=i)
-        if set(rec) != want[rec["kind"]]:
-            raise InvalidBlock("tx_bad_field", f"{rec['kind']} needs exactly {sorted(want[rec['kind']])}", index=i)
-        if canonical(rec) != tx:
-            raise InvalidBlock("tx_not_canonical", "a record is its canonical JSON", index=i)
-        return rec
+        return Outcome(view.commit(), {"genesis": self.genesis.digest, **counts})
 
     def _placement(self, i: int, rec: dict, get, put, trusted: bool) -> None:
         g = self.genesis
@@ -219,9 +271,7 @@ class PChainApp:
             cert = Certificate(g.area, h, hh, tuple(c["signers"]), bytes.fromhex(c["sig"]))
             if not all(_int(s) for s in cert.signers) or set(c) != {"signers", "sig"}:
                 raise ValueError("signers")
-            snapshot = [Measure(m["node"], m["cp"], m["np"], m["cre"], m["t"]) for m in rec["snapshot"]]
-            if any(set(m) != {"node", "cp", "np", "cre", "t"} for m in rec["snapshot"]):
-                raise ValueError("snapshot entry fields")
+            snapshot = _measures(rec["snapshot"])
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise InvalidBlock("tx_bad_field", f"placement: {exc}", index=i) from None
         if get(block_key(h)) is not None:
@@ -230,21 +280,54 @@ class PChainApp:
             self.area_validators.check_certificate(cert, _Ref(g.area, h, hh), remember=True)
         except ChainError as exc:
             raise InvalidBlock("tx_bad_certificate", f"{exc.reason}: block {h}", index=i) from None
-        if tuple(m.node for m in snapshot) != g.candidates:
-            raise InvalidBlock("tx_bad_snapshot", "the snapshot lists every heavy and light node, by name",
-                               index=i)
-        for m in snapshot:
-            leaf = get(node_key(m.node))
-            placed = int.from_bytes(leaf[0], "big") if leaf else 0
-            if m.t != placed:
-                raise InvalidBlock("tx_snapshot_load", f"{m.node}: t {m.t}, placed {placed}", index=i)
+        self._check_snapshot(i, snapshot, get)
         chosen = place(hh, g.full, snapshot, g.replicas)
         if list(chosen) != rec["nodes"]:
             raise InvalidBlock("tx_wrong_placement", f"the snapshot chooses {list(chosen)}", index=i)
         for n in chosen:
-            leaf = get(node_key(n))
-            put(node_key(n), [(int.from_bytes(leaf[0], "big") if leaf else 0) + 1])
+            put(node_key(n), [_load(get, n) + 1])
         put(block_key(h), [bytes.fromhex(hh), [n.encode() for n in chosen], [], b""])
+
+    def _check_snapshot(self, i: int, snapshot: list[Measure], get) -> None:
+        if tuple(m.node for m in snapshot) != self.genesis.candidates:
+            raise InvalidBlock("tx_bad_snapshot", "the snapshot lists every heavy and light node, by name",
+                               index=i)
+        for m in snapshot:
+            placed = _load(get, m.node)
+            if m.t != placed:
+                raise InvalidBlock("tx_snapshot_load", f"{m.node}: t {m.t}, placed {placed}", index=i)
+
+    def _replace(self, i: int, rec: dict, get, put) -> None:
+        """Move one block's replica from `old` to `new`, the best candidate by the
+        snapshot's RV that does not hold it yet; `old`'s receipt no longer counts."""
+        h, hh, old, new, ev = rec["height"], rec["hash"], rec["old"], rec["new"], rec["evidence"]
+        try:
+            if not _int(h, 1) or not _int(ev, 1) or not isinstance(hh, str) or len(hh) != HEX64:
+                raise ValueError("height, hash or evidence")
+            if not isinstance(old, str) or not isinstance(new, str):
+                raise ValueError("old and new are node names")
+            snapshot = _measures(rec["snapshot"])
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise InvalidBlock("tx_bad_field", f"replace: {exc}", index=i) from None
+        leaf = get(block_key(h))
+        if leaf is None:
+            raise InvalidBlock("tx_not_placed", f"area block {h} is not placed", index=i)
+        bhash, chosen, got, _ = leaf
+        if bhash.hex() != hh:
+            raise InvalidBlock("tx_wrong_block", f"another block is placed at height {h}", index=i)
+        if old.encode() not in chosen:
+            raise InvalidBlock("tx_not_chosen", f"block {h} is not placed on {old}", index=i)
+        self._check_snapshot(i, snapshot, get)
+        best = replacement(hh, [n.decode() for n in chosen], snapshot)
+        if best is None:
+            raise InvalidBlock("tx_no_candidate", f"every candidate holds block {h} already", index=i)
+        if new != best:
+            raise InvalidBlock("tx_wrong_placement", f"the snapshot chooses {best}", index=i)
+        chosen = [new.encode() if n == old.encode() else n for n in chosen]
+        got = [n for n in got if n != old.encode()]
+        put(node_key(old), [max(0, _load(get, old) - 1)])
+        put(node_key(new), [_load(get, new) + 1])
+        put(block_key(h), [bhash, chosen, got, b"\x01" if stored_now(len(got), len(chosen)) else b""])
 
     def _receipt(self, i: int, rec: dict, get, put, trusted: bool) -> int:
         """Apply a receipt; 1 if it makes its block stored."""

@@ -3,7 +3,9 @@
 A receipt says "I hold the body of this certified block" (seed 003's second
 verification); it is sent only once the body is durable. An audit answer says
 "here is transaction `index` of that block, for your `nonce`", with its Merkle
-path to the certified tx root. Each signed message has its own domain tag, so
+path to the certified tx root; the signature covers the transaction and the
+path, so a signed answer that does not verify is proof against its signer
+(`audit_outcome`). Each signed message has its own domain tag, so
 no signature can pass for another kind (or for a validator's vote).
 Verification returns False / raises `ChainError`, never anything else.
 """
@@ -20,10 +22,11 @@ from certlog.block import ChainError, Header, canonical
 from .storagewire import KINDS, NODE_RE, NONCE_RE
 
 __all__ = ["StorageReceipt", "receipt_message", "sign_receipt", "verify_receipt", "AuditAnswer",
-           "audit_message", "answer_audit", "check_audit"]
+           "audit_message", "answer_audit", "check_audit", "audit_outcome", "AUDIT_OUTCOMES"]
 
 RECEIPT_TAG = "gl-storage-receipt-v1"
-AUDIT_TAG = "gl-storage-audit-v1"
+AUDIT_TAG = "gl-storage-audit-v2"   # v2: the path is signed too
+AUDIT_OUTCOMES = ("ok", "wrong", "late", "missing")
 
 
 def _hex(obj: dict, key: str, length: int, reason: str) -> bytes:
@@ -102,8 +105,13 @@ def verify_receipt(receipt: StorageReceipt, public_key: bytes, header: Header | 
 
 # -- audit answers --------------------------------------------------------------------
 
-def audit_message(nonce: str, chain: str, height: int, index: int, tx_hash: str, node: str) -> bytes:
-    return f"{AUDIT_TAG}\n{nonce}\n{chain}\n{height}\n{index}\n{tx_hash}\n{node}".encode("ascii")
+def path_digest(path: Sequence[str]) -> str:
+    return hashlib.sha256(",".join(path).encode()).hexdigest()
+
+
+def audit_message(nonce: str, chain: str, height: int, index: int, tx_hash: str, path_hash: str,
+                  node: str) -> bytes:
+    return f"{AUDIT_TAG}\n{nonce}\n{chain}\n{height}\n{index}\n{tx_hash}\n{path_hash}\n{node}".encode("ascii")
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,7 +127,7 @@ class AuditAnswer:
 
     def message(self) -> bytes:
         return audit_message(self.nonce, self.chain, self.height, self.index,
-                             hashlib.sha256(self.tx).hexdigest(), self.node)
+                             hashlib.sha256(self.tx).hexdigest(), path_digest(self.path), self.node)
 
     def to_dict(self) -> dict[str, Any]:
         return {"chain": self.chain, "height": self.height, "index": self.index, "nonce": self.nonce,
@@ -168,3 +176,19 @@ def check_audit(answer: AuditAnswer, header: Header, *, nonce: str, index: int, 
         raise ChainError("audit_bad_path", f"tx {index} is not in block {h}", height=h)
     if not bls.Verify(public_key, answer.message(), answer.signature):
         raise ChainError("audit_signature", f"not signed by {node}", height=h)
+
+
+def audit_outcome(answer: AuditAnswer, header: Header, *, nonce: str, index: int, node: str,
+                  public_key: bytes) -> str:
+    """`ok` when the answer passes `check_audit`; `wrong` when it is `node`'s signed
+    answer to exactly this question whose transaction and path do not lead to the
+    certified tx root (proof against the node: the signature covers both). Anything
+    else (another nonce, question, block or signer) proves nothing about `node`:
+    `ChainError` with `check_audit`'s reason, and the answer counts as not given."""
+    try:
+        check_audit(answer, header, nonce=nonce, index=index, node=node, public_key=public_key)
+        return "ok"
+    except ChainError as exc:
+        if exc.reason == "audit_bad_path" and bls.Verify(public_key, answer.message(), answer.signature):
+            return "wrong"
+        raise

@@ -8,7 +8,7 @@ snapshot is exact JSON and every replica ranks it the same way, bit for bit:
     NP   network performance seen by the verifier: 1000 · ref / max(ref, rtt),
          rtt the median of the node's last inventory round trips (ms); 0 when it
          has not answered lately
-    CRE  credibility, from `cre_start`; the audit slice moves it (`Credibility`)
+    CRE  credibility, from `cre_start`, moved by audit outcomes (`cre_after`)
     T    load: blocks placed on the node so far (P-chain state, so anyone holding
          the P chain can check it)
 
@@ -25,9 +25,16 @@ from fractions import Fraction
 from typing import Iterable, Mapping, Sequence
 
 __all__ = ["Measure", "rv", "rv_key", "rank", "place", "np_from_rtts", "cp_from_report", "Credibility",
-           "SCALE"]
+           "SCALE", "cre_after", "CRE_DROP", "CRE_GAIN_DIV"]
 
 SCALE = 1000  # parts per thousand
+
+# CRE after one audit outcome. A correct answer closes 1/CRE_GAIN_DIV of the gap to
+# 1000 (at least 1), so trust comes back slowly: ~22 good answers undo one wrong one.
+# A wrong answer is signed proof of bad data: a large drop. Late and missing answers
+# may be the network's fault (and are the verifier's word): smaller drops.
+CRE_GAIN_DIV = 10
+CRE_DROP = {"wrong": 400, "late": 50, "missing": 100}
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,8 +100,15 @@ def cp_from_report(free: int, capacity: int) -> int:
     return SCALE * min(max(free, 0), capacity) // capacity
 
 
+def cre_after(cre: int, outcome: str) -> int:
+    """CRE after an audit `outcome` (ok, wrong, late, missing), bounded to [0, SCALE]."""
+    if outcome == "ok":
+        return min(SCALE, cre + max(1, (SCALE - cre) // CRE_GAIN_DIV)) if cre < SCALE else SCALE
+    return max(0, cre - CRE_DROP[outcome])
+
+
 class Credibility:
-    """CRE per node: every node starts at `start`; audits (the next slice) call `adjust`."""
+    """CRE per node: every node starts at `start`; audit outcomes move it (`record`)."""
 
     def __init__(self, start: int = SCALE, known: Mapping[str, int] | None = None):
         if not 0 <= start <= SCALE:
@@ -109,3 +123,7 @@ class Credibility:
         """Raise or lower a node's CRE, clamped to [0, SCALE]; the new value."""
         self._cre[node] = min(SCALE, max(0, self[node] + delta))
         return self._cre[node]
+
+    def record(self, node: str, outcome: str) -> int:
+        """Apply one audit outcome by `cre_after`, through `adjust`; the new CRE."""
+        return self.adjust(node, cre_after(self[node], outcome) - self[node])

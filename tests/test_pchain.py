@@ -125,7 +125,7 @@ def test_placements_and_receipts_make_a_block_stored_exactly_past_two_thirds(bed
     out = st.run([placement(st, genesis, b1, l1=100)])
     chosen = st.block(1)["nodes"]
     assert chosen[:2] == ["s1", "s2"] and sorted(chosen[2:]) == ["h1", "h2"] and len(chosen) == 4
-    assert out.app == {"genesis": genesis.digest, "placements": 1, "receipts": 0, "stored": 0}
+    assert out.app == {"genesis": genesis.digest, "placements": 1, "receipts": 0, "replacements": 0, "stored": 0}
     st.run([receipt(b1, "s1"), receipt(b1, "h2")])
     assert st.block(1)["receipted"] == ["h2", "s1"] and not st.block(1)["stored"]   # 2 of 4: not > 2/3
     out = st.run([receipt(b1, "s2")])
