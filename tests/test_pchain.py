@@ -74,11 +74,16 @@ def test_stored_needs_more_than_two_thirds():
 
 # -- the app ------------------------------------------------------------------------
 
-@pytest.fixture
-def bed():
+def make_bed():
+    """Three certified area blocks, the P chain's app and its genesis (the NODES)."""
     blocks, vset, _ = make_chain(3)
     genesis = PGenesis("area1", 2, tuple(PNode(n, k, bls.SkToPk(NODE_SKS[n])) for n, k in NODES.items()))
     return blocks, PChainApp(genesis, vset), genesis
+
+
+@pytest.fixture
+def bed():
+    return make_bed()
 
 
 class State:

@@ -19,7 +19,12 @@ from certlog.block import ChainError, canonical
 from certlog.mpt import Trie
 
 from storagekit import make_chain
-from test_pchain import NODE_SKS, NODES, State, bed, receipt, snapshot  # noqa: F401  (bed: a fixture)
+from test_pchain import NODE_SKS, State, make_bed, receipt, snapshot
+
+
+@pytest.fixture
+def bed():
+    return make_bed()
 
 
 # -- the CRE rule ------------------------------------------------------------------
