@@ -66,12 +66,12 @@ class Requester:
             return
         fut.set_result((meta, data))
 
-    async def ask(self, peer: str, op: str, **args) -> tuple[dict, bytes]:
+    async def ask(self, peer: str, op: str, *, timeout_s: float | None = None, **args) -> tuple[dict, bytes]:
         """The peer's answer, retried on time-out; `StorageError` with the peer's own
-        reason if it refuses, or `peer_timeout`."""
+        reason if it refuses, or `peer_timeout`. `timeout_s` overrides the default."""
         for attempt in range(self.retries + 1):
             try:
-                return await self._once(peer, op, args)
+                return await self._once(peer, op, args, timeout_s or self.timeout_s)
             except StorageError as exc:
                 if exc.reason not in RETRY or attempt == self.retries:
                     raise
@@ -80,7 +80,7 @@ class Requester:
                     await asyncio.sleep(self.timeout_s / 4 * (attempt + 1))
         raise AssertionError("unreachable")
 
-    async def _once(self, peer: str, op: str, args: dict) -> tuple[dict, bytes]:
+    async def _once(self, peer: str, op: str, args: dict, timeout_s: float) -> tuple[dict, bytes]:
         window = self._windows.setdefault(peer, asyncio.Semaphore(self.window))
         async with window:
             self._next += 1
@@ -89,10 +89,10 @@ class Requester:
             self._pending[rid] = fut
             try:
                 await self.publish(self.topics.requests(peer), encode_request(rid, self.me, op, **args))
-                meta, data = await asyncio.wait_for(fut, self.timeout_s)
+                meta, data = await asyncio.wait_for(fut, timeout_s)
             except TimeoutError:
                 self.counts["timeout"] += 1
-                raise StorageError("peer_timeout", f"{peer} did not answer {op} in {self.timeout_s} s") from None
+                raise StorageError("peer_timeout", f"{peer} did not answer {op} in {timeout_s} s") from None
             finally:
                 self._pending.pop(rid, None)
         if meta.get("ok") is not True:

@@ -48,6 +48,7 @@ class ValidatorConfig:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     registry_chain: RegistryChainSettings | None = None
     p_chain: PChainSettings | None = None
+    r_chain: PChainSettings | None = None
 
 
 def load_validator_config(path: Path) -> ValidatorConfig:
@@ -61,23 +62,27 @@ def load_validator_config(path: Path) -> ValidatorConfig:
     if (v.registry is None) == (registry_chain is None):
         raise ConfigError(f"{path}: give either [validator] registry (a file) or a [registry_chain] table")
     return ValidatorConfig(v, section(MqttConfig, doc, "mqtt"), section(MetricsConfig, doc, "metrics"),
-                           registry_chain, PChainSettings.from_doc(doc, path.parent))
+                           registry_chain, PChainSettings.from_doc(doc, path.parent),
+                           PChainSettings.from_doc(doc, path.parent, "r_chain"))
 
 
 class ValidatorRole:
     """The process: a `ValidatorNode` of the area chain plus its metrics endpoint and,
     with `[registry_chain]`, its node of the registry chain (voting if it is one of
     that chain's validators, following otherwise); with `[p_chain]`, likewise its
-    node of the area's P chain."""
+    node of the area's P chain; with `[r_chain]`, of its R chain."""
 
     def __init__(self, cfg: ValidatorConfig):
         self.cfg = cfg
         self.node, self.registry_node = build_node(cfg)
-        self.p_node = None
+        s = cfg.validator
+        self.p_node = self.r_node = None
         if cfg.p_chain is not None:
-            s = cfg.validator
             self.p_node = pchain_node(cfg.p_chain, s.area, self.node.replica.validators, cfg.mqtt, s.name,
                                       s.secret_key)
+        if cfg.r_chain is not None:
+            self.r_node = pchain_node(cfg.r_chain, s.area, self.node.replica.validators, cfg.mqtt, s.name,
+                                      s.secret_key, "R")
 
     def metrics(self) -> list[Snapshot]:
         n = self.node
@@ -88,7 +93,7 @@ class ValidatorRole:
 
     async def run(self, stop: asyncio.Event) -> None:
         serve_metrics(self.cfg.metrics, self.metrics)
-        extra = [n for n in (self.registry_node, self.p_node) if n is not None]
+        extra = [n for n in (self.registry_node, self.p_node, self.r_node) if n is not None]
         await asyncio.gather(self.node.run(stop), *(n.run(stop) for n in extra))
 
 

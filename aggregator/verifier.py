@@ -13,6 +13,10 @@ the placement again after `retry_s`, doubling up to `RETRY_MAX_S`.
 The queue and the P chain share one SQLite file; a block's proposal and its
 records' marks are one transaction, as in the registry role, so after a crash
 every queued record is certified exactly once.
+
+With `r_database` set it also audits every storage node and proposes the R chain
+(`auditor.py`); a certified `wrong` outcome (or a heavy or light node's CRE below
+`cre_floor`) re-places the node's replicas with P-chain `replace` records.
 """
 
 from __future__ import annotations
@@ -29,7 +33,8 @@ import aiomqtt
 
 from certlog import bls
 from certlog.app import InvalidBlock
-from certlog.block import ChainError, Header
+from certlog.block import Certificate, ChainError, Header
+from certlog.mpt import Trie
 from certlog.net import Topics, decode_block
 from certlog.proposer import Proposer
 from certlog.validators import load_validator_set, read_secret_key
@@ -39,9 +44,10 @@ from gridledger.logs import event
 from gridledger.metrics import MetricsConfig, Snapshot, serve as serve_metrics
 from gridledger.mqtt import keep_connected, until_stopped
 
+from .auditor import Auditor
 from .catchup import Requester
 from .pchain import pchain_id, pchain_replica
-from .pchainapp import placement_tx, receipt_tx
+from .pchainapp import block_key, decode_block_leaf, placement_tx, receipt_tx, replace_tx, replacement
 from .receipts import StorageReceipt, verify_receipt
 from .reliability import Credibility, Measure, cp_from_report, np_from_rtts, place
 from .storagewire import NODE_RE, StorageError, StorageTopics, encode_placement
@@ -73,6 +79,13 @@ class VerifierSettings:
     block_max: int = 500
     block_wait_s: float = 0.2
     resend_s: float = 2.0
+    r_database: Path | None = None  # the R chain and its queue: audits are on when set
+    r_validators: Path | None = None  # the R chain's set (default: `validators`, the same verifier key)
+    r_chain: str = ""               # default R-{area}
+    audit_s: float = 30.0           # mean seconds between two audits of a node (exponential)
+    audit_deadline_s: float = 2.0   # an answer later than this is `late`
+    audit_late_s: float = 2.0       # ... and none by deadline + this is `missing`
+    cre_floor: int = 500            # a heavy or light node below it has every block re-placed
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,12 +99,16 @@ def load_verifier_config(path: Path) -> VerifierConfig:
     path = Path(path)
     doc = read_toml(path)
     s = section(VerifierSettings, doc, "verifier", path.parent,
-                ("database", "proposer_key", "validators", "area_validators", "genesis"))
+                ("database", "proposer_key", "validators", "area_validators", "genesis", "r_database",
+                 "r_validators"))
     if not NODE_RE.match(s.name):
         raise ConfigError("[verifier] name must match [A-Za-z0-9_-]{1,64}")
     if min(s.probe_s, s.np_ref_ms, s.retry_s, s.timeout_s) <= 0 or not 0 <= s.cre_start <= 1000:
         raise ConfigError("[verifier] probe_s, np_ref_ms, retry_s, timeout_s must be positive, cre_start 0..1000")
+    if min(s.audit_s, s.audit_deadline_s, s.audit_late_s) <= 0 or not 0 <= s.cre_floor <= 1000:
+        raise ConfigError("[verifier] audit_s, audit_deadline_s, audit_late_s must be positive, cre_floor 0..1000")
     pchain_id(s.area, s.chain)
+    pchain_id(s.area, s.r_chain, "R")
     return VerifierConfig(s, section(MqttConfig, doc, "mqtt"), section(MetricsConfig, doc, "metrics"))
 
 
@@ -116,10 +133,16 @@ class Verifier:
                 status TEXT NOT NULL, height INTEGER);
             CREATE TABLE IF NOT EXISTS p_placed (
                 height INTEGER PRIMARY KEY, hash TEXT NOT NULL, nodes TEXT NOT NULL, receipted TEXT NOT NULL,
-                sent_at REAL NOT NULL, tries INTEGER NOT NULL, complete INTEGER NOT NULL);""")
+                sent_at REAL NOT NULL, tries INTEGER NOT NULL, complete INTEGER NOT NULL);
+            CREATE TABLE IF NOT EXISTS area_blocks (height INTEGER PRIMARY KEY, header BLOB NOT NULL,
+                                                    cert BLOB NOT NULL);""")
         self.area_topics, self.topics = Topics(s.area), StorageTopics(s.area)
         self.p_topics = Topics(self.replica.chain)
-        self.cre = Credibility(s.cre_start)  # the audit slice adjusts it
+        if s.cre_start != self.genesis.cre_start:
+            raise ConfigError(f"[verifier] cre_start {s.cre_start} differs from the genesis's {self.genesis.cre_start}")
+        self.cre = Credibility(self.genesis.cre_start)  # audit outcomes move it
+        self.area_blocks = {h: (Header.decode(hd), Certificate.from_dict(json.loads(c)))
+                            for h, hd, c in self.conn.execute("SELECT height, header, cert FROM area_blocks")}
         self.rtts: dict[str, deque] = {n.name: deque(maxlen=RTT_WINDOW) for n in self.genesis.nodes}
         self.cp: dict[str, int] = {}
         self.load: Counter[str] = Counter()
@@ -133,6 +156,18 @@ class Verifier:
         self._client: aiomqtt.Client | None = None
         self.requester = Requester(self._publish_qos0, s.name, self.topics, timeout_s=s.timeout_s, window=2,
                                    retries=0)
+        self.auditor: Auditor | None = None
+        if s.r_database is not None:
+            r = pchain_replica(pchain_id(s.area, s.r_chain, "R"), s.genesis, s.r_validators or s.validators,
+                               s.r_database, self.area_validators, "R")
+            if r.validators.proposer is None or r.validators.proposer.public_key != bls.SkToPk(self._sk):
+                raise ConfigError(f"{s.proposer_key} is not the proposer key of the R chain's set")
+            self.auditor = Auditor(r, self._sk, nodes={n.name: (n.kind, n.public_key) for n in self.genesis.nodes},
+                                   cre=self.cre, ask=self.requester.ask, held=self.held, evidence=self.replace,
+                                   mean_s=s.audit_s, deadline_s=s.audit_deadline_s, late_s=s.audit_late_s,
+                                   cre_floor=s.cre_floor, block_max=s.block_max, block_wait_s=s.block_wait_s,
+                                   resend_s=s.resend_s)
+            self.r_topics = Topics(r.chain)
 
     # -- RV ---------------------------------------------------------------------------
     def snapshot(self) -> list[Measure]:
@@ -173,8 +208,11 @@ class Verifier:
             with self.replica.store.transaction():
                 self.conn.execute("INSERT INTO p_queue(id, tx, status, height) VALUES (?, ?, 'queued', NULL)",
                                   (f"placement/{header.height}", placement_tx(cert, nodes, snap)))
+                self.conn.execute("INSERT OR IGNORE INTO area_blocks VALUES (?, ?, ?)",
+                                  (header.height, header.encode(), cert.encode()))
                 self.conn.execute("INSERT INTO p_placed VALUES (?, ?, ?, '[]', ?, 0, 0)",
                                   (header.height, header.hash, json.dumps(nodes), time.time()))
+            self.area_blocks[header.height] = (header, cert)
             self.load.update(nodes)
         self.more.set()
         self.counts["placed"] += 1
@@ -227,6 +265,48 @@ class Verifier:
                                   (json.dumps(sorted(got + [r.node])), len(got) + 1 == len(nodes), r.height))
         self.counts["receipts"] += 1
         self.more.set()
+
+    # -- audits and re-placement ------------------------------------------------------------
+    def held(self, node: str) -> list[tuple[Header, Certificate]]:
+        """The area blocks the certified P-chain state says `node` holds (it receipted them)."""
+        trie = Trie(self.replica.store.nodes, bytes.fromhex(self.replica.state_root))
+        out = []
+        for h in sorted(self.area_blocks):
+            raw = trie.get(block_key(h))
+            if raw and node in decode_block_leaf(raw)["receipted"]:
+                out.append(self.area_blocks[h])
+        return out
+
+    async def replace(self, node: str, heights: list[int] | None, evidence: int) -> None:
+        """Move `node`'s replicas of `heights` (None: of every block placed on it) to the
+        best free nodes by RV: `replace` records on the P chain, placements sent."""
+        sends = []
+        async with self._db:
+            rows = self.conn.execute("SELECT height, hash, nodes, receipted FROM p_placed ORDER BY height").fetchall()
+            for h, hh, nodes, got in rows:
+                nodes, got = json.loads(nodes), json.loads(got)
+                if node not in nodes or (heights is not None and h not in heights):
+                    continue
+                snap = self.snapshot()
+                new = replacement(hh, nodes, snap)
+                if new is None:
+                    self.counts["replace_no_candidate"] += 1
+                    continue
+                nodes = [new if n == node else n for n in nodes]
+                with self.replica.store.transaction():
+                    self.conn.execute("INSERT OR IGNORE INTO p_queue(id, tx, status, height) VALUES (?, ?, 'queued', NULL)",
+                                      (f"replace/{h}/{node}/{evidence}", replace_tx(h, hh, node, new, evidence, snap)))
+                    self.conn.execute("UPDATE p_placed SET nodes = ?, receipted = ?, sent_at = ?, tries = 0, "
+                                      "complete = 0 WHERE height = ?",
+                                      (json.dumps(nodes), json.dumps([n for n in got if n != node]), time.time(), h))
+                self.load[node] -= 1
+                self.load[new] += 1
+                self.counts["replaced"] += 1
+                sends.append((h, new))
+                event(log, "replaced", height=h, old=node, new=new, evidence=evidence)
+        self.more.set()
+        for h, new in sends:
+            await self._send(h, [new] if new not in self.genesis.full else [])
 
     # -- retries -------------------------------------------------------------------------
     async def _retry_loop(self) -> None:
@@ -315,12 +395,21 @@ class Verifier:
               nodes=[n.name for n in self.genesis.nodes], replicas=self.genesis.replicas)
         topics = [self.area_topics.certs, self.topics.receipts, self.topics.responses(s.name), self.p_topics.votes,
                   self.p_topics.sync]
+        tasks = []
+        if self.auditor is not None:
+            topics += [self.r_topics.votes, self.r_topics.sync]
 
         async def serve(client: aiomqtt.Client) -> None:
             self._client = client
+
+            async def publish(topic: str, payload: bytes) -> None:
+                await client.publish(topic, payload, qos=1)
+
+            if self.auditor is not None:
+                tasks[:] = [self.auditor.propose(publish)] + [self.auditor.loop(n.name) for n in self.genesis.nodes]
             try:
                 await until_stopped(stop, self._read(client), self._propose(client), self._probe_loop(),
-                                    self._retry_loop())
+                                    self._retry_loop(), *tasks)
             finally:
                 self._client = None
 
@@ -328,7 +417,12 @@ class Verifier:
             await keep_connected(self.cfg.mqtt, f"verifier-{s.area}-{s.name}", topics, stop, serve, log)
         finally:
             self.conn.close()
-            event(log, "stop", height=self.replica.height, **self.counts)
+            audits = {}
+            if self.auditor is not None:
+                audits = {"r_chain": self.auditor.status(), "audits": dict(self.auditor.counts)}
+                self.auditor.conn.close()
+            event(log, "stop", height=self.replica.height, cre={n.name: self.cre[n.name] for n in self.genesis.nodes},
+                  **audits, **self.counts)
 
     async def _read(self, client: aiomqtt.Client) -> None:
         resp = self.topics.responses(self.settings.name)
@@ -342,6 +436,15 @@ class Verifier:
                     await self.on_cert(payload)
                 elif topic == self.topics.receipts:
                     await self.on_receipt(payload)
+                elif self.auditor is not None and topic in (self.r_topics.votes, self.r_topics.sync):
+                    a = self.auditor
+                    if a.proposer is None:
+                        continue
+                    if topic == self.r_topics.votes:
+                        a.proposer.on_vote(payload)
+                    else:
+                        async with a.lock:
+                            await a.proposer.on_sync(payload)
                 elif self.proposer is None:
                     continue
                 elif topic == self.p_topics.votes:

@@ -143,12 +143,14 @@ def verifier_process(config: Path, log: Path) -> subprocess.Popen:
 
 
 def write_pchain(wd: Path, *, area: str, host: str, port: int, nodes: dict[str, str], replicas: int = 2,
-                 validator_configs: list[Path] = (), **options) -> Path:
+                 validator_configs: list[Path] = (), r_chain: bool = False, **options) -> Path:
     """The P chain beside what `write_chain` wrote: its validator set (the same
     validators, the verifier as proposer), its genesis (the storage nodes `nodes`,
     name -> kind, with their keys under `storage/`, made here if absent), the
     verifier's config (`options`: further `[verifier]` keys) and a `[p_chain]`
-    table in each validator config. Returns the verifier's config."""
+    table in each validator config; with `r_chain`, the R chain too (the same
+    validator set and genesis, `[r_chain]` tables, the verifier's `r_database`:
+    audits on). Returns the verifier's config."""
     from aggregator.pchainapp import PGenesis, PNode, dump_pgenesis
     members = load_validator_set(wd / "validators.toml").members
     sk = new_secret_key()
@@ -163,8 +165,11 @@ def write_pchain(wd: Path, *, area: str, host: str, port: int, nodes: dict[str, 
     (wd / "pchain-genesis.toml").write_text(dump_pgenesis(PGenesis(area, replicas, tuple(infos))))
     for cfg in validator_configs:
         name = cfg.stem
-        cfg.write_text(cfg.read_text() + '\n[p_chain]\nvalidators = "../p-validators.toml"\n'
-                       f'genesis = "../pchain-genesis.toml"\ndatabase = "{name}-p.db"\n')
+        for table, letter in (("p_chain", "p"), ("r_chain", "r"))[:1 + r_chain]:
+            cfg.write_text(cfg.read_text() + f'\n[{table}]\nvalidators = "../p-validators.toml"\n'
+                           f'genesis = "../pchain-genesis.toml"\ndatabase = "{name}-{letter}.db"\n')
+    if r_chain:
+        options = {"r_database": "verifier-r.db", **options}
     extra = "".join(f"{k} = {json.dumps(v)}\n" for k, v in options.items())
     cfg = wd / "verifier.toml"
     cfg.write_text(f'[verifier]\nname = "verifier"\narea = "{area}"\ndatabase = "verifier.db"\n'

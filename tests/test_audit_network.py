@@ -1,0 +1,143 @@
+"""Audits and the R chain on real parts: Mosquitto, a gateway proposing area1's chain,
+four validator processes certifying it and co-signing P-area1 and R-area1, two full,
+two heavy and one light storage node and the verifier auditing them every ~0.5 s."""
+
+from __future__ import annotations
+
+import signal
+import sqlite3
+
+from aggregator.rchainapp import decode_node_leaf, node_key
+from certlog.block import Header
+from certlog.mpt import Trie
+from certlog.store import NodeDB
+from gridledger.testbed import verifier_process, wait_up, write_pchain
+
+from chainkit import CHAIN, ChainBed
+from conftest import MqttProbe
+from helpers import wait_until
+from storagekit import StorageNodes
+from test_pchain_network import KINDS, p_state
+from test_storage_network import Load, _settled, _start_chain
+
+AUDITS = {"probe_s": 0.5, "retry_s": 2.0, "audit_s": 0.5, "audit_deadline_s": 1.0, "audit_late_s": 1.0,
+          "cre_floor": 500}
+
+
+def r_state(db) -> dict[str, dict]:
+    """node -> {cre, ok, wrong, late, missing} in the certified R-chain state of a replica."""
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as conn:
+            row = conn.execute("SELECT header FROM chain_blocks WHERE cert IS NOT NULL "
+                               "ORDER BY height DESC LIMIT 1").fetchone()
+            if row is None:
+                return {}
+            trie = Trie(NodeDB(conn), bytes.fromhex(Header.decode(row[0]).state_root))
+            leaves = {n: trie.get(node_key(n)) for n in KINDS}
+            return {n: decode_node_leaf(raw) for n, raw in leaves.items() if raw}
+    except sqlite3.OperationalError:
+        return {}
+
+
+class AuditBed:
+    """The chain, the P and R chains, the five storage nodes and the verifier, loaded
+    until every certified block is stored on the certified P chain."""
+
+    def __init__(self, tmp_path, broker):
+        self.bed = ChainBed(tmp_path, broker, ["m1", "m2"], block_max=2)
+        self.cfg = write_pchain(tmp_path, area=CHAIN, host=broker.host, port=broker.port, nodes=KINDS, replicas=2,
+                                validator_configs=self.bed.validator_cfgs, r_chain=True, **AUDITS)
+        self.nodes = StorageNodes(self.bed)
+        self.verifier = None
+        self.p_db = tmp_path / "validators" / "v0-p.db"
+        self.r_db = tmp_path / "validators" / "v0-r.db"
+
+    async def start(self) -> dict[int, str]:
+        _start_chain(self.bed)
+        for name, kind in KINDS.items():
+            self.nodes.start(name, kind, [p for p in ("s1", "s2") if p != name])
+        log = self.bed.tmp / "verifier.log"
+        self.verifier = verifier_process(self.cfg, log)
+        wait_up(log, self.verifier)
+        async with MqttProbe(self.bed.broker, f"gl/v1/{CHAIN}/meters/+/ack") as probe:
+            load = Load(self.bed, probe)
+            await load.send(4)
+            self.chain = _settled(self.bed, load.sent)
+
+        def every_block_stored():
+            _, leaves = p_state(self.p_db, self.chain)
+            return len(leaves) == len(self.chain) and all(leaf["stored"] for leaf in leaves.values())
+
+        wait_until(every_block_stored, 30, "every certified area block stored on the P chain")
+        return self.chain
+
+    def leaves(self) -> dict[int, dict]:
+        return p_state(self.p_db, self.chain)[1]
+
+    def cleanup(self) -> None:
+        if self.verifier is not None and self.verifier.poll() is None:
+            self.verifier.kill()
+            self.verifier.wait()
+        self.nodes.cleanup()
+        self.bed.cleanup()
+
+
+async def test_a_node_with_a_corrupted_body_is_caught_by_audit_its_cre_drops_and_the_block_is_re_placed(
+        tmp_path, broker):
+    ab = AuditBed(tmp_path, broker)
+    try:
+        chain = await ab.start()
+        nodes = ab.nodes
+        wait_until(lambda: r_state(ab.r_db).get("h1", {}).get("ok", 0) >= 1, 20, "a certified ok audit of h1")
+        bad = min(h for h, leaf in ab.leaves().items() if "h1" in leaf["receipted"])
+        nodes.stop("h1")
+        with sqlite3.connect(nodes.db("h1")) as conn:       # a flipped byte in every tx of one body h1 holds
+            n = conn.execute("UPDATE storage_txs SET data = CAST(REPLACE(CAST(data AS TEXT), '\"seq\":', "
+                             "'\"seq\": ') AS BLOB) WHERE height = ?", (bad,)).rowcount
+        assert n >= 1
+        nodes.start("h1", "heavy", ["s1", "s2"])
+
+        wait_until(lambda: r_state(ab.r_db).get("h1", {}).get("wrong", 0) >= 1, 30,
+                   "a certified `wrong` audit of h1")
+        h1 = r_state(ab.r_db)["h1"]
+        assert h1["cre"] <= 600 and h1["ok"] >= 1, h1              # 1000, then at least one wrong: -400
+
+        def re_placed():
+            leaf = ab.leaves()[bad]
+            new = [n for n in leaf["nodes"] if n not in ("s1", "s2")]
+            return "h1" not in leaf["nodes"] and leaf["stored"] and all(n in leaf["receipted"] for n in new) \
+                and all(nodes.held(n).get(bad) == chain[bad] for n in leaf["nodes"])
+
+        wait_until(re_placed, 30, f"block {bad} re-placed off h1, held and receipted by its new node")
+        leaf = ab.leaves()[bad]
+        assert len(leaf["nodes"]) == 4 and len(set(leaf["nodes"])) == 4 and leaf["nodes"][:2] == ["s1", "s2"]
+        for other in ("s1", "s2", "h2", "l1"):                    # honest nodes are never judged wrong
+            assert r_state(ab.r_db).get(other, {}).get("wrong", 0) == 0, other
+        v3 = tmp_path / "validators" / "v3-r.db"
+        wait_until(lambda: r_state(v3).get("h1", {}).get("wrong", 0) >= 1, 20, "v3's R replica to agree")
+    finally:
+        ab.cleanup()
+
+
+async def test_a_killed_node_gets_missing_outcomes_and_below_the_floor_its_blocks_move(tmp_path, broker):
+    ab = AuditBed(tmp_path, broker)
+    try:
+        chain = await ab.start()
+        held = {h for h, leaf in ab.leaves().items() if "l1" in leaf["receipted"]}
+        assert held
+        ab.nodes.stop("l1", signal.SIGKILL)                         # and never restarted
+
+        wait_until(lambda: r_state(ab.r_db).get("l1", {}).get("missing", 0) >= 2, 30,
+                   "certified `missing` audits of l1")
+        l1 = r_state(ab.r_db)["l1"]
+        assert l1["cre"] < 1000 and l1["wrong"] == 0, l1
+
+        def moved():
+            leaves = ab.leaves()
+            return all("l1" not in leaves[h]["nodes"] and leaves[h]["stored"] for h in held) and all(
+                ab.nodes.held(n).get(h) == chain[h] for h in held for n in leaves[h]["nodes"])
+
+        wait_until(moved, 40, "l1's blocks re-placed once its CRE fell below the floor, and stored")
+        assert r_state(ab.r_db)["l1"]["cre"] < AUDITS["cre_floor"]
+    finally:
+        ab.cleanup()
