@@ -5,10 +5,12 @@ refused, duplicates, state recomputed from outcomes) and the P chain's `replace`
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import pytest
 
+from aggregator.auditor import Question, ask_question, judge, next_gap
 from aggregator.pchainapp import placement_tx, replace_tx, replacement
 from aggregator.rchainapp import RChainApp, audit_tx, decode_node_leaf, node_key
 from aggregator.receipts import AuditAnswer, answer_audit, audit_outcome
@@ -207,3 +209,36 @@ def test_bad_replacements_are_refused(bed):
     _refused_p(st, [replace_tx(1, b.header.hash, chosen[2], free, 0, snap)], "tx_bad_field")
     st.run([replace_tx(1, b.header.hash, chosen[2], free, 1, snap)])
     _refused_p(st, [replace_tx(1, b.header.hash, chosen[2], free, 1, snapshot(st, genesis))], "tx_not_chosen")
+
+
+# -- the verifier's side: when to ask, and how an answer is judged ------------------------
+
+def test_audit_gaps_are_exponential_with_the_configured_mean():
+    assert next_gap(2.0, 0.0) == 0.0 and abs(next_gap(2.0, 1 - math.exp(-1)) - 2.0) < 1e-9
+    gaps = [next_gap(1.0) for _ in range(4000)]
+    assert min(gaps) >= 0 and 0.9 < sum(gaps) / len(gaps) < 1.1
+
+
+def test_judge_gives_ok_late_wrong_and_missing(block):
+    b, _ = block
+    pk = bls.SkToPk(NODE_SKS["h1"])
+    good, nonce = _answer(b)
+    q = Question("h1", b.header, b.cert, 3, nonce)
+    assert judge(q, {"answer": good.to_dict()}, 0.5, 1.0, pk)[:2] == ("ok", good)
+    assert judge(q, {"answer": good.to_dict()}, 1.5, 1.0, pk)[:2] == ("late", None)       # right, but late
+    bad, nonce = _answer(b, txs=[t + b" " for t in b.txs])
+    q_bad = Question("h1", b.header, b.cert, 3, nonce)
+    assert judge(q_bad, {"answer": bad.to_dict()}, 1.5, 1.0, pk)[0] == "wrong"            # wrong however late
+    assert judge(q, None, 3.0, 1.0, pk)[:2] == ("missing", None)
+    assert judge(q, {"answer": "junk"}, 0.1, 1.0, pk)[0] == "missing"
+    replayed = Question("h1", b.header, b.cert, 3, os.urandom(16).hex())                  # an old answer, new nonce
+    assert judge(replayed, {"answer": good.to_dict()}, 0.1, 1.0, pk) == ("missing", None, "audit_nonce")
+
+
+def test_questions_are_random_over_the_held_blocks_and_their_transactions():
+    blocks, _, _ = make_chain(3, txs_per_block=4)
+    held = [(b.header, b.cert) for b in blocks]
+    qs = [ask_question("h1", held) for _ in range(200)]
+    assert {q.header.height for q in qs} == {1, 2, 3} and {q.index for q in qs} == {0, 1, 2, 3}
+    assert len({q.nonce for q in qs}) == 200 and all(len(q.nonce) == 32 for q in qs)
+    assert ask_question("h1", []) is None
