@@ -9,7 +9,7 @@ snapshot is exact JSON and every replica ranks it the same way, bit for bit:
          rtt the median of the node's last inventory round trips (ms); 0 when it
          has not answered lately
     CRE  credibility, from `cre_start`, moved by audit outcomes (`cre_after`)
-    T    load: blocks placed on the node so far (P-chain state, so anyone holding
+    T    load: blocks placed on the node now (P-chain state, so anyone holding
          the P chain can check it)
 
 RV = CP·NP·CRE / √(T+1) (the +1 keeps a node with nothing placed finite). Ranking
@@ -30,7 +30,8 @@ __all__ = ["Measure", "rv", "rv_key", "rank", "place", "np_from_rtts", "cp_from_
 SCALE = 1000  # parts per thousand
 
 # CRE after one audit outcome. A correct answer closes 1/CRE_GAIN_DIV of the gap to
-# 1000 (at least 1), so trust comes back slowly: ~22 good answers undo one wrong one.
+# 1000 (at least 1), so trust comes back slowly: after one wrong answer (600),
+# 14 good ones bring it back to 900 and 50 to 1000.
 # A wrong answer is signed proof of bad data: a large drop. Late and missing answers
 # may be the network's fault (and are the verifier's word): smaller drops.
 CRE_GAIN_DIV = 10
