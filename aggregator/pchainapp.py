@@ -5,6 +5,8 @@ Transactions (canonical JSON), proposed by the verifier:
     placement {kind, height, hash, cert: {signers, sig}, nodes, snapshot}
     receipt   {kind, receipt: {chain, height, hash, node, kind, sig}}
     replace   {kind, height, hash, old, new, evidence, snapshot}
+    promote   {kind, dead, new, evidence: {via, r_height, seen}, snapshot}
+    readmit   {kind, node, evidence: {seen, height}}
 
 A placement names an area block by height and header hash, with the area chain's
 certificate for it (checked against the area validator set, so only certified
@@ -20,10 +22,20 @@ height the verifier names as its reason (recorded, not checked here: this app
 does not read the R chain). `old`'s receipt stops counting and `stored` is
 recomputed over the new set.
 
+A promote turns the best heavy node by the snapshot's RV into a full node in
+place of a dead full node (`dead` must be full now, `new` heavy now); every
+block placed on `dead` moves to `new` (or, where `new` already held a replica,
+to the best free candidate), `dead`'s receipts stop counting. `evidence` is the
+verifier's: the last will it saw (`via` last_will) or the R-chain height of the
+missing audits (`via` missing); recorded, not checked against the R chain. A
+readmit brings a dead node back as a candidate (a dead full node returns heavy).
+
 State (MPT keyed by SHA-256 of `kind NUL id`):
 
     block/H   RLP [header hash, chosen nodes, receipted nodes, stored]
     node/N    RLP [blocks placed on N now]
+    roles/    RLP [full nodes now, dead nodes]   (absent: the genesis's full nodes, none dead)
+    top/      RLP [highest placed area height]
 
 `stored` turns 1 once more than 2/3 of the chosen nodes have receipted (seed 003's
 N+X second verification). The genesis file fixes the area, `replicas` and the
@@ -54,7 +66,8 @@ from .storagewire import KINDS, NODE_RE
 
 __all__ = ["PNode", "PGenesis", "load_pgenesis", "dump_pgenesis", "PChainApp", "placement_tx", "receipt_tx",
            "block_key", "node_key", "decode_block_leaf", "stored_now", "replace_tx", "replacement", "TrieView",
-           "parse_record", "state_key"]
+           "parse_record", "state_key", "Roles", "roles_key", "decode_roles_leaf", "promote_tx", "readmit_tx",
+           "promotion", "promote_block", "EVIDENCE_VIA"]
 
 HEX64 = 64
 
@@ -144,6 +157,77 @@ def replacement(header_hash: str, chosen: Sequence[str], snapshot: Sequence[Meas
     return next((n for n in rank(header_hash, snapshot) if n not in chosen), None)
 
 
+EVIDENCE_VIA = ("last_will", "missing")
+
+
+@dataclass(frozen=True, slots=True)
+class Roles:
+    """Who is full now and who is dead: the genesis's kinds as promotions changed them."""
+    full: tuple[str, ...]
+    dead: tuple[str, ...] = ()
+
+    def kind_of(self, genesis: PGenesis, name: str) -> str:
+        """A node's kind now: full if in `full`; a genesis full node that is not is heavy."""
+        if name in self.full:
+            return "full"
+        kind = genesis.node(name).kind
+        return "heavy" if kind == "full" else kind
+
+    def candidates(self, genesis: PGenesis) -> tuple[str, ...]:
+        """Heavy and light nodes now (not full, not dead), sorted: the ones ranked by RV."""
+        return tuple(sorted(n.name for n in genesis.nodes if n.name not in self.full and n.name not in self.dead))
+
+    def promoted(self, dead: str, new: str) -> "Roles":
+        return Roles(tuple(sorted([n for n in self.full if n != dead] + [new])), tuple(sorted({*self.dead, dead})))
+
+    def readmitted(self, node: str) -> "Roles":
+        return Roles(self.full, tuple(n for n in self.dead if n != node))
+
+    def to_leaf(self) -> list:
+        return [[n.encode() for n in self.full], [n.encode() for n in self.dead]]
+
+    @classmethod
+    def of(cls, genesis: PGenesis, leaf: list | None) -> "Roles":
+        if leaf is None:
+            return cls(genesis.full)
+        return cls(tuple(n.decode() for n in leaf[0]), tuple(n.decode() for n in leaf[1]))
+
+
+def decode_roles_leaf(raw: bytes, genesis: PGenesis) -> Roles:
+    return Roles.of(genesis, rlp.decode(raw) if raw else None)
+
+
+def promote_tx(dead: str, new: str, *, via: str, r_height: int, seen: int, snapshot: Sequence[Measure]) -> bytes:
+    return canonical({"kind": "promote", "dead": dead, "new": new,
+                      "evidence": {"via": via, "r_height": r_height, "seen": seen},
+                      "snapshot": [m.to_dict() for m in snapshot]})
+
+
+def readmit_tx(node: str, *, seen: int, height: int) -> bytes:
+    return canonical({"kind": "readmit", "node": node, "evidence": {"seen": seen, "height": height}})
+
+
+def promotion(dead: str, heavy: Sequence[Measure]) -> str | None:
+    """The heavy node promoted in place of `dead`: the best by RV (ties by hash, as `rank`)."""
+    ranked = rank(f"promote/{dead}", heavy)
+    return ranked[0] if ranked else None
+
+
+def promote_block(header_hash: str, chosen: Sequence[str], receipted: Sequence[str], dead: str, new: str,
+                  snapshot: Sequence[Measure]) -> tuple[list[str], list[str], str | None]:
+    """One placed block after `new` replaces the dead full node `dead`: (chosen, receipted,
+    the node that now must fetch it). Where `new` held a replica already, that replica's
+    slot goes to the best free candidate (`replacement`), so the block keeps its count."""
+    if dead not in chosen:
+        return list(chosen), list(receipted), None
+    if new in chosen:
+        taker = replacement(header_hash, chosen, [m for m in snapshot if m.node != new])
+    else:
+        taker = new
+    out = [taker if n == dead else n for n in chosen if taker is not None or n != dead]
+    return out, [n for n in receipted if n != dead], taker
+
+
 def state_key(kind: str, ident: str) -> bytes:
     return hashlib.sha256(kind.encode() + b"\0" + ident.encode()).digest()
 
@@ -154,6 +238,14 @@ def block_key(height: int) -> bytes:
 
 def node_key(name: str) -> bytes:
     return state_key("node", name)
+
+
+ROLES_KEY = state_key("roles", "")
+TOP_KEY = state_key("top", "")
+
+
+def roles_key() -> bytes:
+    return ROLES_KEY
 
 
 def decode_block_leaf(raw: bytes) -> dict:
@@ -232,7 +324,8 @@ def parse_record(i: int, tx: bytes, want: dict[str, set[str]]) -> dict:
 
 
 RECORDS = {"placement": {"kind", "height", "hash", "cert", "nodes", "snapshot"}, "receipt": {"kind", "receipt"},
-           "replace": {"kind", "height", "hash", "old", "new", "evidence", "snapshot"}}
+           "replace": {"kind", "height", "hash", "old", "new", "evidence", "snapshot"},
+           "promote": {"kind", "dead", "new", "evidence", "snapshot"}, "readmit": {"kind", "node", "evidence"}}
 
 
 class PChainApp:
@@ -255,6 +348,12 @@ class PChainApp:
             elif rec["kind"] == "replace":
                 self._replace(i, rec, view.get, view.put)
                 counts["replacements"] += 1
+            elif rec["kind"] == "promote":
+                self._promote(i, rec, view.get, view.put)
+                counts["promotions"] = counts.get("promotions", 0) + 1
+            elif rec["kind"] == "readmit":
+                self._readmit(i, rec, view.get, view.put)
+                counts["readmissions"] = counts.get("readmissions", 0) + 1
             else:
                 counts["stored"] += self._receipt(i, rec, view.get, view.put, trusted)
                 counts["receipts"] += 1
@@ -281,15 +380,21 @@ class PChainApp:
         except ChainError as exc:
             raise InvalidBlock("tx_bad_certificate", f"{exc.reason}: block {h}", index=i) from None
         self._check_snapshot(i, snapshot, get)
-        chosen = place(hh, g.full, snapshot, g.replicas)
+        chosen = place(hh, self.roles(get).full, snapshot, g.replicas)
         if list(chosen) != rec["nodes"]:
             raise InvalidBlock("tx_wrong_placement", f"the snapshot chooses {list(chosen)}", index=i)
         for n in chosen:
             put(node_key(n), [_load(get, n) + 1])
         put(block_key(h), [bytes.fromhex(hh), [n.encode() for n in chosen], [], b""])
+        top = get(TOP_KEY)
+        if top is None or int.from_bytes(top[0], "big") < h:
+            put(TOP_KEY, [h])
+
+    def roles(self, get) -> Roles:
+        return Roles.of(self.genesis, get(ROLES_KEY))
 
     def _check_snapshot(self, i: int, snapshot: list[Measure], get) -> None:
-        if tuple(m.node for m in snapshot) != self.genesis.candidates:
+        if tuple(m.node for m in snapshot) != self.roles(get).candidates(self.genesis):
             raise InvalidBlock("tx_bad_snapshot", "the snapshot lists every heavy and light node, by name",
                                index=i)
         for m in snapshot:
@@ -329,6 +434,59 @@ class PChainApp:
         put(node_key(new), [_load(get, new) + 1])
         put(block_key(h), [bhash, chosen, got, b"\x01" if stored_now(len(got), len(chosen)) else b""])
 
+    def _promote(self, i: int, rec: dict, get, put) -> None:
+        """`new` (heavy now, the best heavy node by the snapshot's RV) becomes full in
+        place of `dead` (full now); every block placed on `dead` moves (`promote_block`)."""
+        g = self.genesis
+        dead, new, ev = rec["dead"], rec["new"], rec["evidence"]
+        try:
+            if not isinstance(dead, str) or not isinstance(new, str) or g.node(dead) is None or g.node(new) is None:
+                raise ValueError("dead and new are nodes of the genesis")
+            if not isinstance(ev, dict) or set(ev) != {"via", "r_height", "seen"} or ev["via"] not in EVIDENCE_VIA:
+                raise ValueError(f"evidence: via ({', '.join(EVIDENCE_VIA)}), r_height, seen")
+            if not _int(ev["seen"]) or not _int(ev["r_height"], 1 if ev["via"] == "missing" else 0) or (
+                    ev["via"] == "last_will" and ev["r_height"] != 0):
+                raise ValueError("evidence: seen (ms), r_height (>= 1 for missing audits, 0 for a last will)")
+            snapshot = _measures(rec["snapshot"])
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise InvalidBlock("tx_bad_field", f"promote: {exc}", index=i) from None
+        roles = self.roles(get)
+        if dead not in roles.full:
+            raise InvalidBlock("tx_not_full", f"{dead} is not a full node now", index=i)
+        if roles.kind_of(g, new) != "heavy" or new in roles.dead:
+            raise InvalidBlock("tx_not_heavy", f"{new} is not a heavy node now", index=i)
+        self._check_snapshot(i, snapshot, get)
+        best = promotion(dead, [m for m in snapshot if roles.kind_of(g, m.node) == "heavy"])
+        if new != best:
+            raise InvalidBlock("tx_wrong_promotion", f"the snapshot promotes {best}", index=i)
+        top = get(TOP_KEY)
+        for h in range(1, int.from_bytes(top[0], "big") + 1 if top else 1):
+            leaf = get(block_key(h))
+            if leaf is None:
+                continue
+            bhash, chosen, got, _ = leaf
+            names, receipted = [n.decode() for n in chosen], [n.decode() for n in got]
+            if dead not in names:
+                continue
+            names, receipted, taker = promote_block(bhash.hex(), names, receipted, dead, new, snapshot)
+            put(node_key(dead), [max(0, _load(get, dead) - 1)])
+            if taker is not None:
+                put(node_key(taker), [_load(get, taker) + 1])
+            put(block_key(h), [bhash, [n.encode() for n in names], [n.encode() for n in receipted],
+                               b"\x01" if stored_now(len(receipted), len(names)) else b""])
+        put(ROLES_KEY, roles.promoted(dead, new).to_leaf())
+
+    def _readmit(self, i: int, rec: dict, get, put) -> None:
+        """A dead node back (caught up, on the verifier's word): a candidate again."""
+        node, ev = rec["node"], rec["evidence"]
+        if (not isinstance(node, str) or not isinstance(ev, dict) or set(ev) != {"seen", "height"}
+                or not _int(ev["seen"]) or not _int(ev["height"])):
+            raise InvalidBlock("tx_bad_field", "readmit: node, evidence {seen, height}", index=i)
+        roles = self.roles(get)
+        if node not in roles.dead:
+            raise InvalidBlock("tx_not_dead", f"{node} is not recorded dead", index=i)
+        put(ROLES_KEY, roles.readmitted(node).to_leaf())
+
     def _receipt(self, i: int, rec: dict, get, put, trusted: bool) -> int:
         """Apply a receipt; 1 if it makes its block stored."""
         try:
@@ -341,8 +499,9 @@ class PChainApp:
         node = g.node(r.node)
         if node is None:
             raise InvalidBlock("tx_unknown_node", r.node, index=i)
-        if r.kind != node.kind:
-            raise InvalidBlock("tx_wrong_kind", f"{r.node} is {node.kind}, receipt says {r.kind}", index=i)
+        kind = self.roles(get).kind_of(g, r.node)
+        if r.kind != kind:
+            raise InvalidBlock("tx_wrong_kind", f"{r.node} is {kind}, receipt says {r.kind}", index=i)
         leaf = get(block_key(r.height))
         if leaf is None:
             raise InvalidBlock("tx_not_placed", f"area block {r.height} is not placed", index=i)
