@@ -93,11 +93,14 @@ class Auditor:
 
     def __init__(self, replica: Replica, secret_key: int, *, nodes: dict[str, tuple[str, bytes]],
                  cre: Credibility, ask: Ask, held: Callable[[str], list], evidence: Callable,
+                 dead: Callable | None = None, dead_missing: int = 3,
                  mean_s: float, deadline_s: float, late_s: float, cre_floor: int, block_max: int = 500,
                  block_wait_s: float = 0.2, resend_s: float = 2.0):
         self.replica, self._sk = replica, secret_key
         self.nodes = nodes                      # name -> (kind, BLS public key)
         self.cre, self.ask, self.held, self.evidence = cre, ask, held, evidence
+        self.dead, self.dead_missing = dead, dead_missing   # a full node silent this many audits in a row
+        self.silent: Counter[str] = Counter()               # consecutive missing outcomes per node
         self.mean_s, self.deadline_s, self.late_s, self.cre_floor = mean_s, deadline_s, late_s, cre_floor
         self.block_max, self.block_wait_s, self.resend_s = block_max, block_wait_s, resend_s
         self.conn = replica.store.conn
@@ -152,8 +155,11 @@ class Auditor:
         async with self.lock:
             cre = self.cre.record(q.node, outcome)
             action = "block" if outcome == "wrong" else ""
-            if cre < self.cre_floor and kind != "full":    # a dead full node is the promotion slice's case
+            self.silent[q.node] = self.silent[q.node] + 1 if outcome == "missing" else 0
+            if cre < self.cre_floor and kind != "full":    # a full node is replaced whole, by promotion
                 action = "all"
+            if kind == "full" and self.silent[q.node] >= self.dead_missing:
+                action = "dead"
             tx = audit_tx(node=q.node, header=q.header, cert=q.cert, index=q.index, nonce=q.nonce, outcome=outcome,
                           answer=answer, asked=asked, at=at, cre=cre)
             with self.replica.store.transaction():
@@ -204,7 +210,11 @@ class Auditor:
             todo = self.conn.execute("SELECT seq, node, action, area_height, height FROM r_queue WHERE "
                                      "status = 'certified' AND action != '' AND acted = 0 ORDER BY seq").fetchall()
         for seq, node, action, area_height, r_height in todo:
-            await self.evidence(node, [area_height] if action == "block" else None, r_height)
+            if action == "dead":
+                if self.dead is not None:
+                    await self.dead(node, r_height)
+            else:
+                await self.evidence(node, [area_height] if action == "block" else None, r_height)
             async with self.lock:
                 with self.replica.store.transaction():
                     self.conn.execute("UPDATE r_queue SET acted = 1 WHERE seq = ?", (seq,))

@@ -33,8 +33,8 @@ from .catchup import CatchUp, Requester
 from .receipts import sign_receipt
 from .storageserve import StorageServer, error_response
 from .storagestore import StorageStore
-from .storagewire import (CHUNK_MAX, CHUNK_MIN, KINDS, NODE_RE, StorageError, StorageTopics, parse_placement,
-                          parse_request)
+from .storagewire import (CHUNK_MAX, CHUNK_MIN, KINDS, NODE_RE, StorageError, StorageTopics, liveness,
+                          parse_placement, parse_request)
 
 __all__ = ["StorageSettings", "StorageConfig", "StorageNode", "load_storage_config"]
 
@@ -89,12 +89,14 @@ class StorageNode:
     def __init__(self, cfg: StorageConfig):
         s = self.settings = cfg.storage
         self.mqtt = cfg.mqtt
-        self.name, self.kind, self.chain = s.name, s.kind, s.chain
+        self.name, self.chain = s.name, s.chain
         self.validators = load_validator_set(s.validators)
         self._sk = read_secret_key(s.secret_key)
         self.public_key = bls.SkToPk(self._sk)
         self.store = StorageStore(s.database)
-        self.server = StorageServer(self.store, node=s.name, kind=s.kind, secret_key=self._sk,
+        # The verifier's last word on our kind (a promotion) outranks the config file.
+        self.kind = self.store.kind() or s.kind
+        self.server = StorageServer(self.store, node=s.name, kind=self.kind, secret_key=self._sk,
                                     capacity=s.capacity_bytes)
         self.chain_topics = Topics(s.chain)
         self.topics = StorageTopics(s.chain)
@@ -108,6 +110,7 @@ class StorageNode:
         self._wake = asyncio.Event()
         self._last_sync = 0.0
         self._sync_end = 0
+        self._filling: dict | None = None      # since a promotion: {"t0", "bytes", "bodies"} until every body is held
 
     # -- the store, one user at a time, off the event loop -------------------------------
     async def _db_call(self, fn, *args):
@@ -142,6 +145,9 @@ class StorageNode:
             return False
         self.counts["bodies"] += 1
         self.counts[f"bodies_from_{'proposer' if source == 'proposer' else 'peers'}"] += 1
+        if self._filling is not None and source != "proposer":
+            self._filling["bytes"] += sum(len(t) for t in txs)
+            self._filling["bodies"] += 1
         await self._send_receipt(header)
         event(log, "stored", logging.DEBUG, height=header.height, txs=len(txs), source=source)
         return True
@@ -164,23 +170,62 @@ class StorageNode:
         full_sync = self.kind == "full" and self.settings.proposer_sync
         topics = [self.chain_topics.certs, self.topics.requests(self.name), self.topics.responses(self.name),
                   self.topics.store(self.name)] + ([self.chain_topics.blocks(self.sync_name)] if full_sync else [])
+        # Liveness: "alive" retained on every connect, and the broker publishes the
+        # retained last will the moment the connection drops uncleanly (a SIGKILL closes
+        # the socket at once; a hung node after 1.5 x keepalive). Retained, so a verifier
+        # that (re)subscribes later learns the current state.
+        will = aiomqtt.Will(self.topics.alive(self.name), liveness(self.name, False), qos=1, retain=True)
 
         async def serve(client: aiomqtt.Client) -> None:
             self._client = client
+            await self._say_alive()
             try:
                 works = [self._consume(client), self._catch_up_loop(), self._status()]
                 if full_sync:
                     await self._request_sync(force=True)
                     works.append(self._sync_loop())
                 await until_stopped(stop, *works)
+                if stop.is_set():   # a clean stop sends no last will: say it ourselves
+                    await client.publish(self.topics.alive(self.name), liveness(self.name, False), qos=1,
+                                         retain=True)
             finally:
                 self._client = None
 
         try:
-            await keep_connected(self.mqtt, f"storage-{self.chain}-{self.name}", topics, stop, serve, log)
+            await keep_connected(self.mqtt, f"storage-{self.chain}-{self.name}", topics, stop, serve, log, will=will)
         finally:
             event(log, "stop", **self.status())
             self.store.close()
+
+    async def _say_alive(self) -> None:
+        if self._client is not None:
+            await self._client.publish(self.topics.alive(self.name), liveness(self.name, True, self.kind), qos=1,
+                                       retain=True)
+
+    async def become(self, kind: str, by: str) -> None:
+        """The verifier's word: our kind is now `kind` (full: a promotion, so fetch every
+        certified body from every peer holding it; heavy: a readmission). Durable first."""
+        if kind == self.kind:
+            await self._say_alive()
+            return
+        await self._db_call(self.store.set_kind, kind)
+        old, self.kind = self.kind, kind
+        self.server.kind = kind
+        if kind == "full":
+            self._filling = {"t0": time.monotonic(), "at": time.time(), "bytes": 0, "bodies": 0}
+        event(log, "kind_changed", old=old, kind=kind, by=by)
+        await self._say_alive()
+        self._wake.set()
+
+    async def _filled(self) -> None:
+        """After a promotion: say once when every certified body is held, with the copy figures."""
+        f = self._filling
+        if f is None or await self.wanted():
+            return
+        self._filling = None
+        seconds = time.monotonic() - f["t0"]
+        event(log, "filled", seconds=round(seconds, 3), bytes=f["bytes"], bodies=f["bodies"], since=f["at"],
+              rate=round(f["bytes"] / seconds) if seconds > 0 else 0)
 
     def status(self) -> dict:
         return {"headers": self.store.header_height(), **self.counts, **self.server.counts,
@@ -235,6 +280,9 @@ class StorageNode:
 
     async def _on_placement(self, payload: bytes) -> None:
         p = parse_placement(payload)
+        if p.role:
+            await self.become(p.role, p.by)
+            return
         if p.block is not None:
             msg = decode_block(canonical(p.block))
             if msg.txs is None:
@@ -301,6 +349,7 @@ class StorageNode:
                 summary = {}
             if summary.get("headers") or summary.get("fetched"):
                 event(log, "catchup", seconds=round(time.monotonic() - t0, 3), **summary)
+            await self._filled()
             self._wake.clear()
             try:
                 await asyncio.wait_for(self._wake.wait(), self.settings.catchup_s)
@@ -312,7 +361,8 @@ class StorageNode:
         held back by the rate limit, or a batch lost, must not leave a gap for good."""
         while True:
             await asyncio.sleep(SYNC_RETRY_S)
-            if time.monotonic() - self._last_sync >= SYNC_RETRY_S and await self._db_call(self._lacking):
+            if (self.kind == "full" and time.monotonic() - self._last_sync >= SYNC_RETRY_S
+                    and await self._db_call(self._lacking)):
                 await self._request_sync(force=True)
 
     def _lacking(self) -> bool:

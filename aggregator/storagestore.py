@@ -35,6 +35,7 @@ class StorageStore:
                 PRIMARY KEY (height, idx)) WITHOUT ROWID;
             CREATE TABLE IF NOT EXISTS storage_placements (
                 height INTEGER PRIMARY KEY, by TEXT NOT NULL, at REAL NOT NULL);
+            CREATE TABLE IF NOT EXISTS storage_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
         """)
 
     def close(self) -> None:
@@ -128,6 +129,14 @@ class StorageStore:
             "SELECT MIN(height), MAX(height) FROM (SELECT height, height - ROW_NUMBER() OVER (ORDER BY height) "
             "AS island FROM storage_bodies WHERE height > ?) GROUP BY island ORDER BY 1 LIMIT ?", (after, limit))
         return [(lo, hi) for lo, hi in rows]
+
+    # -- the node's kind, as the verifier last set it (a promotion outlives a restart) --------
+    def kind(self) -> str | None:
+        row = self.conn.execute("SELECT value FROM storage_meta WHERE key = 'kind'").fetchone()
+        return None if row is None else row[0]
+
+    def set_kind(self, kind: str) -> None:
+        self._write([("INSERT OR REPLACE INTO storage_meta(key, value) VALUES ('kind', ?)", (kind,))])
 
     # -- placements ----------------------------------------------------------------
     def place(self, heights: Iterable[int], by: str) -> None:

@@ -3,6 +3,8 @@
     gl/v1/storage/{chain}/{node}/req      request   {"id", "from", "op", ...}           QoS 0
     gl/v1/storage/{chain}/{node}/resp     response  JSON line, then optionally "\\n" + raw bytes
     gl/v1/storage/{chain}/{node}/store    placement {"heights": [...]} or {"block": {...}}   QoS 1
+    gl/v1/storage/{chain}/{node}/store    or a role change {"role": "full"} (promotion) from the verifier
+    gl/v1/storage/{chain}/{node}/alive    {"node", "alive", "kind"} retained; the last will says alive false
     gl/v1/storage/{chain}/receipts        signed storage receipts                          QoS 1
 
 A response goes to the requester's own `resp` topic, named by the request's
@@ -23,7 +25,7 @@ from certlog.block import ChainError, canonical
 
 __all__ = ["StorageError", "StorageTopics", "NODE_RE", "KINDS", "OPS", "Request", "parse_request",
            "encode_request", "encode_response", "parse_response", "encode_body", "decode_body", "chunk_of",
-           "chunk_count", "Reassembly", "Placement", "parse_placement", "encode_placement", "CHUNK_MAX",
+           "chunk_count", "Reassembly", "Placement", "parse_placement", "encode_placement", "liveness", "parse_liveness", "CHUNK_MAX",
            "CHUNK_MIN", "BODY_MAX", "HEADERS_MAX", "RANGES_MAX", "REQUEST_MAX"]
 
 # A chunk of 256 KiB is a fraction of any broker's message limit (Mosquitto's is
@@ -60,6 +62,26 @@ class StorageTopics:
 
     def store(self, node: str) -> str:
         return f"{self.base}/{node}/store"
+
+    def alive(self, node: str) -> str:
+        return f"{self.base}/{node}/alive"
+
+    def node_of(self, topic: str) -> str | None:
+        """The node a `{base}/{node}/...` topic names (None: not one of ours)."""
+        parts = topic[len(self.base) + 1:].split("/") if topic.startswith(self.base + "/") else []
+        return parts[0] if len(parts) == 2 and NODE_RE.match(parts[0]) else None
+
+
+def liveness(node: str, alive: bool, kind: str = "") -> bytes:
+    """A node's liveness message: its retained "alive" on connect, its last will otherwise."""
+    return canonical({"node": node, "alive": alive, "kind": kind})
+
+
+def parse_liveness(payload: bytes) -> tuple[str, bool]:
+    obj = _json(payload, 256, "bad_liveness")
+    if not isinstance(obj, dict) or not isinstance(obj.get("node"), str) or type(obj.get("alive")) is not bool:
+        raise StorageError("bad_liveness", "{node, alive, kind}")
+    return obj["node"], obj["alive"]
 
 
 def _json(payload: bytes, limit: int, reason: str) -> Any:
@@ -255,17 +277,22 @@ class Reassembly:
 @dataclass(frozen=True, slots=True)
 class Placement:
     """Bodies a node is asked to keep: by height (it fetches them from its peers),
-    or one certified block carried whole (`certlog.net.encode_block` form)."""
+    or one certified block carried whole (`certlog.net.encode_block` form); or the
+    verifier's word that the node's kind is now `role` (a promotion, a readmission)."""
     heights: tuple[int, ...] = ()
     block: dict | None = None
     by: str = ""
+    role: str = ""
 
 
 PLACEMENT_HEIGHTS_MAX = 4096
 
 
-def encode_placement(*, heights: Sequence[int] = (), block: bytes | None = None, by: str = "") -> bytes:
+def encode_placement(*, heights: Sequence[int] = (), block: bytes | None = None, by: str = "",
+                     role: str = "") -> bytes:
     obj: dict[str, Any] = {"by": by}
+    if role:
+        obj["role"] = role
     if heights:
         obj["heights"] = list(heights)
     if block is not None:
@@ -275,11 +302,15 @@ def encode_placement(*, heights: Sequence[int] = (), block: bytes | None = None,
 
 def parse_placement(payload: bytes) -> Placement:
     obj = _json(payload, BODY_MAX, "bad_placement")
-    if not isinstance(obj, dict) or ("heights" in obj) == ("block" in obj):
-        raise StorageError("bad_placement", "a placement has heights or a block")
+    if not isinstance(obj, dict) or sum(k in obj for k in ("heights", "block", "role")) != 1:
+        raise StorageError("bad_placement", "a placement has heights, a block or a role")
     by = obj.get("by", "")
     if not isinstance(by, str) or len(by) > 64:
         raise StorageError("bad_placement", "by must be a short name")
+    if "role" in obj:
+        if obj["role"] not in KINDS:
+            raise StorageError("bad_placement", f"role must be one of {', '.join(KINDS)}")
+        return Placement(role=obj["role"], by=by)
     if "block" in obj:
         if not isinstance(obj["block"], dict):
             raise StorageError("bad_placement", "block must be an object")

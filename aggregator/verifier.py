@@ -17,6 +17,12 @@ every queued record is certified exactly once.
 With `r_database` set it also audits every storage node and proposes the R chain
 (`auditor.py`); a certified `wrong` outcome (or a heavy or light node's CRE below
 `cre_floor`) re-places the node's replicas with P-chain `replace` records.
+
+A full node is dead on its last will (`gl/v1/storage/{area}/{node}/alive`, alive
+false) or on `dead_missing` consecutive certified `missing` audits, whichever
+comes first; the most reliable heavy node is then promoted (a P-chain `promote`
+record, and `{"role": "full"}` on its store topic). A dead node that says it is
+alive again is readmitted as heavy once its headers have caught up (`readmit`).
 """
 
 from __future__ import annotations
@@ -47,10 +53,11 @@ from gridledger.mqtt import keep_connected, until_stopped
 from .auditor import Auditor
 from .catchup import Requester
 from .pchain import pchain_id, pchain_replica
-from .pchainapp import block_key, decode_block_leaf, placement_tx, receipt_tx, replace_tx, replacement
+from .pchainapp import (Roles, block_key, decode_block_leaf, placement_tx, promote_block, promote_tx, promotion,
+                        readmit_tx, receipt_tx, replace_tx, replacement)
 from .receipts import StorageReceipt, verify_receipt
 from .reliability import Credibility, Measure, cp_from_report, np_from_rtts, place
-from .storagewire import NODE_RE, StorageError, StorageTopics, encode_placement
+from .storagewire import NODE_RE, StorageError, StorageTopics, encode_placement, parse_liveness
 
 __all__ = ["VerifierSettings", "VerifierConfig", "Verifier", "load_verifier_config"]
 
@@ -86,6 +93,7 @@ class VerifierSettings:
     audit_deadline_s: float = 2.0   # an answer later than this is `late`
     audit_late_s: float = 2.0       # ... and none by deadline + this is `missing`
     cre_floor: int = 500            # a heavy or light node below it has every block re-placed
+    dead_missing: int = 3           # this many missing audits in a row make a full node dead (or its last will)
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +113,8 @@ def load_verifier_config(path: Path) -> VerifierConfig:
         raise ConfigError("[verifier] name must match [A-Za-z0-9_-]{1,64}")
     if min(s.probe_s, s.np_ref_ms, s.retry_s, s.timeout_s) <= 0 or not 0 <= s.cre_start <= 1000:
         raise ConfigError("[verifier] probe_s, np_ref_ms, retry_s, timeout_s must be positive, cre_start 0..1000")
+    if type(s.dead_missing) is not int or s.dead_missing < 1:
+        raise ConfigError("[verifier] dead_missing must be an integer >= 1")
     if min(s.audit_s, s.audit_deadline_s, s.audit_late_s) <= 0 or not 0 <= s.cre_floor <= 1000:
         raise ConfigError("[verifier] audit_s, audit_deadline_s, audit_late_s must be positive, cre_floor 0..1000")
     pchain_id(s.area, s.chain)
@@ -135,7 +145,9 @@ class Verifier:
                 height INTEGER PRIMARY KEY, hash TEXT NOT NULL, nodes TEXT NOT NULL, receipted TEXT NOT NULL,
                 sent_at REAL NOT NULL, tries INTEGER NOT NULL, complete INTEGER NOT NULL);
             CREATE TABLE IF NOT EXISTS area_blocks (height INTEGER PRIMARY KEY, header BLOB NOT NULL,
-                                                    cert BLOB NOT NULL);""")
+                                                    cert BLOB NOT NULL);
+            CREATE TABLE IF NOT EXISTS p_roles (id INTEGER PRIMARY KEY CHECK (id = 1), full TEXT NOT NULL,
+                                                dead TEXT NOT NULL);""")
         self.area_topics, self.topics = Topics(s.area), StorageTopics(s.area)
         self.p_topics = Topics(self.replica.chain)
         if s.cre_start != self.genesis.cre_start:
@@ -148,6 +160,10 @@ class Verifier:
         self.load: Counter[str] = Counter()
         for (nodes,) in self.conn.execute("SELECT nodes FROM p_placed"):
             self.load.update(json.loads(nodes))
+        row = self.conn.execute("SELECT full, dead FROM p_roles").fetchone()
+        # Roles as the queued records leave them (the P chain's state once they are certified).
+        self.roles = Roles(self.genesis.full) if row is None else Roles(*map(tuple, map(json.loads, row)))
+        self.returning: set[str] = set()    # dead nodes that said they are alive again
         self.early: dict[int, list[StorageReceipt]] = {}
         self.counts: Counter[str] = Counter()
         self.more = asyncio.Event()
@@ -164,6 +180,7 @@ class Verifier:
                 raise ConfigError(f"{s.proposer_key} is not the proposer key of the R chain's set")
             self.auditor = Auditor(r, self._sk, nodes={n.name: (n.kind, n.public_key) for n in self.genesis.nodes},
                                    cre=self.cre, ask=self.requester.ask, held=self.held, evidence=self.replace,
+                                   dead=self.declare_dead, dead_missing=s.dead_missing,
                                    mean_s=s.audit_s, deadline_s=s.audit_deadline_s, late_s=s.audit_late_s,
                                    cre_floor=s.cre_floor, block_max=s.block_max, block_wait_s=s.block_wait_s,
                                    resend_s=s.resend_s)
@@ -174,7 +191,7 @@ class Verifier:
         """The heavy and light nodes' terms now, by name."""
         s = self.settings
         return [Measure(n, self.cp.get(n, 1000), np_from_rtts(list(self.rtts[n]), s.np_ref_ms), self.cre[n],
-                        self.load[n]) for n in self.genesis.candidates]
+                        self.load[n]) for n in self.roles.candidates(self.genesis)]
 
     async def _probe(self, node: str) -> None:
         t0 = time.monotonic()
@@ -190,7 +207,8 @@ class Verifier:
 
     async def _probe_loop(self) -> None:
         while True:
-            await asyncio.gather(*(self._probe(n) for n in self.genesis.candidates))
+            await asyncio.gather(*(self._probe(n) for n in self.roles.candidates(self.genesis)),
+                                 *(self._returned(n) for n in sorted(self.returning)))
             await asyncio.sleep(self.settings.probe_s)
 
     # -- area certificates -> placements -------------------------------------------------
@@ -204,7 +222,7 @@ class Verifier:
             if self.conn.execute("SELECT 1 FROM p_placed WHERE height = ?", (header.height,)).fetchone():
                 return
             snap = self.snapshot()
-            nodes = place(header.hash, self.genesis.full, snap, self.genesis.replicas)
+            nodes = place(header.hash, self.roles.full, snap, self.genesis.replicas)
             with self.replica.store.transaction():
                 self.conn.execute("INSERT INTO p_queue(id, tx, status, height) VALUES (?, ?, 'queued', NULL)",
                                   (f"placement/{header.height}", placement_tx(cert, nodes, snap)))
@@ -218,7 +236,7 @@ class Verifier:
         self.counts["placed"] += 1
         event(log, "placed", height=header.height, nodes=list(nodes),
               rv={m.node: round(m.cp * m.np * m.cre / 1e9 / (m.t + 1) ** 0.5, 4) for m in snap})
-        await self._send(header.height, [n for n in nodes if n not in self.genesis.full])
+        await self._send(header.height, [n for n in nodes if n not in self.roles.full])
         for r in self.early.pop(header.height, []):
             await self._take_receipt(r)
 
@@ -236,7 +254,7 @@ class Verifier:
         except (ValueError, UnicodeDecodeError):
             raise ChainError("receipt_schema", "not JSON") from None
         node = self.genesis.node(r.node)
-        if r.chain != self.settings.area or node is None or node.kind != r.kind:
+        if r.chain != self.settings.area or node is None or self.roles.kind_of(self.genesis, r.node) != r.kind:
             raise ChainError("receipt_unknown_node", f"{r.node} ({r.kind}) of {r.chain}")
         if not await asyncio.to_thread(verify_receipt, r, node.public_key):
             raise ChainError("receipt_signature", f"not signed by {r.node}", height=r.height)
@@ -306,7 +324,100 @@ class Verifier:
                 event(log, "replaced", height=h, old=node, new=new, evidence=evidence)
         self.more.set()
         for h, new in sends:
-            await self._send(h, [new] if new not in self.genesis.full else [])
+            await self._send(h, [new] if new not in self.roles.full else [])
+
+    # -- dead full nodes, promotion, readmission ---------------------------------------------
+    def _save_roles(self, roles: Roles) -> None:
+        """Inside the caller's transaction, beside the record that changes them."""
+        self.conn.execute("INSERT OR REPLACE INTO p_roles(id, full, dead) VALUES (1, ?, ?)",
+                          (json.dumps(list(roles.full)), json.dumps(list(roles.dead))))
+
+    def _set_kind(self, node: str) -> None:
+        if self.auditor is not None:
+            self.auditor.nodes[node] = (self.roles.kind_of(self.genesis, node), self.auditor.nodes[node][1])
+
+    async def on_liveness(self, node: str, payload: bytes) -> None:
+        name, alive = parse_liveness(payload)
+        if name != node or self.genesis.node(node) is None:
+            raise ChainError("liveness_unknown_node", node)
+        if not alive and node in self.roles.full:
+            await self.declare_dead(node, via="last_will")
+        elif alive and node in self.roles.dead and node not in self.returning:
+            self.returning.add(node)
+            event(log, "returning", node=node)
+
+    async def declare_dead(self, dead: str, r_height: int = 0, *, via: str = "missing") -> None:
+        """A full node is dead (its last will, or the R-chain height of its missing audits):
+        promote the best heavy node by RV in its place."""
+        seen = int(time.time() * 1000)
+        async with self._db:
+            if dead not in self.roles.full:
+                return
+            snap = self.snapshot()
+            new = promotion(dead, [m for m in snap if self.roles.kind_of(self.genesis, m.node) == "heavy"])
+            event(log, "dead", logging.WARNING, node=dead, via=via, r_height=r_height, seen=seen, promote=new)
+            if new is None:
+                self.counts["promote_no_heavy"] += 1
+                return
+            sends = []
+            with self.replica.store.transaction():
+                self.conn.execute("INSERT INTO p_queue(id, tx, status, height) VALUES (?, ?, 'queued', NULL)",
+                                  (f"promote/{dead}/{seen}",
+                                   promote_tx(dead, new, via=via, r_height=r_height, seen=seen, snapshot=snap)))
+                for h, hh, nodes, got in self.conn.execute(
+                        "SELECT height, hash, nodes, receipted FROM p_placed ORDER BY height").fetchall():
+                    nodes, got = json.loads(nodes), json.loads(got)
+                    if dead not in nodes:
+                        continue
+                    nodes, got, taker = promote_block(hh, nodes, got, dead, new, snap)
+                    self.load[dead] -= 1
+                    if taker is not None:
+                        self.load[taker] += 1
+                        if taker != new:
+                            sends.append((h, taker))
+                    self.conn.execute("UPDATE p_placed SET nodes = ?, receipted = ?, sent_at = ?, tries = 0, "
+                                      "complete = ? WHERE height = ?",
+                                      (json.dumps(nodes), json.dumps(got), time.time(), set(got) >= set(nodes), h))
+                self.roles = self.roles.promoted(dead, new)
+                self._save_roles(self.roles)
+            self._set_kind(new)
+            self._set_kind(dead)
+        self.counts["promoted"] += 1
+        event(log, "promoted", dead=dead, new=new, via=via, moved=len(sends))
+        self.more.set()
+        if self._client is not None:
+            await self._client.publish(self.topics.store(new), encode_placement(role="full", by=self.settings.name),
+                                       qos=1)
+        for h, taker in sends:
+            await self._send(h, [taker])
+
+    async def _returned(self, node: str) -> None:
+        """A dead node alive again: readmitted (as heavy) once it holds every certified header."""
+        try:
+            meta, _ = await self.requester.ask(node, "inventory")
+        except StorageError:
+            return
+        top = max(self.area_blocks, default=0)
+        if type(meta.get("height")) is not int or meta["height"] < top:
+            return
+        async with self._db:
+            if node not in self.roles.dead:
+                return
+            with self.replica.store.transaction():
+                self.conn.execute("INSERT INTO p_queue(id, tx, status, height) VALUES (?, ?, 'queued', NULL)",
+                                  (f"readmit/{node}/{time.time_ns()}",
+                                   readmit_tx(node, seen=int(time.time() * 1000), height=meta["height"])))
+                self.roles = self.roles.readmitted(node)
+                self._save_roles(self.roles)
+            self._set_kind(node)
+        self.returning.discard(node)
+        self.more.set()
+        self.counts["readmitted"] += 1
+        kind = self.roles.kind_of(self.genesis, node)
+        event(log, "readmitted", node=node, kind=kind, height=meta["height"])
+        if self._client is not None:
+            await self._client.publish(self.topics.store(node), encode_placement(role=kind, by=self.settings.name),
+                                       qos=1)
 
     # -- retries -------------------------------------------------------------------------
     async def _retry_loop(self) -> None:
@@ -394,7 +505,7 @@ class Verifier:
         event(log, "start", area=s.area, chain=self.replica.chain, height=self.replica.height,
               nodes=[n.name for n in self.genesis.nodes], replicas=self.genesis.replicas)
         topics = [self.area_topics.certs, self.topics.receipts, self.topics.responses(s.name), self.p_topics.votes,
-                  self.p_topics.sync]
+                  self.p_topics.sync, self.topics.alive("+")]
         tasks = []
         if self.auditor is not None:
             topics += [self.r_topics.votes, self.r_topics.sync]
@@ -436,6 +547,8 @@ class Verifier:
                     await self.on_cert(payload)
                 elif topic == self.topics.receipts:
                     await self.on_receipt(payload)
+                elif topic.endswith("/alive"):
+                    await self.on_liveness(self.topics.node_of(topic) or "", payload)
                 elif self.auditor is not None and topic in (self.r_topics.votes, self.r_topics.sync):
                     a = self.auditor
                     if a.proposer is None:

@@ -43,6 +43,7 @@ EXAMPLES = {
     "coordinator run": "gridledger coordinator run --config coordinator.toml",
     "storage run": "gridledger storage run --config storage-s1.toml",
     "storage inventory": "gridledger storage inventory --config storage-s1.toml",
+    "storage read": "gridledger storage read --config reader.toml --height 7 --index 3",
     "verifier run": "gridledger verifier run --config verifier.toml",
     "query exact": "gridledger query exact --config coordinator.toml --area A --account acct-0001",
     "query interval": "gridledger query interval --config coordinator.toml --area A --account acct-0001 "
@@ -312,11 +313,31 @@ def _cmd_storage_inventory(args) -> int:
         raise GridledgerError(f"{s.database} does not exist: has the node run?")
     store = StorageStore(conn=sqlite3.connect(f"file:{s.database}?mode=ro", uri=True, timeout=10))
     try:
-        print(json.dumps({"node": s.name, "kind": s.kind, "chain": s.chain, "headers": store.header_height(),
+        kind = store.kind() or s.kind   # a promotion outranks the config file
+        print(json.dumps({"node": s.name, "kind": kind, "chain": s.chain, "headers": store.header_height(),
                           "bodies": [list(r) for r in store.body_ranges(limit=1_000_000)],
-                          "placed_missing": store.wanted(s.kind) if s.kind != "full" else []}))
+                          "placed_missing": store.wanted(kind) if kind != "full" else []}))
     finally:
         store.close()
+    return 0
+
+
+def _cmd_storage_read(args) -> int:
+    """One verified transaction: replicas from the certified P chain, best first, fall-back on any fault."""
+    import json
+    from aggregator.reader import Reader, ReadError, load_reader_config
+    settings, mqtt = load_reader_config(Path(args.config))
+
+    async def main() -> dict:
+        async with Reader(settings, mqtt) as reader:
+            r = await reader.read(args.height, args.index)
+        return {"height": r.height, "index": r.index, "node": r.node, "tx": r.tx.hex(), "header": r.header.hash,
+                "fell_back": [list(a) for a in r.attempts]}
+
+    try:
+        print(json.dumps(asyncio.run(main())))
+    except ReadError as exc:
+        raise GridledgerError(f"{exc.reason}: {exc.detail}") from exc
     return 0
 
 
@@ -626,6 +647,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp = action(st, "storage", "inventory", "print a storage node's headers and held bodies (read-only)",
                 _cmd_storage_inventory)
     sp.add_argument("--config", required=True, help="the storage node's TOML file")
+    sp = action(st, "storage", "read", "read one transaction of a certified block from its replicas, verified "
+                "against the certified header (falls back to the next replica on any fault)", _cmd_storage_read)
+    sp.add_argument("--config", required=True, help="the reader's TOML file ([reader] and [mqtt])")
+    sp.add_argument("--height", type=int, required=True, help="area block height")
+    sp.add_argument("--index", type=int, required=True, help="transaction index in the block")
 
     vf = roles.add_parser("verifier", help="the verifier: placement by reliability, the P chain's proposer"
                           ).add_subparsers(dest="action", required=True)
