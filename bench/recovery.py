@@ -1,0 +1,249 @@
+"""Seed 000's Fig. 8 on real parts: 10 storage nodes (2 full, 4 heavy, 4 light), the
+verifier, four validators and the gateway under load from loadgen meters; a reader
+loop measures verification throughput (transaction reads whose Merkle path verified
+against the certified header, per second); one full node is killed with SIGKILL.
+
+Reports `detect_s` (kill -> the verifier's "dead"), `restore_s` (kill -> two full
+replicas of every certified block on the certified P chain and in the promoted
+node's store), `copy_rate_ratio` (bytes/s the promoted node fetched while filling,
+over the raw rate of the same bytes between two local processes over a socketpair,
+measured in this run), `throughput_before` / `throughput_after` (reads/s, means over
+a window before the kill and right after restore) and writes a PNG of throughput
+over time to bench/results/recovery.png."""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import random
+import signal
+import socket
+import sqlite3
+import tempfile
+import time
+from pathlib import Path
+
+from aggregator.pchainapp import load_pgenesis
+from aggregator.reader import ReadError, Reader, load_reader_config
+from gridledger.broker import start_mosquitto
+from gridledger.loadgen import precompute, run_load
+from gridledger.storagebed import start_storage_layout, write_storage_layout
+from gridledger.testbed import gateway_process, wait_up
+
+from benchlib import RESULTS, emit, load_test_modulus, machine, parse_args
+from certify import (AREA, UP_TIMEOUT_S, FixedRhos, load_meters, log_events, meter_keys, start_validators, stop,
+                     write_area)
+
+NAME = "recovery"
+READERS = 8          # reads in flight
+VERIFIER = {"probe_s": 0.5, "retry_s": 1.0, "audit_s": 2.0, "audit_deadline_s": 1.0, "audit_late_s": 1.0,
+            "dead_missing": 3}
+
+
+def raw_copy_rate(nbytes: int, chunk: int = 256 * 1024) -> float:
+    """Bytes/s of `nbytes` sent from a child process to this one over a socketpair."""
+    a, b = socket.socketpair()
+    child = multiprocessing.get_context("fork").Process(target=_send, args=(a, nbytes, chunk))
+    t0 = time.perf_counter()
+    child.start()
+    a.close()
+    got = 0
+    while got < nbytes:
+        got += len(b.recv(1 << 20))
+    dt = time.perf_counter() - t0
+    child.join()
+    b.close()
+    return nbytes / dt
+
+
+def _send(sock: socket.socket, nbytes: int, chunk: int) -> None:
+    data = bytes(chunk)
+    left = nbytes
+    while left > 0:
+        sock.sendall(data[:min(chunk, left)])
+        left -= chunk
+    sock.close()
+
+
+def certified_txs(db: Path) -> dict[int, int]:
+    """height -> transaction count of every certified area block."""
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as conn:
+        return dict(conn.execute("SELECT b.height, COUNT(t.idx) FROM chain_blocks b JOIN chain_txs t "
+                                 "USING (height) WHERE b.cert IS NOT NULL GROUP BY b.height"))
+
+
+def held(db: Path) -> set[int]:
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as conn:
+            return {r[0] for r in conn.execute("SELECT height FROM storage_bodies")}
+    except sqlite3.OperationalError:
+        return set()
+
+
+class Throughput:
+    """Verified reads per one-second bucket (wall clock)."""
+
+    def __init__(self):
+        self.ok: dict[int, int] = {}
+        self.errors = 0
+        self.wrong = 0
+
+    async def loop(self, reader: Reader, blocks, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            sizes = blocks()
+            h = random.choice(list(sizes))
+            try:
+                await reader.read(h, random.randrange(sizes[h]))
+            except ReadError:
+                self.errors += 1
+                await asyncio.sleep(0.05)
+                continue
+            sec = int(time.time())
+            self.ok[sec] = self.ok.get(sec, 0) + 1
+
+    def mean(self, t0: float, t1: float) -> float:
+        secs = range(int(t0) + 1, int(t1))   # whole seconds only
+        return sum(self.ok.get(s, 0) for s in secs) / max(1, len(secs))
+
+
+async def scenario(wd: Path, reader_cfg: Path, procs: dict, broker, payloads, quick: bool) -> dict:
+    genesis = load_pgenesis(wd / "pchain-genesis.toml")
+    window_s = 5.0 if quick else 15.0
+    tp, stop_reads = Throughput(), asyncio.Event()
+    batch = max(1, len(payloads) // (12 if quick else 40))
+
+    async def load() -> None:   # paced: a batch a second, so load runs through the failure
+        for k in range(0, len(payloads), batch):
+            await run_load(broker.host, broker.port, AREA, payloads[k:k + batch], timeout=60)
+            await asyncio.sleep(1.0)
+
+    loading = asyncio.create_task(load())
+    gw = wd / "gateway.db"
+    while len(certified_txs(gw)) < 3:
+        await asyncio.sleep(0.2)
+    settings, mqtt = load_reader_config(reader_cfg)
+    sizes = {}
+
+    def blocks():
+        return sizes
+
+    async with Reader(settings, mqtt, window=READERS) as reader:
+        while not sizes:   # blocks the P chain has placed and receipted
+            reader.view.refresh()
+            sizes = {h: n for h, n in certified_txs(gw).items() if (r := reader.view.replicas(h)) and r.nodes}
+            await asyncio.sleep(0.2)
+        readers = [asyncio.create_task(tp.loop(reader, blocks, stop_reads)) for _ in range(READERS)]
+        t_start = time.time()
+        await asyncio.sleep(window_s + 1)
+        t_kill = time.time()
+        procs.pop("f1").send_signal(signal.SIGKILL)
+        detect = restore = None
+        new = None
+        while restore is None and time.time() - t_kill < 120:
+            await asyncio.sleep(0.2)
+            if detect is None:
+                ev = log_events(wd / "verifier.log", "dead")
+                detect = ev[0]["ts"] if ev else None
+            reader.view.refresh()
+            roles = reader.view.roles()
+            if "f1" in roles.dead and len(roles.full) == 2:
+                new = next(n for n in roles.full if n != "f2")
+                certified = certified_txs(gw)
+                reps = {h: reader.view.replicas(h) for h in certified}
+                if all(r is not None and new in r.nodes and "f2" in r.nodes for r in reps.values()) and \
+                        set(certified) <= held(wd / "storage" / f"{new}.db"):
+                    restore = time.time()
+        if restore is None:
+            raise RuntimeError("two full replicas were not restored within 120 s")
+        await asyncio.sleep(window_s + 1)
+        t_end = time.time()
+        stop_reads.set()
+        await asyncio.gather(*readers)
+    await loading
+    filled = log_events(wd / f"storage-{new}.log", "filled")
+    promoted = log_events(wd / "verifier.log", "promoted")
+    return {"genesis_full": list(genesis.full), "t": (t_start, t_kill, detect, restore, t_end), "tp": tp,
+            "new": new, "filled": filled[0] if filled else None,
+            "promoted_at": promoted[0]["ts"] if promoted else None, "window_s": window_s}
+
+
+def plot(path: Path, tp: Throughput, t: tuple, promoted_at: float | None) -> str:
+    t_start, t_kill, detect, restore, t_end = t
+    secs = list(range(int(t_start) + 1, int(t_end)))
+    xs, ys = [s - t_kill for s in secs], [tp.ok.get(s, 0) for s in secs]
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        from pngplot import line_png
+        line_png(path, xs, {(31, 119, 180): ys}, {(214, 39, 40): 0.0, (255, 127, 14): detect - t_kill,
+                                                  (44, 160, 44): restore - t_kill})
+        return "pngplot (matplotlib not installed)"
+    fig, ax = plt.subplots(figsize=(8, 4))
+    ax.plot(xs, ys, label="verified reads/s")
+    for x, what, c in ((0, "kill -9 f1", "tab:red"), (detect - t_kill, "detected", "tab:orange"),
+                       (restore - t_kill, "two full again", "tab:green")):
+        ax.axvline(x, color=c, linestyle="--", label=what)
+    ax.set_xlabel("seconds since the full node was killed")
+    ax.set_ylabel("reads with Merkle paths verified per second")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    return "matplotlib"
+
+
+def main() -> None:
+    args = parse_args(__doc__.splitlines()[0])
+    n = load_test_modulus()
+    meters, per_meter = (20, 24) if args.quick else (50, 80)
+    keys = meter_keys(meters)
+    payloads = precompute(load_meters(keys, n, per_meter), per_meter, FixedRhos(n))
+    with tempfile.TemporaryDirectory(prefix="gl-recovery-") as tmp:
+        wd = Path(tmp)
+        broker = start_mosquitto(wd / "broker")
+        procs: list = []
+        storage: dict = {}
+        try:
+            configs = write_area(wd, keys, n, broker, 4, block_max=20)
+            layout = write_storage_layout(wd, area=AREA, host=broker.host, port=broker.port,
+                                          validator_configs=configs, storage={"catchup_s": 1.0, "timeout_s": 2.0},
+                                          **VERIFIER)
+            procs = start_validators(configs, wd)
+            procs.append(gateway_process(wd / "gateway.toml", wd / "gateway.log"))
+            wait_up(wd / "gateway.log", procs[-1], UP_TIMEOUT_S)
+            storage = start_storage_layout(layout, wd, timeout=UP_TIMEOUT_S)
+            r = asyncio.run(scenario(wd, layout.reader, storage, broker, payloads, args.quick))
+        finally:
+            stop(list(storage.values()) + procs)
+            broker.stop()
+    t_start, t_kill, detect, restore, t_end = r["t"]
+    tp, w = r["tp"], r["window_s"]
+    filled = r["filled"] or {"bytes": 0, "seconds": 0.0}
+    copy_rate = filled["bytes"] / filled["seconds"] if filled["seconds"] else 0.0
+    raw = raw_copy_rate(max(filled["bytes"], 1 << 20))
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    how = plot(RESULTS / "recovery.png", tp, r["t"], r["promoted_at"])
+    before = tp.mean(t_kill - w, t_kill)
+    after = tp.mean(restore, restore + w)
+    after_promotion = tp.mean(r["promoted_at"], r["promoted_at"] + w) if r["promoted_at"] else 0.0
+    result = {
+        "bench": NAME, "quick": args.quick, "machine": machine(),
+        "layout": {"full": 2, "heavy": 4, "light": 4}, "promoted": r["new"],
+        "detect_s": round(detect - t_kill, 3) if detect else None,
+        "restore_s": round(restore - t_kill, 3),
+        "copy_bytes": filled["bytes"], "copy_s": filled["seconds"], "copy_rate_Bps": round(copy_rate),
+        "raw_rate_Bps": round(raw), "copy_rate_ratio": round(copy_rate / raw, 6) if raw else None,
+        "throughput_before": round(before, 2), "throughput_after": round(after, 2),
+        "throughput_after_promotion": round(after_promotion, 2),
+        "throughput_min_during": min((tp.ok.get(s, 0) for s in range(int(t_kill) + 1, int(restore))), default=None),
+        "read_errors": tp.errors, "window_s": w, "plot": str(RESULTS / "recovery.png"), "plot_by": how,
+        "targets": {"detect_le_10s": bool(detect and detect - t_kill <= 10),
+                    "copy_rate_ge_half_raw": bool(raw and copy_rate / raw >= 0.5),
+                    "throughput_back": after >= 0.9 * before},
+    }
+    emit(NAME, result)
+
+
+if __name__ == "__main__":
+    main()
