@@ -163,10 +163,13 @@ class CatchUp:
         self.parallel = parallel
         self.counts: Counter[str] = Counter()
         self.bad_peers: Counter[str] = Counter()   # wrong data served, by peer
+        self.down: set[str] = set()                 # peers whose last will says they are gone: not asked
 
     async def round(self) -> dict:
         """One round; returns what it did (for the log and the tests)."""
-        invs = [i for i in await asyncio.gather(*(self._inventory(p) for p in self.peers)) if i is not None]
+        # A dead peer would hold the round up for its time-outs: skip the ones known down.
+        live = [p for p in self.peers if p not in self.down]
+        invs = [i for i in await asyncio.gather(*(self._inventory(p) for p in live)) if i is not None]
         headers = await self._headers(invs)
         wanted = await self.keeper.wanted()
         plan = assign(wanted, invs, demoted=set(self.bad_peers))

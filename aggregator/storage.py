@@ -34,7 +34,7 @@ from .receipts import sign_receipt
 from .storageserve import StorageServer, error_response
 from .storagestore import StorageStore
 from .storagewire import (CHUNK_MAX, CHUNK_MIN, KINDS, NODE_RE, StorageError, StorageTopics, liveness,
-                          parse_placement, parse_request)
+                          parse_liveness, parse_placement, parse_request)
 
 __all__ = ["StorageSettings", "StorageConfig", "StorageNode", "load_storage_config"]
 
@@ -169,7 +169,8 @@ class StorageNode:
               bodies=len(self.store.body_heights()))
         full_sync = self.kind == "full" and self.settings.proposer_sync
         topics = [self.chain_topics.certs, self.topics.requests(self.name), self.topics.responses(self.name),
-                  self.topics.store(self.name)] + ([self.chain_topics.blocks(self.sync_name)] if full_sync else [])
+                  self.topics.store(self.name), self.topics.alive("+")]
+        topics += [self.chain_topics.blocks(self.sync_name)] if full_sync else []
         # Liveness: "alive" retained on every connect, and the broker publishes the
         # retained last will the moment the connection drops uncleanly (a SIGKILL closes
         # the socket at once; a hung node after 1.5 x keepalive). Retained, so a verifier
@@ -212,7 +213,7 @@ class StorageNode:
         old, self.kind = self.kind, kind
         self.server.kind = kind
         if kind == "full":
-            self._filling = {"t0": time.monotonic(), "at": time.time(), "bytes": 0, "bodies": 0}
+            self._filling = {"t0": time.monotonic(), "at": time.time(), "bytes": 0, "bodies": 0, "busy": 0.0}
         event(log, "kind_changed", old=old, kind=kind, by=by)
         await self._say_alive()
         self._wake.set()
@@ -224,8 +225,10 @@ class StorageNode:
             return
         self._filling = None
         seconds = time.monotonic() - f["t0"]
-        event(log, "filled", seconds=round(seconds, 3), bytes=f["bytes"], bodies=f["bodies"], since=f["at"],
-              rate=round(f["bytes"] / seconds) if seconds > 0 else 0)
+        # `busy_s`: the catch-up rounds that fetched something; `seconds` also counts the
+        # waits between rounds while new blocks kept arriving under load.
+        event(log, "filled", seconds=round(seconds, 3), busy_s=round(f["busy"], 3), bytes=f["bytes"],
+              bodies=f["bodies"], since=f["at"], rate=round(f["bytes"] / f["busy"]) if f["busy"] > 0 else 0)
 
     def status(self) -> dict:
         return {"headers": self.store.header_height(), **self.counts, **self.server.counts,
@@ -254,11 +257,22 @@ class StorageNode:
                 self.requester.on_response(payload)
             elif topic == requests:
                 self._answer_soon(payload)
+            elif topic.endswith("/alive"):
+                self._peer_liveness(payload)
             else:
                 try:
                     await self._on_chain_message(topic, payload)
                 except ChainError as exc:
                     self._refused(topic.rsplit("/", 1)[-1], exc)
+
+    def _peer_liveness(self, payload: bytes) -> None:
+        try:
+            peer, alive = parse_liveness(payload)
+        except StorageError:
+            self.counts["liveness_bad"] += 1
+            return
+        if peer in self.settings.peers:
+            (self.catchup.down.discard if alive else self.catchup.down.add)(peer)
 
     async def _on_chain_message(self, topic: str, payload: bytes) -> None:
         if topic == self.topics.store(self.name):
@@ -349,6 +363,8 @@ class StorageNode:
                 summary = {}
             if summary.get("headers") or summary.get("fetched"):
                 event(log, "catchup", seconds=round(time.monotonic() - t0, 3), **summary)
+                if self._filling is not None and summary.get("fetched"):
+                    self._filling["busy"] += time.monotonic() - t0
             await self._filled()
             self._wake.clear()
             try:

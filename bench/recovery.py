@@ -219,8 +219,8 @@ def main() -> None:
             broker.stop()
     t_start, t_kill, detect, restore, t_end = r["t"]
     tp, w = r["tp"], r["window_s"]
-    filled = r["filled"] or {"bytes": 0, "seconds": 0.0}
-    copy_rate = filled["bytes"] / filled["seconds"] if filled["seconds"] else 0.0
+    filled = r["filled"] or {"bytes": 0, "seconds": 0.0, "busy_s": 0.0}
+    copy_rate = filled["bytes"] / filled["busy_s"] if filled["busy_s"] else 0.0
     raw = raw_copy_rate(max(filled["bytes"], 1 << 20))
     RESULTS.mkdir(parents=True, exist_ok=True)
     how = plot(RESULTS / "recovery.png", tp, r["t"], r["promoted_at"])
@@ -232,7 +232,8 @@ def main() -> None:
         "layout": {"full": 2, "heavy": 4, "light": 4}, "promoted": r["new"],
         "detect_s": round(detect - t_kill, 3) if detect else None,
         "restore_s": round(restore - t_kill, 3),
-        "copy_bytes": filled["bytes"], "copy_s": filled["seconds"], "copy_rate_Bps": round(copy_rate),
+        "copy_bytes": filled["bytes"], "copy_s": filled["seconds"], "copy_busy_s": filled["busy_s"],
+        "copy_rate_Bps": round(copy_rate),
         "raw_rate_Bps": round(raw), "copy_rate_ratio": round(copy_rate / raw, 6) if raw else None,
         "throughput_before": round(before, 2), "throughput_after": round(after, 2),
         "throughput_after_promotion": round(after_promotion, 2),
