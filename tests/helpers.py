@@ -34,12 +34,13 @@ class SimMeter:
     # before the gateway's clock-skew check (t at most a few minutes ahead).
     t: int = field(default_factory=lambda: (int(time.time()) // 900 - 4000) * 900)
     sent: list[Reading] = field(default_factory=list)
+    dt: int = 900  # interval length; a longer one simulates long periods with few readings
 
     def next(self, wh: int = 100, band: int = 0) -> Reading:
         self.seq += 1
-        self.t += 900
+        self.t += self.dt
         c = encrypt_raw(self.n, pack_slots({2 * band: wh}))
-        r = make_reading(meter=self.key.meter, seq=self.seq, t=self.t, dt=900, prev=self.prev, kid=kid_of(self.n),
+        r = make_reading(meter=self.key.meter, seq=self.seq, t=self.t, dt=self.dt, prev=self.prev, kid=kid_of(self.n),
                          c=c, sign=self.key.sign)
         self.prev = r.hash
         self.sent.append(r)

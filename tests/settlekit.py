@@ -66,7 +66,7 @@ class World:
 
 def build_world(tmp: Path, *, accounts: int = 3, readings: int = 48, per_block: int = 8, tail: int = 2,
                 trustees: int = 3, area_db: str = "area.db", stragglers: int = 0,
-                threshold: int = 2, bits: int = 1024, seed: int = 7) -> World:
+                threshold: int = 2, bits: int = 1024, seed: int = 7, start: int = START, dt: int = 900) -> World:
     """`readings` per meter in blocks of `per_block` each, then `tail` blocks of one
     reading each, then (`stragglers` > 0) a block where only that many meters report."""
     tmp.mkdir(parents=True, exist_ok=True)
@@ -81,9 +81,9 @@ def build_world(tmp: Path, *, accounts: int = 3, readings: int = 48, per_block: 
                   for i, sk in enumerate(sks)]
     names = [f"m{i}" for i in range(accounts)]
     keys = {m: MeterKey(m, (i + 1).to_bytes(32, "big")) for i, m in enumerate(names)}
-    rec = {"kind": "paillier", "kid": key.kid, "key": key.to_dict(), "signer": "ops", "time": START}
+    rec = {"kind": "paillier", "kid": key.kid, "key": key.to_dict(), "signer": "ops", "time": start}
     enrollments = [sign_record(enroll_record(meter=m, account=f"acct-{m}", area=AREA, public_key=k.public_hex,
-                                             signer="ops", time=START), registrar, k.private)
+                                             signer="ops", time=start), registrar, k.private)
                    for m, k in keys.items()]
     certify(reg, reg_voters, [sign_record(rec, registrar), *enrollments])
 
@@ -97,8 +97,8 @@ def build_world(tmp: Path, *, accounts: int = 3, readings: int = 48, per_block: 
     rng = random.Random(seed)
     world = World(key, shares, sks, vset, area, reg, ledger, [f"acct-{m}" for m in names], registrar=registrar)
     for m, k in keys.items():
-        sim = SimMeter(k, n=key.n)
-        sim.t = START - 900 * per_block  # the first block ends at START
+        sim = SimMeter(k, n=key.n, dt=dt)
+        sim.t = start - dt * per_block  # the first block ends at `start`
         world.meters[m] = sim
         world.truth[f"acct-{m}"] = []
     blocks = [(per_block, names)] * (readings // per_block) + [(1, names)] * tail

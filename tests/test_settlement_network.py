@@ -6,6 +6,7 @@ and refuses an altered one."""
 
 from __future__ import annotations
 
+import calendar
 import json
 import signal
 import sqlite3
@@ -15,9 +16,13 @@ import time
 
 from gridledger.testbed import _spawn, wait_up
 
-from settlekit import AREA, START, build_world, write_run_configs
+from coordinator.settle import Period
+from settlekit import AREA, build_world, write_run_configs
 
 ACCOUNTS = 96
+MONTH = "2026-08"
+MONTH_START = calendar.timegm((2026, 8, 1, 0, 0, 0))
+DAY = 86_400
 TARIFF = """name = "test"
 currency = "EUR"
 minor_units = 2
@@ -32,7 +37,10 @@ def _cli(*args: str) -> list[str]:
 
 def _setup(tmp, broker):
     # The area replica sits where `gridledger coordinator run` keeps it (coordinator-AREA.db).
-    world = build_world(tmp / "chains", accounts=ACCOUNTS, readings=32, per_block=8, tail=0,
+    # A simulated month: one reading a day (dt = 1 day), one block a day, from July 17
+    # to September 2, so that the calendar month August holds 31 of each account's readings.
+    world = build_world(tmp / "chains", accounts=ACCOUNTS, readings=48, per_block=1, tail=0,
+                        start=MONTH_START - 15 * DAY, dt=DAY,
                         area_db=f"coordinator-{AREA}.db")
     trustees, coord = write_run_configs(tmp, world, broker, policy="min_readings = 12\nmin_period_s = 10800\n")
     (tmp / "tariff.toml").write_text(TARIFF)
@@ -53,9 +61,10 @@ def test_settlement_survives_kill_9_and_every_bill_is_the_truth(tmp_path, broker
     try:
         for c, p in zip(trustee_cfgs, procs):
             wait_up(tmp_path / f"{c.stem}.log", p)
-        start, end = START, START + 6 * 3600          # 24 readings per account
-        settle = _cli("settle", "--config", str(coord), "--area", AREA, "--period", "p1", "--from", str(start),
-                      "--to", str(end), "--tariff", str(tmp_path / "tariff.toml"))
+        period = Period.month(MONTH)
+        start, end = period.start, period.end
+        settle = _cli("settle", "--config", str(coord), "--area", AREA, "--period", MONTH,
+                      "--tariff", str(tmp_path / "tariff.toml"))
         first = _spawn(settle, tmp_path / "settle1.log")
         deadline = time.monotonic() + 120
         while _billed(tmp_path / "settlement.db") == 0 and first.poll() is None and time.monotonic() < deadline:
@@ -82,10 +91,10 @@ def test_settlement_survives_kill_9_and_every_bill_is_the_truth(tmp_path, broker
     assert len(rows) == ACCOUNTS and all(n == 1 for _, n in rows)      # nobody billed twice
     for bill in bills:
         assert bill["energy_wh"] == world.truth_between(bill["account"], start, end)
-        assert bill["readings"] == 24
+        assert bill["readings"] == 31 and bill["period"] == period.to_dict()
     # The exports, and what a customer does with one.
     files = sorted((tmp_path / "bills").glob("*.json"))
-    assert len(files) == ACCOUNTS and (tmp_path / "bills" / f"bills-{AREA}-p1.csv").exists()
+    assert len(files) == ACCOUNTS and (tmp_path / "bills" / f"bills-{AREA}-{MONTH}.csv").exists()
     ok = subprocess.run(_cli("verify-bill", str(files[0]), "--validators", str(tmp_path / "validators.toml")),
                         capture_output=True, text=True, timeout=60)
     assert ok.returncode == 0 and json.loads(ok.stdout)["ok"], ok.stdout + ok.stderr
