@@ -5,9 +5,11 @@ certified header.
 `Requester` is the request/response layer over MQTT: ids, a bounded window of
 outstanding requests per peer, time-outs and retries. `CatchUp` runs one round:
 headers first (each certificate checked), then bodies, spread over every peer
-holding them (so over at least f+1 sources when that many hold it), each body in
-chunks. A peer that serves a body not matching the certified header is named,
-counted and skipped for that body, which is fetched from the next holder.
+holding them (so over at least f+1 sources when that many hold it): small bodies
+several to a response (`bodies`, a batch per peer kept in one commit), a body
+larger than a chunk in chunks. A peer that serves a body not matching the
+certified header is named, counted and skipped for that body, which is fetched
+from the next holder.
 """
 
 from __future__ import annotations
@@ -23,8 +25,8 @@ from certlog.block import Certificate, ChainError, Header
 from gridledger.logs import event
 
 from .admission import admit_body
-from .storagewire import (HEADERS_MAX, Reassembly, StorageError, StorageTopics, decode_body, encode_request,
-                          parse_response)
+from .storagewire import (BODIES_MAX, HEADERS_MAX, Reassembly, StorageError, StorageTopics, decode_body,
+                          encode_request, parse_response, split_bodies)
 
 __all__ = ["Requester", "Inventory", "CatchUp", "assign", "Keeper"]
 
@@ -149,9 +151,9 @@ class Keeper(Protocol):
     async def header(self, height: int) -> tuple[Header, Certificate] | None: ...
     async def missing_headers(self, upto: int) -> list[int]: ...
     async def wanted(self) -> list[int]: ...
-    async def has_body(self, height: int) -> bool: ...
+    async def lacking(self, heights: Sequence[int]) -> dict[int, Header]: ...
     async def keep_header(self, header: Header, cert: Certificate, source: str) -> None: ...
-    async def keep_body(self, header: Header, txs: list[bytes], source: str) -> bool: ...
+    async def keep_bodies(self, bodies: list[tuple[Header, list[bytes]]], source: str) -> list[int]: ...
 
 
 class CatchUp:
@@ -174,8 +176,8 @@ class CatchUp:
         wanted = await self.keeper.wanted()
         plan = assign(wanted, invs, demoted=set(self.bad_peers))
         gate = asyncio.Semaphore(self.parallel)
-        sources = await asyncio.gather(*(self._body(h, peers, gate) for h, peers in plan.items()))
-        got = Counter(s for s in sources if s is not None)
+        done = await asyncio.gather(*(self._batch(peer, hs, plan, gate) for peer, hs in _batches(plan, BODIES_MAX)))
+        got = Counter(peer for kept in done for peer in kept.values())
         return {"peers": len(invs), "headers": headers, "wanted": len(wanted), "fetched": sum(got.values()),
                 "sources": len(got), "by_source": dict(got)}
 
@@ -222,24 +224,56 @@ class CatchUp:
             self._refused(peer, exc.reason, exc.detail, bad=exc.reason not in ("peer_timeout",))
         return kept
 
-    async def _body(self, height: int, peers: list[str], gate: asyncio.Semaphore) -> str | None:
-        """Fetch and keep one body from the first of `peers` that serves it right."""
-        held = await self.keeper.header(height)
-        if held is None:
-            return None
-        header = held[0]
+    async def _batch(self, peer: str, heights: list[int], plan: dict[int, list[str]],
+                     gate: asyncio.Semaphore) -> dict[int, str]:
+        """Bodies of `heights` (first choice: `peer`) several to a response, each batch
+        kept in one commit; what `peer` lacks, serves wrong or does not answer is then
+        fetched one by one from the next holders. Height -> the peer it came from."""
+        kept: dict[int, str] = {}
+        later: dict[int, list[str]] = {}   # height -> the holders still to try
         async with gate:
-            if await self.keeper.has_body(height):
-                return None  # arrived by another path (the proposer, a placement) meanwhile
-            for peer in peers:
-                try:
-                    txs = await self._download(peer, header)
-                    admit_body(header, txs)
-                except ChainError as exc:
-                    self._refused(peer, exc.reason, exc.detail, height=height, bad=exc.reason in BAD_DATA)
-                    continue
-                await self.keeper.keep_body(header, txs, peer)
-                return peer
+            headers = await self.keeper.lacking(heights)  # arrived by another path meanwhile: not fetched
+            want = [h for h in heights if h in headers]
+            try:
+                while want:
+                    meta, data = await self.req.ask(peer, "bodies", want=[[h, headers[h].hash] for h in want],
+                                                    chunk_size=self.chunk_size)
+                    got = split_bodies(meta.get("bodies"), data, want)
+                    missing, large = (_listed(meta, k, want) for k in ("missing", "large"))
+                    answered = {h for h, _ in got} | missing | large
+                    if want[0] not in answered:
+                        raise StorageError("bad_response", f"{peer}: bodies answered none of the first")
+                    good = []
+                    for h, raw in got:
+                        try:
+                            txs = decode_body(raw)
+                            admit_body(headers[h], txs)
+                        except ChainError as exc:
+                            self._refused(peer, exc.reason, exc.detail, height=h, bad=exc.reason in BAD_DATA)
+                            later[h] = _others(plan[h], peer)
+                            continue
+                        good.append((headers[h], txs))
+                    later.update({h: plan[h] for h in large})          # chunked, this peer first
+                    later.update({h: _others(plan[h], peer) for h in missing})
+                    kept.update(dict.fromkeys(await self.keeper.keep_bodies(good, peer), peer) if good else {})
+                    want = [h for h in want if h not in answered]
+            except ChainError as exc:
+                self._refused(peer, exc.reason, exc.detail, bad=exc.reason in BAD_DATA)
+                later.update({h: _others(plan[h], peer) for h in want if h not in later})
+            ones = await asyncio.gather(*(self._body(headers[h], peers) for h, peers in later.items()))
+        kept.update({h: src for h, src in zip(later, ones) if src is not None})
+        return kept
+
+    async def _body(self, header: Header, peers: list[str]) -> str | None:
+        """Fetch and keep one body (in chunks) from the first of `peers` that serves it right."""
+        for peer in peers:
+            try:
+                txs = await self._download(peer, header)
+                admit_body(header, txs)
+            except ChainError as exc:
+                self._refused(peer, exc.reason, exc.detail, height=header.height, bad=exc.reason in BAD_DATA)
+                continue
+            return peer if await self.keeper.keep_bodies([(header, txs)], peer) else None
         return None
 
     async def _download(self, peer: str, header: Header) -> list[bytes]:
@@ -271,6 +305,25 @@ class CatchUp:
             self.bad_peers[peer] += 1
         event(log, "refused", logging.WARNING, peer=peer, reason=reason, detail=detail[:200], height=height,
               bad_data=bad)
+
+
+def _batches(plan: dict[int, list[str]], most: int) -> list[tuple[str, list[int]]]:
+    """The planned heights grouped by their first choice, in batches of at most `most`."""
+    by_peer: dict[str, list[int]] = {}
+    for h, peers in plan.items():
+        by_peer.setdefault(peers[0], []).append(h)
+    return [(p, hs[k:k + most]) for p, hs in by_peer.items() for k in range(0, len(hs), most)]
+
+
+def _listed(meta: dict, key: str, asked: Collection[int]) -> set[int]:
+    hs = meta.get(key, [])
+    if not isinstance(hs, list) or not all(h in asked for h in hs):
+        raise StorageError("bad_response", f"{key} must list asked heights")
+    return set(hs)
+
+
+def _others(peers: list[str], peer: str) -> list[str]:
+    return [p for p in peers if p != peer]
 
 
 def _runs(heights: Sequence[int], most: int) -> list[tuple[int, int]]:
