@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import time
 from collections import Counter
 from dataclasses import dataclass
 from typing import Awaitable, Callable, Collection, Protocol, Sequence
@@ -158,28 +159,68 @@ class Keeper(Protocol):
 
 class CatchUp:
     def __init__(self, keeper: Keeper, requester: Requester, peers: Sequence[str], *, chunk_size: int,
-                 parallel: int = 8):
+                 parallel: int = 8, inventory_s: float = 0.0):
         self.keeper, self.req = keeper, requester
         self.peers = list(peers)
         self.chunk_size = chunk_size
         self.parallel = parallel
+        # A peer's inventory younger than this is reused instead of asked again: rounds
+        # that follow each other while there is work (a fill) then start fetching at
+        # once. A stale inventory costs nothing wrong: a body the peer no longer has
+        # comes back `missing` and is fetched from the next holder; one it has gained
+        # is seen by the next round that asks.
+        self.inventory_s = inventory_s
+        self._inventories: dict[str, tuple[float, Inventory]] = {}
         self.counts: Counter[str] = Counter()
         self.bad_peers: Counter[str] = Counter()   # wrong data served, by peer
         self.down: set[str] = set()                 # peers whose last will says they are gone: not asked
 
     async def round(self) -> dict:
-        """One round; returns what it did (for the log and the tests)."""
+        """One round; returns what it did (for the log and the tests), with the
+        seconds each phase took (inventories, headers, bodies)."""
+        t0 = time.monotonic()
         # A dead peer would hold the round up for its time-outs: skip the ones known down.
         live = [p for p in self.peers if p not in self.down]
-        invs = [i for i in await asyncio.gather(*(self._inventory(p) for p in live)) if i is not None]
+        invs, reused = await self._inventories_of(live, t0)
+        t1 = time.monotonic()
         headers = await self._headers(invs)
+        t2 = time.monotonic()
         wanted = await self.keeper.wanted()
         plan = assign(wanted, invs, demoted=set(self.bad_peers))
-        gate = asyncio.Semaphore(self.parallel)
-        done = await asyncio.gather(*(self._batch(peer, hs, plan, gate) for peer, hs in _batches(plan, BODIES_MAX)))
+        # Bodies no reused inventory lists (blocks newer than it): ask the inventories
+        # again while the planned bodies are being fetched, then fetch those too.
+        fresh = (asyncio.ensure_future(self._inventories_of(live, t0, reuse=False))
+                 if reused and len(plan) < len(wanted) else None)
+        done = await self._fetch(plan)
+        if fresh is not None:
+            invs, _ = await fresh
+            done += await self._fetch(assign([h for h in wanted if h not in plan], invs, demoted=set(self.bad_peers)))
         got = Counter(peer for kept in done for peer in kept.values())
         return {"peers": len(invs), "headers": headers, "wanted": len(wanted), "fetched": sum(got.values()),
-                "sources": len(got), "by_source": dict(got)}
+                "sources": len(got), "by_source": dict(got),
+                "phases_s": [round(t1 - t0, 4), round(t2 - t1, 4), round(time.monotonic() - t2, 4)]}
+
+    async def _fetch(self, plan: dict[int, list[str]]) -> list[dict[int, str]]:
+        gate = asyncio.Semaphore(self.parallel)
+        batches = _batches(plan, BODIES_MAX)
+        return list(await asyncio.gather(*(self._batch(peer, hs, plan, gate) for peer, hs in batches)))
+
+    async def _inventories_of(self, peers: list[str], now: float, *,
+                              reuse: bool = True) -> tuple[list[Inventory], bool]:
+        """The peers' inventories (those that answered), and whether any was reused."""
+        got = await asyncio.gather(*(self._recent_inventory(p, now, reuse) for p in peers))
+        return [inv for inv, _ in got if inv is not None], any(old for _, old in got)
+
+    async def _recent_inventory(self, peer: str, now: float, reuse: bool) -> tuple[Inventory | None, bool]:
+        held = self._inventories.get(peer)
+        if reuse and held is not None and now - held[0] < self.inventory_s:
+            return held[1], True
+        inv = await self._inventory(peer)
+        if inv is None:
+            self._inventories.pop(peer, None)
+        else:
+            self._inventories[peer] = (time.monotonic(), inv)
+        return inv, False
 
     async def _inventory(self, peer: str) -> Inventory | None:
         pages, after = [], 0

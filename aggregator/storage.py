@@ -105,7 +105,7 @@ class StorageNode:
         self._db = asyncio.Lock()              # one user of the SQLite connection at a time
         self._client: aiomqtt.Client | None = None
         self.requester = Requester(self._publish_qos0, s.name, self.topics, timeout_s=s.timeout_s, window=s.window)
-        self.catchup = CatchUp(self, self.requester, s.peers, chunk_size=s.chunk_size)
+        self.catchup = CatchUp(self, self.requester, s.peers, chunk_size=s.chunk_size, inventory_s=s.catchup_s)
         self._serving = 0
         self._wake = asyncio.Event()
         self._last_sync = 0.0
@@ -156,6 +156,7 @@ class StorageNode:
                 raise ChainError("unknown_header", "no such certified header held", height=header.height)
             admit_body(header, txs)
         kept = set(await self._db_call(self.store.put_bodies, bodies))
+        receipts = []
         for header, txs in bodies:
             if header.height not in kept:
                 continue
@@ -164,8 +165,11 @@ class StorageNode:
             if self._filling is not None and source != "proposer":
                 self._filling["bytes"] += sum(len(t) for t in txs)
                 self._filling["bodies"] += 1
-            await self._send_receipt(header)
+            receipts.append(self._send_receipt(header))
             event(log, "stored", logging.DEBUG, height=header.height, txs=len(txs), source=source)
+        # Durable first (the commit above), then all receipts at once: a QoS 1 publish
+        # waits for the broker's PUBACK, and one after another they cost a round trip each.
+        await asyncio.gather(*receipts)
         return sorted(kept)
 
     async def _send_receipt(self, header: Header) -> None:
