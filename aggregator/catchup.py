@@ -40,6 +40,12 @@ BAD_DATA = {"tx_root_mismatch", "tx_count_mismatch", "body_format", "bad_chunk",
 
 RETRY = {"peer_timeout", "busy"}  # worth asking the same peer again
 
+# Heights asked of one peer per batch: about one 256 KiB response of area-chain
+# bodies (~20 KB each). Smaller batches put more requests in flight at once (up to
+# `parallel` batches); a fill of 200 such bodies from two peers over Mosquitto took
+# 0.37 s in batches of 32 and 0.27 s in batches of 12.
+BATCH = min(12, BODIES_MAX)
+
 Publish = Callable[[str, bytes], Awaitable[None]]
 
 
@@ -202,7 +208,7 @@ class CatchUp:
 
     async def _fetch(self, plan: dict[int, list[str]]) -> list[dict[int, str]]:
         gate = asyncio.Semaphore(self.parallel)
-        batches = _batches(plan, BODIES_MAX)
+        batches = _batches(plan, BATCH)
         return list(await asyncio.gather(*(self._batch(peer, hs, plan, gate) for peer, hs in batches)))
 
     async def _inventories_of(self, peers: list[str], now: float, *,
@@ -275,15 +281,21 @@ class CatchUp:
         async with gate:
             headers = await self.keeper.lacking(heights)  # arrived by another path meanwhile: not fetched
             want = [h for h in heights if h in headers]
+            ask = lambda want: asyncio.ensure_future(self.req.ask(  # noqa: E731
+                peer, "bodies", want=[[h, headers[h].hash] for h in want], chunk_size=self.chunk_size))
+            pending = ask(want) if want else None
             try:
-                while want:
-                    meta, data = await self.req.ask(peer, "bodies", want=[[h, headers[h].hash] for h in want],
-                                                    chunk_size=self.chunk_size)
+                while pending is not None:
+                    meta, data = await pending
+                    pending = None
                     got = split_bodies(meta.get("bodies"), data, want)
                     missing, large = (_listed(meta, k, want) for k in ("missing", "large"))
                     answered = {h for h, _ in got} | missing | large
                     if want[0] not in answered:
                         raise StorageError("bad_response", f"{peer}: bodies answered none of the first")
+                    # Ask for the rest now: the peer prepares it while this part is checked and kept.
+                    want = [h for h in want if h not in answered]
+                    pending = ask(want) if want else None
                     good = []
                     for h, raw in got:
                         try:
@@ -297,10 +309,12 @@ class CatchUp:
                     later.update({h: plan[h] for h in large})          # chunked, this peer first
                     later.update({h: _others(plan[h], peer) for h in missing})
                     kept.update(dict.fromkeys(await self.keeper.keep_bodies(good, peer), peer) if good else {})
-                    want = [h for h in want if h not in answered]
             except ChainError as exc:
                 self._refused(peer, exc.reason, exc.detail, bad=exc.reason in BAD_DATA)
-                later.update({h: _others(plan[h], peer) for h in want if h not in later})
+                later.update({h: _others(plan[h], peer) for h in headers if h not in kept and h not in later})
+            finally:
+                if pending is not None:
+                    pending.cancel()
             ones = await asyncio.gather(*(self._body(headers[h], peers) for h, peers in later.items()))
         kept.update({h: src for h, src in zip(later, ones) if src is not None})
         return kept
