@@ -105,7 +105,7 @@ class StorageNode:
         self._db = asyncio.Lock()              # one user of the SQLite connection at a time
         self._client: aiomqtt.Client | None = None
         self.requester = Requester(self._publish_qos0, s.name, self.topics, timeout_s=s.timeout_s, window=s.window)
-        self.catchup = CatchUp(self, self.requester, s.peers, chunk_size=s.chunk_size)
+        self.catchup = CatchUp(self, self.requester, s.peers, chunk_size=s.chunk_size, inventory_s=s.catchup_s)
         self._serving = 0
         self._wake = asyncio.Event()
         self._last_sync = 0.0
@@ -129,6 +129,13 @@ class StorageNode:
     async def has_body(self, height: int) -> bool:
         return await self._db_call(self.store.has_body, height)
 
+    async def lacking(self, heights: list[int]) -> dict[int, Header]:
+        """The certified headers of those `heights` whose bodies are not held."""
+        return await self._db_call(self._lacking_bodies, heights)
+
+    def _lacking_bodies(self, heights: list[int]) -> dict[int, Header]:
+        return {h: held[0] for h in heights if not self.store.has_body(h) and (held := self.store.header(h))}
+
     # -- admission: what every path (certs, proposer, peers, placements) goes through -----
     async def keep_header(self, header: Header, cert: Certificate | None, source: str) -> None:
         admit_header(self.validators, self.chain, header, cert)
@@ -137,20 +144,33 @@ class StorageNode:
 
     async def keep_body(self, header: Header, txs: list[bytes], source: str) -> bool:
         """Keep a body of a held certified header; publish the receipt once it is durable."""
-        held = await self.header(header.height)
-        if held is None or held[0].hash != header.hash:
-            raise ChainError("unknown_header", "no such certified header held", height=header.height)
-        admit_body(header, txs)
-        if not await self._db_call(self.store.put_body, header, txs):
-            return False
-        self.counts["bodies"] += 1
-        self.counts[f"bodies_from_{'proposer' if source == 'proposer' else 'peers'}"] += 1
-        if self._filling is not None and source != "proposer":
-            self._filling["bytes"] += sum(len(t) for t in txs)
-            self._filling["bodies"] += 1
-        await self._send_receipt(header)
-        event(log, "stored", logging.DEBUG, height=header.height, txs=len(txs), source=source)
-        return True
+        return bool(await self.keep_bodies([(header, txs)], source))
+
+    async def keep_bodies(self, bodies: list[tuple[Header, list[bytes]]], source: str) -> list[int]:
+        """Keep bodies of held certified headers in one commit, then receipt each; the
+        heights newly kept. Any body not matching its held certified header refuses the
+        whole batch (`ChainError`) before anything is written."""
+        held = await self._db_call(self.store.header_hashes, [h.height for h, _ in bodies])
+        for header, txs in bodies:
+            if held.get(header.height) != header.hash:
+                raise ChainError("unknown_header", "no such certified header held", height=header.height)
+            admit_body(header, txs)
+        kept = set(await self._db_call(self.store.put_bodies, bodies))
+        receipts = []
+        for header, txs in bodies:
+            if header.height not in kept:
+                continue
+            self.counts["bodies"] += 1
+            self.counts[f"bodies_from_{'proposer' if source == 'proposer' else 'peers'}"] += 1
+            if self._filling is not None and source != "proposer":
+                self._filling["bytes"] += sum(len(t) for t in txs)
+                self._filling["bodies"] += 1
+            receipts.append(self._send_receipt(header))
+            event(log, "stored", logging.DEBUG, height=header.height, txs=len(txs), source=source)
+        # Durable first (the commit above), then all receipts at once: a QoS 1 publish
+        # waits for the broker's PUBACK, and one after another they cost a round trip each.
+        await asyncio.gather(*receipts)
+        return sorted(kept)
 
     async def _send_receipt(self, header: Header) -> None:
         receipt = sign_receipt(self._sk, header, self.name, self.kind)
@@ -366,6 +386,8 @@ class StorageNode:
                 if self._filling is not None and summary.get("fetched"):
                     self._filling["busy"] += time.monotonic() - t0
             await self._filled()
+            if summary.get("fetched"):
+                continue  # more may be waiting (a fill, blocks arriving under load): no pause while there is work
             self._wake.clear()
             try:
                 await asyncio.wait_for(self._wake.wait(), self.settings.catchup_s)

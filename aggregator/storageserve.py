@@ -64,6 +64,27 @@ class StorageServer:
                 "size": len(data), "chunk_size": chunk_size}
         return meta, chunk_of(data, chunk, chunk_size)
 
+    def _bodies(self, want: list[tuple[int, str]], chunk_size: int) -> tuple[dict, bytes]:
+        """Whole bodies, in the order asked, while they fit `chunk_size` together: the
+        ones not held are named `missing`, the ones larger than a chunk alone `large`
+        (fetched with `body`), the rest left unanswered for the next request."""
+        listed, parts, missing, large, used = [], [], [], [], 0
+        for height, header_hash in want:
+            try:
+                _, data = self._held(height, header_hash)
+            except ChainError:
+                missing.append(height)
+                continue
+            if len(data) > chunk_size:
+                large.append(height)
+            elif used + len(data) > chunk_size:
+                break
+            else:
+                listed.append([height, len(data)])
+                parts.append(data)
+                used += len(data)
+        return {"bodies": listed, "missing": missing, "large": large}, b"".join(parts)
+
     def _tx(self, height: int, index: int) -> tuple[dict, bytes]:
         header, cert = self._header(height)
         txs, _ = self._held(height, header.hash)

@@ -70,6 +70,15 @@ class StorageStore:
         row = self.conn.execute("SELECT header, cert FROM storage_headers WHERE height = ?", (height,)).fetchone()
         return None if row is None else (Header.decode(row[0]), Certificate.from_dict(json.loads(row[1])))
 
+    def header_hashes(self, heights: Sequence[int]) -> dict[int, str]:
+        """The held certified header's hash at each of `heights` that has one."""
+        out: dict[int, str] = {}
+        for k in range(0, len(heights), 500):   # SQLite's bound-parameter limit
+            part = list(heights[k:k + 500])
+            out.update(self.conn.execute(f"SELECT height, hash FROM storage_headers WHERE height IN "
+                                         f"({','.join('?' * len(part))})", part).fetchall())
+        return out
+
     def raw_headers(self, lo: int, hi: int) -> list[tuple[bytes, bytes]]:
         return self.conn.execute("SELECT header, cert FROM storage_headers WHERE height BETWEEN ? AND ? "
                                  "ORDER BY height", (lo, hi)).fetchall()
@@ -85,15 +94,24 @@ class StorageStore:
     # -- bodies -------------------------------------------------------------------
     def put_body(self, header: Header, txs: Sequence[bytes]) -> bool:
         """Keep a body (checked against `header` by the caller); False if already held."""
-        if self.has_body(header.height):
-            return False
-        h = header.height
-        writes = [("INSERT INTO storage_txs(height, idx, data) VALUES (?, ?, ?)", (h, i, bytes(t)))
-                  for i, t in enumerate(txs)]
-        writes.append(("INSERT INTO storage_bodies(height, txs, bytes, at) VALUES (?, ?, ?, ?)",
-                       (h, len(txs), sum(len(t) for t in txs), time.time())))
-        self._write(writes)
-        return True
+        return bool(self.put_bodies([(header, txs)]))
+
+    def put_bodies(self, bodies: Sequence[tuple[Header, Sequence[bytes]]]) -> list[int]:
+        """Keep several bodies in one transaction (one commit, one fsync): all of them
+        or none, so each is still whole or absent. Returns the heights newly kept."""
+        writes, kept, now = [], [], time.time()
+        for header, txs in bodies:
+            h = header.height
+            if h in kept or self.has_body(h):
+                continue
+            writes += [("INSERT INTO storage_txs(height, idx, data) VALUES (?, ?, ?)", (h, i, bytes(t)))
+                       for i, t in enumerate(txs)]
+            writes.append(("INSERT INTO storage_bodies(height, txs, bytes, at) VALUES (?, ?, ?, ?)",
+                           (h, len(txs), sum(len(t) for t in txs), now)))
+            kept.append(h)
+        if writes:
+            self._write(writes)
+        return kept
 
     def has_body(self, height: int) -> bool:
         return self.conn.execute("SELECT 1 FROM storage_bodies WHERE height = ?", (height,)).fetchone() is not None

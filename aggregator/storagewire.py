@@ -9,7 +9,8 @@
 
 A response goes to the requester's own `resp` topic, named by the request's
 `from`, never to a topic the request chooses. A body travels as bytes
-(`encode_body`) cut into chunks of at most `CHUNK_MAX`. Every parse failure is
+(`encode_body`) cut into chunks of at most `CHUNK_MAX`, or several small bodies
+whole in one response of at most `CHUNK_MAX` (`bodies`). Every parse failure is
 a `StorageError` with a stable reason; nothing here trusts its input.
 """
 
@@ -19,14 +20,14 @@ import json
 import re
 import struct
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Collection, Sequence
 
 from certlog.block import ChainError, canonical
 
 __all__ = ["StorageError", "StorageTopics", "NODE_RE", "KINDS", "OPS", "Request", "parse_request",
            "encode_request", "encode_response", "parse_response", "encode_body", "decode_body", "chunk_of",
-           "chunk_count", "Reassembly", "Placement", "parse_placement", "encode_placement", "liveness", "parse_liveness", "CHUNK_MAX",
-           "CHUNK_MIN", "BODY_MAX", "HEADERS_MAX", "RANGES_MAX", "REQUEST_MAX"]
+           "chunk_count", "Reassembly", "split_bodies", "Placement", "parse_placement", "encode_placement", "liveness", "parse_liveness", "CHUNK_MAX",
+           "CHUNK_MIN", "BODY_MAX", "BODIES_MAX", "HEADERS_MAX", "RANGES_MAX", "REQUEST_MAX"]
 
 # A chunk of 256 KiB is a fraction of any broker's message limit (Mosquitto's is
 # 256 MiB, AWS IoT's 128 KiB would need a smaller `chunk_size`), and a window of a
@@ -36,13 +37,14 @@ CHUNK_MIN = 1024
 BODY_MAX = 64 * 1024 * 1024   # the chain's own message limit (certlog.net.MAX_MESSAGE)
 TXS_MAX = 1_000_000
 HEADERS_MAX = 128             # certified headers per response (~0.8 KB each)
+BODIES_MAX = 32               # bodies asked for in one `bodies` request (~80 bytes each: fits REQUEST_MAX)
 RANGES_MAX = 1024             # inventory ranges per response
 REQUEST_MAX = 4096            # bytes: every request is small
 NODE_RE = re.compile(r"[A-Za-z0-9_-]{1,64}\Z")
 NONCE_RE = re.compile(r"[0-9a-f]{32,128}\Z")
 REQUEST_ID_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}\Z")
 KINDS = ("full", "heavy", "light")
-OPS = ("inventory", "headers", "body", "tx", "audit")
+OPS = ("inventory", "headers", "body", "bodies", "tx", "audit")
 
 
 class StorageError(ChainError):
@@ -145,11 +147,27 @@ def _headers_args(obj: dict) -> dict:
 
 
 def _body_args(obj: dict) -> dict:
-    h = obj.get("hash")
+    return {"height": _uint(obj, "height", 1), "hash": _hash(obj.get("hash")),
+            "chunk": _uint(obj, "chunk", 0, BODY_MAX),
+            "chunk_size": _uint(obj, "chunk_size", CHUNK_MIN, CHUNK_MAX)}
+
+
+def _hash(h: Any) -> str:
     if not isinstance(h, str) or len(h) != 64:
         raise StorageError("bad_request", "hash: the certified header's hash the body must match")
-    return {"height": _uint(obj, "height", 1), "hash": h, "chunk": _uint(obj, "chunk", 0, BODY_MAX),
-            "chunk_size": _uint(obj, "chunk_size", CHUNK_MIN, CHUNK_MAX)}
+    return h
+
+
+def _bodies_args(obj: dict) -> dict:
+    want = obj.get("want")
+    if not isinstance(want, list) or not 1 <= len(want) <= BODIES_MAX:
+        raise StorageError("bad_request", f"want: 1 to {BODIES_MAX} [height, hash] pairs")
+    pairs = []
+    for w in want:
+        if not isinstance(w, list) or len(w) != 2 or type(w[0]) is not int or not 1 <= w[0] <= 2 ** 62:
+            raise StorageError("bad_request", "want: [height, hash] pairs")
+        pairs.append((w[0], _hash(w[1])))
+    return {"want": pairs, "chunk_size": _uint(obj, "chunk_size", CHUNK_MIN, CHUNK_MAX)}
 
 
 def _tx_args(obj: dict) -> dict:
@@ -163,8 +181,8 @@ def _audit_args(obj: dict) -> dict:
     return {**_tx_args(obj), "nonce": nonce}
 
 
-_ARGS = {"inventory": _inventory_args, "headers": _headers_args, "body": _body_args, "tx": _tx_args,
-         "audit": _audit_args}
+_ARGS = {"inventory": _inventory_args, "headers": _headers_args, "body": _body_args, "bodies": _bodies_args,
+         "tx": _tx_args, "audit": _audit_args}
 
 
 # -- responses: one JSON line, then the raw bytes of a chunk (if any) ---------------
@@ -218,6 +236,24 @@ def decode_body(data: bytes) -> list[bytes]:
     if off != len(view):
         raise StorageError("body_format", f"{len(view) - off} bytes after the last transaction")
     return txs
+
+
+def split_bodies(listed: Any, data: bytes, asked: Collection[int]) -> list[tuple[int, bytes]]:
+    """A `bodies` response's data cut into (height, transfer bytes) as its `bodies`
+    list says: each height one that was asked, once, the sizes adding up exactly."""
+    if not isinstance(listed, list):
+        raise StorageError("bad_response", "bodies must be a list of [height, size]")
+    out, off, seen = [], 0, set()
+    for item in listed:
+        if (not isinstance(item, list) or len(item) != 2 or not all(type(x) is int for x in item)
+                or item[0] not in asked or item[0] in seen or not 4 <= item[1] <= len(data) - off):
+            raise StorageError("bad_chunk", f"body entry {str(item)[:40]} does not fit the response")
+        seen.add(item[0])
+        out.append((item[0], data[off:off + item[1]]))
+        off += item[1]
+    if off != len(data):
+        raise StorageError("bad_chunk", f"{len(data) - off} bytes after the last body")
+    return out
 
 
 def chunk_count(size: int, chunk_size: int) -> int:

@@ -7,7 +7,9 @@ Reports `detect_s` (kill -> the verifier's "dead"), `restore_s` (kill -> two ful
 replicas of every certified block on the certified P chain and in the promoted
 node's store), `copy_rate_ratio` (bytes/s the promoted node fetched while filling,
 over the raw rate of the same bytes between two local processes over a socketpair,
-measured in this run), `throughput_before` / `throughput_after` (reads/s, means over
+measured in this run; `broker_rate_Bps` beside it: the same bytes between two local
+processes through this run's Mosquitto, for how much of the gap the broker hop is),
+`throughput_before` / `throughput_after` (reads/s, means over
 a window before the kill and right after restore) and writes a PNG of throughput
 over time to bench/results/recovery.png."""
 
@@ -22,6 +24,8 @@ import sqlite3
 import tempfile
 import time
 from pathlib import Path
+
+import aiomqtt
 
 try:
     import matplotlib
@@ -70,6 +74,44 @@ def _send(sock: socket.socket, nbytes: int, chunk: int) -> None:
         sock.sendall(data[:min(chunk, left)])
         left -= chunk
     sock.close()
+
+
+def broker_copy_rate(host: str, port: int, nbytes: int, chunk: int = 256 * 1024) -> float:
+    """Bytes/s of `nbytes` published in `chunk`s (QoS 0) by a child process and
+    received here through the broker: the raw copy with the broker hop in it."""
+    async def receive(ready, done) -> float:
+        async with aiomqtt.Client(host, port, identifier="bench-recv") as c:
+            await c.subscribe("bench/copy")
+            ready.set()
+            got, t0 = 0, None
+            async with asyncio.timeout(60):
+                async for msg in c.messages:
+                    t0 = t0 or done.get()   # the sender's start time
+                    got += len(msg.payload)
+                    if got >= nbytes:
+                        return nbytes / (time.time() - t0)
+        raise RuntimeError("unreachable")
+
+    ctx = multiprocessing.get_context("fork")
+    ready, done = ctx.Event(), ctx.Queue()
+    child = ctx.Process(target=_publish, args=(host, port, nbytes, chunk, ready, done))
+    child.start()
+    try:
+        return asyncio.run(receive(ready, done))
+    finally:
+        child.join(10)
+
+
+def _publish(host: str, port: int, nbytes: int, chunk: int, ready, done) -> None:
+    async def send() -> None:
+        async with aiomqtt.Client(host, port, identifier="bench-send") as c:
+            ready.wait(30)
+            data, left = bytes(chunk), nbytes
+            done.put(time.time())
+            while left > 0:
+                await c.publish("bench/copy", data[:min(chunk, left)], qos=0)
+                left -= chunk
+    asyncio.run(send())
 
 
 def certified_txs(db: Path) -> dict[int, int]:
@@ -213,12 +255,14 @@ def main() -> None:
             wait_up(wd / "gateway.log", procs[-1], UP_TIMEOUT_S)
             storage = start_storage_layout(layout, wd, timeout=UP_TIMEOUT_S)
             r = asyncio.run(scenario(wd, layout.reader, storage, broker, payloads, args.quick))
+            stop(list(storage.values()) + procs)
+            filled = r["filled"] or {"bytes": 0, "seconds": 0.0, "busy_s": 0.0}
+            via_broker = broker_copy_rate(broker.host, broker.port, max(filled["bytes"], 1 << 20))
         finally:
             stop(list(storage.values()) + procs)
             broker.stop()
     t_start, t_kill, detect, restore, t_end = r["t"]
     tp, w = r["tp"], r["window_s"]
-    filled = r["filled"] or {"bytes": 0, "seconds": 0.0, "busy_s": 0.0}
     copy_rate = filled["bytes"] / filled["busy_s"] if filled["busy_s"] else 0.0
     raw = raw_copy_rate(max(filled["bytes"], 1 << 20))
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -234,6 +278,7 @@ def main() -> None:
         "copy_bytes": filled["bytes"], "copy_s": filled["seconds"], "copy_busy_s": filled["busy_s"],
         "copy_rate_Bps": round(copy_rate),
         "raw_rate_Bps": round(raw), "copy_rate_ratio": round(copy_rate / raw, 6) if raw else None,
+        "broker_rate_Bps": round(via_broker), "copy_rate_over_broker": round(copy_rate / via_broker, 6),
         "throughput_before": round(before, 2), "throughput_after": round(after, 2),
         "throughput_after_promotion": round(after_promotion, 2),
         "throughput_min_during": min((tp.ok.get(s, 0) for s in range(int(t_kill) + 1, int(restore))), default=None),

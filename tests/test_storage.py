@@ -3,7 +3,9 @@ receipts, audit answers, chunked transfer and the request/response formats."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import sqlite3
 
 import pytest
 
@@ -12,9 +14,9 @@ from aggregator.receipts import (AuditAnswer, StorageReceipt, answer_audit, chec
                                  verify_receipt)
 from aggregator.storageserve import StorageServer
 from aggregator.storagestore import StorageStore
-from aggregator.storagewire import (CHUNK_MIN, Reassembly, StorageError, chunk_count, chunk_of, decode_body,
-                                    encode_body, encode_request, parse_placement, parse_request, parse_response,
-                                    encode_response)
+from aggregator.storagewire import (BODIES_MAX, CHUNK_MIN, Reassembly, StorageError, chunk_count, chunk_of,
+                                    decode_body, encode_body, encode_request, parse_placement, parse_request,
+                                    parse_response, encode_response, split_bodies)
 from certlog import bls
 from certlog.block import Certificate, ChainError, Header
 from certlog.light import LightClient
@@ -302,6 +304,69 @@ def test_a_body_is_served_in_chunks_that_reassemble_to_it(chain, server):
         m, d = _ask(server, "body", height=2, hash=b.header.hash, chunk=i, chunk_size=CHUNK_MIN)
         r.add(m["chunk"], d)
     assert decode_body(r.data()) == b.txs
+
+
+def test_small_bodies_are_served_whole_several_to_a_response_within_the_chunk_size(chain, server):
+    blocks, _, _ = chain
+    want = [[b.header.height, b.header.hash] for b in blocks]   # 4 is a header only: missing
+    meta, data = _ask(server, "bodies", want=want, chunk_size=256 * 1024)
+    got = split_bodies(meta["bodies"], data, [1, 2, 3, 4])
+    assert [(h, decode_body(raw)) for h, raw in got] == [(b.header.height, b.txs) for b in blocks[:3]]
+    assert (meta["missing"], meta["large"]) == ([4], [])
+    one = len(encode_body(blocks[0].txs))
+    assert one <= CHUNK_MIN < 2 * one   # so a 1 KiB limit holds one body per response
+    meta, data = _ask(server, "bodies", want=want[:3], chunk_size=CHUNK_MIN)
+    assert [h for h, _ in meta["bodies"]] == [1] and len(data) <= CHUNK_MIN   # the rest: asked again
+
+
+def test_a_body_larger_than_the_chunk_size_is_named_large_and_a_wrong_hash_missing(chain, store):
+    blocks, _, _ = chain
+    big = make_chain(1, 40, tx_bytes=100)[0][0]   # ~6 KB: more than one 1 KiB chunk
+    store.put_header(big.header, big.cert)
+    store.put_body(big.header, big.txs)
+    server = StorageServer(store, node="s1", kind="heavy", secret_key=NODE_SK)
+    meta, data = _ask(server, "bodies", want=[[1, big.header.hash], [1, "ab" * 32]], chunk_size=CHUNK_MIN)
+    assert meta["ok"] and (meta["bodies"], meta["large"], data) == ([], [1], b"")
+    meta, _ = _ask(server, "bodies", want=[[1, "ab" * 32]], chunk_size=CHUNK_MIN)
+    assert meta["missing"] == [1]
+
+
+@pytest.mark.parametrize("want", [[], [[1]], [[1, "ab"]], [[0, "ab" * 32]], [["1", "ab" * 32]],
+                                  [[h, "ab" * 32] for h in range(1, BODIES_MAX + 2)]])
+def test_a_bad_bodies_request_is_refused(want):
+    with pytest.raises(StorageError) as exc:
+        parse_request(encode_request("r1", "s9", "bodies", want=want, chunk_size=CHUNK_MIN))
+    assert exc.value.reason == "bad_request"
+
+
+@pytest.mark.parametrize("listed, data", [
+    ([[1, 4]], b"12345"),               # bytes after the last body
+    ([[1, 5]], b"1234"),                # longer than the data
+    ([[3, 4]], b"1234"),                # a height not asked
+    ([[1, 4], [1, 4]], b"12341234"),    # twice
+    ([[1, 2]], b"12"),                  # shorter than a body's count
+    ({"1": 4}, b"1234"),
+])
+def test_a_bodies_response_that_does_not_add_up_is_refused(listed, data):
+    with pytest.raises(StorageError) as exc:
+        split_bodies(listed, data, [1, 2])
+    assert exc.value.reason in ("bad_chunk", "bad_response")
+
+
+def test_bodies_kept_together_commit_together_and_a_held_one_is_skipped(chain, store):
+    blocks, _, _ = chain
+    for b in blocks:
+        store.put_header(b.header, b.cert)
+    store.put_body(blocks[1].header, blocks[1].txs)
+    assert store.put_bodies([(b.header, b.txs) for b in blocks]) == [1, 3, 4]
+    assert store.body_heights() == [1, 2, 3, 4] and all(store.body(b.header.height) == b.txs for b in blocks)
+    # a disk that fails on the second body of a batch: the first is not kept either
+    store.conn.execute("CREATE TRIGGER fail BEFORE INSERT ON storage_bodies WHEN NEW.height = 6 "
+                       "BEGIN SELECT RAISE(ABORT, 'disk'); END")
+    at = [dataclasses.replace(blocks[0].header, height=h) for h in (5, 6)]
+    with pytest.raises(sqlite3.IntegrityError):
+        store.put_bodies([(h, blocks[0].txs) for h in at])
+    assert not store.has_body(5) and store.body(5) is None and store.tx(5, 0) is None
 
 
 @pytest.mark.parametrize("op, args, reason", [

@@ -176,3 +176,23 @@ async def test_malformed_requests_get_typed_error_responses_and_the_node_keeps_s
                                                                 "3": "not_held", "4": None}
     assert answers["4"]["bodies"] == [[1, 1]]
     assert s1.counts["request_bad_request"] == 3 and s1.counts["request_unknown_op"] == 1
+
+
+async def test_small_bodies_come_several_to_a_response_from_both_peers_even_over_a_flaky_link(bed):
+    _, fabric, node, tmp = bed
+    blocks = make_chain(30, 3, tx_bytes=20)[0]   # ~250-byte bodies: about four to a 1 KiB response
+    s1, s2 = node("s1"), node("s2")
+    await _fill(s1, blocks)
+    await _fill(s2, blocks)
+    s3 = node("s3", peers=["s1", "s2"])
+    fabric.drop_every = 5
+    by_source = {}
+    for _ in range(5):
+        summary = await asyncio.wait_for(s3.catchup.round(), 30)
+        by_source.update(summary["by_source"])
+        if not await s3.wanted():
+            break
+    assert s3.store.body_heights() == list(range(1, 31)) and set(by_source) == {"s1", "s2"}
+    assert all(s3.store.body(b.header.height) == b.txs for b in blocks)
+    served = s1.server.counts["served_bodies"] + s2.server.counts["served_bodies"]
+    assert 6 <= served < 30 and not s3.catchup.bad_peers   # several to a response; a lost one is no fault
