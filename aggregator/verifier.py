@@ -277,8 +277,10 @@ class Verifier:
                 self.counts["receipt_duplicate"] += 1
                 return
             with self.replica.store.transaction():
+                # Not unique per (height, node): a node whose receipt was dropped (it died) and
+                # which is chosen again (readmitted, promoted) receipts the same block again.
                 self.conn.execute("INSERT INTO p_queue(id, tx, status, height) VALUES (?, ?, 'queued', NULL)",
-                                  (f"receipt/{r.height}/{r.node}", receipt_tx(r)))
+                                  (f"receipt/{r.height}/{r.node}/{r.kind}/{time.time_ns()}", receipt_tx(r)))
                 self.conn.execute("UPDATE p_placed SET receipted = ?, complete = ? WHERE height = ?",
                                   (json.dumps(sorted(got + [r.node])), len(got) + 1 == len(nodes), r.height))
         self.counts["receipts"] += 1
@@ -569,3 +571,9 @@ class Verifier:
                 self.counts[exc.reason] += 1
                 event(log, "refused", logging.WARNING, topic=topic.rsplit("/", 1)[-1], reason=exc.reason,
                       detail=exc.detail[:200], height=exc.height)
+            except (aiomqtt.MqttError, asyncio.CancelledError):
+                raise
+            except Exception as exc:   # a bug on one message must not stop the verifier reading the rest
+                self.counts["error_" + type(exc).__name__] += 1
+                log.exception("message on %s failed", topic)
+                event(log, "error", logging.ERROR, topic=topic.rsplit("/", 1)[-1], error=repr(exc)[:200])
