@@ -384,6 +384,10 @@ class Verifier:
                 self._save_roles(self.roles)
             self._set_kind(new)
             self._set_kind(dead)
+        if via == "missing":
+            # Silent but perhaps still connected (hung, partitioned): no last will, and so no
+            # "alive" when it recovers. Probe it like a returning node, to readmit it then.
+            self.returning.add(dead)
         self.counts["promoted"] += 1
         event(log, "promoted", dead=dead, new=new, via=via, moved=len(sends))
         self.more.set()
