@@ -347,6 +347,16 @@ class Verifier:
         elif alive and node in self.roles.dead and node not in self.returning:
             self.returning.add(node)
             event(log, "returning", node=node)
+        elif alive and node not in self.roles.dead:
+            # The role message goes out after the record commits: a verifier killed in
+            # between leaves the node with its old kind (a promoted node receipting as
+            # heavy, refused for ever). Its retained "alive" carries its kind: correct it.
+            said, kind = json.loads(payload).get("kind"), self.roles.kind_of(self.genesis, node)
+            if said and said != kind and self._client is not None:
+                self.counts["role_resent"] += 1
+                event(log, "role_resent", node=node, said=said, kind=kind)
+                await self._client.publish(self.topics.store(node), encode_placement(role=kind, by=self.settings.name),
+                                           qos=1)
 
     async def declare_dead(self, dead: str, r_height: int = 0, *, via: str = "missing") -> None:
         """A full node is dead (its last will, or the R-chain height of its missing audits):

@@ -116,9 +116,11 @@ async def test_random_kill_9_of_storage_nodes_and_the_verifier_under_load_heals_
                 loading = asyncio.create_task(b.load.send(12))
                 for n in range(1, 5):
                     await asyncio.sleep(rng.uniform(0.5, 2.5))
-                    roles = p_roles(b.p_db, b.genesis)
                     if n == 4:                            # the last victim, a full node, stays dead
-                        victim = rng.choice(sorted(roles.full))
+                        # once the earlier victims are readmitted, so that the certified full set is current
+                        await asyncio.to_thread(wait_until, lambda: not p_roles(b.p_db, b.genesis).dead, 30,
+                                                f"earlier victims readmitted (seed {seed}, kills {kills})")
+                        victim = rng.choice(sorted(p_roles(b.p_db, b.genesis).full))
                     else:
                         victim = rng.choice(sorted(b.procs))
                     kills.append((victim, round(rng.uniform(0.5, 3.0), 2)))

@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import json
 
 from aggregator.receipts import sign_receipt
+from aggregator.storagewire import liveness
 from aggregator.verifier import Verifier, load_verifier_config
 from certlog.net import encode_block
 from certlog.validators import read_secret_key
@@ -45,5 +47,28 @@ async def test_a_node_chosen_again_after_its_death_has_its_new_receipt_recorded(
         assert "f2" in got
         ids = [i for (i,) in v.conn.execute("SELECT id FROM p_queue WHERE id LIKE 'receipt/1/f2/%'")]
         assert len(ids) == 2 and v.counts["receipt_duplicate"] == 1, ids
+    finally:
+        v.conn.close()
+
+
+class Client:
+    def __init__(self):
+        self.sent = []
+
+    async def publish(self, topic, payload, qos=0, retain=False):
+        self.sent.append((topic, json.loads(payload)))
+
+
+async def test_a_node_saying_alive_with_a_kind_the_verifier_did_not_give_it_is_told_its_kind_again(tmp_path):
+    """A verifier killed between a promotion's record and its role message: the promoted
+    node's retained "alive" still says heavy, and is answered with {"role": "full"}."""
+    v = verifier(tmp_path, {"f1": "full", "f2": "full", "h1": "heavy", "l1": "light"})
+    try:
+        await v.declare_dead("f2", via="last_will")            # no client: the role message is lost
+        v._client = Client()
+        await v.on_liveness("h1", liveness("h1", True, "heavy"))
+        await v.on_liveness("l1", liveness("l1", True, "light"))    # right: nothing sent
+        await v.on_liveness("f1", liveness("f1", True, "full"))
+        assert v._client.sent == [(v.topics.store("h1"), {"by": "verifier", "role": "full"})]
     finally:
         v.conn.close()
