@@ -54,7 +54,7 @@ class StorageSettings:
     secret_key: Path               # BLS key that signs receipts and audit answers
     validators: Path               # the chain's validator set
     peers: list[str] = field(default_factory=list)   # other storage nodes of the chain
-    proposer_sync: bool = True     # full nodes: fetch new blocks from the proposer's sync service
+    proposer_sync: bool = True     # full nodes (promoted ones too): fetch new blocks from the proposer
     catchup_s: float = 5.0         # seconds between catch-up rounds (inventories of peers)
     chunk_size: int = CHUNK_MAX
     window: int = 4                # outstanding requests per peer
@@ -167,10 +167,12 @@ class StorageNode:
         event(log, "start", node=self.name, kind=self.kind, chain=self.chain, peers=self.settings.peers,
               public_key=self.public_key.hex(), headers=self.store.header_height(),
               bodies=len(self.store.body_heights()))
-        full_sync = self.kind == "full" and self.settings.proposer_sync
+        # Subscribed whatever the kind: a heavy node promoted later needs the proposer's
+        # blocks at once (when both full nodes are promoted ones, nobody else fetches them).
+        sync = self.settings.proposer_sync
         topics = [self.chain_topics.certs, self.topics.requests(self.name), self.topics.responses(self.name),
                   self.topics.store(self.name), self.topics.alive("+")]
-        topics += [self.chain_topics.blocks(self.sync_name)] if full_sync else []
+        topics += [self.chain_topics.blocks(self.sync_name)] if sync else []
         # Liveness: "alive" retained on every connect, and the broker publishes the
         # retained last will the moment the connection drops uncleanly (a SIGKILL closes
         # the socket at once; a hung node after 1.5 x keepalive). Retained, so a verifier
@@ -182,8 +184,9 @@ class StorageNode:
             await self._say_alive()
             try:
                 works = [self._consume(client), self._catch_up_loop(), self._status()]
-                if full_sync:
-                    await self._request_sync(force=True)
+                if sync:
+                    if self.kind == "full":
+                        await self._request_sync(force=True)
                     works.append(self._sync_loop())
                 await until_stopped(stop, *works)
                 if stop.is_set():   # a clean stop sends no last will: say it ourselves
@@ -216,6 +219,8 @@ class StorageNode:
             self._filling = {"t0": time.monotonic(), "at": time.time(), "bytes": 0, "bodies": 0, "busy": 0.0}
         event(log, "kind_changed", old=old, kind=kind, by=by)
         await self._say_alive()
+        if kind == "full" and self.settings.proposer_sync:
+            await self._request_sync(force=True)
         self._wake.set()
 
     async def _filled(self) -> None:

@@ -114,19 +114,22 @@ async def test_random_kill_9_of_storage_nodes_and_the_verifier_under_load_heals_
             async with Reader(settings, mqtt) as reader:
                 reading = asyncio.create_task(read_loop(reader, lambda: truth["txs"], stop, results))
                 loading = asyncio.create_task(b.load.send(12))
-                for n in range(1, 5):
-                    await asyncio.sleep(rng.uniform(0.5, 2.5))
-                    if n == 4:                            # the last victim, a full node, stays dead
+                verifier_at = rng.randrange(1, 4)        # one of the first three victims is the verifier
+                for n in range(1, 6):
+                    await asyncio.sleep(rng.uniform(0.5, 2.5) if n < 5 else rng.uniform(0.0, 0.5))
+                    if n == 4:                            # a full node, left dead: a promotion
                         # once the earlier victims are readmitted, so that the certified full set is current
                         await asyncio.to_thread(wait_until, lambda: not p_roles(b.p_db, b.genesis).dead, 30,
                                                 f"earlier victims readmitted (seed {seed}, kills {kills})")
-                        victim = rng.choice(sorted(p_roles(b.p_db, b.genesis).full))
+                        victim = dead = rng.choice(sorted(p_roles(b.p_db, b.genesis).full))
+                    elif n in (verifier_at, 5):           # 5: the verifier again, mid-promotion
+                        victim = "verifier"
                     else:
                         victim = rng.choice(sorted(b.procs))
                     kills.append((victim, round(rng.uniform(0.5, 3.0), 2)))
                     print(f"kill -9 {victim}, back after {kills[-1][1]} s")
                     b.procs.pop(victim).send_signal(signal.SIGKILL)
-                    if n < 4:
+                    if n != 4:
                         await asyncio.sleep(kills[-1][1])
                         await asyncio.to_thread(restart, b, victim, n)
                     truth["txs"] = certified_txs(b.bed)
@@ -134,7 +137,6 @@ async def test_random_kill_9_of_storage_nodes_and_the_verifier_under_load_heals_
                 await b.load.send(2)                      # blocks the dead full node never saw
                 chain = _settled(b.bed, b.load.sent)
                 truth["txs"] = certified_txs(b.bed)
-                dead = kills[-1][0]
                 await asyncio.to_thread(wait_at_target, b, chain, 60, f"replication target (seed {seed}, kills {kills})",
                                         lambda: dead in p_roles(b.p_db, b.genesis).dead)
                 stop.set()

@@ -28,7 +28,7 @@ class Client:
     def __init__(self, fabric: "Fabric", name: str):
         self.fabric, self.name = fabric, name
 
-    async def publish(self, topic: str, payload: bytes, qos: int = 0) -> None:
+    async def publish(self, topic: str, payload: bytes, qos: int = 0, retain: bool = False) -> None:
         self.fabric.route(topic, bytes(payload))
 
 
@@ -176,3 +176,15 @@ async def test_malformed_requests_get_typed_error_responses_and_the_node_keeps_s
                                                                 "3": "not_held", "4": None}
     assert answers["4"]["bodies"] == [[1, 1]]
     assert s1.counts["request_bad_request"] == 3 and s1.counts["request_unknown_op"] == 1
+
+
+async def test_a_heavy_node_promoted_to_full_asks_the_proposer_for_blocks_at_once(bed):
+    """Both full nodes may be promoted ones: peers then lack the newest bodies, so a
+    promoted node must ask the proposer's sync service itself, without a restart."""
+    blocks, fabric, node, _ = bed
+    h1 = node("h1", "heavy")
+    for b in blocks[:2]:
+        await h1.keep_header(b.header, b.cert, "certs")
+    await h1._on_placement(encode_placement(role="full", by="verifier"))
+    asks = [json.loads(p) for t, p in fabric.outside if t == "gl/v1/chains/area1/sync"]
+    assert h1.kind == "full" and asks == [{"validator": "storage-h1", "from": 1}], fabric.outside
