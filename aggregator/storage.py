@@ -219,8 +219,6 @@ class StorageNode:
             self._filling = {"t0": time.monotonic(), "at": time.time(), "bytes": 0, "bodies": 0, "busy": 0.0}
         event(log, "kind_changed", old=old, kind=kind, by=by)
         await self._say_alive()
-        if kind == "full" and self.settings.proposer_sync:
-            await self._request_sync(force=True)
         self._wake.set()
 
     async def _filled(self) -> None:
@@ -286,7 +284,7 @@ class StorageNode:
         msg = decode_block(payload)
         if topic == self.chain_topics.certs:
             await self.keep_header(msg.header, msg.cert, "certs")
-            if self.kind == "full" and self.settings.proposer_sync and not await self.has_body(msg.header.height):
+            if self._follows_proposer() and not await self.has_body(msg.header.height):
                 await self._request_sync()
             return
         # a block from the proposer's sync service
@@ -370,6 +368,7 @@ class StorageNode:
                 event(log, "catchup", seconds=round(time.monotonic() - t0, 3), **summary)
                 if self._filling is not None and summary.get("fetched"):
                     self._filling["busy"] += time.monotonic() - t0
+            await self._after_round(summary)
             await self._filled()
             self._wake.clear()
             try:
@@ -382,9 +381,21 @@ class StorageNode:
         held back by the rate limit, or a batch lost, must not leave a gap for good."""
         while True:
             await asyncio.sleep(SYNC_RETRY_S)
-            if (self.kind == "full" and time.monotonic() - self._last_sync >= SYNC_RETRY_S
+            if (self._follows_proposer() and time.monotonic() - self._last_sync >= SYNC_RETRY_S
                     and await self._db_call(self._lacking)):
                 await self._request_sync(force=True)
+
+    def _follows_proposer(self) -> bool:
+        # A promoted node fills from its peers (DRS), not from the proposer, until it is full.
+        return self.kind == "full" and self.settings.proposer_sync and self._filling is None
+
+    async def _after_round(self, summary: dict) -> None:
+        """While filling: bodies wanted that no peer could give (certified while no full
+        node followed the proposer, e.g. both full nodes promoted ones) come from the proposer."""
+        if (self._filling is not None and self.settings.proposer_sync and summary.get("wanted")
+                and not summary.get("fetched")):
+            self.counts["fill_from_proposer"] += 1
+            await self._request_sync(force=True)
 
     def _lacking(self) -> bool:
         return self.store.first_missing_body() <= self.store.header_height()

@@ -585,8 +585,8 @@ class Verifier:
                 self.counts[exc.reason] += 1
                 event(log, "refused", logging.WARNING, topic=topic.rsplit("/", 1)[-1], reason=exc.reason,
                       detail=exc.detail[:200], height=exc.height)
-            except (aiomqtt.MqttError, asyncio.CancelledError):
-                raise
+            except aiomqtt.MqttError:
+                raise   # the session is gone: keep_connected reconnects
             except Exception as exc:   # a bug on one message must not stop the verifier reading the rest
                 self.counts["error_" + type(exc).__name__] += 1
                 log.exception("message on %s failed", topic)

@@ -178,13 +178,18 @@ async def test_malformed_requests_get_typed_error_responses_and_the_node_keeps_s
     assert s1.counts["request_bad_request"] == 3 and s1.counts["request_unknown_op"] == 1
 
 
-async def test_a_heavy_node_promoted_to_full_asks_the_proposer_for_blocks_at_once(bed):
-    """Both full nodes may be promoted ones: peers then lack the newest bodies, so a
-    promoted node must ask the proposer's sync service itself, without a restart."""
+async def test_a_promoted_node_fills_from_peers_and_asks_the_proposer_only_for_what_no_peer_has(bed):
+    """Both full nodes may be promoted ones: then no peer has the newest bodies, and a
+    promoted node must ask the proposer's sync service itself, without a restart; but
+    what its peers hold it copies from them (DRS), not from the proposer."""
     blocks, fabric, node, _ = bed
     h1 = node("h1", "heavy")
     for b in blocks[:2]:
         await h1.keep_header(b.header, b.cert, "certs")
     await h1._on_placement(encode_placement(role="full", by="verifier"))
+    await h1.keep_header(blocks[2].header, blocks[2].cert, "certs")     # a new certificate while filling
+    await h1._after_round({"wanted": 3, "fetched": 2})                 # peers are giving: no proposer
+    assert h1.kind == "full" and not [t for t, _ in fabric.outside if t.endswith("/sync")], fabric.outside
+    await h1._after_round({"wanted": 3, "fetched": 0})                 # peers hold none of what is left
     asks = [json.loads(p) for t, p in fabric.outside if t == "gl/v1/chains/area1/sync"]
-    assert h1.kind == "full" and asks == [{"validator": "storage-h1", "from": 1}], fabric.outside
+    assert asks == [{"validator": "storage-h1", "from": 1}], fabric.outside
