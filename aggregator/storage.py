@@ -54,7 +54,7 @@ class StorageSettings:
     secret_key: Path               # BLS key that signs receipts and audit answers
     validators: Path               # the chain's validator set
     peers: list[str] = field(default_factory=list)   # other storage nodes of the chain
-    proposer_sync: bool = True     # full nodes: fetch new blocks from the proposer's sync service
+    proposer_sync: bool = True     # full nodes (promoted ones too): fetch new blocks from the proposer
     catchup_s: float = 5.0         # seconds between catch-up rounds (inventories of peers)
     chunk_size: int = CHUNK_MAX
     window: int = 4                # outstanding requests per peer
@@ -187,10 +187,12 @@ class StorageNode:
         event(log, "start", node=self.name, kind=self.kind, chain=self.chain, peers=self.settings.peers,
               public_key=self.public_key.hex(), headers=self.store.header_height(),
               bodies=len(self.store.body_heights()))
-        full_sync = self.kind == "full" and self.settings.proposer_sync
+        # Subscribed whatever the kind: a heavy node promoted later needs the proposer's
+        # blocks at once (when both full nodes are promoted ones, nobody else fetches them).
+        sync = self.settings.proposer_sync
         topics = [self.chain_topics.certs, self.topics.requests(self.name), self.topics.responses(self.name),
                   self.topics.store(self.name), self.topics.alive("+")]
-        topics += [self.chain_topics.blocks(self.sync_name)] if full_sync else []
+        topics += [self.chain_topics.blocks(self.sync_name)] if sync else []
         # Liveness: "alive" retained on every connect, and the broker publishes the
         # retained last will the moment the connection drops uncleanly (a SIGKILL closes
         # the socket at once; a hung node after 1.5 x keepalive). Retained, so a verifier
@@ -202,8 +204,9 @@ class StorageNode:
             await self._say_alive()
             try:
                 works = [self._consume(client), self._catch_up_loop(), self._status()]
-                if full_sync:
-                    await self._request_sync(force=True)
+                if sync:
+                    if self.kind == "full":
+                        await self._request_sync(force=True)
                     works.append(self._sync_loop())
                 await until_stopped(stop, *works)
                 if stop.is_set():   # a clean stop sends no last will: say it ourselves
@@ -301,7 +304,7 @@ class StorageNode:
         msg = decode_block(payload)
         if topic == self.chain_topics.certs:
             await self.keep_header(msg.header, msg.cert, "certs")
-            if self.kind == "full" and self.settings.proposer_sync and not await self.has_body(msg.header.height):
+            if self._follows_proposer() and not await self.has_body(msg.header.height):
                 await self._request_sync()
             return
         # a block from the proposer's sync service
@@ -385,6 +388,7 @@ class StorageNode:
                 event(log, "catchup", seconds=round(time.monotonic() - t0, 3), **summary)
                 if self._filling is not None and summary.get("fetched"):
                     self._filling["busy"] += time.monotonic() - t0
+            await self._after_round(summary)
             await self._filled()
             if summary.get("fetched"):
                 continue  # more may be waiting (a fill, blocks arriving under load): no pause while there is work
@@ -399,9 +403,21 @@ class StorageNode:
         held back by the rate limit, or a batch lost, must not leave a gap for good."""
         while True:
             await asyncio.sleep(SYNC_RETRY_S)
-            if (self.kind == "full" and time.monotonic() - self._last_sync >= SYNC_RETRY_S
+            if (self._follows_proposer() and time.monotonic() - self._last_sync >= SYNC_RETRY_S
                     and await self._db_call(self._lacking)):
                 await self._request_sync(force=True)
+
+    def _follows_proposer(self) -> bool:
+        # A promoted node fills from its peers (DRS), not from the proposer, until it is full.
+        return self.kind == "full" and self.settings.proposer_sync and self._filling is None
+
+    async def _after_round(self, summary: dict) -> None:
+        """While filling: bodies wanted that no peer could give (certified while no full
+        node followed the proposer, e.g. both full nodes promoted ones) come from the proposer."""
+        if (self._filling is not None and self.settings.proposer_sync and summary.get("wanted")
+                and not summary.get("fetched")):
+            self.counts["fill_from_proposer"] += 1
+            await self._request_sync(force=True)
 
     def _lacking(self) -> bool:
         return self.store.first_missing_body() <= self.store.header_height()

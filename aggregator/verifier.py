@@ -277,8 +277,10 @@ class Verifier:
                 self.counts["receipt_duplicate"] += 1
                 return
             with self.replica.store.transaction():
+                # Not unique per (height, node): a node whose receipt was dropped (it died) and
+                # which is chosen again (readmitted, promoted) receipts the same block again.
                 self.conn.execute("INSERT INTO p_queue(id, tx, status, height) VALUES (?, ?, 'queued', NULL)",
-                                  (f"receipt/{r.height}/{r.node}", receipt_tx(r)))
+                                  (f"receipt/{r.height}/{r.node}/{r.kind}/{time.time_ns()}", receipt_tx(r)))
                 self.conn.execute("UPDATE p_placed SET receipted = ?, complete = ? WHERE height = ?",
                                   (json.dumps(sorted(got + [r.node])), len(got) + 1 == len(nodes), r.height))
         self.counts["receipts"] += 1
@@ -345,6 +347,16 @@ class Verifier:
         elif alive and node in self.roles.dead and node not in self.returning:
             self.returning.add(node)
             event(log, "returning", node=node)
+        elif alive and node not in self.roles.dead:
+            # The role message goes out after the record commits: a verifier killed in
+            # between leaves the node with its old kind (a promoted node receipting as
+            # heavy, refused for ever). Its retained "alive" carries its kind: correct it.
+            said, kind = json.loads(payload).get("kind"), self.roles.kind_of(self.genesis, node)
+            if said and said != kind and self._client is not None:
+                self.counts["role_resent"] += 1
+                event(log, "role_resent", node=node, said=said, kind=kind)
+                await self._client.publish(self.topics.store(node), encode_placement(role=kind, by=self.settings.name),
+                                           qos=1)
 
     async def declare_dead(self, dead: str, r_height: int = 0, *, via: str = "missing") -> None:
         """A full node is dead (its last will, or the R-chain height of its missing audits):
@@ -382,6 +394,10 @@ class Verifier:
                 self._save_roles(self.roles)
             self._set_kind(new)
             self._set_kind(dead)
+        if via == "missing":
+            # Silent but perhaps still connected (hung, partitioned): no last will, and so no
+            # "alive" when it recovers. Probe it like a returning node, to readmit it then.
+            self.returning.add(dead)
         self.counts["promoted"] += 1
         event(log, "promoted", dead=dead, new=new, via=via, moved=len(sends))
         self.more.set()
@@ -569,3 +585,9 @@ class Verifier:
                 self.counts[exc.reason] += 1
                 event(log, "refused", logging.WARNING, topic=topic.rsplit("/", 1)[-1], reason=exc.reason,
                       detail=exc.detail[:200], height=exc.height)
+            except aiomqtt.MqttError:
+                raise   # the session is gone: keep_connected reconnects
+            except Exception as exc:   # a bug on one message must not stop the verifier reading the rest
+                self.counts["error_" + type(exc).__name__] += 1
+                log.exception("message on %s failed", topic)
+                event(log, "error", logging.ERROR, topic=topic.rsplit("/", 1)[-1], error=repr(exc)[:200])

@@ -28,7 +28,7 @@ class Client:
     def __init__(self, fabric: "Fabric", name: str):
         self.fabric, self.name = fabric, name
 
-    async def publish(self, topic: str, payload: bytes, qos: int = 0) -> None:
+    async def publish(self, topic: str, payload: bytes, qos: int = 0, retain: bool = False) -> None:
         self.fabric.route(topic, bytes(payload))
 
 
@@ -196,3 +196,20 @@ async def test_small_bodies_come_several_to_a_response_from_both_peers_even_over
     assert all(s3.store.body(b.header.height) == b.txs for b in blocks)
     served = s1.server.counts["served_bodies"] + s2.server.counts["served_bodies"]
     assert 6 <= served < 30 and not s3.catchup.bad_peers   # several to a response; a lost one is no fault
+
+
+async def test_a_promoted_node_fills_from_peers_and_asks_the_proposer_only_for_what_no_peer_has(bed):
+    """Both full nodes may be promoted ones: then no peer has the newest bodies, and a
+    promoted node must ask the proposer's sync service itself, without a restart; but
+    what its peers hold it copies from them (DRS), not from the proposer."""
+    blocks, fabric, node, _ = bed
+    h1 = node("h1", "heavy")
+    for b in blocks[:2]:
+        await h1.keep_header(b.header, b.cert, "certs")
+    await h1._on_placement(encode_placement(role="full", by="verifier"))
+    await h1.keep_header(blocks[2].header, blocks[2].cert, "certs")     # a new certificate while filling
+    await h1._after_round({"wanted": 3, "fetched": 2})                 # peers are giving: no proposer
+    assert h1.kind == "full" and not [t for t, _ in fabric.outside if t.endswith("/sync")], fabric.outside
+    await h1._after_round({"wanted": 3, "fetched": 0})                 # peers hold none of what is left
+    asks = [json.loads(p) for t, p in fabric.outside if t == "gl/v1/chains/area1/sync"]
+    assert asks == [{"validator": "storage-h1", "from": 1}], fabric.outside
