@@ -26,7 +26,6 @@ import time
 from collections import Counter
 from typing import Awaitable, Callable, Sequence
 
-from certlog.app import InvalidBlock
 from certlog.block import Certificate, ChainError, Header
 from certlog.proposer import Proposer
 from certlog.replica import Replica
@@ -180,33 +179,12 @@ class Auditor:
                                 block_wait_s=self.block_wait_s, certified=certified)
 
     def _prepare(self) -> tuple[Header, list[bytes]] | None:
-        while True:
-            rows = self.conn.execute("SELECT seq, tx FROM r_queue WHERE status = 'queued' ORDER BY seq LIMIT ?",
-                                     (self.block_max,)).fetchall()
-            if not rows:
-                return None
-            seqs, txs = [r[0] for r in rows], [r[1] for r in rows]
-
-            def mark(header: Header) -> None:
-                self.conn.executemany("UPDATE r_queue SET status = 'proposed', height = ? WHERE seq = ?",
-                                      [(header.height, q) for q in seqs])
-
-            try:
-                return self.proposer.prepare(txs, mark), txs
-            except InvalidBlock as exc:   # judged on arrival; a refusal here is a bug: drop the record, go on
-                if exc.index is None:
-                    raise
-                with self.replica.store.transaction():
-                    self.conn.execute("UPDATE r_queue SET status = 'refused' WHERE seq = ?", (seqs[exc.index],))
-                self.counts["refused_" + exc.reason] += 1
-                event(log, "record_refused", logging.ERROR, reason=exc.reason, detail=exc.detail)
+        return self.proposer.prepare_queued("r_queue", self.block_max, self.counts)
 
     async def _certified(self) -> None:
         """Mark certified records; hand each certified one with an action to the verifier."""
         async with self.lock:
-            with self.replica.store.transaction():
-                self.conn.execute("UPDATE r_queue SET status = 'certified' WHERE status = 'proposed' AND height <= ?",
-                                  (self.replica.height,))
+            self.proposer.certify_queued("r_queue")
             todo = self.conn.execute("SELECT seq, node, action, area_height, height FROM r_queue WHERE "
                                      "status = 'certified' AND action != '' AND acted = 0 ORDER BY seq").fetchall()
         for seq, node, action, area_height, r_height in todo:

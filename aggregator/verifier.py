@@ -38,7 +38,6 @@ from pathlib import Path
 import aiomqtt
 
 from certlog import bls
-from certlog.app import InvalidBlock
 from certlog.block import Certificate, ChainError, Header
 from certlog.mpt import Trie
 from certlog.net import Topics, decode_block
@@ -473,32 +472,11 @@ class Verifier:
                                 certified=certified)
 
     def _prepare(self) -> tuple[Header, list[bytes]] | None:
-        while True:
-            rows = self.conn.execute("SELECT seq, tx FROM p_queue WHERE status = 'queued' ORDER BY seq LIMIT ?",
-                                     (self.settings.block_max,)).fetchall()
-            if not rows:
-                return None
-            seqs, txs = [r[0] for r in rows], [r[1] for r in rows]
-
-            def mark(header: Header) -> None:
-                self.conn.executemany("UPDATE p_queue SET status = 'proposed', height = ? WHERE seq = ?",
-                                      [(header.height, q) for q in seqs])
-
-            try:
-                return self.proposer.prepare(txs, mark), txs
-            except InvalidBlock as exc:  # checked on arrival; a refusal here is a bug: drop the record, go on
-                if exc.index is None:
-                    raise
-                with self.replica.store.transaction():
-                    self.conn.execute("UPDATE p_queue SET status = 'refused' WHERE seq = ?", (seqs[exc.index],))
-                self.counts["refused_" + exc.reason] += 1
-                event(log, "record_refused", logging.ERROR, reason=exc.reason, detail=exc.detail)
+        return self.proposer.prepare_queued("p_queue", self.settings.block_max, self.counts)
 
     async def _certified(self) -> None:
         async with self._db:
-            with self.replica.store.transaction():
-                self.conn.execute("UPDATE p_queue SET status = 'certified' WHERE status = 'proposed' AND height <= ?",
-                                  (self.replica.height,))
+            self.proposer.certify_queued("p_queue")
 
     # -- the process ----------------------------------------------------------------------
     def metrics(self) -> list[Snapshot]:

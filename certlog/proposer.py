@@ -20,6 +20,7 @@ from typing import Any, Awaitable, Callable, Sequence
 from gridledger.logs import event
 
 from . import bls
+from .app import InvalidBlock
 from .block import Certificate, ChainError, Header, Vote
 from .net import SYNC_BATCH, Topics, decode_json, decode_vote, encode_block
 from .replica import Replica
@@ -64,6 +65,49 @@ class Proposer:
             if mark is not None:
                 mark(header)
         return header
+
+    def prepare_queued(self, table: str, block_max: int, counts: Counter[str] | None = None
+                       ) -> tuple[Header, list[bytes]] | None:
+        """The next block of up to `block_max` records queued in `table` (columns seq, tx,
+        status, height, in the replica's database), marked `proposed` in the block's own
+        transaction; None when nothing is queued. Records are judged when they are
+        queued, so the app refusing one here is a bug: that record is marked `refused`,
+        counted in `counts` as `refused_REASON` and logged, and the block is built
+        without it."""
+        conn = self.replica.store.conn
+        while True:
+            rows = conn.execute(f"SELECT seq, tx FROM {table} WHERE status = 'queued' ORDER BY seq LIMIT ?",
+                                (block_max,)).fetchall()
+            if not rows:
+                return None
+            seqs, txs = [r[0] for r in rows], [r[1] for r in rows]
+
+            def mark(header: Header) -> None:
+                conn.executemany(f"UPDATE {table} SET status = 'proposed', height = ? WHERE seq = ?",
+                                 [(header.height, q) for q in seqs])
+
+            try:
+                return self.prepare(txs, mark), txs
+            except InvalidBlock as exc:
+                if exc.index is None:
+                    raise
+                with self.replica.store.transaction():
+                    conn.execute(f"UPDATE {table} SET status = 'refused' WHERE seq = ?", (seqs[exc.index],))
+                if counts is not None:
+                    counts["refused_" + exc.reason] += 1
+                event(log, "record_refused", logging.ERROR, chain=self.replica.chain, reason=exc.reason,
+                      detail=exc.detail)
+
+    def certify_queued(self, table: str) -> list[tuple[str, int]]:
+        """Mark the `proposed` records of `table` that the replica now holds certified as
+        `certified`; their (id, height)."""
+        conn = self.replica.store.conn
+        rows = conn.execute(f"SELECT id, height FROM {table} WHERE status = 'proposed' AND height <= ?",
+                            (self.replica.height,)).fetchall()
+        if rows:
+            with self.replica.store.transaction():
+                conn.executemany(f"UPDATE {table} SET status = 'certified' WHERE id = ?", [(r[0],) for r in rows])
+        return rows
 
     async def run(self, prepare: Callable[[], tuple[Header, list[bytes]] | None], more: asyncio.Event, *,
                   block_max: int, block_wait_s: float,

@@ -250,27 +250,12 @@ class RegistryRole:
                                 certified=certified)
 
     def _prepare(self) -> tuple[Header, list[bytes]] | None:
-        rows = self.conn.execute("SELECT seq, tx FROM registry_queue WHERE status = 'queued' ORDER BY seq LIMIT ?",
-                                 (self.cfg.registry.block_max,)).fetchall()
-        if not rows:
-            return None
-        seqs, txs = [r[0] for r in rows], [r[1] for r in rows]
-
-        def mark(header: Header) -> None:
-            self.conn.executemany("UPDATE registry_queue SET status = 'proposed', height = ? WHERE seq = ?",
-                                  [(header.height, q) for q in seqs])
-
-        return self.proposer.prepare(txs, mark), txs
+        return self.proposer.prepare_queued("registry_queue", self.cfg.registry.block_max, self.counts)
 
     async def _certified(self, client: aiomqtt.Client) -> None:
         """Mark what the chain now holds as certified and tell the submitters."""
         async with self._db:
-            rows = self.conn.execute("SELECT id, height FROM registry_queue WHERE status = 'proposed' "
-                                     "AND height <= ?", (self.replica.height,)).fetchall()
-            if rows:
-                with self.replica.store.transaction():
-                    self.conn.executemany("UPDATE registry_queue SET status = 'certified' WHERE id = ?",
-                                          [(r[0],) for r in rows])
+            rows = self.proposer.certify_queued("registry_queue")
         for rid, height in rows:
             self.counts["certified"] += 1
             await self._publish_result(client, self._result(rid, "certified", None, height))

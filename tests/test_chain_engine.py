@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 import pytest
 
 from certlog import bls, merkle
 from certlog.block import Certificate, ChainError, Header, Vote, cert_message
+from certlog.proposer import Proposer
 from chainkit import certify, make_area, replica, txs_of, validator_keys, validator_set, voters
 
 
@@ -183,3 +186,36 @@ def test_cli_builds_a_validator_set_with_proofs_of_possession(tmp_path):
     from gridledger.errors import ConfigError
     with pytest.raises(ConfigError):
         load_validator_set(vs)
+
+
+def test_a_queue_of_records_is_proposed_in_order_and_a_refused_one_is_dropped(tmp_path):
+    """Proposer.prepare_queued: queued records become the next block, marked proposed in
+    its transaction; a record the app refuses (a bug upstream) is marked refused and
+    counted, the block is built without it; certify_queued marks what is certified."""
+    area = make_area(["m1"])
+    sks = validator_keys()
+    vs = voters(tmp_path, area, sks)
+    prop = replica(tmp_path / "p.db", area, validator_set(sks))
+    conn = prop.store.conn
+    conn.execute("CREATE TABLE q (seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL UNIQUE, "
+                 "tx BLOB NOT NULL, status TEXT NOT NULL, height INTEGER)")
+    good = txs_of([area.meters["m1"].next() for _ in range(3)])
+    queued = [good[0], b'{"not": "a reading"}', good[1], good[2]]
+    conn.executemany("INSERT INTO q(id, tx, status) VALUES (?, ?, 'queued')",
+                     [(f"r{i}", tx) for i, tx in enumerate(queued)])
+
+    async def publish(topic, payload):
+        pass
+
+    counts: Counter[str] = Counter()
+    p = Proposer(prop, publish, 0)
+    header, txs = p.prepare_queued("q", 10, counts)
+    assert txs == good and header.height == 1 and sum(counts.values()) == 1
+    assert {r[0]: r[1] for r in conn.execute("SELECT id, status FROM q")} == {
+        "r0": "proposed", "r1": "refused", "r2": "proposed", "r3": "proposed"}
+    assert [r[0] for r in conn.execute("SELECT id FROM q WHERE status = 'refused'")] == ["r1"]
+    assert p.certify_queued("q") == []                                   # proposed, not certified yet
+    cert = prop.validators.aggregate([v.vote(header, txs) for v in vs])
+    prop.commit(header, txs, cert, stored=True)   # as Proposer.certify does once 2f+1 have voted
+    assert sorted(p.certify_queued("q")) == [("r0", 1), ("r2", 1), ("r3", 1)]
+    assert p.prepare_queued("q", 10, counts) is None
