@@ -544,21 +544,10 @@ class Verifier:
                 elif topic.endswith("/alive"):
                     await self.on_liveness(self.topics.node_of(topic) or "", payload)
                 elif self.auditor is not None and topic in (self.r_topics.votes, self.r_topics.sync):
-                    a = self.auditor
-                    if a.proposer is None:
-                        continue
-                    if topic == self.r_topics.votes:
-                        a.proposer.on_vote(payload)
-                    else:
-                        async with a.lock:
-                            await a.proposer.on_sync(payload)
-                elif self.proposer is None:
-                    continue
-                elif topic == self.p_topics.votes:
-                    self.proposer.on_vote(payload)
+                    await _to_proposer(self.auditor.proposer, self.auditor.lock, topic == self.r_topics.votes,
+                                       payload)
                 else:
-                    async with self._db:
-                        await self.proposer.on_sync(payload)
+                    await _to_proposer(self.proposer, self._db, topic == self.p_topics.votes, payload)
             except ChainError as exc:
                 self.counts[exc.reason] += 1
                 event(log, "refused", logging.WARNING, topic=topic.rsplit("/", 1)[-1], reason=exc.reason,
@@ -569,3 +558,14 @@ class Verifier:
                 self.counts["error_" + type(exc).__name__] += 1
                 log.exception("message on %s failed", topic)
                 event(log, "error", logging.ERROR, topic=topic.rsplit("/", 1)[-1], error=repr(exc)[:200])
+
+
+async def _to_proposer(proposer: Proposer | None, lock: asyncio.Lock, vote: bool, payload: bytes) -> None:
+    """A vote or a sync request for one of the verifier's chains (none before its proposer runs)."""
+    if proposer is None:
+        return
+    if vote:
+        proposer.on_vote(payload)
+    else:
+        async with lock:
+            await proposer.on_sync(payload)

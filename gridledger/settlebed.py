@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from certlog import bls
-from certlog.validators import ValidatorSet, write_secret_key
+from certlog.validators import ValidatorSet, new_secret_key, write_secret_key
 from coordinator.registry import submit
 from coordinator.registryapp import sign_record
 from coordinator.settle import InvalidBill, Period, SettlementStore, verify_bill
@@ -101,12 +101,12 @@ def write_settlement(wd: Path, key: ThresholdPublicKey, paths: dict, *, area: st
     """BLS keys, trustee configs, coordinator.toml and the tariff, beside what
     `testbed.write_chain` and `write_registry_chain` wrote under `wd`."""
     keys = wd / "keys"
-    coord_sk = bls.KeyGen(_seed())
+    coord_sk = new_secret_key()
     write_secret_key(keys / "coord.bls.key", coord_sk)
     mqtt = f'[mqtt]\nhost = "{host}"\nport = {port}\n'
     trustees = []
     for name in TRUSTEES:
-        write_secret_key(keys / f"{name}.bls.key", bls.KeyGen(_seed()))
+        write_secret_key(keys / f"{name}.bls.key", new_secret_key())
         cfg = wd / "trustees" / f"{name}.toml"
         cfg.parent.mkdir(exist_ok=True)
         share = Path(paths["shares"][name]).relative_to(wd)
@@ -134,35 +134,29 @@ def write_settlement(wd: Path, key: ThresholdPublicKey, paths: dict, *, area: st
     return SettlementBed(key, tuple(trustees), coordinator, tariff)
 
 
-def _seed() -> bytes:
-    import secrets
-    return secrets.token_bytes(32)
+def _command(args: list[str], cwd: Path, timeout_s: float) -> dict:
+    """`gridledger ARGS` as an operator runs it (its progress on our stderr); the JSON
+    summary it prints last."""
+    res = subprocess.run([sys.executable, "-m", "gridledger", *args], stdout=subprocess.PIPE, text=True,
+                         timeout=timeout_s, cwd=cwd)
+    try:
+        return json.loads(res.stdout.strip().splitlines()[-1])
+    except (IndexError, ValueError):
+        raise RuntimeError(f"gridledger {args[0]} failed ({res.returncode}): {res.stdout[-2000:]}") from None
 
 
 def settle(bed: SettlementBed, *, area: str, period: Period, cwd: Path, timeout_s: float = 600) -> dict:
-    """`gridledger settle` as an operator runs it (its progress bar on our stderr); its summary."""
-    res = subprocess.run([sys.executable, "-m", "gridledger", "settle", "--config", str(bed.coordinator),
-                          "--area", area, "--period", period.name, "--from", str(period.start),
-                          "--to", str(period.end), "--tariff", str(bed.tariff)],
-                         stdout=subprocess.PIPE, text=True, timeout=timeout_s, cwd=cwd)
-    try:
-        summary = json.loads(res.stdout.strip().splitlines()[-1])
-    except (IndexError, ValueError):
-        raise RuntimeError(f"gridledger settle failed ({res.returncode}): {res.stdout[-2000:]}") from None
-    return summary
+    """`gridledger settle` over the period; its summary."""
+    return _command(["settle", "--config", str(bed.coordinator), "--area", area, "--period", period.name,
+                     "--from", str(period.start), "--to", str(period.end), "--tariff", str(bed.tariff)],
+                    cwd, timeout_s)
 
 
 def loadcurve(bed: SettlementBed, *, area: str, period: Period, cwd: Path, timeout_s: float = 600) -> dict:
-    """`gridledger loadcurve` over the period as an operator runs it; the curve's JSON document."""
-    res = subprocess.run([sys.executable, "-m", "gridledger", "loadcurve", "--config", str(bed.coordinator),
-                          "--area", area, "--from", str(period.start), "--to", str(period.end)],
-                         stdout=subprocess.PIPE, text=True, timeout=timeout_s, cwd=cwd)
-    try:
-        summary = json.loads(res.stdout.strip().splitlines()[-1])
-        doc = json.loads(Path(summary["files"]["json"]).read_text())
-    except (IndexError, KeyError, OSError, ValueError):
-        raise RuntimeError(f"gridledger loadcurve failed ({res.returncode}): {res.stdout[-2000:]}") from None
-    return dict(doc, files=summary["files"])
+    """`gridledger loadcurve` over the period; the curve's JSON document, with its files."""
+    summary = _command(["loadcurve", "--config", str(bed.coordinator), "--area", area, "--from", str(period.start),
+                        "--to", str(period.end)], cwd, timeout_s)
+    return dict(json.loads(Path(summary["files"]["json"]).read_text()), files=summary["files"])
 
 
 def truth_slots(records: Iterable[dict]) -> list[int]:

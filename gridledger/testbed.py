@@ -22,8 +22,6 @@ from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
 
-import gmpy2
-
 from aggregator.audit import audit_from_config
 from aggregator.store import GatewayStore, stored_counts
 from certlog.block import Header
@@ -40,6 +38,7 @@ from .broker import Broker, start_broker
 from .firmware_build import BUILD, build_firmware, micropython_command
 from .config import MqttConfig
 from .meterkeys import MeterKey, new_meter_key
+from .paillier import add_ciphertexts
 from .settlebed import (BAND_NAMES, THRESHOLD, TRUSTEES, SettlementBed, TestbedPolicy, check_bills, key_ceremony,
                         loadcurve, publish_key, settle, truth_slots, write_settlement)
 from .wire import SLOTS, kid_of
@@ -591,8 +590,7 @@ def _report_chain(wd: Path, key: ThresholdPublicKey, validators: list[str]) -> i
     with sqlite3.connect(f"file:{wd / 'gateway.db'}?mode=ro", uri=True) as conn:
         headers = [Header.decode(row[0]) for row in conn.execute(
             "SELECT header FROM chain_blocks WHERE cert IS NOT NULL ORDER BY height")]
-    nsq = key.nsquare
-    from_headers = _product((int(h.app["total"], 16) for h in headers), nsq)
+    from_headers = add_ciphertexts(key.n, (int(h.app["total"], 16) for h in headers))
     readings = sum(h.app["readings"] for h in headers)
     store = GatewayStore(wd / "gateway.db")
     try:
@@ -600,9 +598,9 @@ def _report_chain(wd: Path, key: ThresholdPublicKey, validators: list[str]) -> i
     finally:
         store.close()
     bills = [json.loads(p.read_text()) for p in sorted((wd / "bills").glob("*.json"))]
-    from_bills = _product((int(b["proofs"]["decryption"]["ciphertexts"][b["proofs"]["decryption"]["position"]], 16)
-                           for b in bills), nsq)
-    same = from_headers == _product((r.ciphertext for r in stored), nsq) == from_bills
+    from_bills = add_ciphertexts(key.n, (int(b["proofs"]["decryption"]["ciphertexts"][
+        b["proofs"]["decryption"]["position"]], 16) for b in bills))
+    same = from_headers == add_ciphertexts(key.n, (r.ciphertext for r in stored)) == from_bills
     _say(f"[testbed] area total from {len(headers)} certified headers ({readings} readings) "
          + ("equals" if same else "DIFFERS FROM") + f", as a ciphertext, the product of the {len(stored)} stored "
          f"readings and of the {len(bills)} bills' ciphertexts: the bills add up to the area, checked "
@@ -619,10 +617,3 @@ def _report_chain(wd: Path, key: ThresholdPublicKey, validators: list[str]) -> i
         return 0
     _say("[testbed] FAIL: a replica's chain does not verify or replicas disagree")
     return 1
-
-
-def _product(cs, nsq: int) -> int:
-    out = gmpy2.mpz(1)
-    for c in cs:
-        out = out * c % nsq
-    return int(out)
