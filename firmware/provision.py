@@ -96,11 +96,15 @@ def _check(fn, *args):
         out = fn(*args)
         out["ok"] = out.get("ok", True)
         return out
+    except ProvisionError as e:
+        return {"ok": False, "error": e.args[1]}
     except Exception as e:
         return {"ok": False, "error": "%s: %s" % (type(e).__name__, e)}
 
 
 def _config():
+    if not _exists(CONFIG):
+        raise ProvisionError("no_config", "no config.json: run ./flash.sh provision")
     with open(CONFIG) as f:
         cfg = json.load(f)
     n = int(cfg["paillier"]["n"])

@@ -489,6 +489,8 @@ def _cmd_loadgen(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .flashtool import EXAMPLES as FLASH_EXAMPLES, add_commands as add_flash_commands
+    EXAMPLES.update(FLASH_EXAMPLES)
     p = argparse.ArgumentParser(prog="gridledger", description=__doc__)
     roles = p.add_subparsers(dest="role", required=True, metavar="ROLE")
 
@@ -693,6 +695,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = action(fw, "firmware", "build", "fetch umqtt.simple and compile the firmware with mpy-cross",
                 _cmd_firmware_build)
     sp.add_argument("--out", help="output folder (default build/firmware)")
+    add_flash_commands(roles, action)
 
     lg = roles.add_parser("loadgen", help="load generator: many wire-v1 meters in one process").add_subparsers(
         dest="action", required=True)
