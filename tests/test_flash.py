@@ -1,0 +1,387 @@
+"""flash.sh on real parts: a virtual board (the MicroPython Unix port behind a
+pty, driven by the real mpremote), the registry chain and a gateway on a real
+Mosquitto, and every friendly error provoked for real."""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import segno
+import serial
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from PIL import Image
+
+from gridledger.flashdevice import BOARDS, USB_IDS, bootsel_volumes, classify
+from gridledger.flashlabel import LABEL_PX, QR_BORDER, qr_payload
+from gridledger.flashprovision import fingerprint
+from gridledger.meterkeys import public_hex
+from gridledger.testbed import (chain_height, chain_table, gateway_process, registry_chain_table, registry_process,
+                                validator_process, wait_up, write_chain, write_registry_chain)
+from gridledger.wire import ack_topic, kid_of
+
+from conftest import ROOT, MqttProbe
+from helpers import N, wait_until
+
+FLASH = ROOT / "flash.sh"
+AREA = "area1"
+MPREMOTE = str(Path(sys.executable).parent / "mpremote")
+
+
+def flash(*args: str, prefix: tuple[str, ...] = (), timeout: float = 300) -> subprocess.CompletedProcess:
+    env = dict(os.environ, GL_PYTHON=sys.executable, PYTHONPATH=os.pathsep.join([str(ROOT), *sys.path]))
+    return subprocess.run([*prefix, str(FLASH), *map(str, args)], capture_output=True, text=True, timeout=timeout,
+                          env=env, stdin=subprocess.DEVNULL)
+
+
+class VBoard:
+    def __init__(self, folder: Path, log: Path):
+        self.folder = folder
+        self.log = log
+        with open(log, "wb") as err:
+            self.proc = subprocess.Popen([sys.executable, "-m", "gridledger", "flash", "virtual-board",
+                                          "--dir", str(folder)], stdout=subprocess.PIPE, stderr=err,
+                                         start_new_session=True)
+        ready, _, _ = select.select([self.proc.stdout], [], [], 30)
+        assert ready, f"the virtual board printed no port: {log.read_text()}"
+        self.port = self.proc.stdout.readline().decode().strip()
+        assert self.port.startswith("/dev/pts/"), self.port
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture
+def vboard(tmp_path):
+    vb = VBoard(tmp_path / "board", tmp_path / "vboard.log")
+    yield vb
+    vb.stop()
+
+
+def _lines(res: subprocess.CompletedProcess) -> list[str]:
+    return [line for line in res.stdout.splitlines() if line.startswith("would run: ")]
+
+
+# -- --dry-run ------------------------------------------------------------------------
+
+def test_firmware_dry_run_prints_the_exact_esptool_and_uf2_commands(tmp_path):
+    """ESP32: erase, write at 0x1000, verify; Pico: copy to the BOOTSEL drive, sync; nothing runs."""
+    esptool = str(Path(sys.executable).parent / "esptool")
+    image = tmp_path / "ESP32_GENERIC.bin"
+    image.write_bytes(b"\xe9" + bytes(63))
+    res = flash("--dry-run", "firmware", "--board", "esp32", "--port", "/dev/ttyUSB7", "--image", image)
+    assert res.returncode == 0, res.stderr
+    base = f"{esptool} --chip esp32 --port /dev/ttyUSB7 --baud 460800"
+    assert _lines(res) == [f"would run: {base} erase-flash", f"would run: {base} write-flash 0x1000 {image}",
+                           f"would run: {base} verify-flash 0x1000 {image}"]
+    s3 = flash("--dry-run", "firmware", "--board", "esp32s3", "--port", "/dev/ttyACM3", "--image", image)
+    assert "write-flash 0x0 " in s3.stdout and "--chip esp32s3" in s3.stdout
+
+    uf2 = tmp_path / "RPI_PICO_W.uf2"
+    uf2.write_bytes(b"UF2\n" + bytes(508))
+    volume = tmp_path / "media" / "RPI-RP2"
+    volume.mkdir(parents=True)
+    (volume / "INFO_UF2.TXT").write_text("UF2 Bootloader v3.0\nModel: Raspberry Pi RP2\nBoard-ID: RPI-RP2\n")
+    if shutil.which("picotool"):
+        pytest.skip("picotool on PATH: flash.sh uses it instead of the UF2 copy")
+    res = flash("--dry-run", "firmware", "--board", "pico_w", "--image", uf2, "--volume", volume)
+    assert res.returncode == 0, res.stderr
+    assert _lines(res) == [f"would run: cp {uf2} {volume}/", "would run: sync"]
+    assert not (volume / uf2.name).exists()
+
+
+def test_install_provision_verify_label_dry_runs_print_their_mpremote_commands(tmp_path, firmware_bundle):
+    """Each command shows the exact mpremote lines it would run and touches no port and no file."""
+    port = "/dev/ttyACM9"  # no such device: a dry run must not open it
+    pre = f"would run: {MPREMOTE} connect {port} resume exec "
+    res = flash("--dry-run", "install", "--port", port)
+    assert res.returncode == 0, res.stderr
+    lines = _lines(res)
+    assert lines[0].startswith(pre + "'import sys, json;")
+    assert lines[1] == f"would run: {sys.executable} -m gridledger firmware build --out {ROOT / 'build' / 'firmware'}"
+    assert lines[2] == f"would run: {MPREMOTE} connect {port} resume fs cp -r {ROOT / 'build' / 'firmware'}/. :"
+    assert lines[3].startswith(f"would run: {MPREMOTE} connect {port} resume fs cp ") and \
+        lines[3].endswith("/firmware.json :firmware.json")
+
+    keys = tmp_path / "keys"
+    (tmp_path / "paillier.pub.json").write_text(json.dumps({"n": str(N), "kid": kid_of(N)}))
+    keys.mkdir()
+    (keys / "tech1.ed25519.key").write_bytes(os.urandom(32))
+    res = flash("--dry-run", "provision", "--port", port, "--meter", "m01", "--account", "acct-0001", "--area", AREA,
+                "--broker", "mqtt://gw.local", "--paillier", tmp_path / "paillier.pub.json", "--signer", "tech1",
+                "--key", keys / "tech1.ed25519.key", "--out", tmp_path / "records")
+    assert res.returncode == 0, res.stderr
+    identify, info, config, keygen = _lines(res)
+    assert identify.startswith(pre + "'import sys, json;") and info.startswith(pre) and '"op": "info"' in info
+    assert config.startswith(f"would run: {MPREMOTE} connect {port} resume fs cp ") and \
+        config.endswith("/config.json :config.json")
+    assert keygen.startswith(pre) and '"op": "keygen"' in keygen
+    assert "registry chain via mqtt://gw.local:1883" in res.stdout and not (tmp_path / "records").exists()
+
+    res = flash("--dry-run", "verify", "--port", port)
+    assert res.returncode == 0, res.stderr
+    assert '"op": "selftest"' in _lines(res)[-1]
+
+
+# -- the device side: firmware/provision.py -------------------------------------------------
+
+def test_device_key_is_made_once_and_signs_only_its_own_enrollment(tmp_path, mp_source):
+    """keygen keeps an existing key (rotation only when asked); the host sees only the public key;
+    sign_enrollment refuses other domains and other keys, and its signature verifies on the host."""
+    from certlog.block import canonical
+    from coordinator.registryapp import DOMAIN_METER, enroll_record
+    script = tmp_path / "prov.py"
+    board = tmp_path / "board"
+    board.mkdir()
+    script.write_text("import os, sys\nos.chdir(sys.argv[1])\nimport provision\n"
+                      "for req in open(sys.argv[2]):\n    provision.run(req)\n")
+    requests = tmp_path / "requests.jsonl"  # the Unix port crashes on arguments over 256 characters
+
+    def ops(*reqs: dict) -> list[dict]:
+        requests.write_text("".join(json.dumps(r) + "\n" for r in reqs))
+        out = mp_source.run(script, board, requests, heap="128k")
+        return [json.loads(line[7:]) for line in out.splitlines() if line.startswith("GLPROV ")]
+
+    first, again = ops({"op": "keygen"}, {"op": "keygen"})
+    seed = (board / "ed25519.key").read_bytes()
+    pub = public_hex(Ed25519PrivateKey.from_private_bytes(seed).public_key())
+    assert first["result"] == {"created": True, "rotated": False, "public_key": pub}
+    assert again["result"] == {"created": False, "public_key": pub}
+    assert (board / "ed25519.key").read_bytes() == seed
+
+    rec = enroll_record(meter="m01", account="a1", area=AREA, public_key=pub, signer="tech1", time=1_800_000_000)
+    msg = DOMAIN_METER + canonical(rec)
+    other = dict(rec, public_key="11" * 32)
+    good, wrong_domain, wrong_key, reading = ops(
+        {"op": "sign_enrollment", "msg": msg.hex()},
+        {"op": "sign_enrollment", "msg": (b"gridledger selftest v1\n" + canonical(rec)).hex()},
+        {"op": "sign_enrollment", "msg": (DOMAIN_METER + canonical(other)).hex()},
+        {"op": "sign_enrollment", "msg": b"gl-reading-v1\nm01\n1".hex()})
+    Ed25519PrivateKey.from_private_bytes(seed).public_key().verify(bytes.fromhex(good["result"]["signature"]), msg)
+    assert (wrong_domain["reason"], wrong_key["reason"], reading["reason"]) == ("bad_domain", "not_my_key",
+                                                                               "bad_domain")
+    rotated, = ops({"op": "keygen", "rotate": True})
+    assert rotated["result"]["created"] and rotated["result"]["public_key"] != pub
+    assert (board / "ed25519.key").read_bytes() != seed
+    for answer in (first, again, good, rotated):
+        assert seed.hex() not in json.dumps(answer)
+
+
+# -- end to end on the virtual board ---------------------------------------------------------
+
+class Registry:
+    """The registry chain (its proposer and one validator) and a gateway following it, on the test's Mosquitto."""
+
+    def __init__(self, tmp: Path, broker):
+        self.tmp = tmp
+        (tmp / "paillier.pub.json").write_text(json.dumps({"n": str(N), "kid": kid_of(N)}))
+        self.vcfgs = write_chain(tmp, area=AREA, host=broker.host, port=broker.port, validators=1,
+                                 paillier_public="paillier.pub.json", registry_chain=True)
+        self.setup = write_registry_chain(tmp, host=broker.host, port=broker.port)
+        self.gateway_cfg = tmp / "gateway.toml"
+        self.gateway_cfg.write_text(f'[gateway]\narea = "{AREA}"\ndatabase = "gateway.db"\n'
+                                    f'paillier_public = "paillier.pub.json"\n\n[mqtt]\nhost = "{broker.host}"\n'
+                                    f'port = {broker.port}\n\n' + chain_table(50)
+                                    + registry_chain_table("gateway-registry.db"))
+        self.procs = []
+        for name, start in (("registry", lambda log: registry_process(self.setup.config, log)),
+                            ("v0", lambda log: validator_process(self.vcfgs[0], log)),
+                            ("gateway", lambda log: gateway_process(self.gateway_cfg, log))):
+            log = tmp / f"{name}.log"
+            self.procs.append(start(log))
+            wait_up(log, self.procs[-1], timeout=60)
+        res = subprocess.run([sys.executable, "-m", "gridledger", "registry", "node", "--id", "tech1", "--role",
+                              "technician", "--public-key", self.setup.technician.public_hex, "--signer", "ops",
+                              "--key", str(tmp / "keys" / "ops.ed25519.key"), "--broker",
+                              f"{broker.host}:{broker.port}"], capture_output=True, text=True, timeout=120)
+        assert res.returncode == 0, res.stdout + res.stderr
+
+    def stop(self) -> None:
+        for p in self.procs:
+            p.kill()
+            p.wait()
+
+
+async def test_a_bare_virtual_board_becomes_an_enrolled_meter_whose_reading_the_gateway_accepts(
+        tmp_path, broker, firmware_bundle, vboard):
+    """install, provision, verify and label through flash.sh and mpremote; re-running provision changes nothing;
+    the device's private key is nowhere on the host; restarted, the board's meter gets its first reading acked."""
+    reg = Registry(tmp_path, broker)
+    runs = []
+    try:
+        res = flash("install", "--port", vboard.port, "--bundle", firmware_bundle)
+        runs.append(res)
+        assert res.returncode == 0, res.stdout + res.stderr
+        assert (vboard.folder / "provision.mpy").exists() and (vboard.folder / "umqtt" / "simple.mpy").exists()
+        assert "on MicroPython 1." in res.stdout
+
+        records = tmp_path / "provisioned"
+        provision = ["provision", "--port", vboard.port, "--meter", "m01", "--account", "acct-0001", "--area", AREA,
+                     "--broker", f"mqtt://{broker.host}:{broker.port}", "--paillier", tmp_path / "paillier.pub.json",
+                     "--signer", "tech1", "--key", tmp_path / "keys" / "tech1.ed25519.key", "--out", records,
+                     "--interval-s", "5"]
+        res = flash(*provision)
+        runs.append(res)
+        assert res.returncode == 0, res.stdout + res.stderr
+        seed = (vboard.folder / "ed25519.key").read_bytes()
+        pub = public_hex(Ed25519PrivateKey.from_private_bytes(seed).public_key())
+        record = json.loads((records / "m01.json").read_text())
+        assert record["public_key"] == pub and record["registry"]["status"] == "certified"
+        assert record["fingerprint"] == fingerprint(pub) and record["board"] == "unix"
+        assert json.loads(record["enrollment"])["meter_sig"]
+
+        res = flash("verify", "--port", vboard.port, "--record", records / "m01.json")
+        runs.append(res)
+        assert res.returncode == 0, res.stdout + res.stderr
+        report = [line.split()[:2] for line in res.stdout.splitlines() if line[:4] in ("PASS", "FAIL")]
+        assert report == [["PASS", c] for c in ("config", "key", "encrypt", "sensor", "clock", "broker", "memory")]
+
+        res = flash("label", "--port", vboard.port, "--records", records, "--out", tmp_path / "labels")
+        runs.append(res)
+        assert res.returncode == 0, res.stdout + res.stderr
+        assert (tmp_path / "labels" / "m01.label.png").exists()
+
+        wait_until(lambda: chain_height(tmp_path / "gateway-registry.db") >= record["registry"]["height"], 30,
+                   "the gateway to follow the registry chain")
+        async with MqttProbe(broker, ack_topic(AREA, "m01")) as probe:
+            # Idempotent: same key, same record, no second enrollment; --start restarts the board into main.py.
+            res = flash(*provision, "--start")
+            runs.append(res)
+            assert res.returncode == 0, res.stdout + res.stderr
+            assert "already enrolled" in res.stdout and (vboard.folder / "ed25519.key").read_bytes() == seed
+            assert json.loads((records / "m01.json").read_text()) == record
+            await probe.expect(ack_topic(AREA, "m01"), lambda b: b["seq"] >= 1, timeout=90)
+
+        # The board now runs its meter; mpremote interrupts it (Ctrl-C) like a real board's.
+        res = flash("verify", "--port", vboard.port, "--record", records / "m01.json")
+        runs.append(res)
+        assert res.returncode == 0, res.stdout + res.stderr
+
+        host_files = [p for p in tmp_path.rglob("*") if p.is_file() and vboard.folder not in p.parents]
+        for blob in [*(r.stdout.encode() + r.stderr.encode() for r in runs), *(p.read_bytes() for p in host_files)]:
+            assert seed not in blob and seed.hex().encode() not in blob
+    finally:
+        reg.stop()
+
+
+# -- labels ---------------------------------------------------------------------------------------
+
+def test_label_carries_the_enrollment_as_a_qr_code(tmp_path):
+    """The PNG is 50x25 mm at 300 dpi and its QR modules are exactly segno's encoding of the enrollment."""
+    pub = public_hex(Ed25519PrivateKey.generate().public_key())
+    record = {"meter": "m07", "account": "acct-0007", "area": AREA, "public_key": pub, "board": "pico_w",
+              "signer": "tech1", "registry": {"status": "certified", "height": 4},
+              "enrollment": json.dumps({"kind": "enroll", "meter": "m07", "public_key": pub, "sig": "ab" * 64})}
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(record))
+    res = flash("label", "--record", path, "--out", tmp_path / "out")
+    assert res.returncode == 0, res.stderr
+    img = Image.open(tmp_path / "out" / "m07.label.png").convert("1")
+    assert img.size == LABEL_PX
+    text = (tmp_path / "out" / "m07.label.txt").read_text()
+    assert f"fingerprint  {fingerprint(pub)}" in text and "account      acct-0007" in text
+
+    matrix = [list(row) for row in segno.make(qr_payload(record), error="m", micro=False).matrix_iter(border=QR_BORDER)]
+    px = img.load()
+    # Find the code: the right-most square block; sample each module's centre.
+    dark_x = [x for x in range(img.width) if any(px[x, y] == 0 for y in range(img.height))]
+    right = max(dark_x)
+    dark_y = [y for y in range(img.height) if px[right, y] == 0 or px[right - 1, y] == 0]
+    modules = len(matrix) - 2 * QR_BORDER
+    size = right + 1 - min(x for x in dark_x if x > img.width // 2)
+    scale = size // modules
+    x0, y0 = right + 1 - size - QR_BORDER * scale, min(dark_y) - QR_BORDER * scale
+    got = [[px[x0 + c * scale + scale // 2, y0 + r * scale + scale // 2] == 0 for c in range(len(matrix))]
+           for r in range(len(matrix))]
+    assert got == [[bool(v) for v in row] for row in matrix]
+
+
+# -- friendly errors ----------------------------------------------------------------------------
+
+def test_no_board_on_the_named_port(tmp_path):
+    res = flash("verify", "--port", tmp_path / "ttyUSB0")
+    assert res.returncode == 3 and "no board at" in res.stderr and "data cable" in res.stderr
+
+
+def test_permission_denied_says_how_to_join_dialout(vboard):
+    """The port's mode denies us (root too, without CAP_DAC_OVERRIDE, as an ordinary user is)."""
+    os.chmod(vboard.port, 0o000)
+    drop = ("setpriv", "--bounding-set=-dac_override,-dac_read_search") if os.geteuid() == 0 else ()
+    if drop and not shutil.which("setpriv"):
+        pytest.skip("running as root without setpriv: cannot be denied")
+    res = flash("install", "--port", vboard.port, prefix=drop)
+    assert res.returncode == 5, res.stdout + res.stderr
+    assert "permission denied" in res.stderr and "usermod -aG" in res.stderr and "log out" in res.stderr
+
+
+def test_port_busy_when_another_program_holds_it(vboard):
+    with serial.Serial(vboard.port, exclusive=True):  # what mpremote, esptool or a serial monitor does
+        res = flash("verify", "--port", vboard.port)
+    assert res.returncode == 4 and "is busy" in res.stderr and "close it" in res.stderr
+
+
+def test_wrong_board_is_refused_before_anything_is_written(vboard):
+    res = flash("install", "--port", vboard.port, "--board", "esp32")
+    assert res.returncode == 6 and "wrong board" in res.stderr and "the device says linux" in res.stderr
+    assert not (vboard.folder / "main.py").exists()
+
+
+def test_verify_before_install_says_to_install(vboard):
+    res = flash("verify", "--port", vboard.port)
+    assert res.returncode == 9 and "run ./flash.sh install" in res.stderr
+
+
+def test_image_missing_or_not_an_image(tmp_path):
+    res = flash("firmware", "--board", "esp32", "--port", "/dev/ttyUSB0", "--image", tmp_path / "nope.bin")
+    assert res.returncode == 7 and "image missing" in res.stderr and "micropython.org/download" in res.stderr
+    uf2 = tmp_path / "x.uf2"
+    uf2.write_bytes(b"UF2\n" + bytes(60))
+    res = flash("firmware", "--board", "esp32", "--port", "/dev/ttyUSB0", "--image", uf2)
+    assert res.returncode == 7 and "not an ESP32 firmware image" in res.stderr
+    res = flash("firmware", "--board", "pico", "--image", uf2, "--sha256", "00" * 32, "--volume", tmp_path)
+    assert res.returncode == 7 and "download it again" in res.stderr
+
+
+def test_pico_not_in_bootsel(tmp_path):
+    if shutil.which("picotool"):
+        pytest.skip("picotool on PATH finds the board itself")
+    uf2 = tmp_path / "RPI_PICO.uf2"
+    uf2.write_bytes(b"UF2\n" + bytes(508))
+    res = flash("firmware", "--board", "pico", "--image", uf2, "--volume", tmp_path)
+    assert res.returncode == 8 and "not in BOOTSEL" in res.stderr and "hold its BOOTSEL" in res.stderr
+
+
+def test_every_subcommand_has_help_and_usage_errors_exit_2():
+    for sub in ("build", "detect", "firmware", "install", "provision", "verify", "label", "virtual-board"):
+        res = flash(sub, "--help")
+        assert res.returncode == 0 and "usage" in res.stdout.lower(), sub
+    top = flash("--help")
+    assert "exit codes" in top.stdout and "8 Pico not in BOOTSEL" in top.stdout
+    assert flash("provision", "--port", "/dev/null").returncode == 2
+
+
+# -- detection (pure logic) ----------------------------------------------------------------------
+
+def test_usb_ids_and_bootsel_drives_are_recognised(tmp_path):
+    assert classify(0x10C4, 0xEA60)[0] == "esp32" and classify(0x1A86, 0x7523)[0] == "esp32"
+    assert classify(0x1A86, 0x55D4)[0] == "esp32" and classify(0x0403, 0x6001)[0] == "esp32"
+    assert classify(0x2E8A, 0x0005)[0] == "pico" and classify(0x046D, 0xC52B) is None and classify(None, None) is None
+    assert {f for f, _ in USB_IDS.values()} <= {b.family for b in BOARDS.values()}
+    drive = tmp_path / "user" / "RP2350"
+    drive.mkdir(parents=True)
+    (drive / "INFO_UF2.TXT").write_text("UF2 Bootloader v1.0\nModel: Raspberry Pi RP2350\nBoard-ID: RP2350\n")
+    (tmp_path / "USBSTICK").mkdir()
+    assert bootsel_volumes([tmp_path]) == [(drive, "RP2350")]
