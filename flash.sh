@@ -21,7 +21,7 @@ usage: ./flash.sh [--dry-run] COMMAND [options]      (./flash.sh COMMAND --help 
 
 commands, in the order a new meter needs them:
   detect      list boards on USB: port, board guess, MicroPython version; Picos in BOOTSEL
-  firmware    write MicroPython: --board esp32|esp32s3|esp32c3|pico|pico_w|pico2_w --image FILE [--port P]
+  firmware    write MicroPython: --board esp32|esp32-s3|esp32-c3|pico|pico-w|pico2-w --image FILE [--port P]
   build       compile the firmware bundle into build/firmware (mpy-cross, umqtt.simple)
   install     build the bundle and copy it to the board: --port P
   provision   config, on-device key, enrollment on the registry chain, record: --port P --meter ID ...
@@ -40,7 +40,7 @@ exit codes:
   8 Pico not in BOOTSEL                     9 the device failed a command
 
 example (a Pico W on /dev/ttyACM0):
-  ./flash.sh firmware --board pico_w --image RPI_PICO_W-20250415-v1.25.0.uf2
+  ./flash.sh firmware --board pico-w --image RPI_PICO_W-20250415-v1.25.0.uf2
   ./flash.sh install --port /dev/ttyACM0
   ./flash.sh provision --port /dev/ttyACM0 --meter m01 --account acct-0001 --area area1 \
       --broker mqtt://gateway.local:1883 --wifi 'HomeNet:secret' --paillier keys/paillier.pub.json \

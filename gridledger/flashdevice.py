@@ -82,12 +82,12 @@ class BoardKind:
 
 
 BOARDS = {
-    "esp32": BoardKind("esp32", "esp32", "esp32", "0x1000", ".bin"),
-    "esp32s3": BoardKind("esp32", "esp32", "esp32s3", "0x0", ".bin"),
-    "esp32c3": BoardKind("esp32", "esp32", "esp32c3", "0x0", ".bin"),
+    "esp32": BoardKind("esp32", "esp32", "esp32", "0x1000", ".bin"),       # ESP32-DevKitC (WROOM-32) and kin
+    "esp32-s3": BoardKind("esp32", "esp32", "esp32s3", "0x0", ".bin"),
+    "esp32-c3": BoardKind("esp32", "esp32", "esp32c3", "0x0", ".bin"),
     "pico": BoardKind("pico", "rp2", image=".uf2"),
-    "pico_w": BoardKind("pico", "rp2", image=".uf2"),
-    "pico2_w": BoardKind("pico", "rp2", image=".uf2"),
+    "pico-w": BoardKind("pico", "rp2", image=".uf2"),
+    "pico2-w": BoardKind("pico", "rp2", image=".uf2"),
     "unix": BoardKind("unix", "linux"),  # the virtual board (gridledger flash virtual-board)
 }
 

@@ -68,10 +68,8 @@ def meter_config(*, meter: str, account: str, area: str, broker: BrokerUrl, n: i
                  password: str | None = None, sensor: dict | None = None) -> dict:
     """The device's config.json (firmware/meter.py reads it; key and state live beside it)."""
     b = {"host": broker.host, "port": broker.port, "keepalive": 30, "timeout_s": 5}
-    if broker.tls:
-        b["tls"] = True
     if ca:
-        b["ca"] = "ca.pem"
+        b["ca"] = "ca.pem"  # the uplink speaks TLS, checking the server against it, when a CA is configured
     if user:
         b["user"], b["password"] = user, password
     cfg = {"meter": meter, "account": account, "area": area, "interval_s": interval_s,
@@ -197,6 +195,8 @@ def provision(board: Board, *, meter: str, account: str, area: str, broker: str,
     reg_password = (_readable(registry_password_file, "registry-password-file").read_text().strip()
                     if registry_password_file else None)
     ca_path = _readable(ca, "ca") if ca else None
+    if url.tls and ca_path is None:
+        raise UsageError("--broker mqtts://...: give --ca, the CA that signed the broker's certificate")
 
     say(f"checking the board on {board.port}")
     board_check(board, board_kind)

@@ -86,7 +86,7 @@ def test_firmware_dry_run_prints_the_exact_esptool_and_uf2_commands(tmp_path):
     base = f"{esptool} --chip esp32 --port /dev/ttyUSB7 --baud 460800"
     assert _lines(res) == [f"would run: {base} erase-flash", f"would run: {base} write-flash 0x1000 {image}",
                            f"would run: {base} verify-flash 0x1000 {image}"]
-    s3 = flash("--dry-run", "firmware", "--board", "esp32s3", "--port", "/dev/ttyACM3", "--image", image)
+    s3 = flash("--dry-run", "firmware", "--board", "esp32-s3", "--port", "/dev/ttyACM3", "--image", image)
     assert "write-flash 0x0 " in s3.stdout and "--chip esp32s3" in s3.stdout
 
     uf2 = tmp_path / "RPI_PICO_W.uf2"
@@ -96,7 +96,7 @@ def test_firmware_dry_run_prints_the_exact_esptool_and_uf2_commands(tmp_path):
     (volume / "INFO_UF2.TXT").write_text("UF2 Bootloader v3.0\nModel: Raspberry Pi RP2\nBoard-ID: RPI-RP2\n")
     if shutil.which("picotool"):
         pytest.skip("picotool on PATH: flash.sh uses it instead of the UF2 copy")
-    res = flash("--dry-run", "firmware", "--board", "pico_w", "--image", uf2, "--volume", volume)
+    res = flash("--dry-run", "firmware", "--board", "pico-w", "--image", uf2, "--volume", volume)
     assert res.returncode == 0, res.stderr
     assert _lines(res) == [f"would run: cp {uf2} {volume}/", "would run: sync"]
     assert not (volume / uf2.name).exists()
@@ -281,7 +281,7 @@ async def test_a_bare_virtual_board_becomes_an_enrolled_meter_whose_reading_the_
 def test_label_carries_the_enrollment_as_a_qr_code(tmp_path):
     """The PNG is 50x25 mm at 300 dpi and its QR modules are exactly segno's encoding of the enrollment."""
     pub = public_hex(Ed25519PrivateKey.generate().public_key())
-    record = {"meter": "m07", "account": "acct-0007", "area": AREA, "public_key": pub, "board": "pico_w",
+    record = {"meter": "m07", "account": "acct-0007", "area": AREA, "public_key": pub, "board": "pico-w",
               "signer": "tech1", "registry": {"status": "certified", "height": 4},
               "enrollment": json.dumps({"kind": "enroll", "meter": "m07", "public_key": pub, "sig": "ab" * 64})}
     path = tmp_path / "r.json"
