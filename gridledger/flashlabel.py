@@ -1,5 +1,5 @@
-"""A meter's label from its provisioning record: a PNG to print (50 x 25 mm at
-300 dpi) with meter id, account, area, key fingerprint and a QR code of the
+"""A meter's label from its provisioning record: a PNG to print (62 x 29 mm, a
+standard address label such as Brother DK-11209, at 300 dpi) with meter id, account, area, key fingerprint and a QR code of the
 signed enrollment record, and the same facts as text.
 
 The QR code carries the enrollment transaction exactly as the registry chain
@@ -19,7 +19,7 @@ from .flashprovision import fingerprint
 
 __all__ = ["write_label", "qr_payload", "LABEL_PX", "QR_BORDER"]
 
-LABEL_PX = (591, 295)  # 50 x 25 mm at 300 dpi
+LABEL_PX = (732, 343)  # 62 x 29 mm at 300 dpi: an enrollment (~650 bytes, QR version 20) at 3 px = 0.25 mm a module
 QR_BORDER = 2          # quiet-zone modules (4 is the standard's; the label's white margin adds the rest)
 _MARGIN = 12
 
@@ -55,8 +55,7 @@ def write_label(record: dict, out: Path) -> tuple[Path, Path]:
     draw = ImageDraw.Draw(img)
     big, small = ImageFont.load_default(size=40), ImageFont.load_default(size=19)
     lines = [(meter, big), (f"account {record['account']}", small), (f"area {record['area']}", small),
-             ("key " + fp[:14], small), ("    " + fp[15:], small),
-             (f"{record.get('board', '')} by {record.get('signer', '')}", small)]
+             (f"key {fp}", small), (f"{record.get('board', '')}, enrolled by {record.get('signer', '')}", small)]
     y = _MARGIN
     for text, font in lines:
         draw.text((_MARGIN, y), text, font=font, fill=0)

@@ -279,7 +279,7 @@ async def test_a_bare_virtual_board_becomes_an_enrolled_meter_whose_reading_the_
 # -- labels ---------------------------------------------------------------------------------------
 
 def test_label_carries_the_enrollment_as_a_qr_code(tmp_path):
-    """The PNG is 50x25 mm at 300 dpi and its QR modules are exactly segno's encoding of the enrollment."""
+    """The PNG is 62x29 mm at 300 dpi and its QR modules are exactly segno's encoding of the enrollment."""
     pub = public_hex(Ed25519PrivateKey.generate().public_key())
     record = {"meter": "m07", "account": "acct-0007", "area": AREA, "public_key": pub, "board": "pico-w",
               "signer": "tech1", "registry": {"status": "certified", "height": 4},
