@@ -38,6 +38,7 @@ exit codes:
   3 no board found    4 port busy           5 permission denied on the port
   6 wrong board       7 image missing or not an image for the board
   8 Pico not in BOOTSEL                     9 the device failed a command
+  10 the registry chain could not be reached
 
 example (a Pico W on /dev/ttyACM0):
   ./flash.sh firmware --board pico-w --image RPI_PICO_W-20250415-v1.25.0.uf2

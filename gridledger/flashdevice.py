@@ -21,7 +21,7 @@ from pathlib import Path
 from .errors import GridledgerError
 
 __all__ = ["FlashError", "UsageError", "NoBoard", "PortBusy", "PermissionDenied", "WrongBoard", "ImageError",
-           "NotInBootsel", "DeviceError", "CheckFailed", "Runner", "Board", "BOARDS", "check_port", "tool",
+           "NotInBootsel", "DeviceError", "RegistryError", "CheckFailed", "Runner", "Board", "BOARDS", "check_port", "tool",
            "Detected", "classify", "detect", "bootsel_volumes", "EXIT_CODES"]
 
 
@@ -67,9 +67,13 @@ class DeviceError(FlashError):
     reason, exit_code = "device", 9
 
 
+class RegistryError(FlashError):
+    reason, exit_code = "registry", 10
+
+
 EXIT_CODES = {0: "ok"} | {cls.exit_code: cls.reason for cls in (
     CheckFailed, UsageError, NoBoard, PortBusy, PermissionDenied, WrongBoard, ImageError, NotInBootsel,
-    DeviceError)}
+    DeviceError, RegistryError)}
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,18 +15,22 @@ import os
 import secrets
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from certlog.block import canonical
+from coordinator.registryapp import DOMAIN_METER, DOMAIN_SIGNER, enroll_record, record_id
 
-from .flashdevice import BOARDS, Board, CheckFailed, DeviceError, UsageError, WrongBoard
+from .config import MqttConfig
+from .errors import ConfigError
+from .flashdevice import BOARDS, Board, CheckFailed, DeviceError, RegistryError, UsageError, WrongBoard
+from .meterkeys import MeterKey, verifier
+from .paillier import load_public
 from .wire import METER_ID_RE, kid_of, pack_slots, slot_index
 
-__all__ = ["BrokerUrl", "parse_broker", "board_check", "meter_config", "fingerprint", "enroll_on_registry", "provision", "verify",
-           "load_record", "Check", "SELFTEST_DOMAIN"]
+__all__ = ["BrokerUrl", "parse_broker", "board_check", "meter_config", "fingerprint", "enroll_on_registry",
+           "Provisioning", "provision", "verify", "load_record", "Check", "SELFTEST_DOMAIN"]
 
 MAX_SKEW_S = 300    # the gateway refuses readings more than 5 minutes ahead (clock_skew)
 MIN_FREE = 8 * 1024  # heap a meter must still have free after its self-test
@@ -104,41 +108,34 @@ def board_check(board: Board, wanted: str | None) -> dict:
 
 # -- enrollment ----------------------------------------------------------------------
 
-def enroll_on_registry(record: dict, meter_sig: str, *, signer: str, key: Path, broker: BrokerUrl,
+def enroll_on_registry(record: dict, meter_sig: str, *, technician: MeterKey, broker: BrokerUrl,
                        user: str | None = None, password: str | None = None, timeout_s: float = 60.0) -> dict:
-    """Submit a device-signed enrollment to the registry chain and wait for its fate.
-    The one place to point at `gridledger registry enroll --public-key --meter-signature`
-    once the registry CLI takes a meter signature made elsewhere."""
+    """Submit a device-signed enrollment to the registry chain and wait for its fate
+    (the registry's result, with the transaction as `tx`). The one place to point at
+    `gridledger registry enroll --public-key --meter-signature` once that is on main."""
+    from aiomqtt import MqttError
     from coordinator.registry import submit
-    from coordinator.registryapp import DOMAIN_SIGNER, record_id
-    from certlog.block import canonical
-    from .config import MqttConfig
-    from .meterkeys import MeterKey
-    tech = MeterKey.read_seed(signer, key)
-    body = canonical(record)
-    tx = canonical(dict(record, sig=tech.sign(DOMAIN_SIGNER + body).hex(), meter_sig=meter_sig))
     mqtt = MqttConfig(host=broker.host, port=broker.port, username=user, password=password)
+    tx = canonical(dict(record, sig=technician.sign(DOMAIN_SIGNER + canonical(record)).hex(), meter_sig=meter_sig))
     try:
         [result] = asyncio.run(submit(mqtt, [tx], timeout_s=timeout_s))
     except TimeoutError:
-        raise DeviceError(f"no answer from the registry on {broker} within {timeout_s:.0f} s: is "
-                          "`gridledger registry run` up?") from None
-    except OSError as exc:
-        raise DeviceError(f"cannot reach the registry's broker {broker}: {exc}") from None
+        raise RegistryError(f"no answer from the registry on {broker} within {timeout_s:.0f} s: is "
+                            "`gridledger registry run` up?") from None
+    except (MqttError, OSError) as exc:
+        raise RegistryError(f"cannot submit to the registry through {broker}: {exc}") from None
     return {"tx": tx.decode(), "id": record_id(tx), **result}
 
 
 def _enrollment_message(record: dict) -> bytes:
-    from coordinator.registryapp import DOMAIN_METER
-    from certlog.block import canonical
+    """What the meter signs: coordinator.registryapp's meter domain and the record's canonical JSON."""
     return DOMAIN_METER + canonical(record)
 
 
 def _verify_sig(public_key: str, sig_hex: str, msg: bytes) -> bool:
     try:
-        Ed25519PublicKey.from_public_bytes(bytes.fromhex(public_key)).verify(bytes.fromhex(sig_hex), msg)
-        return True
-    except (InvalidSignature, ValueError):
+        return verifier(public_key)(msg, bytes.fromhex(sig_hex))
+    except (ConfigError, ValueError):
         return False
 
 
@@ -165,87 +162,131 @@ def _firmware_name(info: dict | None) -> str:
     return f"gridledger-{fw.get('gridledger', '?')}+{fw.get('bundle', '?')[:12]}"
 
 
-def provision(board: Board, *, meter: str, account: str, area: str, broker: str, paillier: str, signer: str,
-              key: str, out: Path, registry: str | None = None, wifi: str | None = None, ca: str | None = None,
-              user: str | None = None, password_file: str | None = None, registry_user: str | None = None,
-              registry_password_file: str | None = None, interval_s: int = 900, board_kind: str | None = None,
-              rotate: bool = False, timeout_s: float = 60.0, say=print) -> dict:
-    """Config on the device, key made on the device, enrollment certified; returns the saved record."""
-    from coordinator.registryapp import enroll_record
-    from .paillier import load_public
-    from .errors import ConfigError
-    _ident(meter, "meter"), _ident(area, "area"), _ident(signer, "signer")
-    if not account or len(account) > 64:
-        raise UsageError("--account: 1 to 64 characters")
-    url, reg_url = parse_broker(broker), parse_broker(registry or broker)
-    key_path = _readable(key, "key")
-    try:
-        n = load_public(_readable(paillier, "paillier")).n
-    except ConfigError as exc:
-        raise UsageError(str(exc)) from None
-    ssid_pass = None
-    if wifi is not None:
-        ssid, sep, pw = wifi.partition(":")
-        if not sep or not ssid:
-            raise UsageError("--wifi: give SSID:PASSWORD")
-        ssid_pass = (ssid, pw)
-    password = _readable(password_file, "password-file").read_text().strip() if password_file else None
-    if user and password is None:
-        raise UsageError("--user needs --password-file")
-    reg_password = (_readable(registry_password_file, "registry-password-file").read_text().strip()
-                    if registry_password_file else None)
-    ca_path = _readable(ca, "ca") if ca else None
-    if url.tls and ca_path is None:
-        raise UsageError("--broker mqtts://...: give --ca, the CA that signed the broker's certificate")
+def _secret(path: str | None, what: str) -> str | None:
+    return _readable(path, what).read_text().strip() if path else None
 
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Provisioning:
+    """Everything `provision` needs, checked before the board is touched."""
+    meter: str
+    account: str
+    area: str
+    broker: BrokerUrl
+    registry: BrokerUrl
+    n: int
+    technician: MeterKey = field(repr=False)
+    out: Path
+    wifi: tuple[str, str] | None = None
+    ca: Path | None = None
+    user: str | None = None
+    password: str | None = field(default=None, repr=False)
+    registry_user: str | None = None
+    registry_password: str | None = field(default=None, repr=False)
+    interval_s: int = 900
+    board: str | None = None
+    rotate: bool = False
+    timeout_s: float = 60.0
+
+    @classmethod
+    def from_options(cls, *, meter: str, account: str, area: str, broker: str, paillier: str, signer: str, key: str,
+                     out: str, registry: str | None = None, wifi: str | None = None, ca: str | None = None,
+                     user: str | None = None, password_file: str | None = None, registry_user: str | None = None,
+                     registry_password_file: str | None = None, **rest) -> "Provisioning":
+        """From the command line's strings and file names; UsageError names the option at fault."""
+        for value, what in ((meter, "meter"), (area, "area"), (signer, "signer")):
+            _ident(value, what)
+        if not account or len(account) > 64:
+            raise UsageError("--account: 1 to 64 characters")
+        url, reg_url = parse_broker(broker), parse_broker(registry or broker)
+        try:
+            n = load_public(_readable(paillier, "paillier")).n
+            technician = MeterKey.read_seed(signer, _readable(key, "key"))
+        except ConfigError as exc:
+            raise UsageError(str(exc)) from None
+        ssid_pass = None
+        if wifi is not None:
+            ssid, sep, pw = wifi.partition(":")
+            if not sep or not ssid:
+                raise UsageError("--wifi: give SSID:PASSWORD")
+            ssid_pass = (ssid, pw)
+        password = _secret(password_file, "password-file")
+        if user and password is None:
+            raise UsageError("--user needs --password-file")
+        ca_path = _readable(ca, "ca") if ca else None
+        if url.tls and ca_path is None:
+            raise UsageError("--broker mqtts://...: give --ca, the CA that signed the broker's certificate")
+        return cls(meter=meter, account=account, area=area, broker=url, registry=reg_url, n=n, technician=technician,
+                   out=Path(out), wifi=ssid_pass, ca=ca_path, user=user, password=password,
+                   registry_user=registry_user, registry_password=_secret(registry_password_file,
+                                                                          "registry-password-file"), **rest)
+
+    @property
+    def record_path(self) -> Path:
+        return self.out / f"{self.meter}.json"
+
+
+def _already_enrolled(p: Provisioning, public_key: str) -> dict | None:
+    """The saved record if this key is already certified for this meter, account and area."""
+    old = load_record(p.record_path) if p.record_path.exists() else None
+    if not old or old["public_key"] != public_key or old.get("registry", {}).get("status") != "certified":
+        return None
+    if (old.get("account"), old.get("area")) != (p.account, p.area):
+        raise UsageError(f"{p.meter} is enrolled with this key for {old.get('account')} in {old.get('area')}: "
+                         "retire it (gridledger registry retire) and provision again with --rotate-key")
+    return old
+
+
+def provision(board: Board, p: Provisioning, say=print) -> dict:
+    """Config on the device, key made on the device, enrollment certified; returns the saved record."""
     say(f"checking the board on {board.port}")
-    board_check(board, board_kind)
+    board_check(board, p.board)
     info = board.call("info")
     if info is not None and not info.get("firmware"):
         raise DeviceError(f"no gridledger firmware on {board.port}: run ./flash.sh install --port {board.port}")
-    kind = board_kind or next((k for k, b in BOARDS.items() if info and b.platform == info["platform"]), "unix")
+    kind = p.board or next((k for k, b in BOARDS.items() if info and b.platform == info["platform"]), "unix")
 
     say("writing the device config")
-    cfg = meter_config(meter=meter, account=account, area=area, broker=url, n=n, interval_s=interval_s,
-                       wifi=ssid_pass, ca=ca_path is not None, user=user, password=password)
+    cfg = meter_config(meter=p.meter, account=p.account, area=p.area, broker=p.broker, n=p.n,
+                       interval_s=p.interval_s, wifi=p.wifi, ca=p.ca is not None, user=p.user, password=p.password)
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(tmp) / "config.json"
         local.write_text(json.dumps(cfg, indent=1))
         board.run("fs", "cp", str(local), ":config.json")
-    if ca_path:
-        board.run("fs", "cp", str(ca_path), ":ca.pem")
+    if p.ca:
+        board.run("fs", "cp", str(p.ca), ":ca.pem")
 
-    say("generating the meter key on the device" + (" (rotating the old one)" if rotate else ""))
-    made = board.call("keygen", rotate=rotate)
+    say("generating the meter key on the device" + (" (rotating the old one)" if p.rotate else ""))
+    made = board.call("keygen", rotate=p.rotate)
     if made is None:
-        say(f"then: the device signs the enrollment, it is submitted to the registry chain via {reg_url} "
-            f"and the record written to {out / (meter + '.json')}")
+        say(f"then: the device signs the enrollment, it is submitted to the registry chain via {p.registry} "
+            f"and the record written to {p.record_path}")
         return {}
     public_key = made["public_key"]
     say(f"public key {public_key} ({'new' if made['created'] else 'kept: the device already had one'})")
-
-    path = out / f"{meter}.json"
-    old = load_record(path) if path.exists() else None
-    if old and old["public_key"] == public_key and old.get("registry", {}).get("status") == "certified":
-        say(f"already enrolled at registry height {old['registry'].get('height')}: record {path} kept")
+    old = _already_enrolled(p, public_key)
+    if old:
+        say(f"already enrolled at registry height {old['registry'].get('height')}: record {p.record_path} kept")
         return old
-    record = enroll_record(meter=meter, account=account, area=area, public_key=public_key, signer=signer,
-                           time=int(time.time()), board=kind, firmware=_firmware_name(info))
+
+    record = enroll_record(meter=p.meter, account=p.account, area=p.area, public_key=public_key,
+                           signer=p.technician.meter, time=int(time.time()), board=kind, firmware=_firmware_name(info))
     msg = _enrollment_message(record)
     signed = board.call("sign_enrollment", msg=msg.hex())
     if signed["public_key"] != public_key or not _verify_sig(public_key, signed["signature"], msg):
         raise DeviceError("the device's enrollment signature does not verify against its public key")
-    say(f"enrolling {meter} for {account} in {area} on the registry chain ({reg_url})")
-    result = enroll_on_registry(record, signed["signature"], signer=signer, key=key_path, broker=reg_url,
-                                user=registry_user, password=reg_password, timeout_s=timeout_s)
-    saved = {"meter": meter, "account": account, "area": area, "board": kind, "firmware": record["firmware"],
-             "public_key": public_key, "fingerprint": fingerprint(public_key), "signer": signer,
-             "time": record["time"], "broker": str(url), "port": board.port,
-             "enrollment": result.pop("tx"), "registry": result}
+    say(f"enrolling {p.meter} for {p.account} in {p.area} on the registry chain ({p.registry})")
+    result = enroll_on_registry(record, signed["signature"], technician=p.technician, broker=p.registry,
+                                user=p.registry_user, password=p.registry_password, timeout_s=p.timeout_s)
+    tx = result.pop("tx")
     if result.get("status") != "certified":
         raise CheckFailed(f"the registry refused the enrollment: {result.get('reason')}: {result.get('detail', '')}")
-    _write_json(path, saved)
-    say(f"enrolled at registry height {result.get('height')}; record {path}")
+    saved = {"meter": p.meter, "account": p.account, "area": p.area, "board": kind, "firmware": record["firmware"],
+             "public_key": public_key, "fingerprint": fingerprint(public_key), "signer": p.technician.meter,
+             "time": record["time"], "broker": str(p.broker), "port": board.port, "enrollment": tx,
+             "registry": result}
+    _write_json(p.record_path, saved)
+    say(f"enrolled at registry height {result.get('height')}; record {p.record_path}")
     return saved
 
 

@@ -198,14 +198,15 @@ def _cmd_install(args, runner: Runner) -> int:
 # -- provision, verify ---------------------------------------------------------------
 
 def _cmd_provision(args, runner: Runner) -> int:
-    from .flashprovision import provision
+    from .flashprovision import Provisioning, provision
+    plan = Provisioning.from_options(
+        meter=args.meter, account=args.account, area=args.area, broker=args.broker, paillier=args.paillier,
+        signer=args.signer, key=args.key, out=args.out, registry=args.registry, wifi=args.wifi, ca=args.ca,
+        user=args.user, password_file=args.password_file, registry_user=args.registry_user,
+        registry_password_file=args.registry_password_file, interval_s=args.interval_s, board=args.board,
+        rotate=args.rotate_key, timeout_s=args.timeout)
     board = _board(args, runner)
-    rec = provision(board, meter=args.meter, account=args.account, area=args.area, broker=args.broker,
-                    paillier=args.paillier, signer=args.signer, key=args.key, out=Path(args.out),
-                    registry=args.registry, wifi=args.wifi, ca=args.ca, user=args.user,
-                    password_file=args.password_file, registry_user=args.registry_user,
-                    registry_password_file=args.registry_password_file, interval_s=args.interval_s,
-                    board_kind=args.board, rotate=args.rotate_key, timeout_s=args.timeout, say=step)
+    rec = provision(board, plan, say=step)
     if rec and args.start:
         step("restarting the board: the meter starts")
         board.run("exec", "--no-follow", "import machine; machine.soft_reset()")

@@ -269,6 +269,12 @@ async def test_a_bare_virtual_board_becomes_an_enrolled_meter_whose_reading_the_
         runs.append(res)
         assert res.returncode == 0, res.stdout + res.stderr
 
+        # The same key cannot quietly move to another account.
+        moved = flash(*provision[:provision.index("--account") + 1], "acct-0002",
+                      *provision[provision.index("--account") + 2:])
+        runs.append(moved)
+        assert moved.returncode == 2 and "retire it" in moved.stderr
+
         host_files = [p for p in tmp_path.rglob("*") if p.is_file() and vboard.folder not in p.parents]
         for blob in [*(r.stdout.encode() + r.stderr.encode() for r in runs), *(p.read_bytes() for p in host_files)]:
             assert seed not in blob and seed.hex().encode() not in blob
@@ -336,6 +342,22 @@ def test_wrong_board_is_refused_before_anything_is_written(vboard):
     res = flash("install", "--port", vboard.port, "--board", "esp32")
     assert res.returncode == 6 and "wrong board" in res.stderr and "the device says linux" in res.stderr
     assert not (vboard.folder / "main.py").exists()
+
+
+def test_registry_out_of_reach_is_its_own_error(vboard, firmware_bundle, tmp_path):
+    """Provisioning against a broker nobody listens on: exit 10, and no record claims an enrollment."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]  # closed when the block ends: connections are refused
+    assert flash("install", "--port", vboard.port, "--bundle", firmware_bundle).returncode == 0
+    (tmp_path / "paillier.pub.json").write_text(json.dumps({"n": str(N), "kid": kid_of(N)}))
+    (tmp_path / "tech1.key").write_bytes(os.urandom(32))
+    res = flash("provision", "--port", vboard.port, "--meter", "m02", "--account", "a2", "--area", AREA,
+                "--broker", f"mqtt://127.0.0.1:{dead}", "--paillier", tmp_path / "paillier.pub.json",
+                "--signer", "tech1", "--key", tmp_path / "tech1.key", "--out", tmp_path / "records", "--timeout", "5")
+    assert res.returncode == 10 and "cannot submit to the registry" in res.stderr, res.stdout + res.stderr
+    assert not (tmp_path / "records").exists() and (vboard.folder / "ed25519.key").exists()
 
 
 def test_verify_before_install_says_to_install(vboard):
