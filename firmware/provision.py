@@ -186,10 +186,7 @@ def selftest(nonce_hex, n, m, timeout_s=3):
     # ciphertext (it holds the public key and the throw-away Paillier key).
     gc.collect()
     checks = {"config": _check(_config)}
-    cfg = {}
-    if checks["config"]["ok"]:
-        with open(CONFIG) as f:
-            cfg = json.load(f)
+    cfg = _read_json(CONFIG) if checks["config"]["ok"] else {}
     checks["sign"] = _check(_sign, nonce_hex)
     checks["encrypt"] = _check(_encrypt, n, m)
     checks["sensor"] = _check(_sensor, cfg)
@@ -200,14 +197,20 @@ def selftest(nonce_hex, n, m, timeout_s=3):
     return checks
 
 
+def _read_json(path):
+    if not _exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
 def info():
-    fw = None
-    if _exists(FIRMWARE):
-        with open(FIRMWARE) as f:
-            fw = json.load(f)
+    # What the host needs to know before it acts: the firmware installed, and
+    # which meter this board is (a public key and a meter id, nothing secret).
+    cfg = _read_json(CONFIG) or {}
     return {"platform": sys.platform, "version": ".".join(str(v) for v in sys.implementation.version[:3]),
-            "machine": getattr(sys.implementation, "_machine", ""), "firmware": fw,
-            "key": _exists(KEY), "config": _exists(CONFIG)}
+            "machine": getattr(sys.implementation, "_machine", ""), "firmware": _read_json(FIRMWARE),
+            "meter": cfg.get("meter"), "public_key": pubkey() if _exists(KEY) else None}
 
 
 def run(request):

@@ -121,7 +121,11 @@ class Runner:
         if self.dry_run:
             self.say("would run: " + shlex.join(argv))
             return None
-        return subprocess.run(argv, capture_output=capture, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+        try:
+            return subprocess.run(argv, capture_output=capture, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+        except subprocess.TimeoutExpired:
+            raise DeviceError(f"{Path(argv[0]).name} did not finish within {timeout:.0f} s: unplug the board, "
+                              "plug it in again and retry") from None
 
 
 def _group_of(path: str) -> str:
@@ -203,7 +207,10 @@ class Board:
             if "no module named 'provision'" in text:
                 raise DeviceError(f"no gridledger firmware on {self.port}: run ./flash.sh install --port {self.port}")
             raise DeviceError(f"{op} on {self.port}: no answer from the device: {text[-400:]}")
-        out = json.loads(answer)
+        try:
+            out = json.loads(answer)
+        except ValueError:
+            raise DeviceError(f"{op} on {self.port}: a garbled answer: {answer[:200]!r}") from None
         if not out["ok"]:
             raise DeviceError(f"{op} on {self.port} refused: {out['reason']}: {out['error']}")
         return out["result"]
@@ -239,10 +246,11 @@ def _version(port: str) -> tuple[str, str]:
     """(MicroPython version, note): ask the board; a busy port is skipped, not waited for."""
     try:
         check_port(port)
-        found = Board(port, Runner()).identify(timeout=15)
     except FlashError as exc:
         return "", f"skipped: {exc.reason.replace('_', ' ')}"
-    except subprocess.TimeoutExpired:
+    try:
+        found = Board(port, Runner()).identify(timeout=15)
+    except FlashError:
         return "", "no MicroPython REPL answered"
     return found["version"], f"platform {found['platform']}"
 

@@ -237,16 +237,16 @@ def _cmd_label(args, runner: Runner) -> int:
     if args.record:
         record = load_record(Path(args.record))
     else:
-        board = _board(args, runner)
-        found = board.call("pubkey")
-        cfg = board.run("exec", "import json; print('GLCFG', json.dumps(json.load(open('config.json'))['meter']))")
+        found = _board(args, runner).call("info")
         if found is None:
             return 0
-        meter = next(json.loads(line[6:]) for line in cfg.stdout.splitlines() if line.startswith("GLCFG "))
-        record = load_record(Path(args.records) / f"{meter}.json")
+        if not (found["meter"] and found["public_key"]):
+            raise UsageError(f"the board on {args.port} is not provisioned yet: ./flash.sh provision first")
+        record = load_record(Path(args.records) / f"{found['meter']}.json")
         if record["public_key"] != found["public_key"]:
             raise WrongBoard(f"the board on {args.port} holds key {found['public_key'][:16]}..., not the "
-                             f"{record['public_key'][:16]}... enrolled for {meter}: wrong board for this label")
+                             f"{record['public_key'][:16]}... enrolled for {found['meter']}: wrong board for "
+                             "this label")
     if runner.dry_run:
         print(f"would write: {Path(args.out) / (record['meter'] + '.label.png')} and .label.txt")
         return 0

@@ -443,3 +443,27 @@ def test_systemd_units_are_hardened_and_run_real_commands(tmp_path):
     res = subprocess.run([analyze, "verify", "--man=no", *sorted(str(p) for p in tmp_path.iterdir())],
                          capture_output=True, text=True, cwd=tmp_path)
     assert res.returncode == 0 and not res.stderr.strip(), res.stderr
+
+
+def test_detect_asks_a_micropython_board_its_version_and_skips_a_busy_one(vboard, tmp_path):
+    """detect() on a port described as a Pico (the USB descriptor is made here; the board and the probe are
+    real): the version comes from the board itself; a port held by another program is listed, not waited for."""
+    from serial.tools.list_ports_common import ListPortInfo
+    from gridledger.flashdevice import detect
+    port = ListPortInfo(vboard.port, skip_link_detection=True)
+    port.vid, port.pid = 0x2E8A, 0x0005
+    serial_port = ListPortInfo("/dev/ttyS0", skip_link_detection=True)  # no USB ids: not a board
+    [found] = detect([port, serial_port], [tmp_path])
+    assert (found.port, found.usb, found.family) == (vboard.port, "2E8A:0005", "pico")
+    assert found.micropython.startswith("1.") and found.note == "platform linux"
+    with serial.Serial(vboard.port, exclusive=True):
+        [busy] = detect([port], [])
+    assert busy.micropython == "" and busy.note == "skipped: port busy"
+
+
+def test_detect_without_boards_says_what_to_check(tmp_path):
+    from serial.tools import list_ports
+    if any(classify(p.vid, p.pid) for p in list_ports.comports()):
+        pytest.skip("a board is attached to this machine")
+    res = flash("detect", "--bootsel-root", tmp_path)
+    assert res.returncode == 3 and "no board found" in res.stderr and "charge-only" in res.stderr
