@@ -37,6 +37,13 @@ def _exists(path):
         return False
 
 
+def _read_json(path):
+    if not _exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
 def _hex(b):
     return wire.hexs(b)
 
@@ -66,9 +73,7 @@ def keygen(rotate=False, path=KEY):
     with open(tmp, "wb") as f:
         f.write(seed)
     os.rename(tmp, path)
-    key = ed25519.SigningKey(seed)
-    seed = None
-    return {"created": True, "rotated": bool(rotate), "public_key": _hex(key.public)}
+    return {"created": True, "rotated": bool(rotate), "public_key": _hex(ed25519.SigningKey(seed).public)}
 
 
 def pubkey(path=KEY):
@@ -195,13 +200,6 @@ def selftest(nonce_hex, n, m, timeout_s=3):
     gc.collect()
     checks["memory"] = {"ok": True, "free": gc.mem_free()}
     return checks
-
-
-def _read_json(path):
-    if not _exists(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
 
 
 def info():

@@ -242,16 +242,18 @@ def classify(vid: int | None, pid: int | None) -> tuple[str, str] | None:
     return USB_IDS.get((vid, pid)) if vid is not None else None
 
 
-def _version(port: str) -> tuple[str, str]:
+def _version(port: str, runner: Runner) -> tuple[str, str]:
     """(MicroPython version, note): ask the board; a busy port is skipped, not waited for."""
     try:
-        check_port(port)
-    except FlashError as exc:
+        if not runner.dry_run:
+            check_port(port)
+        found = Board(port, runner).identify(timeout=15)
+    except (PortBusy, PermissionDenied, NoBoard) as exc:
         return "", f"skipped: {exc.reason.replace('_', ' ')}"
-    try:
-        found = Board(port, Runner()).identify(timeout=15)
     except FlashError:
         return "", "no MicroPython REPL answered"
+    if found is None:
+        return "", "not asked (dry run)"
     return found["version"], f"platform {found['platform']}"
 
 
@@ -269,7 +271,7 @@ def bootsel_volumes(roots: list[Path]) -> list[tuple[Path, str]]:
     return found
 
 
-def detect(ports, roots: list[Path], *, probe: bool = True) -> list[Detected]:
+def detect(ports, roots: list[Path], runner: Runner, *, probe: bool = True) -> list[Detected]:
     """Serial ports with a known USB bridge or board, and RP2 boards waiting in BOOTSEL."""
     out = []
     for p in ports:
@@ -277,7 +279,7 @@ def detect(ports, roots: list[Path], *, probe: bool = True) -> list[Detected]:
         if kind is None:
             continue
         family, guess = kind
-        version, note = _version(p.device) if probe else ("", "")
+        version, note = _version(p.device, runner) if probe else ("", "")
         out.append(Detected(p.device, f"{p.vid:04X}:{p.pid:04X}", family, guess, version, note))
     for path, board in bootsel_volumes(roots):
         out.append(Detected(str(path), "", "pico", f"RP2 board in BOOTSEL ({board})", "",

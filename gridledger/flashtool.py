@@ -71,7 +71,7 @@ def _board(args, runner: Runner) -> Board:
 def _cmd_detect(args, runner: Runner) -> int:
     from serial.tools import list_ports
     roots = [Path(r) for r in args.bootsel_root] if args.bootsel_root else BOOTSEL_ROOTS
-    found = detect(list_ports.comports(), roots, probe=not args.no_probe)
+    found = detect(list_ports.comports(), roots, runner, probe=not args.no_probe)
     if args.json:
         print(json.dumps([asdict(d) for d in found]))
     if not found:

@@ -4,6 +4,7 @@ Mosquitto, and every friendly error provoked for real."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import select
@@ -19,7 +20,7 @@ import serial
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from PIL import Image
 
-from gridledger.flashdevice import BOARDS, USB_IDS, bootsel_volumes, classify
+from gridledger.flashdevice import BOARDS, USB_IDS, Runner, bootsel_volumes, classify
 from gridledger.flashlabel import LABEL_PX, QR_BORDER, qr_payload
 from gridledger.flashprovision import fingerprint
 from gridledger.meterkeys import public_hex
@@ -133,6 +134,8 @@ def test_install_provision_verify_label_dry_runs_print_their_mpremote_commands(t
     res = flash("--dry-run", "verify", "--port", port)
     assert res.returncode == 0, res.stderr
     assert '"op": "selftest"' in _lines(res)[-1]
+    res = flash("--dry-run", "label", "--port", port, "--out", tmp_path / "labels")
+    assert res.returncode == 0 and '"op": "info"' in _lines(res)[0] and not (tmp_path / "labels").exists()
 
 
 # -- the device side: firmware/provision.py -------------------------------------------------
@@ -453,12 +456,16 @@ def test_detect_asks_a_micropython_board_its_version_and_skips_a_busy_one(vboard
     port = ListPortInfo(vboard.port, skip_link_detection=True)
     port.vid, port.pid = 0x2E8A, 0x0005
     serial_port = ListPortInfo("/dev/ttyS0", skip_link_detection=True)  # no USB ids: not a board
-    [found] = detect([port, serial_port], [tmp_path])
+    [found] = detect([port, serial_port], [tmp_path], Runner())
     assert (found.port, found.usb, found.family) == (vboard.port, "2E8A:0005", "pico")
     assert found.micropython.startswith("1.") and found.note == "platform linux"
     with serial.Serial(vboard.port, exclusive=True):
-        [busy] = detect([port], [])
+        [busy] = detect([port], [], Runner())
     assert busy.micropython == "" and busy.note == "skipped: port busy"
+    out = io.StringIO()
+    [planned] = detect([port], [], Runner(dry_run=True, out=out))
+    assert planned.note == "not asked (dry run)"
+    assert out.getvalue().startswith(f"would run: {MPREMOTE} connect {vboard.port} resume exec ")
 
 
 def test_detect_without_boards_says_what_to_check(tmp_path):
