@@ -151,29 +151,46 @@ def _sensor(cfg):
     return {"type": scfg.get("type", "sim"), "import_wh": imp, "export_wh": exp}
 
 
-def _network(cfg):
-    # Boards with Wi-Fi join it first; the Unix port has the host's network.
-    w = cfg.get("wifi")
+def wifi_up(cfg, wait_ms=0):
+    # Join the configured Wi-Fi ("wifi": {"ssid", "password"}). With wait_ms 0
+    # only start joining: the uplink's back-off retries until the link is up,
+    # and a board out of range goes on measuring. Ports without a radio (the
+    # Unix port, a plain Pico) have no network module: nothing to do.
     try:
         import network
     except ImportError:
-        return
+        return False
+    w = cfg.get("wifi")
     if not w:
-        return
+        return False
     sta = network.WLAN(network.STA_IF)
     sta.active(True)
-    if not sta.isconnected():
-        sta.connect(w["ssid"], w["password"])
-        t0 = time.ticks_ms()
-        while not sta.isconnected():
-            if time.ticks_diff(time.ticks_ms(), t0) > 15000:
-                raise OSError("wifi %s: not connected after 15 s" % w["ssid"])
-            time.sleep_ms(100)
+    if sta.isconnected():
+        return True
+    sta.connect(w["ssid"], w["password"])
+    t0 = time.ticks_ms()
+    while wait_ms and not sta.isconnected():
+        if time.ticks_diff(time.ticks_ms(), t0) > wait_ms:
+            raise OSError("wifi %s: not connected after %d ms" % (w["ssid"], wait_ms))
+        time.sleep_ms(100)
+    return sta.isconnected()
+
+
+def boot(path=CONFIG):
+    # main.py calls this before the meter starts; it must never stop the boot.
+    try:
+        import network  # noqa: F401  (no radio: nothing to read or join)
+    except ImportError:
+        return
+    try:
+        wifi_up(_read_json(path) or {})
+    except Exception as e:
+        print(json.dumps({"ev": "wifi_down", "error": repr(e)}))
 
 
 def _broker(cfg, timeout_s):
     import socket
-    _network(cfg)
+    wifi_up(cfg, 15000)
     b = cfg["broker"]
     addr = socket.getaddrinfo(b["host"], b.get("port", 1883))[0][-1]
     s = socket.socket()

@@ -474,3 +474,28 @@ def test_detect_without_boards_says_what_to_check(tmp_path):
         pytest.skip("a board is attached to this machine")
     res = flash("detect", "--bootsel-root", tmp_path)
     assert res.returncode == 3 and "no board found" in res.stderr and "charge-only" in res.stderr
+
+
+def test_a_board_joins_its_wifi_at_boot_without_waiting(tmp_path, mp_source):
+    """provision.boot() (main.py, before the meter) starts joining the configured network and returns at once;
+    the self-test waits for the link. A fake `network` module stands in for the radio (pure logic)."""
+    (tmp_path / "network.py").write_text(
+        "STA_IF = 0\ncalls = []\nclass WLAN:\n    up = False\n    def __init__(self, i): calls.append(('WLAN', i))\n"
+        "    def active(self, on): calls.append(('active', on))\n"
+        "    def isconnected(self): return WLAN.up\n"
+        "    def connect(self, ssid, pw): calls.append(('connect', ssid, pw))\n")
+    (tmp_path / "case.py").write_text(
+        "import json, os, sys\nos.chdir(sys.argv[1])\nimport network, provision\n"
+        "provision.boot()\nnone = list(network.calls)\n"
+        "json.dump({'meter': 'm01', 'wifi': {'ssid': 'HomeNet', 'password': 'p:w'}}, open('config.json', 'w'))\n"
+        "provision.boot()\nfirst = list(network.calls)\nnetwork.calls.clear()\n"
+        "try:\n    provision.wifi_up(json.load(open('config.json')), 300)\n    waited = 'joined'\n"
+        "except OSError as e:\n    waited = str(e)\n"
+        "network.WLAN.up = True\nnetwork.calls.clear()\nup = provision.wifi_up(json.load(open('config.json')), 300)\n"
+        "print(json.dumps([none, first, waited, up, network.calls]))\n")
+    mp = type(mp_source)([tmp_path, *mp_source.path])
+    none, first, waited, up, again = mp.run_json(tmp_path / "case.py", tmp_path, heap="128k")
+    assert none == []  # no config, no radio touched
+    assert first == [["WLAN", 0], ["active", True], ["connect", "HomeNet", "p:w"]]
+    assert waited == "wifi HomeNet: not connected after 300 ms"
+    assert up is True and ["connect", "HomeNet", "p:w"] not in again  # already up: not asked again
