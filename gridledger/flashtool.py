@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -110,6 +111,20 @@ def _usb_family(port: str) -> str | None:
     return None
 
 
+def _bootsel_volume(args) -> Path:
+    """The one RP2 boot drive to copy the UF2 image to."""
+    vols = bootsel_volumes([Path(args.volume)] if args.volume else BOOTSEL_ROOTS)
+    if not vols:
+        hint = ""
+        if args.port and _usb_family(args.port) == "pico":
+            hint = f" (the Pico on {args.port} runs MicroPython: `mpremote connect {args.port} bootloader`)"
+        raise NotInBootsel("board not in BOOTSEL: unplug the Pico, hold its BOOTSEL button, plug it in and "
+                           "release; an RPI-RP2 drive appears" + hint)
+    if len(vols) > 1:
+        raise UsageError(f"{len(vols)} boards in BOOTSEL ({', '.join(str(v) for v, _ in vols)}): give --volume")
+    return vols[0][0]
+
+
 def firmware_commands(board: str, image: Path, *, port: str | None, volume: Path | None,
                       baud: int = 460800) -> list[list[str]]:
     """The exact commands that write MicroPython to a board."""
@@ -119,8 +134,7 @@ def firmware_commands(board: str, image: Path, *, port: str | None, volume: Path
         base = [esptool, "--chip", kind.chip, "--port", port, "--baud", str(baud)]
         return [base + ["erase-flash"], base + ["write-flash", kind.offset, str(image)],
                 base + ["verify-flash", kind.offset, str(image)]]
-    from shutil import which
-    picotool = which("picotool")
+    picotool = shutil.which("picotool")
     if picotool:
         return [[picotool, "load", "--verify", "--execute", str(image)]]
     return [["cp", str(image), str(volume) + "/"], ["sync"]]
@@ -141,21 +155,8 @@ def _cmd_firmware(args, runner: Runner) -> int:
         family = _usb_family(args.port)
         if family is not None and family != "esp32":
             raise WrongBoard(f"wrong board: {args.port} is a {family}, not an ESP32; give --board pico")
-    else:
-        from shutil import which
-        if not which("picotool"):
-            roots = [Path(args.volume)] if args.volume else BOOTSEL_ROOTS
-            vols = bootsel_volumes(roots)
-            if not vols:
-                hint = ""
-                if args.port and _usb_family(args.port) == "pico":
-                    hint = f" (the Pico on {args.port} runs MicroPython: `mpremote connect {args.port} bootloader`)"
-                raise NotInBootsel("board not in BOOTSEL: unplug the Pico, hold its BOOTSEL button, plug it in and "
-                                   "release; an RPI-RP2 drive appears" + hint)
-            if len(vols) > 1:
-                raise UsageError(f"{len(vols)} boards in BOOTSEL ({', '.join(str(v) for v, _ in vols)}): "
-                                 "give --volume")
-            volume = vols[0][0]
+    elif not shutil.which("picotool"):
+        volume = _bootsel_volume(args)
     step(f"writing {image.name} to the {args.board}")
     for cmd in firmware_commands(args.board, image, port=args.port, volume=volume, baud=args.baud):
         res = runner.run(cmd, capture=False, timeout=900)
