@@ -182,9 +182,11 @@ def _cmd_install(args, runner: Runner) -> int:
     elif not (bundle / "main.py").is_file():
         raise UsageError(f"--bundle {bundle}: no main.py there (./flash.sh build makes one)")
     step(f"copying {bundle} to the board on {args.port} (unchanged files are skipped)")
+    # firmware.json goes first and comes back last: a board whose copy was cut
+    # short has none, and provision says to install again.
+    board.run("exec", "import os; 'firmware.json' in os.listdir() and os.remove('firmware.json')")
     board.run("fs", "cp", "-r", f"{bundle}/.", ":", timeout=900)
     with tempfile.TemporaryDirectory() as tmp:
-        # Last: a board whose copy was cut short has no firmware.json, and provision says so.
         stamp = Path(tmp) / "firmware.json"
         if not runner.dry_run:
             stamp.write_text(json.dumps(firmware_version(bundle)))

@@ -112,9 +112,10 @@ def test_install_provision_verify_label_dry_runs_print_their_mpremote_commands(t
     lines = _lines(res)
     assert lines[0].startswith(pre + "'import sys, json;")
     assert lines[1] == f"would run: {sys.executable} -m gridledger firmware build --out {ROOT / 'build' / 'firmware'}"
-    assert lines[2] == f"would run: {MPREMOTE} connect {port} resume fs cp -r {ROOT / 'build' / 'firmware'}/. :"
-    assert lines[3].startswith(f"would run: {MPREMOTE} connect {port} resume fs cp ") and \
-        lines[3].endswith("/firmware.json :firmware.json")
+    assert lines[2].startswith(pre) and "os.remove(" in lines[2] and "firmware.json" in lines[2]
+    assert lines[3] == f"would run: {MPREMOTE} connect {port} resume fs cp -r {ROOT / 'build' / 'firmware'}/. :"
+    assert lines[4].startswith(f"would run: {MPREMOTE} connect {port} resume fs cp ") and \
+        lines[4].endswith("/firmware.json :firmware.json")
 
     keys = tmp_path / "keys"
     (tmp_path / "paillier.pub.json").write_text(json.dumps({"n": str(N), "kid": kid_of(N)}))
