@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from .errors import GridledgerError
+from .flashtool import EXAMPLES as FLASH_EXAMPLES, add_commands as add_flash_commands
 
 EXAMPLES = {
     "keys paillier": "gridledger keys paillier --out keys/",
@@ -49,6 +50,7 @@ EXAMPLES = {
     "query interval": "gridledger query interval --config coordinator.toml --area A --account acct-0001 "
                       "--from 1767225600 --to 1767312000 --url http://127.0.0.1:8480",
 }
+EXAMPLES.update(FLASH_EXAMPLES)
 
 
 def _cmd_keys_paillier(args) -> int:
@@ -489,8 +491,6 @@ def _cmd_loadgen(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .flashtool import EXAMPLES as FLASH_EXAMPLES, add_commands as add_flash_commands
-    EXAMPLES.update(FLASH_EXAMPLES)
     p = argparse.ArgumentParser(prog="gridledger", description=__doc__)
     roles = p.add_subparsers(dest="role", required=True, metavar="ROLE")
 
