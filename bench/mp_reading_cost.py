@@ -1,4 +1,4 @@
-"""Under MicroPython (run by bench/firmware_reading.py): time each part of making one reading.
+"""Under MicroPython (run by bench/meter.py): time each part of making one reading.
 argv[1] is a JSON job file, since the Unix port crashes on arguments of 256+ characters."""
 import sys
 import gc

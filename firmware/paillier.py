@@ -23,6 +23,23 @@ def encrypt_with(n, nsq, m, rho):
     return (1 + m * n) * rho % nsq
 
 
+def default_exp_bits(nbits):
+    # The DJN exponent length: 4x the security level of an nbits modulus
+    # (NIST SP 800-57 part 1: 2048 -> 112, 3072 -> 128, 7680 -> 192 bits).
+    # The short exponent is hidden in a group of unknown order; the generic
+    # attack on it costs 2^(exp_bits/2), which leaves twice the modulus's own
+    # security level. DJN's |n|/2 rests on the same assumption with a wider
+    # margin at 2.3x the cost (docs/performance.md, "DJN exponent").
+    # gridledger/loadgen.py holds the same rule; tests/test_loadgen.py checks it.
+    if nbits <= 2048:
+        return 448
+    if nbits <= 3072:
+        return 512
+    if nbits <= 7680:
+        return 768
+    return 1024
+
+
 class RhoPool:
     # Damgard-Jurik-Nielsen randomness: rho = (h^n)^a = (h^a)^n mod n^2 for a
     # random h in Z*_n fixed at start and a fresh short exponent a per value.
@@ -33,7 +50,7 @@ class RhoPool:
         self.n = n
         self.nsq = n * n
         self.size = size
-        self.exp_bits = exp_bits or bits(n) // 2
+        self.exp_bits = exp_bits or default_exp_bits(bits(n))
         y = _rand_below(n)
         self._hn = pow(-(y * y) % n, n, self.nsq)
         self._pool = []
