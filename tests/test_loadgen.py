@@ -101,6 +101,10 @@ def test_rho_pool_matches_the_firmware_pool_draw_for_draw(firmware_pool):
         assert [format(r, "x") for r in rhos] == fw["rho"]
         assert [format(encrypt_with(N, m, r), "x") for m, r in zip(case["m"], rhos)] == fw["c"]
         assert used == fw["used"]
+        assert fw["stepped"] == fw["rho"]  # step() by step() gives the same values
+        # the work really is cut up: the boot in windows of 48 exponent bits, each refill in ~10 steps
+        assert fw["boot_steps"] >= N.bit_length() // 48
+        assert fw["refill_steps"] >= len(case["m"]) * (pool.exp_bits // 48)
     assert firmware_pool[0]["used"] == 2 * NBYTES + 3 * ((firmware_pool[0]["exp_bits"] + 7) // 8)  # zero y drawn again
     assert len(set(firmware_pool[1]["c"])) == 2  # equal plaintexts, different ciphertexts
 
