@@ -22,6 +22,7 @@ import json
 import os
 import secrets
 import sqlite3
+import stat
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +32,7 @@ from .wire import METER_ID_RE
 
 __all__ = ["ROLES", "AREA_ROLES", "BrokerAuthError", "Account", "Members", "hash_password", "check_password",
            "new_password", "read_accounts", "read_password_file", "add_credentials", "load_members",
-           "role_topics", "meter_topics", "render_acl"]
+           "role_topics", "meter_topics", "render_acl", "write_acl"]
 
 ROLES = ("meter", "gateway", "validator", "storage", "verifier", "trustee", "coordinator", "registry", "technician")
 AREA_ROLES = ("gateway", "storage", "verifier")  # accounts bound to one area (its chain id)
@@ -126,13 +127,26 @@ def read_password_file(path: Path) -> dict[str, str]:
 
 
 def _write_private(path: Path, text: str) -> None:
-    """Replace `path` atomically with a 0600 file: Mosquitto never reads half a file."""
+    """Replace `path` atomically (Mosquitto never reads half a file). A new file is
+    0600; a replaced one keeps its group and mode, less any bit for others, so the
+    `chgrp mosquitto; chmod 0640` an operator did once survives every regeneration."""
+    mode, gid = 0o600, -1
+    if path.exists():
+        st = path.stat()
+        mode, gid = stat.S_IMODE(st.st_mode) & 0o640, st.st_gid
     tmp = path.with_name(path.name + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
+    try:
+        os.chown(tmp, -1, gid)
+        os.chmod(tmp, mode)
+    except PermissionError as exc:
+        os.unlink(tmp)
+        raise BrokerAuthError("file_permissions", f"cannot give {path}'s group and mode to its new version "
+                                                  f"({exc}): run as the file's owner, or root") from None
     os.replace(tmp, path)
 
 

@@ -332,6 +332,13 @@ def test_credentials_keep_only_hashes_in_private_files(tmp_path):
         assert stat.S_IMODE(os.stat(tmp_path / name).st_mode) == 0o600
         assert out["password"] not in (tmp_path / name).read_text()
     assert check_password(out["password"], (tmp_path / "passwd").read_text().strip().split(":", 1)[1])
+    # The group-readable mode an operator gives the files (for Mosquitto's group) survives
+    # a regeneration; a world-readable one does not.
+    os.chmod(tmp_path / "passwd", 0o640)
+    os.chmod(tmp_path / "accounts.toml", 0o644)
+    gl_json("broker", "credentials", "add", "--id", "v1", "--role", "validator", "--out", str(tmp_path))
+    assert stat.S_IMODE(os.stat(tmp_path / "passwd").st_mode) == 0o640
+    assert stat.S_IMODE(os.stat(tmp_path / "accounts.toml").st_mode) == 0o640
     for args, reason in [(["--id", "v0", "--role", "trustee", "--rotate"], "account_mismatch"),
                          (["--id", "nobody", "--role", "meter", "--rotate"], "no_such_account"),
                          (["--id", "bad/id", "--role", "meter"], "bad_id"),
