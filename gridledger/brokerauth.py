@@ -24,7 +24,7 @@ import secrets
 import sqlite3
 import stat
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import GridledgerError
@@ -192,7 +192,6 @@ class Members:
     registry_chain: str = "registry"
     source: str = ""
     height: int | None = None                            # registry chain height read, if a chain
-    notes: list[str] = field(default_factory=list)
 
 
 def load_members(path: Path, area: str | None = None) -> Members:
