@@ -32,14 +32,15 @@ from coordinator.registryapp import (Genesis, RegistryApp, dump_genesis, enroll_
                                      sign_record)
 from gridledger.broker import find_mosquitto, free_port, run_mosquitto
 from gridledger.brokerauth import (Account, BrokerAuthError, Members, check_password, hash_password,
-                                   meter_topics, render_acl, role_topics)
+                                   load_members, meter_topics, render_acl, role_topics)
 from gridledger.brokertls import check_tls, make_testbed_ca
 from gridledger.meterkeys import MeterKey
-from gridledger.testbed import gateway_process, wait_up
-from gridledger.wire import ack_topic, nack_topic, readings_topic
+from gridledger.testbed import (chain_height, gateway_process, registry_process, validator_process, wait_up,
+                                write_chain, write_registry_chain)
+from gridledger.wire import ack_topic, kid_of, nack_topic, readings_topic
 
 from chainkit import certify, validator_keys, validator_set
-from helpers import SimMeter, make_area, meter_keys
+from helpers import N, SimMeter, make_area, meter_keys, wait_until
 
 AREA = "area1"
 NOW = 1_790_000_000
@@ -242,6 +243,50 @@ async def test_a_rotated_password_replaces_the_old_one_on_sighup(secure):
     with pytest.raises(aiomqtt.MqttError):
         async with secure.client("m1", old):
             pass
+
+
+async def test_the_registry_chain_runs_under_the_acl_and_a_technician_enrolls_over_tls(secure, tmp_path):
+    """Real roles with their generated accounts: the registry role and a validator on
+    the loopback listener, a registrar and a technician with `--mqtt` files over TLS.
+    The ACL grants are what the code needs: the record is certified."""
+    (tmp_path / "paillier.pub.json").write_text(json.dumps({"n": str(N), "kid": kid_of(N)}))
+    [vcfg] = write_chain(tmp_path, area=AREA, host="127.0.0.1", port=secure.local, validators=1,
+                         paillier_public="paillier.pub.json", registry_chain=True)
+    setup = write_registry_chain(tmp_path, host="127.0.0.1", port=secure.local)
+    for ident, role, cfg in (("registry", "registry", setup.config), ("v0", "validator", vcfg)):
+        secure.passwords[ident] = secure.add(ident, role)
+        cfg.write_text(cfg.read_text().replace("[mqtt]\n", f'[mqtt]\nusername = "{ident}"\n'
+                                                          f'password = "{secure.passwords[ident]}"\n'))
+    for ident in ("ops", "tech1"):
+        secure.passwords[ident] = secure.add(ident, "technician")
+        (tmp_path / f"{ident}.toml").write_text(
+            f'[mqtt]\nhost = "127.0.0.1"\nport = {secure.tls}\nusername = "{ident}"\n'
+            f'password = "{secure.passwords[ident]}"\ntls_ca = "certs/ca.crt"\n')
+    secure.regenerate_acl()
+    secure.reload()
+    procs = []
+    try:
+        for name, start, cfg in (("registry", registry_process, setup.config), ("v0", validator_process, vcfg)):
+            procs.append(start(cfg, tmp_path / f"{name}.log"))
+            await asyncio.to_thread(wait_up, tmp_path / f"{name}.log", procs[-1], 60)
+        keys = tmp_path / "keys"
+        res = await asyncio.to_thread(gl, "registry", "node", "--id", "tech1", "--role", "technician",
+                                      "--public-key", setup.technician.public_hex, "--signer", "ops",
+                                      "--key", str(keys / "ops.ed25519.key"), "--mqtt", str(tmp_path / "ops.toml"))
+        assert res.returncode == 0 and json.loads(res.stdout)["status"] == "certified", (res.stdout, res.stderr)
+        secure.keys["m1"].write_seed(keys / "m1.ed25519.key")
+        res = await asyncio.to_thread(gl, "registry", "enroll", "--meter", "m1", "--account", "acct-1", "--area", AREA,
+                                      "--meter-key", str(keys / "m1.ed25519.key"), "--signer", "tech1",
+                                      "--key", str(keys / "tech1.ed25519.key"), "--mqtt", str(tmp_path / "tech1.toml"))
+        assert res.returncode == 0 and json.loads(res.stdout)["status"] == "certified", (res.stdout, res.stderr)
+        # The validator's replica now yields m1 for the ACL.
+        await asyncio.to_thread(wait_until, lambda: chain_height(tmp_path / "validators" / "v0-registry.db") >= 2,
+                                30, "v0's registry replica")
+        assert load_members(vcfg).meters == {"m1": AREA}
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+            p.wait(15)
 
 
 # -- retirement through the registry chain --------------------------------------------------
