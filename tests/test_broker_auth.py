@@ -474,3 +474,26 @@ def test_the_testbed_ca_issues_a_p256_server_certificate_with_private_keys(tmp_p
     res = gl("broker", "config", "--out", str(tmp_path / "b"), "--tls-cert", str(other["server.crt"]),
              "--tls-key", str(other["server.key"]), "--ca", str(paths["ca.crt"]))
     assert res.returncode == 2 and "not_issued_by_ca" in res.stderr and not (tmp_path / "b").exists()
+
+
+def test_the_registry_can_come_from_each_kind_of_file(tmp_path):
+    """A gateway config (static registry), a static registry with an area, `registry show`
+    JSON; anything else is refused with a reason (the chain replica is used above)."""
+    cfg, _ = make_area(tmp_path, ["m1", "m2"], host="127.0.0.1", port=1883, area="north")
+    assert load_members(cfg).meters == {"m1": "north", "m2": "north"}
+    assert load_members(tmp_path / "registry.toml", "south").meters == {"m1": "south", "m2": "south"}
+    (tmp_path / "show.json").write_text(json.dumps({"chain": "registry", "height": 4, "area": "east",
+                                                    "meters": [{"meter": "m7", "account": "a", "public_key": "00"}]}))
+    got = load_members(tmp_path / "show.json")
+    assert got.meters == {"m7": "east"} and got.height == 4
+    (tmp_path / "empty.toml").write_text('[validator]\nname = "v0"\n')
+    (tmp_path / "bad.json").write_text('{"meters": 3}')
+    (tmp_path / "nochain.toml").write_text('[registry_chain]\nvalidators = "v.toml"\ngenesis = "g.toml"\n'
+                                           'database = "missing.db"\n')
+    for path, area, reason in [(tmp_path / "registry.toml", None, "no_area"), (tmp_path / "empty.toml", None,
+                               "no_registry"), (tmp_path / "bad.json", None, "bad_registry"),
+                               (tmp_path / "nochain.toml", None, "no_registry"),
+                               (tmp_path / "absent.toml", None, "bad_registry")]:
+        with pytest.raises(BrokerAuthError) as info:
+            load_members(path, area)
+        assert info.value.reason == reason, (path, info.value)
