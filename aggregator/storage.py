@@ -23,7 +23,7 @@ from certlog import bls
 from certlog.block import Certificate, ChainError, Header, canonical
 from certlog.net import SYNC_BATCH, Topics, decode_block
 from certlog.validators import load_validator_set, read_secret_key
-from gridledger.config import MqttConfig, read_toml, section
+from gridledger.config import MqttConfig, mqtt_section, read_toml, section
 from gridledger.errors import ConfigError
 from gridledger.logs import event
 from gridledger.mqtt import keep_connected, until_stopped
@@ -82,7 +82,7 @@ def load_storage_config(path: Path) -> StorageConfig:
         raise ConfigError(f"[storage] chunk_size must be {CHUNK_MIN}..{CHUNK_MAX}, window 1..64")
     if s.catchup_s <= 0 or s.timeout_s <= 0 or type(s.capacity_bytes) is not int or s.capacity_bytes < 0:
         raise ConfigError("[storage] catchup_s and timeout_s must be positive, capacity_bytes >= 0")
-    return StorageConfig(s, section(MqttConfig, doc, "mqtt"))
+    return StorageConfig(s, mqtt_section(doc, path))
 
 
 class StorageNode:

@@ -43,7 +43,7 @@ from certlog.mpt import Trie
 from certlog.net import Topics, decode_block
 from certlog.proposer import Proposer
 from certlog.validators import load_validator_set, read_secret_key
-from gridledger.config import MqttConfig, read_toml, section
+from gridledger.config import MqttConfig, mqtt_section, read_toml, section
 from gridledger.errors import ConfigError
 from gridledger.logs import event
 from gridledger.metrics import MetricsConfig, Snapshot, serve as serve_metrics
@@ -118,7 +118,7 @@ def load_verifier_config(path: Path) -> VerifierConfig:
         raise ConfigError("[verifier] audit_s, audit_deadline_s, audit_late_s must be positive, cre_floor 0..1000")
     pchain_id(s.area, s.chain)
     pchain_id(s.area, s.r_chain, "R")
-    return VerifierConfig(s, section(MqttConfig, doc, "mqtt"), section(MetricsConfig, doc, "metrics"))
+    return VerifierConfig(s, mqtt_section(doc, path), section(MetricsConfig, doc, "metrics"))
 
 
 class Verifier:

@@ -91,6 +91,7 @@ class Meter:
         if pc.get("kid", self.kid) != self.kid:
             raise ValueError("paillier kid does not match n")
         self.pool = paillier.RhoPool(self.n, pc.get("pool", 4), pc.get("exp_bits"))
+        self._pool_step_s = 0.0
         self.sensor = _make_sensor(cfg.get("sensor", {}))
         self.clock = Clock(cfg.get("clock", {}))
         self.stop_at = cfg.get("clock", {}).get("stop_at")
@@ -175,11 +176,15 @@ class Meter:
         self.uplink.poll()
         self._send_pending()
         self.uplink.poll()
-        # Idle work: precompute encryption randomness before the next interval.
-        if not self.pool.full() and self.clock.real_until(self.next_end) > 0.3:
-            self.pool.refill_one()
-        else:
-            time.sleep_ms(20)
+        # Idle work: precompute encryption randomness, one bounded step of the
+        # pool at a time, and only while the next interval is further away than
+        # twice the longest step seen, so the pool never makes a reading late.
+        if self.clock.real_until(self.next_end) > 0.3 + 2 * self._pool_step_s:
+            t0 = time.ticks_ms()
+            if self.pool.step():
+                self._pool_step_s = max(self._pool_step_s, time.ticks_diff(time.ticks_ms(), t0) / 1000)
+                return
+        time.sleep_ms(20)
 
     def run(self):
         log("boot", meter=self.meter, seq=self.seq, spooled=len(self.spool), kid=self.kid)
