@@ -19,10 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from certlog.block import canonical
-from coordinator.registryapp import DOMAIN_METER, DOMAIN_SIGNER, enroll_record, record_id
+from coordinator.registryapp import enroll_record, enrollment_message, meter_signature_ok, record_id, sign_record
 
-from .config import MqttConfig
+from .config import MqttConfig, mqtt_section, read_toml
 from .errors import ConfigError
 from .flashdevice import BOARDS, Board, CheckFailed, DeviceError, RegistryError, UsageError, WrongBoard
 from .meterkeys import MeterKey, verifier
@@ -108,28 +107,22 @@ def board_check(board: Board, wanted: str | None) -> dict:
 
 # -- enrollment ----------------------------------------------------------------------
 
-def enroll_on_registry(record: dict, meter_sig: str, *, technician: MeterKey, broker: BrokerUrl,
-                       user: str | None = None, password: str | None = None, timeout_s: float = 60.0) -> dict:
-    """Submit a device-signed enrollment to the registry chain and wait for its fate
-    (the registry's result, with the transaction as `tx`). The one place to point at
-    `gridledger registry enroll --public-key --meter-signature` once that is on main."""
+def enroll_on_registry(record: dict, meter_sig: str, *, technician: MeterKey, mqtt: MqttConfig,
+                       timeout_s: float = 60.0) -> dict:
+    """Sign the enrollment as the technician beside the device's own signature, submit it to the
+    registry chain and wait for its fate (the registry's result, with the transaction as `tx`)."""
     from aiomqtt import MqttError
     from coordinator.registry import submit
-    mqtt = MqttConfig(host=broker.host, port=broker.port, username=user, password=password)
-    tx = canonical(dict(record, sig=technician.sign(DOMAIN_SIGNER + canonical(record)).hex(), meter_sig=meter_sig))
+    tx = sign_record(record, technician.private, meter_sig=meter_sig)
+    where = f"{mqtt.host}:{mqtt.port}"
     try:
         [result] = asyncio.run(submit(mqtt, [tx], timeout_s=timeout_s))
     except TimeoutError:
-        raise RegistryError(f"no answer from the registry on {broker} within {timeout_s:.0f} s: is "
+        raise RegistryError(f"no answer from the registry through {where} within {timeout_s:.0f} s: is "
                             "`gridledger registry run` up?") from None
     except (MqttError, OSError) as exc:
-        raise RegistryError(f"cannot submit to the registry through {broker}: {exc}") from None
+        raise RegistryError(f"cannot submit to the registry through {where}: {exc}") from None
     return {"tx": tx.decode(), "id": record_id(tx), **result}
-
-
-def _enrollment_message(record: dict) -> bytes:
-    """What the meter signs: coordinator.registryapp's meter domain and the record's canonical JSON."""
-    return DOMAIN_METER + canonical(record)
 
 
 def _verify_sig(public_key: str, sig_hex: str, msg: bytes) -> bool:
@@ -162,10 +155,6 @@ def _firmware_name(info: dict | None) -> str:
     return f"gridledger-{fw.get('gridledger', '?')}+{fw.get('bundle', '?')[:12]}"
 
 
-def _secret(path: str | None, what: str) -> str | None:
-    return _readable(path, what).read_text().strip() if path else None
-
-
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Provisioning:
     """Everything `provision` needs, checked before the board is touched."""
@@ -173,7 +162,7 @@ class Provisioning:
     account: str
     area: str
     broker: BrokerUrl
-    registry: BrokerUrl
+    registry: MqttConfig = field(repr=False)
     n: int
     technician: MeterKey = field(repr=False)
     out: Path
@@ -181,8 +170,6 @@ class Provisioning:
     ca: Path | None = None
     user: str | None = None
     password: str | None = field(default=None, repr=False)
-    registry_user: str | None = None
-    registry_password: str | None = field(default=None, repr=False)
     interval_s: int = 900
     board: str | None = None
     rotate: bool = False
@@ -190,18 +177,25 @@ class Provisioning:
 
     @classmethod
     def from_options(cls, *, meter: str, account: str, area: str, broker: str, paillier: str, signer: str, key: str,
-                     out: str, registry: str | None = None, wifi: str | None = None, ca: str | None = None,
-                     user: str | None = None, password_file: str | None = None, registry_user: str | None = None,
-                     registry_password_file: str | None = None, **rest) -> "Provisioning":
-        """From the command line's strings and file names; UsageError names the option at fault."""
+                     out: str, registry: str | None = None, registry_mqtt: str | None = None, wifi: str | None = None,
+                     ca: str | None = None, user: str | None = None, password_file: str | None = None,
+                     **rest) -> "Provisioning":
+        """From the command line's strings and file names; UsageError names the option at fault.
+        The registry is reached through `registry_mqtt` (an [mqtt] TOML: account, TLS, as
+        `gridledger registry enroll --mqtt` takes), else `registry`'s URL, else the meter's broker."""
         for value, what in ((meter, "meter"), (area, "area"), (signer, "signer")):
             _ident(value, what)
         if not account or len(account) > 64:
             raise UsageError("--account: 1 to 64 characters")
-        url, reg_url = parse_broker(broker), parse_broker(registry or broker)
+        url = parse_broker(broker)
         try:
             n = load_public(_readable(paillier, "paillier")).n
             technician = MeterKey.read_seed(signer, _readable(key, "key"))
+            if registry_mqtt:
+                reg = mqtt_section(read_toml(_readable(registry_mqtt, "registry-mqtt")), Path(registry_mqtt))
+            else:
+                reg_url = parse_broker(registry) if registry else url
+                reg = MqttConfig(host=reg_url.host, port=reg_url.port)
         except ConfigError as exc:
             raise UsageError(str(exc)) from None
         ssid_pass = None
@@ -210,16 +204,14 @@ class Provisioning:
             if not sep or not ssid:
                 raise UsageError("--wifi: give SSID:PASSWORD")
             ssid_pass = (ssid, pw)
-        password = _secret(password_file, "password-file")
+        password = _readable(password_file, "password-file").read_text().strip() if password_file else None
         if user and password is None:
             raise UsageError("--user needs --password-file")
         ca_path = _readable(ca, "ca") if ca else None
         if url.tls and ca_path is None:
             raise UsageError("--broker mqtts://...: give --ca, the CA that signed the broker's certificate")
-        return cls(meter=meter, account=account, area=area, broker=url, registry=reg_url, n=n, technician=technician,
-                   out=Path(out), wifi=ssid_pass, ca=ca_path, user=user, password=password,
-                   registry_user=registry_user, registry_password=_secret(registry_password_file,
-                                                                          "registry-password-file"), **rest)
+        return cls(meter=meter, account=account, area=area, broker=url, registry=reg, n=n, technician=technician,
+                   out=Path(out), wifi=ssid_pass, ca=ca_path, user=user, password=password, **rest)
 
     @property
     def record_path(self) -> Path:
@@ -259,8 +251,8 @@ def provision(board: Board, p: Provisioning, say=print) -> dict:
     say("generating the meter key on the device" + (" (rotating the old one)" if p.rotate else ""))
     made = board.call("keygen", rotate=p.rotate)
     if made is None:
-        say(f"then: the device signs the enrollment, it is submitted to the registry chain via {p.registry} "
-            f"and the record written to {p.record_path}")
+        say(f"then: the device signs the enrollment, it is submitted to the registry chain via "
+            f"{p.registry.host}:{p.registry.port} and the record written to {p.record_path}")
         return {}
     public_key = made["public_key"]
     say(f"public key {public_key} ({'new' if made['created'] else 'kept: the device already had one'})")
@@ -271,13 +263,13 @@ def provision(board: Board, p: Provisioning, say=print) -> dict:
 
     record = enroll_record(meter=p.meter, account=p.account, area=p.area, public_key=public_key,
                            signer=p.technician.meter, time=int(time.time()), board=kind, firmware=_firmware_name(info))
-    msg = _enrollment_message(record)
-    signed = board.call("sign_enrollment", msg=msg.hex())
-    if signed["public_key"] != public_key or not _verify_sig(public_key, signed["signature"], msg):
+    signed = board.call("sign_enrollment", msg=enrollment_message(record).hex())
+    if signed["public_key"] != public_key or not meter_signature_ok(record, signed["signature"]):
         raise DeviceError("the device's enrollment signature does not verify against its public key")
-    say(f"enrolling {p.meter} for {p.account} in {p.area} on the registry chain ({p.registry})")
-    result = enroll_on_registry(record, signed["signature"], technician=p.technician, broker=p.registry,
-                                user=p.registry_user, password=p.registry_password, timeout_s=p.timeout_s)
+    say(f"enrolling {p.meter} for {p.account} in {p.area} on the registry chain "
+        f"({p.registry.host}:{p.registry.port})")
+    result = enroll_on_registry(record, signed["signature"], technician=p.technician, mqtt=p.registry,
+                                timeout_s=p.timeout_s)
     tx = result.pop("tx")
     if result.get("status") != "certified":
         raise CheckFailed(f"the registry refused the enrollment: {result.get('reason')}: {result.get('detail', '')}")

@@ -205,8 +205,8 @@ def _cmd_provision(args, runner: Runner) -> int:
     plan = Provisioning.from_options(
         meter=args.meter, account=args.account, area=args.area, broker=args.broker, paillier=args.paillier,
         signer=args.signer, key=args.key, out=args.out, registry=args.registry, wifi=args.wifi, ca=args.ca,
-        user=args.user, password_file=args.password_file, registry_user=args.registry_user,
-        registry_password_file=args.registry_password_file, interval_s=args.interval_s, board=args.board,
+        user=args.user, password_file=args.password_file, registry_mqtt=args.registry_mqtt,
+        interval_s=args.interval_s, board=args.board,
         rotate=args.rotate_key, timeout_s=args.timeout)
     board = _board(args, runner)
     rec = provision(board, plan, say=step)
@@ -340,8 +340,8 @@ def add_commands(roles, action) -> None:
     sp.add_argument("--user", help="the meter's broker user name")
     sp.add_argument("--password-file", help="file holding the meter's broker password")
     sp.add_argument("--registry", help="broker URL of the registry chain (default: --broker)")
-    sp.add_argument("--registry-user", help="your broker user name for submitting to the registry")
-    sp.add_argument("--registry-password-file", help="file holding that password")
+    sp.add_argument("--registry-mqtt", help="TOML with your [mqtt] account for the registry (host, port, "
+                    "username, password, tls_ca), as `gridledger registry enroll --mqtt` takes; replaces --registry")
     sp.add_argument("--interval-s", type=int, default=900, help="reading interval (default 900: 15 minutes)")
     sp.add_argument("--rotate-key", action="store_true", help="replace a key the device already has "
                     "(the old enrollment must be retired first)")

@@ -130,7 +130,7 @@ def test_install_provision_verify_label_dry_runs_print_their_mpremote_commands(t
     assert config.startswith(f"would run: {MPREMOTE} connect {port} resume fs cp ") and \
         config.endswith("/config.json :config.json")
     assert keygen.startswith(pre) and '"op": "keygen"' in keygen
-    assert "registry chain via mqtt://gw.local:1883" in res.stdout and not (tmp_path / "records").exists()
+    assert "registry chain via gw.local:1883" in res.stdout and not (tmp_path / "records").exists()
 
     res = flash("--dry-run", "verify", "--port", port)
     assert res.returncode == 0, res.stderr
