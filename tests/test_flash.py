@@ -4,6 +4,7 @@ Mosquitto, and every friendly error provoked for real."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import os
@@ -20,7 +21,7 @@ import serial
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from PIL import Image
 
-from gridledger.flashdevice import BOARDS, USB_IDS, Runner, bootsel_volumes, classify
+from gridledger.flashdevice import BOARDS, USB_IDS, Board, Runner, bootsel_volumes, classify
 from gridledger.flashlabel import LABEL_PX, QR_BORDER, qr_payload
 from gridledger.flashprovision import fingerprint
 from gridledger.meterkeys import public_hex
@@ -185,21 +186,35 @@ def test_device_key_is_made_once_and_signs_only_its_own_enrollment(tmp_path, mp_
 
 # -- end to end on the virtual board ---------------------------------------------------------
 
-class Registry:
-    """The registry chain (its proposer and one validator) and a gateway following it, on the test's Mosquitto."""
+def _with_account(cfg: Path, user: str, password: str) -> None:
+    cfg.write_text(cfg.read_text().replace("[mqtt]\n", f'[mqtt]\nusername = "{user}"\npassword = "{password}"\n'))
 
-    def __init__(self, tmp: Path, broker):
+
+class Registry:
+    """The registry chain (its proposer and one validator) and a gateway following it, on a real Mosquitto;
+    with `passwords` (account -> password: registry, v0, gw1, ops) each role logs in with its own account."""
+
+    def __init__(self, tmp: Path, host: str, port: int, passwords: dict[str, str] | None = None):
         self.tmp = tmp
         (tmp / "paillier.pub.json").write_text(json.dumps({"n": str(N), "kid": kid_of(N)}))
-        self.vcfgs = write_chain(tmp, area=AREA, host=broker.host, port=broker.port, validators=1,
+        self.vcfgs = write_chain(tmp, area=AREA, host=host, port=port, validators=1,
                                  paillier_public="paillier.pub.json", registry_chain=True)
-        self.setup = write_registry_chain(tmp, host=broker.host, port=broker.port)
+        self.setup = write_registry_chain(tmp, host=host, port=port)
         self.gateway_cfg = tmp / "gateway.toml"
         self.gateway_cfg.write_text(f'[gateway]\narea = "{AREA}"\ndatabase = "gateway.db"\n'
-                                    f'paillier_public = "paillier.pub.json"\n\n[mqtt]\nhost = "{broker.host}"\n'
-                                    f'port = {broker.port}\n\n' + chain_table(50)
+                                    f'paillier_public = "paillier.pub.json"\n\n[mqtt]\nhost = "{host}"\n'
+                                    f'port = {port}\n\n' + chain_table(50)
                                     + registry_chain_table("gateway-registry.db"))
+        self.login = ["--broker", f"{host}:{port}"]
+        if passwords:
+            for cfg, user in ((self.setup.config, "registry"), (self.vcfgs[0], "v0"), (self.gateway_cfg, "gw1")):
+                _with_account(cfg, user, passwords[user])
+            self.login = ["--mqtt", str(mqtt_file(tmp, "ops", host, port, passwords["ops"]))]
         self.procs = []
+
+    def start(self) -> "Registry":
+        """The three roles up, and technician tech1 registered by the registrar."""
+        tmp = self.tmp
         for name, start in (("registry", lambda log: registry_process(self.setup.config, log)),
                             ("v0", lambda log: validator_process(self.vcfgs[0], log)),
                             ("gateway", lambda log: gateway_process(self.gateway_cfg, log))):
@@ -208,9 +223,10 @@ class Registry:
             wait_up(log, self.procs[-1], timeout=60)
         res = subprocess.run([sys.executable, "-m", "gridledger", "registry", "node", "--id", "tech1", "--role",
                               "technician", "--public-key", self.setup.technician.public_hex, "--signer", "ops",
-                              "--key", str(tmp / "keys" / "ops.ed25519.key"), "--broker",
-                              f"{broker.host}:{broker.port}"], capture_output=True, text=True, timeout=120)
+                              "--key", str(tmp / "keys" / "ops.ed25519.key"), *self.login],
+                             capture_output=True, text=True, timeout=120)
         assert res.returncode == 0, res.stdout + res.stderr
+        return self
 
     def stop(self) -> None:
         for p in self.procs:
@@ -218,11 +234,18 @@ class Registry:
             p.wait()
 
 
+def mqtt_file(tmp: Path, user: str, host: str, port: int, password: str) -> Path:
+    """A technician's [mqtt] TOML, as `registry ... --mqtt` and `flash.sh provision --registry-mqtt` take it."""
+    path = tmp / f"{user}.mqtt.toml"
+    path.write_text(f'[mqtt]\nhost = "{host}"\nport = {port}\nusername = "{user}"\npassword = "{password}"\n')
+    return path
+
+
 async def test_a_bare_virtual_board_becomes_an_enrolled_meter_whose_reading_the_gateway_accepts(
         tmp_path, broker, firmware_bundle, vboard):
     """install, provision, verify and label through flash.sh and mpremote; re-running provision changes nothing;
     the device's private key is nowhere on the host; restarted, the board's meter gets its first reading acked."""
-    reg = Registry(tmp_path, broker)
+    reg = Registry(tmp_path, broker.host, broker.port).start()
     runs = []
     try:
         res = flash("install", "--port", vboard.port, "--bundle", firmware_bundle)
@@ -500,3 +523,89 @@ def test_a_board_joins_its_wifi_at_boot_without_waiting(tmp_path, mp_source):
     assert first == [["WLAN", 0], ["active", True], ["connect", "HomeNet", "p:w"]]
     assert waited == "wifi HomeNet: not connected after 300 ms"
     assert up is True and ["connect", "HomeNet", "p:w"] not in again  # already up: not asked again
+
+
+
+async def test_a_provisioned_meter_is_accepted_through_the_generated_acl(tmp_path, firmware_bundle, vboard):
+    """Mosquitto with `gridledger broker` accounts and ACLs: every role logs in with its account, the technician
+    enrolls through its [mqtt] file, the meter's own account goes onto the device; once the ACL is regenerated
+    from the registry chain the board's first reading is acked, and another meter's topics stay closed to it."""
+    import aiomqtt
+    from gridledger.broker import free_port, run_mosquitto
+
+    def gl(*args) -> dict:
+        res = subprocess.run([sys.executable, "-m", "gridledger", *map(str, args)], capture_output=True, text=True,
+                             timeout=60)
+        assert res.returncode == 0, res.stderr
+        return json.loads(res.stdout.strip().splitlines()[-1])
+
+    local, tls, auth, certs = free_port(), free_port(), tmp_path / "broker", tmp_path / "certs"
+    passwords = {who: gl("broker", "credentials", "add", "--id", who, "--role", role, "--out", auth, *extra)["password"]
+                 for who, role, extra in (("registry", "registry", ()), ("v0", "validator", ()),
+                                          ("gw1", "gateway", ("--area", AREA)), ("ops", "technician", ()),
+                                          ("tech1", "technician", ()), ("m01", "meter", ()), ("m02", "meter", ()))}
+    subprocess.run([sys.executable, "-m", "gridledger", "broker", "testbed-ca", "--out", str(certs), "--host",
+                    "127.0.0.1"], check=True, capture_output=True, timeout=60)
+    (auth / "acl").write_text("")  # nobody may do anything until the ACL is generated
+    gl_ok = subprocess.run([sys.executable, "-m", "gridledger", "broker", "config", "--out", str(auth), "--tls-cert",
+                            str(certs / "server.crt"), "--tls-key", str(certs / "server.key"), "--ca",
+                            str(certs / "ca.crt"), "--tls-port", str(tls), "--tls-bind", "127.0.0.1",
+                            "--local-port", str(local)], capture_output=True, text=True, timeout=60)
+    assert gl_ok.returncode == 0, gl_ok.stderr
+    main = tmp_path / "mosquitto-main.conf"
+    main.write_text(("user root\n" if os.geteuid() == 0 else "") + f"persistence false\nlog_dest stderr\n"
+                    f"include_dir {auth}\n")
+    broker = run_mosquitto(main, local, tmp_path / "mosquitto.log")
+    reg = None
+    try:
+        reg = Registry(tmp_path, "127.0.0.1", local, passwords)
+        # The roles' own grants first: the registry has no meter yet (an empty `registry show`).
+        empty = tmp_path / "no-meters.json"
+        empty.write_text(json.dumps({"chain": "registry", "area": AREA, "meters": []}))
+        gl("broker", "acl", "--registry-config", empty, "--out", auth / "acl")
+        broker.proc.send_signal(signal.SIGHUP)
+        reg.start()
+        regen = ("broker", "acl", "--registry-config", tmp_path / "validators" / "v0.toml", "--out", auth / "acl")
+        assert flash("install", "--port", vboard.port, "--bundle", firmware_bundle).returncode == 0
+        (tmp_path / "m01.pass").write_text(passwords["m01"] + "\n")
+        records = tmp_path / "provisioned"
+        res = flash("provision", "--port", vboard.port, "--meter", "m01", "--account", "acct-0001", "--area", AREA,
+                    "--broker", f"mqtt://127.0.0.1:{local}", "--user", "m01", "--password-file", tmp_path / "m01.pass",
+                    "--registry-mqtt", mqtt_file(tmp_path, "tech1", "127.0.0.1", local, passwords["tech1"]),
+                    "--paillier", tmp_path / "paillier.pub.json", "--signer", "tech1",
+                    "--key", tmp_path / "keys" / "tech1.ed25519.key", "--out", records, "--interval-s", "5")
+        assert res.returncode == 0, res.stdout + res.stderr
+        height = json.loads((records / "m01.json").read_text())["registry"]["height"]
+        for db in (tmp_path / "validators" / "v0-registry.db", tmp_path / "gateway-registry.db"):
+            wait_until(lambda: chain_height(db) >= height, 30, f"{db.name} to hold the enrollment")
+        assert gl(*regen)["meters"] == 1
+        broker.proc.send_signal(signal.SIGHUP)
+        config = json.loads((vboard.folder / "config.json").read_text())
+        assert config["broker"]["user"] == "m01" and passwords["m01"] not in (records / "m01.json").read_text()
+
+        async with aiomqtt.Client("127.0.0.1", local, username="gw1", password=passwords["gw1"]) as gw:
+            await gw.subscribe(f"gl/v1/{AREA}/meters/+/ack", qos=1)
+            await gw.subscribe(f"gl/v1/{AREA}/meters/m02/readings", qos=1)
+            assert flash("verify", "--port", vboard.port, "--record", records / "m01.json").returncode == 0
+            board = Board(vboard.port, Runner())
+            board.run("exec", "--no-follow", "import machine; machine.soft_reset()")
+            async with asyncio.timeout(90):
+                async for msg in gw.messages:
+                    if msg.topic.matches(ack_topic(AREA, "m01")) and json.loads(msg.payload)["seq"] >= 1:
+                        break
+            # With m01's account, m02's readings topic is not m01's to publish on (Mosquitto drops it silently).
+            async with aiomqtt.Client("127.0.0.1", local, username="m01", password=passwords["m01"]) as m01:
+                await m01.publish(f"gl/v1/{AREA}/meters/m02/readings", b"{}", qos=1)
+                await m01.publish(ack_topic(AREA, "m01"), b'{"probe": 1}', qos=1)
+            try:
+                async with asyncio.timeout(3):
+                    async for msg in gw.messages:
+                        assert not msg.topic.matches(f"gl/v1/{AREA}/meters/m02/readings"), "m01 published as m02"
+                        assert not (msg.topic.matches(ack_topic(AREA, "m01")) and b"probe" in msg.payload), \
+                            "m01 wrote its own ack topic"
+            except TimeoutError:
+                pass  # the quiet window ended and nothing forbidden arrived
+    finally:
+        if reg:
+            reg.stop()
+        broker.stop()
