@@ -10,6 +10,7 @@ emulated, and why, is in docs/flash.md ("The virtual board").
 
 from __future__ import annotations
 
+import ctypes
 import os
 import select
 import signal
@@ -31,6 +32,13 @@ def _open_pty() -> tuple[int, int]:
     tty.setraw(slave)  # bytes as they are: no echo, no CR/LF mapping, no signals
     os.set_blocking(master, False)
     return master, slave
+
+
+def _die_with_parent() -> None:
+    # In the child: a board whose host process is killed loses power too
+    # (Linux: PR_SET_PDEATHSIG), instead of running on as an orphan.
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
 
 
 def _catches_sigint(pid: int) -> bool:
@@ -90,7 +98,8 @@ class VirtualBoard:
         env = dict(os.environ, MICROPYPATH=":lib:.frozen")
         self._proc = subprocess.Popen([micropython(), "-X", f"heapsize={self.heap}", "-i", *script],
                                       stdin=self._board_slave, stdout=self._board_slave, stderr=self._board_slave,
-                                      cwd=self.folder, env=env, start_new_session=True)
+                                      cwd=self.folder, env=env, start_new_session=True,
+                                      preexec_fn=_die_with_parent)
         self.boots += 1
         self._log(f"boot {self.boots}: pid {self._proc.pid}{' main.py' if script else ''}")
 
