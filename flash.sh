@@ -87,7 +87,7 @@ while [ $# -gt 0 ]; do
         detect|firmware|install|provision|verify|label) sub=$1; shift; cmd_flash "$sub" "$@" ;;
         virtual-board)
             shift
-            [ "$DRY_RUN" = 0 ] || die "virtual-board has no --dry-run: it only starts a process"
+            if [ "$DRY_RUN" = 1 ]; then echo "virtual-board has no --dry-run: it only starts a process" >&2; exit 2; fi
             need_venv; exec "$PY" -m gridledger flash virtual-board "$@" ;;
         *) echo "unknown command: $1" >&2; usage >&2; exit 2 ;;
     esac
