@@ -1,7 +1,7 @@
 """A board without hardware: the MicroPython Unix port's REPL behind a
 pseudo-terminal, driven by `mpremote connect PORT resume ...` like a USB board.
 
-Two ptys are bridged by relay threads: the interpreter's controlling terminal
+Two ptys are bridged by relay threads: the interpreter's stdin and stdout
 (the board's side) and the port a host tool opens (the USB side, whose slave the
 board holds open so the device stays put between connections). The folder given
 is the board's filesystem (the interpreter's working directory). What is
@@ -37,7 +37,7 @@ def _open_pty() -> tuple[int, int]:
 def _die_with_parent() -> None:
     # In the child: a board whose host process is killed loses power too
     # (Linux: PR_SET_PDEATHSIG), instead of running on as an orphan.
-    libc = ctypes.CDLL(None, use_errno=True)
+    libc = ctypes.CDLL(None)
     libc.prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
 
 
@@ -66,7 +66,6 @@ class VirtualBoard:
         self._log = log or (lambda msg: None)
         self._board_master, self._board_slave = _open_pty()
         self._usb_master, self._usb_slave = _open_pty()
-        self.interrupts = 0
         self._last_interrupt = 0.0
         self.port = os.ttyname(self._usb_slave)
         self._proc: subprocess.Popen | None = None
@@ -87,10 +86,6 @@ class VirtualBoard:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc else None
-
     def _boot(self) -> None:
         # As a board does at power-up: run main.py if the filesystem has one,
         # then (when it ends or fails) the REPL.
@@ -102,20 +97,6 @@ class VirtualBoard:
                                       preexec_fn=_die_with_parent)
         self.boots += 1
         self._log(f"boot {self.boots}: pid {self._proc.pid}{' main.py' if script else ''}")
-
-    def reset(self) -> None:
-        """Power-cycle: kill the interpreter; the supervisor boots a new one."""
-        with self._lock:
-            proc = self._proc
-        if proc and proc.poll() is None:
-            proc.kill()
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            with self._lock:
-                if self._proc is not proc and self._proc.poll() is None:
-                    return
-            time.sleep(0.02)
-        raise TimeoutError("the virtual board did not boot again")
 
     def _supervise(self) -> None:
         # An interpreter that exits (sys.exit, machine.soft_reset, a crash) is
@@ -144,7 +125,7 @@ class VirtualBoard:
         now = time.monotonic()
         if now - self._last_interrupt > 0.25:
             self._last_interrupt = now
-            self.interrupts += 1
+            self._log(f"Ctrl-C: SIGINT to pid {proc.pid}")
             os.kill(proc.pid, signal.SIGINT)
         return data.replace(b"\x03", b"")
 
@@ -163,14 +144,24 @@ class VirtualBoard:
                 time.sleep(0.05)
                 continue
             if down:
-                data = self._interrupt(data)
+                self._write_all(dst, self._interrupt(data))
+            else:
+                try:
+                    os.write(dst, data)
+                except OSError:
+                    pass  # nobody reading the port: output is lost, as on a USB console with no host
+
+    def _write_all(self, dst: int, data: bytes) -> None:
+        # Towards the board nothing may be lost (a file copy in raw-paste mode):
+        # wait while the interpreter drains its input.
+        deadline = time.monotonic() + 5
+        while data and not self._stop.is_set() and time.monotonic() < deadline:
             try:
-                os.write(dst, data)
+                data = data[os.write(dst, data):]
             except BlockingIOError:
-                pass  # nobody reading the port: output is lost, as on a USB console with no host
+                time.sleep(0.005)
             except OSError:
-                if self._stop.is_set():
-                    return
+                return
 
     def close(self) -> None:
         self._stop.set()
