@@ -104,7 +104,7 @@ def test_firmware_dry_run_prints_the_exact_esptool_and_uf2_commands(tmp_path):
     assert not (volume / uf2.name).exists()
 
 
-def test_install_provision_verify_label_dry_runs_print_their_mpremote_commands(tmp_path, firmware_bundle):
+def test_install_provision_verify_label_dry_runs_print_their_mpremote_commands(tmp_path):
     """Each command shows the exact mpremote lines it would run and touches no port and no file."""
     port = "/dev/ttyACM9"  # no such device: a dry run must not open it
     pre = f"would run: {MPREMOTE} connect {port} resume exec "
@@ -274,6 +274,12 @@ async def test_a_bare_virtual_board_becomes_an_enrolled_meter_whose_reading_the_
         assert res.returncode == 0, res.stdout + res.stderr
         report = [line.split()[:2] for line in res.stdout.splitlines() if line[:4] in ("PASS", "FAIL")]
         assert report == [["PASS", c] for c in ("config", "key", "encrypt", "sensor", "clock", "broker", "memory")]
+        other = tmp_path / "other.json"  # a record for another board: the key check fails, and only it
+        other.write_text(json.dumps(dict(record, public_key=public_hex(Ed25519PrivateKey.generate().public_key()))))
+        res = flash("verify", "--port", vboard.port, "--record", other)
+        runs.append(res)
+        assert res.returncode == 1 and "self-test failed: key" in res.stderr
+        assert [line[:4] for line in res.stdout.splitlines() if line[:4] in ("PASS", "FAIL")].count("FAIL") == 1
 
         res = flash("label", "--port", vboard.port, "--records", records, "--out", tmp_path / "labels")
         runs.append(res)
