@@ -241,6 +241,12 @@ def provision(board: Board, p: Provisioning, say=print) -> dict:
     say("writing the device config")
     cfg = meter_config(meter=p.meter, account=p.account, area=p.area, broker=p.broker, n=p.n,
                        interval_s=p.interval_s, wifi=p.wifi, ca=p.ca is not None, user=p.user, password=p.password)
+    if board.runner.dry_run:
+        shown = json.loads(json.dumps(cfg))
+        for secret in (shown["broker"], shown.get("wifi", {})):
+            if "password" in secret:
+                secret["password"] = "***"
+        say("config.json would be: " + json.dumps(shown))
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(tmp) / "config.json"
         local.write_text(json.dumps(cfg, indent=1))

@@ -124,8 +124,11 @@ def test_install_provision_verify_label_dry_runs_print_their_mpremote_commands(t
     (keys / "tech1.ed25519.key").write_bytes(os.urandom(32))
     res = flash("--dry-run", "provision", "--port", port, "--meter", "m01", "--account", "acct-0001", "--area", AREA,
                 "--broker", "mqtt://gw.local", "--paillier", tmp_path / "paillier.pub.json", "--signer", "tech1",
-                "--key", keys / "tech1.ed25519.key", "--out", tmp_path / "records")
+                "--key", keys / "tech1.ed25519.key", "--out", tmp_path / "records", "--wifi", "HomeNet:s3cret")
     assert res.returncode == 0, res.stderr
+    shown = json.loads(res.stdout.split("config.json would be: ", 1)[1].splitlines()[0])
+    assert shown["meter"] == "m01" and shown["broker"]["host"] == "gw.local" and shown["paillier"]["n"] == str(N)
+    assert shown["wifi"] == {"ssid": "HomeNet", "password": "***"} and "s3cret" not in res.stdout
     identify, info, config, keygen = _lines(res)
     assert identify.startswith(pre + "'import sys, json;") and info.startswith(pre) and '"op": "info"' in info
     assert config.startswith(f"would run: {MPREMOTE} connect {port} resume fs cp ") and \
