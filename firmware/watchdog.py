@@ -12,6 +12,11 @@ class Watchdog:
         self._make = wdt
         self.timeout_ms = None
         limit = board["watchdog"]
+        # Checked on every board, the Unix port too: a config that passes the
+        # testbed must not fail on the first real board.
+        if timeout_ms is not None and timeout_ms != 0 and \
+                (isinstance(timeout_ms, bool) or not isinstance(timeout_ms, int) or timeout_ms < 1000):
+            raise ValueError("watchdog_ms must be an int >= 1000 (or 0 for none), got %r" % (timeout_ms,))
         if timeout_ms == 0:
             self._off("disabled by config (watchdog_ms = 0)")
             return
@@ -19,8 +24,6 @@ class Watchdog:
             self._off("board %s has no watchdog" % board["id"])
             return
         ms = limit["default_ms"] if timeout_ms is None else timeout_ms
-        if isinstance(ms, bool) or not isinstance(ms, int) or ms < 1000:
-            raise ValueError("watchdog_ms must be an int >= 1000 (or 0 for none), got %r" % (ms,))
         if ms > limit["max_ms"]:
             self._log("watchdog_clamped", asked_ms=ms, max_ms=limit["max_ms"], board=board["id"])
             ms = limit["max_ms"]

@@ -12,8 +12,10 @@ import struct
 import pytest
 
 from gridledger.firmware_build import BOARDS, FIRMWARE_SRC, ROOT
+from gridledger.testbed import meter_process, write_meter_config
 
 from conftest import MP_SCRIPTS, MicroPython
+from helpers import N
 
 PROFILES = {p.stem: json.loads(p.read_text()) for p in BOARDS.glob("*.json")}
 
@@ -317,6 +319,55 @@ def test_bundle_carries_packages_and_profiles(firmware_bundle):
             if p.name != "main.py"}
     assert want <= names and "sensors/pzem.mpy" in names
     assert {f"profiles/{n}.json" for n in PROFILES} <= names
+
+
+# --- the meter process picks board and sensor from its config ---
+
+def boot_meter(tmp_path, broker, bundle, **changes) -> tuple[int, list[str]]:
+    """Boot the flashed bundle's meter with a config edited by `changes`; a clock whose
+    stop time is already past makes it stop right after boot. (exit code, log lines)"""
+    cfg = tmp_path / "m1" / "config.json"
+    write_meter_config(cfg, meter="m1", area="area1", state_dir=tmp_path / "m1", key_file=tmp_path / "m1" / "key",
+                       n=N, host=broker.host, port=broker.port, interval_s=900,
+                       clock={"scale": 1, "real_start": 0, "virtual_start": 0, "stop_at": 0}, seed=1)
+    (tmp_path / "m1" / "key").write_bytes(bytes(range(32)))
+    doc = json.loads(cfg.read_text())
+    doc.update(changes)
+    cfg.write_text(json.dumps(doc))
+    log = tmp_path / "m1.log"
+    p = meter_process(cfg, log, firmware=bundle)
+    try:
+        p.wait(60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    return p.returncode, log.read_text().splitlines()
+
+
+def test_meter_boots_on_the_unix_profile_without_a_watchdog(tmp_path, broker, firmware_bundle):
+    """A testbed meter (no "board") runs on the unix profile and logs once that it has no watchdog."""
+    code, lines = boot_meter(tmp_path, broker, firmware_bundle)
+    assert code == 0, lines
+    events = [json.loads(x) for x in lines if x.startswith("{")]
+    off = [e for e in events if e["ev"] == "watchdog_off"]
+    assert len(off) == 1 and off[0]["why"] == "board unix has no watchdog"
+    assert [e["ev"] for e in events][-1] == "done"
+
+
+@pytest.mark.parametrize("changes, error", [
+    ({"board": "pico"}, "BoardError: board profile: wrong_platform: profile pico is for rp2"),
+    ({"board": "pico-x"}, "BoardError: board profile: unknown_board: no profile pico-x.json"),
+    ({"sensor": {"type": "pzem"}}, "ConfigError: sensor config: missing_key: pzem sensor: no 'uart'"),
+    ({"sensor": {"type": "sim", "seeed": 3}}, "ConfigError: sensor config: unknown_key: sim sensor has no setting 'seeed'"),
+    ({"watchdog_ms": 10}, "ValueError: watchdog_ms must be an int >= 1000"),
+], ids=["wrong_platform", "unknown_board", "no_uart_on_unix", "typo", "watchdog_too_short"])
+def test_meter_refuses_a_bad_board_or_sensor_config_at_boot(tmp_path, broker, firmware_bundle, changes, error):
+    """A meter whose board or sensor config is wrong stops at boot and says why, before measuring anything."""
+    code, lines = boot_meter(tmp_path, broker, firmware_bundle, **changes)
+    assert code != 0
+    assert any(error in x for x in lines), lines[-5:]
+    assert not (tmp_path / "m1" / "state.json").exists()
 
 
 # --- hardware/wiring.md must say what the profiles say ---
