@@ -139,7 +139,7 @@ def test_answer_frame_decodes_every_field(run):
     """Every register of a good answer lands in its field, 32-bit values from (low, high) words."""
     g = run["pzem_good"]
     assert g["fields"] == [2301, 81234, 186789, 123456, 500, 92, False]
-    assert g["power_w"] == pytest.approx(18678.9)
+    assert g["power_w"] == pytest.approx(18678.9) and g["writes_after_power"] == 1
     assert g["fault"] is None
     assert run["pzem_alarm"] is True
 
@@ -180,11 +180,12 @@ def test_stale_bytes_are_flushed_before_a_request(run):
 
 
 def test_counter_rollover_and_reset(run):
-    """A roll-over at 10,000 kWh counts the energy across it; a reset counts from zero; never negative."""
+    """A roll-over at 10,000 kWh counts the energy across it; a reset counts from zero; never negative;
+    a resumed checkpoint counts what the module measured while the board was down."""
     r = run["counter"]
     assert r["deltas"] == [90, 50, 4999960, 20]
     assert r["log"] == ["counter_wrap", "counter_reset"]
-    assert run["resume_pzem"] == [100, 0]
+    assert run["resume_pzem"] == [[100, 0], [1000, 0]]
 
 
 def test_debounce_counts_exactly_the_real_pulses(run):
@@ -205,7 +206,7 @@ def test_pulse_import_and_export_channels(run):
     assert r["imp_w"] == 1000  # 1.25 Wh every 4.5 s
     assert r["exp_w"] == -2000  # export shows as negative power
     assert -1000 < r["late_w"] < 0  # overdue pulses: the estimate decays
-    assert run["pulse_resume"] == {"totals": [5010, 7], "energy": [10, 0]}
+    assert run["pulse_resume"] == {"totals": [5012, 7], "energy": [12, 0], "checkpoint": [5012, 7]}
 
 
 def test_ct_rms_current_within_tolerance(run):

@@ -53,9 +53,14 @@ class Sensor:
         # called every main-loop step: drivers that sample do it here
         pass
 
+    def checkpoint(self):
+        # The totals the last energy() counted up to: persist them with the
+        # reading, hand them to resume() after a reboot.
+        return self._last
+
     def resume(self, import_wh, export_wh):
-        # The totals last reported before a reboot (persisted by the meter):
-        # the first interval then counts from there instead of from boot.
+        # Right after boot, before the first energy(): the checkpoint persisted
+        # with the last reading, so the first interval counts from there.
         self._last = (import_wh, export_wh)
 
     def _baseline(self):

@@ -121,7 +121,8 @@ class CtClamp(Sensor):
         return self._base[0] + self._wh[0], self._base[1] + self._wh[1]
 
     def resume(self, import_wh, export_wh):
-        self._base = (import_wh - self._wh[0], export_wh - self._wh[1])
+        # as for pulses: energy integrated since boot comes after the checkpoint
+        self._base = (import_wh, export_wh)
         super().resume(import_wh, export_wh)
 
     def energy(self, t0, t1):

@@ -60,8 +60,9 @@ class Pulse(Sensor):
         return self._base[0] + self._wh(self.imp), self._base[1] + self._wh(self.exp)
 
     def resume(self, import_wh, export_wh):
-        # Pulses live in RAM: what was counted before the reboot becomes the base.
-        self._base = (import_wh - self._wh(self.imp), export_wh - self._wh(self.exp))
+        # Pulses live in RAM: the checkpoint becomes the base, and pulses
+        # counted since boot are energy after it.
+        self._base = (import_wh, export_wh)
         super().resume(import_wh, export_wh)
 
     def power_w(self):

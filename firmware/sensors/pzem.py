@@ -52,6 +52,7 @@ class Pzem(Sensor):
         self.deci_volts = self.milli_amps = self.deci_watts = None
         self.energy_wh = self.deci_hz = self.centi_pf = None
         self.alarm = None
+        self._read_at = None  # ticks of the last good read
         self._baseline()
 
     def _exchange(self):
@@ -103,15 +104,19 @@ class Pzem(Sensor):
         self.deci_hz = f
         self.centi_pf = pf
         self.alarm = al == 0xFFFF
+        self._read_at = time.ticks_ms()
 
     def totals(self):
         self.read()
         return self.energy_wh, 0
 
     def power_w(self):
-        try:
-            self.read()
-        except SensorFault as e:
-            self._failed(e)
-            return None
+        # A fresh read unless the last good one is under a second old: alert
+        # checks may ask every loop, and each read holds the loop ~50 ms.
+        if self._read_at is None or time.ticks_diff(time.ticks_ms(), self._read_at) >= 1000:
+            try:
+                self.read()
+            except SensorFault as e:
+                self._failed(e)
+                return None
         return self.deci_watts / 10

@@ -28,6 +28,9 @@ class Sim(Sensor):
     def totals(self):
         return self._imp, self._exp
 
+    def checkpoint(self):
+        return self._imp, self._exp
+
     def resume(self, import_wh, export_wh):
         self._imp = import_wh
         self._exp = export_wh

@@ -60,8 +60,9 @@ out["pzem_good"] = {
     "fields": [p.deci_volts, p.milli_amps, p.deci_watts, p.energy_wh, p.deci_hz, p.centi_pf, p.alarm],
     "fault": p.fault,
 }
-u.answers = [unhex(job["frames"]["good"])]
-out["pzem_good"]["power_w"] = p.power_w()
+u.answers = [unhex(job["frames"]["e1000"])]
+out["pzem_good"]["power_w"] = p.power_w()  # the read just made is fresh: no new request
+out["pzem_good"]["writes_after_power"] = len(u.writes)
 u.answers = [unhex(job["frames"]["alarm"])]
 p.read()
 out["pzem_alarm"] = p.alarm
@@ -108,7 +109,7 @@ for e in seq[1:]:
 out["counter"] = {"deltas": deltas, "log": [x["ev"] for x in log.lines]}
 p, u, log = pzem_with([job["frames"]["e1000"]] * 2)
 p.resume(900, 0)  # persisted before a reboot: the first interval counts from there
-out["resume_pzem"] = p.energy(0, 900)
+out["resume_pzem"] = [p.energy(0, 900), p.checkpoint()]
 
 # --- pulses ---
 def run_pulses(timeline, min_ms, lock):
@@ -159,9 +160,15 @@ e3 = s.energy(1800, 2700)
 clock.ms += 9000  # no pulse for 9 s: the export rate can only be lower
 out["pulse_channels"] = {"energy": [e1, e2, e3], "totals": s.totals(), "imp_w": imp_w, "exp_w": exp_w,
                          "late_w": s.power_w()}
+# After a reboot: two pulses arrive before the meter hands over the checkpoint
+# it persisted; they are energy after the checkpoint, like the eight after.
+ip, ep = fakehw.Pin(14), fakehw.Pin(15)
+s = Pulse(ip, ep, per_kwh=800, min_ms=20, ticks_ms=clock.ticks)
+pulses(ip, 2, 4500)
 s.resume(5000, 7)
 pulses(ip, 8, 4500)
-out["pulse_resume"] = {"totals": s.totals(), "energy": s.energy(2700, 3600)}
+e = s.energy(2700, 3600)
+out["pulse_resume"] = {"totals": s.totals(), "energy": e, "checkpoint": s.checkpoint()}
 
 # --- CT clamp ---
 ct = job["ct"]
