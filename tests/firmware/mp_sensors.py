@@ -112,6 +112,15 @@ p.resume(900, 0)  # persisted before a reboot: the first interval counts from th
 out["resume_pzem"] = [p.energy(0, 900), p.checkpoint()]
 
 # --- pulses ---
+def locked(fn, arg):
+    # Any allocation inside fn raises MemoryError (caught by the caller).
+    micropython.heap_lock()
+    try:
+        fn(arg)
+    finally:
+        micropython.heap_unlock()
+
+
 def run_pulses(timeline, min_ms, lock):
     clock = fakehw.Clock()
     pin = fakehw.Pin(14, level=1)
@@ -119,16 +128,28 @@ def run_pulses(timeline, min_ms, lock):
     alloc = None
     for t, level in timeline:
         clock.ms = t
-        if lock:
-            micropython.heap_lock()
-        try:
+        if not lock:
             pin.drive(level)
+            continue
+        try:
+            locked(pin.drive, level)
         except MemoryError:
             alloc = t
-        finally:
-            if lock:
-                micropython.heap_unlock()
     return s.imp.count, alloc, pin
+
+
+def allocating_edge(pin):
+    pin.seen = [pin.level]  # what the handler must never do
+
+
+# The check itself can fail: an allocating handler is caught.
+probe = fakehw.Pin(3)
+probe.irq(handler=allocating_edge)
+try:
+    locked(probe.drive, 0)
+    out["heap_lock_catches"] = False
+except MemoryError:
+    out["heap_lock_catches"] = True
 
 
 n, alloc, pin = run_pulses(job["pulses"]["timeline"], job["pulses"]["min_ms"], True)
