@@ -333,9 +333,8 @@ def test_bundle_carries_packages_and_profiles(firmware_bundle):
 
 # --- the meter process picks board and sensor from its config ---
 
-def boot_meter(tmp_path, broker, bundle, **changes) -> tuple[int, list[str]]:
-    """Boot the flashed bundle's meter with a config edited by `changes`; a clock whose
-    stop time is already past makes it stop right after boot. (exit code, log lines)"""
+def meter_config(tmp_path, broker, **changes):
+    """A meter config whose clock has already stopped: the meter boots and has nothing to measure."""
     cfg = tmp_path / "m1" / "config.json"
     write_meter_config(cfg, meter="m1", area="area1", state_dir=tmp_path / "m1", key_file=tmp_path / "m1" / "key",
                        n=N, host=broker.host, port=broker.port, interval_s=900,
@@ -344,6 +343,13 @@ def boot_meter(tmp_path, broker, bundle, **changes) -> tuple[int, list[str]]:
     doc = json.loads(cfg.read_text())
     doc.update(changes)
     cfg.write_text(json.dumps(doc))
+    return cfg
+
+
+def boot_meter(tmp_path, broker, bundle, **changes) -> tuple[int, list[str]]:
+    """Boot the flashed bundle's meter with a config edited by `changes`; it stops right
+    after boot. (exit code, log lines)"""
+    cfg = meter_config(tmp_path, broker, **changes)
     log = tmp_path / "m1.log"
     p = meter_process(cfg, log, firmware=bundle)
     try:
@@ -363,6 +369,14 @@ def test_meter_boots_on_the_unix_profile_without_a_watchdog(tmp_path, broker, fi
     off = [e for e in events if e["ev"] == "watchdog_off"]
     assert len(off) == 1 and off[0]["why"] == "board unix has no watchdog"
     assert [e["ev"] for e in events][-1] == "done"
+
+
+def test_meter_step_feeds_the_watchdog_once_per_loop(tmp_path, broker, firmware_bundle):
+    """A real Meter with a fake WDT on the Pico's limits: armed (clamped to 8388 ms) by the first
+    completed step, then fed once by each following step."""
+    mp = MicroPython([firmware_bundle, MP_SCRIPTS])
+    r = mp.run_json(MP_SCRIPTS / "mp_meter_watchdog.py", meter_config(tmp_path, broker), 12, heap="128k")
+    assert r["wdts"] == [[8388, 11]]
 
 
 @pytest.mark.parametrize("changes, error", [
