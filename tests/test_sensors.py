@@ -209,6 +209,19 @@ def test_pulse_import_and_export_channels(run):
     assert run["pulse_resume"] == {"totals": [5012, 7], "energy": [12, 0], "checkpoint": [5012, 7]}
 
 
+def test_pulse_without_hard_irqs_and_with_hardware_counters(run):
+    """Where pin IRQs cannot be hard (ESP32) the channel still counts; ESP32 hardware counters
+    count across their 16-bit wrap, with the export channel apart and power from the count rate."""
+    assert run["pulse_soft"] == {"hard": False, "count": 5}
+    r = run["pulse_counter"]
+    assert r["wrapped"] is True
+    assert r["energy"] == [1250, 3] and r["totals"] == [1250, 3]
+    assert r["w"] == 1000
+    assert run["make_pulse_esp32"] == {"channels": ["CounterChannel", "CounterChannel"],
+                                       "counters": [[0, 25, 2, 12000, 1], [1, 26, 2, 12000, 1]]}
+    assert run["make_pulse_esp32_irq"] == ["PulseChannel", False]
+
+
 def test_ct_rms_current_within_tolerance(run):
     """Sampled sine plus 1.5 LSB noise: RMS within 2% at 10 A and 5% at 1 A; no current reads exactly 0."""
     r = run["ct_rms"]

@@ -66,6 +66,35 @@ class Pin:
                 self.handler(self)
 
 
+class SoftPin(Pin):
+    # A port whose pin IRQs are always scheduled (ESP32): irq() has no `hard`.
+    def irq(self, trigger=None, handler=None):
+        Pin.irq(self, trigger, handler, None)
+
+
+class PulseCounter:
+    # machine.Counter (an ESP32 PCNT unit): a 16-bit signed hardware count the
+    # test moves. Not named Counter here: fakehw as a whole stands for an
+    # RP2040, which has none.
+    RISING = 1
+    FALLING = 2
+    made = []
+
+    def __init__(self, id, src, edge=RISING, filter_ns=0):
+        self.id = id
+        self.src = src
+        self.edge = edge
+        self.filter_ns = filter_ns
+        self.n = 32000  # near the top: the first pulses wrap it
+        PulseCounter.made.append(self)
+
+    def pulses(self, k):
+        self.n += k
+
+    def value(self):
+        return (self.n + 32768) % 65536 - 32768
+
+
 class UART:
     # Each write() of a request queues the next scripted answer (bytes, or None
     # for silence); reads hand it out at most `chunk` bytes at a time.
@@ -171,3 +200,11 @@ class WDT:
 
     def feed(self):
         self.feeds += 1
+
+
+class Esp32:
+    # The machine module of an ESP32 firmware that has machine.Counter
+    Pin = SoftPin
+    UART = UART
+    ADC = ADC
+    Counter = PulseCounter

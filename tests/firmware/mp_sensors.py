@@ -12,7 +12,7 @@ import boards
 import sensors
 from sensors.base import SensorFault
 from sensors.pzem import Pzem, crc16, request
-from sensors.pulse import Pulse
+from sensors.pulse import CounterChannel, Pulse, PulseChannel
 from sensors.ct import CtClamp
 from watchdog import Watchdog
 
@@ -124,7 +124,7 @@ def locked(fn, arg):
 def run_pulses(timeline, min_ms, lock):
     clock = fakehw.Clock()
     pin = fakehw.Pin(14, level=1)
-    s = Pulse(pin, None, per_kwh=1000, min_ms=min_ms, ticks_ms=clock.ticks)
+    s = Pulse(PulseChannel(pin, min_ms, 0, clock.ticks), None, per_kwh=1000, ticks_ms=clock.ticks)
     alloc = None
     for t, level in timeline:
         clock.ms = t
@@ -158,8 +158,15 @@ out["pulse_debounced"] = {"count": n, "alloc_at": alloc, "hard": pin.hard,
 out["pulse_raw"] = run_pulses(job["pulses"]["timeline"], 0, False)[0]
 
 clock = fakehw.Clock()
+
+
+def two_channels(ip, ep):
+    return Pulse(PulseChannel(ip, 20, 0, clock.ticks), PulseChannel(ep, 20, 0, clock.ticks), per_kwh=800,
+                 ticks_ms=clock.ticks)
+
+
 ip, ep = fakehw.Pin(14), fakehw.Pin(15)
-s = Pulse(ip, ep, per_kwh=800, min_ms=20, ticks_ms=clock.ticks)
+s = two_channels(ip, ep)
 
 
 def pulses(pin, k, gap_ms):
@@ -184,12 +191,35 @@ out["pulse_channels"] = {"energy": [e1, e2, e3], "totals": s.totals(), "imp_w": 
 # After a reboot: two pulses arrive before the meter hands over the checkpoint
 # it persisted; they are energy after the checkpoint, like the eight after.
 ip, ep = fakehw.Pin(14), fakehw.Pin(15)
-s = Pulse(ip, ep, per_kwh=800, min_ms=20, ticks_ms=clock.ticks)
+s = two_channels(ip, ep)
 pulses(ip, 2, 4500)
 s.resume(5000, 7)
 pulses(ip, 8, 4500)
 e = s.energy(2700, 3600)
 out["pulse_resume"] = {"totals": s.totals(), "energy": e, "checkpoint": s.checkpoint()}
+
+# A port without hard IRQs (ESP32 without machine.Counter): scheduled handlers,
+# same counting.
+sp = fakehw.SoftPin(14)
+ch = PulseChannel(sp, 20, 0, clock.ticks)
+for _ in range(5):
+    sp.drive(0)
+    clock.ms += 40
+    sp.drive(1)
+    clock.ms += 200
+out["pulse_soft"] = {"hard": ch.hard, "count": ch.count}
+
+# ESP32 hardware counters: 1000 pulses across the 16-bit wrap, read by poll().
+cnt_i = fakehw.PulseCounter(0, fakehw.Pin(25))
+cnt_e = fakehw.PulseCounter(1, fakehw.Pin(26))
+s = Pulse(CounterChannel(cnt_i, clock.ticks), CounterChannel(cnt_e, clock.ticks), per_kwh=800, ticks_ms=clock.ticks)
+clock.ms += 4500000
+cnt_i.pulses(1000)  # 1000 pulses in 4500 s: 1000 W at 800/kWh
+s.poll()
+w = s.power_w()
+cnt_e.pulses(3)
+out["pulse_counter"] = {"energy": s.energy(0, 900), "w": w, "wrapped": cnt_i.value() < 0,
+                        "totals": s.totals()}
 
 # --- CT clamp ---
 ct = job["ct"]
@@ -263,6 +293,11 @@ out["make_ct_esp32"] = {"adc": fakehw.ADC.made[-1].src.id, "atten": fakehw.ADC.m
                         "temp": s.temp_c()}
 s = sensors.make({"type": "pulse", "import_pin": 16, "export_pin": None}, pico, hw=fakehw)
 out["make_override"] = [fakehw.Pin.made[-1].id, s.exp is None]
+s = sensors.make({"type": "pulse"}, esp, hw=fakehw.Esp32)
+out["make_pulse_esp32"] = {"channels": [type(s.imp).__name__, type(s.exp).__name__],
+                           "counters": [(c.id, c.src.id, c.edge, c.filter_ns, c.src.pull) for c in fakehw.PulseCounter.made[-2:]]}
+s = sensors.make({"type": "pulse", "hw_counter": False}, esp, hw=fakehw.Esp32)
+out["make_pulse_esp32_irq"] = [type(s.imp).__name__, s.imp.hard]
 unix = boards.load("unix")
 errs = {}
 for name, cfg, board in (("unknown_type", {"type": "hall"}, pico), ("unknown_key", {"type": "pzem", "pin": 3}, pico),
