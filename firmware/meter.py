@@ -5,10 +5,12 @@ import os
 import sys
 import time
 
+import boards
 import ed25519
 import paillier
 import wire
 from spool import Spool, exists
+from watchdog import Watchdog
 
 # Where log lines go instead of stdout (a serial uplink on the USB console
 # sends them as frames); None: print.
@@ -67,12 +69,11 @@ def _make_uplink(cfg, meter, on_ack, status):
     raise ValueError("unknown uplink kind: " + kind)
 
 
-def _make_sensor(cfg):
-    kind = cfg.get("type", "sim")
-    if kind == "sim":
-        from simsensor import SimSensor
-        return SimSensor(cfg.get("seed", 1), cfg.get("solar_wp", 0), cfg.get("tz_offset_s", 0))
-    raise ValueError("unknown sensor type: " + kind)
+def _make_sensor(cfg, board):
+    # The config's "sensor" object picks the driver; pins default to the board
+    # profile's wiring (docs/sensors.md, hardware/wiring.md).
+    import sensors
+    return sensors.make(cfg.get("sensor", {}), board, log)
 
 
 class Meter:
@@ -92,7 +93,6 @@ class Meter:
             raise ValueError("paillier kid does not match n")
         self.pool = paillier.RhoPool(self.n, pc.get("pool", 4), pc.get("exp_bits"))
         self._pool_step_s = 0.0
-        self.sensor = _make_sensor(cfg.get("sensor", {}))
         self.clock = Clock(cfg.get("clock", {}))
         self.stop_at = cfg.get("clock", {}).get("stop_at")
         self.spool = Spool(self.dir + "/spool")
@@ -112,6 +112,10 @@ class Meter:
         self.uplink = _make_uplink(cfg, self.meter, self._acked, self._health)
         global _sink
         _sink = getattr(self.uplink, "log_sink", None)
+        # After the uplink: a sensor or watchdog line at boot goes where logs go.
+        self.board = boards.select(cfg)
+        self.sensor = _make_sensor(cfg, self.board)
+        self.watchdog = Watchdog(self.board, cfg.get("watchdog_ms"), log)
         self._resend_ms = int(cfg.get("resend_s", 5) * 1000)
 
     def _acked(self, seq):
@@ -170,12 +174,14 @@ class Meter:
         # One reading per step: a meter that has fallen behind (signing and
         # encrypting are slow on a busy CPU) still services its uplink between
         # readings, so acks drain the spool and the broker never times it out.
+        self.sensor.poll()
         if self.clock.now() >= self.next_end and (self.stop_at is None or self.next_end <= self.stop_at):
             self.take_reading(self.next_end)
             self.next_end += self.interval
         self.uplink.poll()
         self._send_pending()
         self.uplink.poll()
+        self.watchdog.feed()  # a completed loop; the idle work below is bounded
         # Idle work: precompute encryption randomness, one bounded step of the
         # pool at a time, and only while the next interval is further away than
         # twice the longest step seen, so the pool never makes a reading late.
