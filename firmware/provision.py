@@ -145,10 +145,10 @@ def _sensor(cfg):
         from meter import _make_sensor
         t = int(time.time())
         imp, exp = _make_sensor(scfg).energy(t - 60, t)
-        return {"type": scfg.get("type", "sim"), "import_wh": imp, "export_wh": exp}
+        return {"type": scfg.get("type", "sim"), "import_wh": imp, "export_wh": exp, "span": "the last 60 s"}
     s = sensors.make(scfg, boards.select(cfg), lambda ev, **kw: None)
     imp, exp = s.totals()
-    return {"type": scfg.get("type", "sim"), "import_wh": imp, "export_wh": exp}
+    return {"type": scfg.get("type", "sim"), "import_wh": imp, "export_wh": exp, "span": "the sensor's totals"}
 
 
 def wifi_up(cfg, wait_ms=0):

@@ -337,8 +337,8 @@ def verify(board: Board, *, record: dict | None = None, board_kind: str | None =
         add("encrypt", good, f"Paillier ciphertext of the known vector decrypts {'to it' if good else 'WRONG'} "
             f"({enc['ms']} ms)")
     sen = res["sensor"]
-    add("sensor", sen["ok"], f"{sen['type']}: import {sen['import_wh']} Wh, export {sen['export_wh']} Wh in 60 s"
-        if sen["ok"] else sen["error"])
+    add("sensor", sen["ok"], f"{sen['type']} read: import {sen['import_wh']} Wh, export {sen['export_wh']} Wh "
+        f"({sen['span']})" if sen["ok"] else sen["error"])
     skew = res["clock"]["time"] - host_now
     add("clock", abs(skew) <= max_skew_s, f"device clock {skew:+.1f} s from this machine's (limit {max_skew_s:.0f} s)")
     br = res["broker"]
