@@ -25,7 +25,7 @@ from typing import Awaitable, Callable, Collection, Protocol, Sequence
 from certlog.block import Certificate, ChainError, Header
 from gridledger.logs import event
 
-from .admission import admit_body
+from .admission import AdmittedBody, admit_body
 from .storagewire import (BODIES_MAX, HEADERS_MAX, Reassembly, StorageError, StorageTopics, decode_body,
                           encode_request, parse_response, split_bodies)
 
@@ -160,7 +160,7 @@ class Keeper(Protocol):
     async def wanted(self) -> list[int]: ...
     async def lacking(self, heights: Sequence[int]) -> dict[int, Header]: ...
     async def keep_header(self, header: Header, cert: Certificate, source: str) -> None: ...
-    async def keep_bodies(self, bodies: list[tuple[Header, list[bytes]]], source: str) -> list[int]: ...
+    async def keep_bodies(self, bodies: list[AdmittedBody], source: str) -> list[int]: ...
 
 
 class CatchUp:
@@ -299,13 +299,10 @@ class CatchUp:
                     good = []
                     for h, raw in got:
                         try:
-                            txs = decode_body(raw)
-                            admit_body(headers[h], txs)
+                            good.append(admit_body(headers[h], decode_body(raw)))
                         except ChainError as exc:
                             self._refused(peer, exc.reason, exc.detail, height=h, bad=exc.reason in BAD_DATA)
                             later[h] = _others(plan[h], peer)
-                            continue
-                        good.append((headers[h], txs))
                     later.update({h: plan[h] for h in large})          # chunked, this peer first
                     later.update({h: _others(plan[h], peer) for h in missing})
                     kept.update(dict.fromkeys(await self.keeper.keep_bodies(good, peer), peer) if good else {})
@@ -323,12 +320,11 @@ class CatchUp:
         """Fetch and keep one body (in chunks) from the first of `peers` that serves it right."""
         for peer in peers:
             try:
-                txs = await self._download(peer, header)
-                admit_body(header, txs)
+                body = admit_body(header, await self._download(peer, header))
             except ChainError as exc:
                 self._refused(peer, exc.reason, exc.detail, height=header.height, bad=exc.reason in BAD_DATA)
                 continue
-            return peer if await self.keeper.keep_bodies([(header, txs)], peer) else None
+            return peer if await self.keeper.keep_bodies([body], peer) else None
         return None
 
     async def _download(self, peer: str, header: Header) -> list[bytes]:

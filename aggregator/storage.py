@@ -28,9 +28,9 @@ from gridledger.errors import ConfigError
 from gridledger.logs import event
 from gridledger.mqtt import keep_connected, until_stopped
 
-from .admission import admit_body, admit_header
+from .admission import AdmittedBody, admit_body, admit_header
 from .catchup import CatchUp, Requester
-from .receipts import sign_receipt
+from .receipts import sign_receipts
 from .storageserve import StorageServer, error_response
 from .storagestore import StorageStore
 from .storagewire import (CHUNK_MAX, CHUNK_MIN, KINDS, NODE_RE, StorageError, StorageTopics, liveness,
@@ -96,13 +96,16 @@ class StorageNode:
         self.store = StorageStore(s.database)
         # The verifier's last word on our kind (a promotion) outranks the config file.
         self.kind = self.store.kind() or s.kind
-        self.server = StorageServer(self.store, node=s.name, kind=self.kind, secret_key=self._sk,
+        # Serving reads through a connection of its own: WAL lets them run beside the
+        # fill's writes instead of queueing behind them on one connection.
+        self.server = StorageServer(StorageStore(s.database), node=s.name, kind=self.kind, secret_key=self._sk,
                                     capacity=s.capacity_bytes)
         self.chain_topics = Topics(s.chain)
         self.topics = StorageTopics(s.chain)
         self.sync_name = f"storage-{s.name}"   # our name at the proposer's sync service
         self.counts: Counter[str] = Counter()
-        self._db = asyncio.Lock()              # one user of the SQLite connection at a time
+        self._db = asyncio.Lock()              # one user of the store's connection at a time
+        self._serve_db = asyncio.Lock()        # and of the server's
         self._client: aiomqtt.Client | None = None
         self.requester = Requester(self._publish_qos0, s.name, self.topics, timeout_s=s.timeout_s, window=s.window)
         self.catchup = CatchUp(self, self.requester, s.peers, chunk_size=s.chunk_size, inventory_s=s.catchup_s)
@@ -113,8 +116,8 @@ class StorageNode:
         self._filling: dict | None = None      # since a promotion: {"t0", "bytes", "bodies"} until every body is held
 
     # -- the store, one user at a time, off the event loop -------------------------------
-    async def _db_call(self, fn, *args):
-        async with self._db:
+    async def _db_call(self, fn, *args, lock: asyncio.Lock | None = None):
+        async with lock or self._db:
             return await asyncio.to_thread(fn, *args)
 
     async def header(self, height: int) -> tuple[Header, Certificate] | None:
@@ -144,38 +147,41 @@ class StorageNode:
 
     async def keep_body(self, header: Header, txs: list[bytes], source: str) -> bool:
         """Keep a body of a held certified header; publish the receipt once it is durable."""
-        return bool(await self.keep_bodies([(header, txs)], source))
+        return bool(await self.keep_bodies([admit_body(header, txs)], source))
 
-    async def keep_bodies(self, bodies: list[tuple[Header, list[bytes]]], source: str) -> list[int]:
-        """Keep bodies of held certified headers in one commit, then receipt each; the
-        heights newly kept. Any body not matching its held certified header refuses the
-        whole batch (`ChainError`) before anything is written."""
-        held = await self._db_call(self.store.header_hashes, [h.height for h, _ in bodies])
-        for header, txs in bodies:
-            if held.get(header.height) != header.hash:
-                raise ChainError("unknown_header", "no such certified header held", height=header.height)
-            admit_body(header, txs)
+    async def keep_bodies(self, bodies: list[AdmittedBody], source: str) -> list[int]:
+        """Keep admitted bodies of held certified headers in one commit, then receipt
+        them under one signature; the heights newly kept. A body whose header is not the
+        one held at its height refuses the whole batch (`ChainError`) before anything is
+        written. (Admission, the Merkle root, was done once where the body arrived.)"""
+        if not all(isinstance(b, AdmittedBody) for b in bodies):
+            raise TypeError("keep_bodies takes bodies admit_body returned")
+        held = await self._db_call(self.store.header_hashes, [b.header.height for b in bodies])
+        for b in bodies:
+            if held.get(b.header.height) != b.header.hash:
+                raise ChainError("unknown_header", "no such certified header held", height=b.header.height)
         kept = set(await self._db_call(self.store.put_bodies, bodies))
-        receipts = []
-        for header, txs in bodies:
-            if header.height not in kept:
-                continue
+        stored = [b for b in bodies if b.header.height in kept]
+        for b in stored:
             self.counts["bodies"] += 1
             self.counts[f"bodies_from_{'proposer' if source == 'proposer' else 'peers'}"] += 1
             if self._filling is not None and source != "proposer":
-                self._filling["bytes"] += sum(len(t) for t in txs)
+                self._filling["bytes"] += sum(map(len, b.txs))
                 self._filling["bodies"] += 1
-            receipts.append(self._send_receipt(header))
-            event(log, "stored", logging.DEBUG, height=header.height, txs=len(txs), source=source)
-        # Durable first (the commit above), then all receipts at once: a QoS 1 publish
-        # waits for the broker's PUBACK, and one after another they cost a round trip each.
-        await asyncio.gather(*receipts)
+            event(log, "stored", logging.DEBUG, height=b.header.height, txs=len(b.txs), source=source)
+        # Durable first (the commit above), then one receipt batch for the commit: one BLS
+        # signature and one QoS 1 publish (which waits for the broker's PUBACK) instead of
+        # one of each per body.
+        await self._send_receipts([b.header for b in stored])
         return sorted(kept)
 
-    async def _send_receipt(self, header: Header) -> None:
-        receipt = sign_receipt(self._sk, header, self.name, self.kind)
+    async def _send_receipts(self, headers: list[Header]) -> None:
+        if not headers:
+            return
+        batch = sign_receipts(self._sk, headers, self.name, self.kind)
+        self.counts["receipt_batches"] += 1
         if self._client is not None:
-            await self._client.publish(self.topics.receipts, receipt.encode(), qos=1)
+            await self._client.publish(self.topics.receipts, batch.encode(), qos=1)
 
     def _refused(self, where: str, exc: ChainError, **fields) -> None:
         self.counts[exc.reason] += 1
@@ -220,6 +226,7 @@ class StorageNode:
         finally:
             event(log, "stop", **self.status())
             self.store.close()
+            self.server.store.close()
 
     async def _say_alive(self) -> None:
         if self._client is not None:
@@ -332,11 +339,10 @@ class StorageNode:
             self._wake.set()  # fetch them from peers now
             # A placement sent again means the verifier has no receipt yet: say again
             # what is already held (a lost receipt must not leave a block unstored).
-            for h in p.heights:
-                held = await self.header(h)
-                if held is not None and await self.has_body(h):
-                    await self._send_receipt(held[0])
-                    self.counts["receipts_resent"] += 1
+            again = [held[0] for h in p.heights
+                     if (held := await self.header(h)) is not None and await self.has_body(h)]
+            await self._send_receipts(again)
+            self.counts["receipts_resent"] += len(again)
         self.counts["placements"] += 1
 
     def _answer_soon(self, payload: bytes) -> None:
@@ -358,7 +364,7 @@ class StorageNode:
     async def _answer(self, req) -> None:
         try:
             try:
-                response = await self._db_call(self.server.answer, req)
+                response = await self._db_call(self.server.answer, req, lock=self._serve_db)
             except Exception:  # e.g. a disk error: the peer hears why, the node keeps serving
                 log.exception("answer_failed")
                 response = error_response(req.id, "internal")

@@ -10,7 +10,7 @@ import sqlite3
 
 import pytest
 
-from aggregator.receipts import StorageReceipt, verify_receipt
+from aggregator.receipts import ReceiptBatch, load_receipt, verify_receipts
 from aggregator.storage import StorageNode, load_storage_config
 from aggregator.storagewire import CHUNK_MIN, encode_placement
 from certlog import bls
@@ -35,7 +35,7 @@ class Client:
 class Fabric:
     def __init__(self):
         self.nodes: dict[str, StorageNode] = {}
-        self.receipts: list[StorageReceipt] = []
+        self.receipts: list[ReceiptBatch] = []   # a node receipts each commit under one signature
         self.outside: list[tuple[str, bytes]] = []   # sent to topics of no node here
         self.drop_every = 0       # lose every n-th response (a flaky link)
         self._responses = 0
@@ -49,7 +49,7 @@ class Fabric:
         parts = topic.split("/")
         loop = asyncio.get_running_loop()
         if parts[-1] == "receipts":
-            self.receipts.append(StorageReceipt.from_dict(json.loads(payload)))
+            self.receipts.append(load_receipt(json.loads(payload)))
         elif parts[-1] == "req" and parts[-2] in self.nodes:
             loop.call_soon(self.nodes[parts[-2]]._answer_soon, payload)
         elif parts[-1] == "resp" and parts[-2] in self.nodes:
@@ -99,9 +99,9 @@ async def test_a_new_full_node_catches_up_from_two_peers_and_signs_a_receipt_per
     assert set(summary["by_source"]) == {"s1", "s2"}   # f + 1 = 2 distinct sources
     assert s3.store.body_heights() == [1, 2, 3, 4, 5, 6]
     assert all(s3.store.body(b.header.height) == b.txs for b in blocks)
-    assert sorted(r.height for r in fabric.receipts) == [1, 2, 3, 4, 5, 6]
-    assert all(r.node == "s3" and verify_receipt(r, _pk(tmp, "s3"), blocks[r.height - 1].header)
-               for r in fabric.receipts)
+    assert sorted(h for r in fabric.receipts for h in r.receipts()) == [1, 2, 3, 4, 5, 6]
+    assert all(r.node == "s3" and verify_receipts(r, _pk(tmp, "s3")) for r in fabric.receipts)
+    assert all(hh == blocks[h - 1].header.hash for r in fabric.receipts for h, hh in r.blocks)
 
 
 async def test_a_peer_serving_a_corrupt_body_is_named_and_the_body_fetched_elsewhere(bed):
@@ -196,6 +196,9 @@ async def test_small_bodies_come_several_to_a_response_from_both_peers_even_over
     assert all(s3.store.body(b.header.height) == b.txs for b in blocks)
     served = s1.server.counts["served_bodies"] + s2.server.counts["served_bodies"]
     assert 6 <= served < 30 and not s3.catchup.bad_peers   # several to a response; a lost one is no fault
+    # ... and receipted a response at a time: one signature per commit, covering each block once
+    mine = [r for r in fabric.receipts if r.node == "s3"]
+    assert sorted(h for r in mine for h in r.receipts()) == list(range(1, 31)) and len(mine) <= served
 
 
 async def test_a_promoted_node_fills_from_peers_and_asks_the_proposer_only_for_what_no_peer_has(bed):
