@@ -26,6 +26,7 @@ from certlog.block import Certificate, ChainError, Header
 from gridledger.logs import event
 
 from .admission import AdmittedBody, admit_body
+from .sampler import Stages
 from .storagewire import (BODIES_MAX, HEADERS_MAX, Reassembly, StorageError, StorageTopics, decode_body,
                           encode_request, parse_response, split_bodies)
 
@@ -54,7 +55,7 @@ class Requester:
     a response cannot be forged without seeing the request)."""
 
     def __init__(self, publish: Publish, me: str, topics: StorageTopics, *, timeout_s: float = 3.0,
-                 window: int = 4, retries: int = 2):
+                 window: int = 4, retries: int = 2, stages: Stages | None = None):
         self.publish, self.me, self.topics = publish, me, topics
         self.timeout_s, self.window, self.retries = timeout_s, window, retries
         self.counts: Counter[str] = Counter()
@@ -62,10 +63,12 @@ class Requester:
         self._next = 0
         self._pending: dict[str, asyncio.Future] = {}
         self._windows: dict[str, asyncio.Semaphore] = {}
+        self.stages = stages or Stages()
 
     def on_response(self, payload: bytes) -> None:
         try:
-            meta, data = parse_response(payload)
+            with self.stages("parse"):
+                meta, data = parse_response(payload)
         except StorageError as exc:
             self.counts[f"response_{exc.reason}"] += 1
             return
@@ -167,6 +170,7 @@ class CatchUp:
     def __init__(self, keeper: Keeper, requester: Requester, peers: Sequence[str], *, chunk_size: int,
                  parallel: int = 8, inventory_s: float = 0.0):
         self.keeper, self.req = keeper, requester
+        self.stages = requester.stages
         self.peers = list(peers)
         self.chunk_size = chunk_size
         self.parallel = parallel
@@ -288,7 +292,8 @@ class CatchUp:
                 while pending is not None:
                     meta, data = await pending
                     pending = None
-                    got = split_bodies(meta.get("bodies"), data, want)
+                    with self.stages("split"):
+                        got = split_bodies(meta.get("bodies"), data, want)
                     missing, large = (_listed(meta, k, want) for k in ("missing", "large"))
                     answered = {h for h, _ in got} | missing | large
                     if want[0] not in answered:
@@ -299,7 +304,10 @@ class CatchUp:
                     good = []
                     for h, raw in got:
                         try:
-                            good.append(admit_body(headers[h], decode_body(raw)))
+                            with self.stages("decode"):
+                                txs = decode_body(raw)
+                            with self.stages("admit"):   # the Merkle root against the certified header
+                                good.append(admit_body(headers[h], txs))
                         except ChainError as exc:
                             self._refused(peer, exc.reason, exc.detail, height=h, bad=exc.reason in BAD_DATA)
                             later[h] = _others(plan[h], peer)

@@ -11,7 +11,9 @@ storage receipt. It answers peers' requests (`storageserve`) over MQTT.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import os
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -31,6 +33,7 @@ from gridledger.mqtt import keep_connected, until_stopped
 from .admission import AdmittedBody, admit_body, admit_header
 from .catchup import CatchUp, Requester
 from .receipts import sign_receipts
+from .sampler import Sampler, Stages
 from .storageserve import StorageServer, error_response
 from .storagestore import StorageStore
 from .storagewire import (CHUNK_MAX, CHUNK_MIN, KINDS, NODE_RE, StorageError, StorageTopics, liveness,
@@ -43,6 +46,9 @@ log = logging.getLogger("gridledger.storage")
 SYNC_RETRY_S = 1.0
 STATUS_EVERY_S = 10.0
 SERVING_MAX = 16   # requests answered at once; beyond that a peer is told "busy" and retries
+# A directory: a promoted node samples where its threads spend the fill and writes
+# {dir}/{name}.json when filled (bench/recovery.py's per-MB costs).
+FILL_PROFILE_ENV = "GRIDLEDGER_FILL_PROFILE"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -106,8 +112,12 @@ class StorageNode:
         self.counts: Counter[str] = Counter()
         self._db = asyncio.Lock()              # one user of the store's connection at a time
         self._serve_db = asyncio.Lock()        # and of the server's
+        self._commit_lock = asyncio.Lock()     # one group commit at a time (keep_bodies)
+        self._to_commit: list = []             # (bodies, source, future) waiting for the next one
         self._client: aiomqtt.Client | None = None
-        self.requester = Requester(self._publish_qos0, s.name, self.topics, timeout_s=s.timeout_s, window=s.window)
+        self.stages = Stages()                 # seconds per stage of the hot paths (the fill's figures)
+        self.requester = Requester(self._publish_qos0, s.name, self.topics, timeout_s=s.timeout_s, window=s.window,
+                                   stages=self.stages)
         self.catchup = CatchUp(self, self.requester, s.peers, chunk_size=s.chunk_size, inventory_s=s.catchup_s)
         self._serving = 0
         self._wake = asyncio.Event()
@@ -150,38 +160,76 @@ class StorageNode:
         return bool(await self.keep_bodies([admit_body(header, txs)], source))
 
     async def keep_bodies(self, bodies: list[AdmittedBody], source: str) -> list[int]:
-        """Keep admitted bodies of held certified headers in one commit, then receipt
-        them under one signature; the heights newly kept. A body whose header is not the
-        one held at its height refuses the whole batch (`ChainError`) before anything is
-        written. (Admission, the Merkle root, was done once where the body arrived.)"""
+        """Keep admitted bodies of held certified headers durably, then receipt them; the
+        heights newly kept. A body whose header is not the one held at its height refuses
+        the whole batch (`ChainError`) before anything is written. (Admission, the Merkle
+        root, was done once where the body arrived.) Batches that arrive while a commit
+        is running are kept together in the next one (`_commit_group`)."""
         if not all(isinstance(b, AdmittedBody) for b in bodies):
             raise TypeError("keep_bodies takes bodies admit_body returned")
-        held = await self._db_call(self.store.header_hashes, [b.header.height for b in bodies])
+        with self.stages("check_held"):
+            held = await self._db_call(self.store.header_hashes, [b.header.height for b in bodies])
         for b in bodies:
             if held.get(b.header.height) != b.header.hash:
                 raise ChainError("unknown_header", "no such certified header held", height=b.header.height)
-        kept = set(await self._db_call(self.store.put_bodies, bodies))
-        stored = [b for b in bodies if b.header.height in kept]
-        for b in stored:
-            self.counts["bodies"] += 1
-            self.counts[f"bodies_from_{'proposer' if source == 'proposer' else 'peers'}"] += 1
-            if self._filling is not None and source != "proposer":
-                self._filling["bytes"] += sum(map(len, b.txs))
-                self._filling["bodies"] += 1
-            event(log, "stored", logging.DEBUG, height=b.header.height, txs=len(b.txs), source=source)
-        # Durable first (the commit above), then one receipt batch for the commit: one BLS
-        # signature and one QoS 1 publish (which waits for the broker's PUBACK) instead of
-        # one of each per body.
-        await self._send_receipts([b.header for b in stored])
-        return sorted(kept)
+        if not bodies:
+            return []
+        done = asyncio.get_running_loop().create_future()
+        self._to_commit.append((bodies, source, done))
+        with self.stages("wait_commit"):
+            async with self._commit_lock:
+                if not done.done():   # not taken by the commit before: take everything queued
+                    group, self._to_commit = self._to_commit, []
+                    await self._commit_group(group)
+        return done.result()
+
+    async def _commit_group(self, group: list[tuple[list[AdmittedBody], str, asyncio.Future]]) -> None:
+        """One transaction (one fsync) and one receipt batch (one BLS signature, one PUBACK)
+        for every batch queued, instead of one of each per response: all of the group kept
+        or none, so each body is still whole or absent. Durable first, then the receipts."""
+        try:
+            with self.stages("commit"):
+                kept = set(await self._db_call(self.store.put_bodies, [b for bodies, _, _ in group for b in bodies]))
+        except Exception as exc:   # e.g. the disk: every caller of the group hears it
+            for _, _, done in group:
+                done.set_exception(exc)
+            return
+        except BaseException:
+            for _, _, done in group:
+                done.cancel()
+            raise
+        results, stored = [], []
+        for bodies, source, _ in group:
+            mine = [b for b in bodies if b.header.height in kept]
+            kept -= {b.header.height for b in mine}   # a height in two batches counts for the first
+            results.append(sorted(b.header.height for b in mine))
+            stored += mine
+            for b in mine:
+                self._count_stored(b, source)
+        try:
+            await self._send_receipts([b.header for b in stored])
+        finally:
+            for (_, _, done), heights in zip(group, results):
+                if not done.done():
+                    done.set_result(heights)
+
+    def _count_stored(self, b: AdmittedBody, source: str) -> None:
+        self.counts["bodies"] += 1
+        self.counts[f"bodies_from_{'proposer' if source == 'proposer' else 'peers'}"] += 1
+        if self._filling is not None and source != "proposer":
+            self._filling["bytes"] += sum(map(len, b.txs))
+            self._filling["bodies"] += 1
+        event(log, "stored", logging.DEBUG, height=b.header.height, txs=len(b.txs), source=source)
 
     async def _send_receipts(self, headers: list[Header]) -> None:
         if not headers:
             return
-        batch = sign_receipts(self._sk, headers, self.name, self.kind)
+        with self.stages("sign"):
+            batch = sign_receipts(self._sk, headers, self.name, self.kind)
         self.counts["receipt_batches"] += 1
         if self._client is not None:
-            await self._client.publish(self.topics.receipts, batch.encode(), qos=1)
+            with self.stages("publish_receipts"):
+                await self._client.publish(self.topics.receipts, batch.encode(), qos=1)
 
     def _refused(self, where: str, exc: ChainError, **fields) -> None:
         self.counts[exc.reason] += 1
@@ -243,7 +291,9 @@ class StorageNode:
         old, self.kind = self.kind, kind
         self.server.kind = kind
         if kind == "full":
-            self._filling = {"t0": time.monotonic(), "at": time.time(), "bytes": 0, "bodies": 0, "busy": 0.0}
+            self._filling = {"t0": time.monotonic(), "at": time.time(), "bytes": 0, "bodies": 0, "busy": 0.0,
+                             "stages": self.stages.mark(),
+                             "sampler": Sampler().start() if os.environ.get(FILL_PROFILE_ENV) else None}
         event(log, "kind_changed", old=old, kind=kind, by=by)
         await self._say_alive()
         self._wake.set()
@@ -257,8 +307,15 @@ class StorageNode:
         seconds = time.monotonic() - f["t0"]
         # `busy_s`: the catch-up rounds that fetched something; `seconds` also counts the
         # waits between rounds while new blocks kept arriving under load.
+        stages = self.stages.since(f["stages"])
         event(log, "filled", seconds=round(seconds, 3), busy_s=round(f["busy"], 3), bytes=f["bytes"],
-              bodies=f["bodies"], since=f["at"], rate=round(f["bytes"] / f["busy"]) if f["busy"] > 0 else 0)
+              bodies=f["bodies"], since=f["at"], rate=round(f["bytes"] / f["busy"]) if f["busy"] > 0 else 0,
+              stages=stages)
+        if f["sampler"] is not None:
+            profile = {"node": self.name, "bytes": f["bytes"], "busy_s": f["busy"], "stages": stages,
+                       **f["sampler"].stop().report()}
+            out = Path(os.environ[FILL_PROFILE_ENV]) / f"{self.name}.json"
+            await asyncio.to_thread(out.write_text, json.dumps(profile))
 
     def status(self) -> dict:
         return {"headers": self.store.header_height(), **self.counts, **self.server.counts,
@@ -364,7 +421,8 @@ class StorageNode:
     async def _answer(self, req) -> None:
         try:
             try:
-                response = await self._db_call(self.server.answer, req, lock=self._serve_db)
+                with self.stages("serve"):
+                    response = await self._db_call(self.server.answer, req, lock=self._serve_db)
             except Exception:  # e.g. a disk error: the peer hears why, the node keeps serving
                 log.exception("answer_failed")
                 response = error_response(req.id, "internal")
