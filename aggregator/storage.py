@@ -106,12 +106,16 @@ class StorageNode:
         # fill's writes instead of queueing behind them on one connection.
         self.server = StorageServer(StorageStore(s.database), node=s.name, kind=self.kind, secret_key=self._sk,
                                     capacity=s.capacity_bytes)
+        # and so do catch-up's reads (what is wanted, lacking, held), which would otherwise
+        # wait behind every commit (an fsync) of the fill they plan.
+        self.reads = StorageStore(s.database)
         self.chain_topics = Topics(s.chain)
         self.topics = StorageTopics(s.chain)
         self.sync_name = f"storage-{s.name}"   # our name at the proposer's sync service
         self.counts: Counter[str] = Counter()
         self._db = asyncio.Lock()              # one user of the store's connection at a time
         self._serve_db = asyncio.Lock()        # and of the server's
+        self._read_db = asyncio.Lock()         # and of the reads'.
         self._commit_lock = asyncio.Lock()     # one group commit at a time (keep_bodies)
         self._to_commit: list = []             # (bodies, source, future) waiting for the next one
         self._client: aiomqtt.Client | None = None
@@ -130,24 +134,27 @@ class StorageNode:
         async with lock or self._db:
             return await asyncio.to_thread(fn, *args)
 
+    async def _read(self, fn, *args):
+        return await self._db_call(fn, *args, lock=self._read_db)
+
     async def header(self, height: int) -> tuple[Header, Certificate] | None:
-        return await self._db_call(self.store.header, height)
+        return await self._read(self.reads.header, height)
 
     async def missing_headers(self, upto: int) -> list[int]:
-        return await self._db_call(self.store.missing_headers, upto)
+        return await self._read(self.reads.missing_headers, upto)
 
     async def wanted(self) -> list[int]:
-        return await self._db_call(self.store.wanted, self.kind)
+        return await self._read(self.reads.wanted, self.kind)
 
     async def has_body(self, height: int) -> bool:
-        return await self._db_call(self.store.has_body, height)
+        return await self._read(self.reads.has_body, height)
 
     async def lacking(self, heights: list[int]) -> dict[int, Header]:
         """The certified headers of those `heights` whose bodies are not held."""
-        return await self._db_call(self._lacking_bodies, heights)
+        return await self._read(self._lacking_bodies, heights)
 
     def _lacking_bodies(self, heights: list[int]) -> dict[int, Header]:
-        return {h: held[0] for h in heights if not self.store.has_body(h) and (held := self.store.header(h))}
+        return {h: held[0] for h in heights if not self.reads.has_body(h) and (held := self.reads.header(h))}
 
     # -- admission: what every path (certs, proposer, peers, placements) goes through -----
     async def keep_header(self, header: Header, cert: Certificate | None, source: str) -> None:
@@ -162,56 +169,63 @@ class StorageNode:
     async def keep_bodies(self, bodies: list[AdmittedBody], source: str) -> list[int]:
         """Keep admitted bodies of held certified headers durably, then receipt them; the
         heights newly kept. A body whose header is not the one held at its height refuses
-        the whole batch (`ChainError`) before anything is written. (Admission, the Merkle
+        the whole batch (`ChainError`) and nothing of it is written. (Admission, the Merkle
         root, was done once where the body arrived.) Batches that arrive while a commit
-        is running are kept together in the next one (`_commit_group`)."""
+        is running are kept together in the next one: one transaction (one fsync) and
+        one receipt batch (one BLS signature, one PUBACK) for all of them."""
         if not all(isinstance(b, AdmittedBody) for b in bodies):
             raise TypeError("keep_bodies takes bodies admit_body returned")
-        with self.stages("check_held"):
-            held = await self._db_call(self.store.header_hashes, [b.header.height for b in bodies])
-        for b in bodies:
-            if held.get(b.header.height) != b.header.hash:
-                raise ChainError("unknown_header", "no such certified header held", height=b.header.height)
         if not bodies:
             return []
         done = asyncio.get_running_loop().create_future()
         self._to_commit.append((bodies, source, done))
+        stored: list[AdmittedBody] = []
         with self.stages("wait_commit"):
             async with self._commit_lock:
                 if not done.done():   # not taken by the commit before: take everything queued
                     group, self._to_commit = self._to_commit, []
-                    await self._commit_group(group)
+                    stored = await self._commit_group(group)
+        # Durable first (the commit), then the receipts, outside the lock: the next commit
+        # need not wait for this one's PUBACK.
+        await self._send_receipts([b.header for b in stored])
         return done.result()
 
-    async def _commit_group(self, group: list[tuple[list[AdmittedBody], str, asyncio.Future]]) -> None:
-        """One transaction (one fsync) and one receipt batch (one BLS signature, one PUBACK)
-        for every batch queued, instead of one of each per response: all of the group kept
-        or none, so each body is still whole or absent. Durable first, then the receipts."""
+    async def _commit_group(self, group: list[tuple[list[AdmittedBody], str, asyncio.Future]]) -> list[AdmittedBody]:
+        """Keep a group of batches in one transaction, all or none (each body whole or
+        absent); settle each caller's future; the bodies newly kept."""
         try:
             with self.stages("commit"):
-                kept = set(await self._db_call(self.store.put_bodies, [b for bodies, _, _ in group for b in bodies]))
+                refusals, kept = await self._db_call(self._check_and_put, [bodies for bodies, _, _ in group])
         except Exception as exc:   # e.g. the disk: every caller of the group hears it
             for _, _, done in group:
                 done.set_exception(exc)
-            return
+            return []
         except BaseException:
             for _, _, done in group:
                 done.cancel()
             raise
-        results, stored = [], []
-        for bodies, source, _ in group:
+        stored = []
+        for (bodies, source, done), refusal in zip(group, refusals):
+            if refusal is not None:
+                done.set_exception(refusal)
+                continue
             mine = [b for b in bodies if b.header.height in kept]
             kept -= {b.header.height for b in mine}   # a height in two batches counts for the first
-            results.append(sorted(b.header.height for b in mine))
-            stored += mine
             for b in mine:
                 self._count_stored(b, source)
-        try:
-            await self._send_receipts([b.header for b in stored])
-        finally:
-            for (_, _, done), heights in zip(group, results):
-                if not done.done():
-                    done.set_result(heights)
+            stored += mine
+            done.set_result(sorted(b.header.height for b in mine))
+        return stored
+
+    def _check_and_put(self, batches: list[list[AdmittedBody]]) -> tuple[list[ChainError | None], set[int]]:
+        """(In the store's thread.) Refuse each batch holding a body whose header is not
+        the certified one held at its height; keep the others' bodies in one transaction."""
+        held = self.store.header_hashes([b.header.height for bodies in batches for b in bodies])
+        refusals = [next((ChainError("unknown_header", "no such certified header held", height=b.header.height)
+                          for b in bodies if held.get(b.header.height) != b.header.hash), None)
+                    for bodies in batches]
+        kept = self.store.put_bodies([b for bodies, bad in zip(batches, refusals) if bad is None for b in bodies])
+        return refusals, set(kept)
 
     def _count_stored(self, b: AdmittedBody, source: str) -> None:
         self.counts["bodies"] += 1
@@ -273,8 +287,11 @@ class StorageNode:
             await keep_connected(self.mqtt, f"storage-{self.chain}-{self.name}", topics, stop, serve, log, will=will)
         finally:
             event(log, "stop", **self.status())
-            self.store.close()
-            self.server.store.close()
+            self.close()
+
+    def close(self) -> None:
+        for store in (self.store, self.server.store, self.reads):
+            store.close()
 
     async def _say_alive(self) -> None:
         if self._client is not None:

@@ -10,6 +10,7 @@ import sqlite3
 
 import pytest
 
+from aggregator.admission import admit_body
 from aggregator.receipts import ReceiptBatch, load_receipt, verify_receipts
 from aggregator.storage import StorageNode, load_storage_config
 from aggregator.storagewire import CHUNK_MIN, encode_placement
@@ -74,13 +75,31 @@ def bed(tmp_path):
 
     yield blocks, fabric, node, tmp_path
     for n in fabric.nodes.values():
-        n.store.close()
+        n.close()
 
 
 async def _fill(node: StorageNode, blocks) -> None:
     for b in blocks:
         await node.keep_header(b.header, b.cert, "test")
         await node.keep_body(b.header, b.txs, "test")
+
+
+async def test_batches_kept_meanwhile_share_one_commit_and_one_receipt_and_a_wrong_one_is_refused_alone(bed):
+    blocks, fabric, node, _ = bed
+    s1 = node("s1")
+    for b in blocks:
+        await s1.keep_header(b.header, b.cert, "test")
+    bodies = [admit_body(b.header, b.txs) for b in blocks]
+    other = make_chain(1, tx_bytes=61)[0][0]          # another block at height 1: not the header held
+    fabric.receipts.clear()
+    got = await asyncio.gather(s1.keep_bodies(bodies[:2], "p1"), s1.keep_bodies(bodies[2:4], "p2"),
+                               s1.keep_bodies([admit_body(other.header, other.txs)], "p3"),
+                               s1.keep_bodies(bodies[4:], "p4"), return_exceptions=True)
+    assert got[0] == [1, 2] and got[1] == [3, 4] and got[3] == [5, 6], got
+    assert isinstance(got[2], ChainError) and got[2].reason == "unknown_header"
+    assert s1.stages.calls["commit"] == 2          # the first alone, the three queued behind it together
+    assert [sorted(r.receipts()) for r in fabric.receipts] == [[1, 2], [3, 4, 5, 6]]
+    assert s1.store.body_heights() == [1, 2, 3, 4, 5, 6] and s1.store.body(1) == blocks[0].txs
 
 
 def _pk(tmp_path, name: str) -> bytes:
