@@ -21,6 +21,7 @@ over time to bench/results/recovery.png."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import multiprocessing
 import os
@@ -43,6 +44,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from aggregator.pchainapp import load_pgenesis
+from aggregator.receipts import sign_receipts
+from aggregator.storagestore import StorageStore
+from aggregator.storagewire import decode_body, encode_body
+from certlog import bls, merkle
+from certlog.block import Header
 from aggregator.reader import ReadError, Reader, load_reader_config
 from aggregator.storage import FILL_PROFILE_ENV
 from gridledger.broker import start_mosquitto
@@ -132,6 +138,52 @@ def _publish(host: str, port: int, nbytes: int, chunk: int, ready, done) -> None
                 await c.publish("bench/copy", data[:min(chunk, left)], qos=0)
                 left -= chunk
     asyncio.run(send())
+
+
+FLOOR_COMMIT = 1 << 20   # bytes of bodies per commit in `floor_costs`: a group commit of several responses
+
+
+def floor_costs(txs: list[bytes], per_body: int, folder: Path, repeat: int = 3) -> dict[str, float]:
+    """Milliseconds per megabyte of each step a node must take to keep a fetched body,
+    each alone (one process, no broker, no peers), on bodies of `per_body` of these
+    transactions: `decode` (transfer bytes -> transactions), `merkle` (the tx root the
+    admission compares), `sqlite` (a durable commit per `FLOOR_COMMIT`, `put_bodies`
+    into a fresh store), `sign` (one receipt batch per commit), and `sha256` (every byte hashed
+    once: the floor of any check that a body is the certified one). Medians of `repeat`."""
+    bodies = [txs[k:k + per_body] for k in range(0, len(txs), per_body)]
+    headers = [Header(chain=AREA, height=h + 1, prev="0" * 64, time=0, tx_root=merkle.root(b), state_root="0" * 64,
+                      txs=len(b), app={}) for h, b in enumerate(bodies)]
+    encoded = [encode_body(b) for b in bodies]
+    mb = sum(map(len, encoded)) / 1e6
+    commits, size = [[]], 0
+    for k, e in enumerate(encoded):
+        if size + len(e) > FLOOR_COMMIT and commits[-1]:
+            commits.append([])
+            size = 0
+        commits[-1].append(k)
+        size += len(e)
+    sk = bls.KeyGen(b"bench recovery floor" + bytes(12))
+
+    def sqlite_once(run: int) -> None:
+        store = StorageStore(folder / f"floor-{run}.db")
+        for ks in commits:
+            store.put_bodies([(headers[k], bodies[k]) for k in ks])
+        store.close()
+
+    steps = {"decode": lambda _: [decode_body(e) for e in encoded],
+             "merkle": lambda _: [merkle.root(b) for b in bodies],
+             "sqlite": sqlite_once,
+             "sign": lambda _: [sign_receipts(sk, [headers[k] for k in ks], "n", "full") for ks in commits],
+             "sha256": lambda _: [hashlib.sha256(e).digest() for e in encoded]}
+    out = {}
+    for name, step in steps.items():
+        times = []
+        for run in range(repeat):
+            t0 = time.perf_counter()
+            step(run)
+            times.append(time.perf_counter() - t0)
+        out[name] = round(statistics.median(times) * 1000 / mb, 2)
+    return out
 
 
 def certified_txs(db: Path) -> dict[int, int]:
@@ -314,6 +366,7 @@ def main() -> None:
             profile_file = wd / f"{r['new']}.json"
             profile = json.loads(profile_file.read_text()) if profile_file.exists() else {}
             via_broker = broker_copy_rate(broker.host, broker.port, max(filled["bytes"], 1 << 20))
+            floor = floor_costs([o.body for o in bulk], BLOCK_MAX, wd)
         finally:
             stop(list(storage.values()) + procs)
             broker.stop()
@@ -322,6 +375,8 @@ def main() -> None:
     copy_rate = filled["bytes"] / filled["busy_s"] if filled["busy_s"] else 0.0
     raws = raw_copy_rates(max(filled["bytes"], 1 << 20))
     raw = statistics.median(raws)
+    keep_ms = sum(v for k, v in floor.items() if k != "sha256")   # ms/MB to keep a body, network aside
+    raw_ms = 1e9 / raw   # ms per MB of the raw copy
     RESULTS.mkdir(parents=True, exist_ok=True)
     how = plot(RESULTS / "recovery.png", tp, r["t"], r["promoted_at"])
     before = tp.mean(t_kill - w, t_kill)
@@ -337,6 +392,12 @@ def main() -> None:
         "fill_ms_per_MB": per_mb(profile.get("stages", {}), filled["bytes"]),
         "fill_sampled": profile.get("own", [])[:8], "fill_profile": profile,
         "raw_rates_Bps": [round(x) for x in raws],
+        # What keeping a fetched body costs at least, step by step, and the copy-rate ratio
+        # a fill could reach if it did nothing else (no broker, no peers, no waiting):
+        "floor_ms_per_MB": floor, "raw_ms_per_MB": round(raw_ms, 2),
+        "ratio_ceiling_keep": round(raw_ms / keep_ms, 4) if keep_ms else None,
+        "ratio_ceiling_sha256": round(raw_ms / floor["sha256"], 4) if floor["sha256"] else None,
+        "ratio_ceiling_broker": round(via_broker / raw, 4) if raw else None,   # the fabric alone, nothing kept
         "raw_rate_Bps": round(raw), "copy_rate_ratio": round(copy_rate / raw, 6) if raw else None,
         "broker_rate_Bps": round(via_broker), "copy_rate_over_broker": round(copy_rate / via_broker, 6),
         "throughput_before": round(before, 2), "throughput_after": round(after, 2),
