@@ -46,6 +46,11 @@ RETRY = {"peer_timeout", "busy"}  # worth asking the same peer again
 # `parallel` batches); a fill of 200 such bodies from two peers over Mosquitto took
 # 0.37 s in batches of 32 and 0.27 s in batches of 12 (one comparison, unloaded).
 BATCH = min(12, BODIES_MAX)
+# A batch has one request in flight at a time, so a peer holding few heights gets
+# them in up to `window` batches (one request each in flight, as its window allows):
+# large bodies (one to a response) would otherwise come one round trip after another.
+# Batches running at once, over all peers: 32 x 256 KiB = 8 MiB of responses in flight at most.
+PARALLEL = 32
 
 Publish = Callable[[str, bytes], Awaitable[None]]
 
@@ -168,7 +173,7 @@ class Keeper(Protocol):
 
 class CatchUp:
     def __init__(self, keeper: Keeper, requester: Requester, peers: Sequence[str], *, chunk_size: int,
-                 parallel: int = 8, inventory_s: float = 0.0):
+                 parallel: int = PARALLEL, inventory_s: float = 0.0):
         self.keeper, self.req = keeper, requester
         self.stages = requester.stages
         self.peers = list(peers)
@@ -212,7 +217,7 @@ class CatchUp:
 
     async def _fetch(self, plan: dict[int, list[str]]) -> list[dict[int, str]]:
         gate = asyncio.Semaphore(self.parallel)
-        batches = _batches(plan, BATCH)
+        batches = _batches(plan, BATCH, self.req.window)
         return list(await asyncio.gather(*(self._batch(peer, hs, plan, gate) for peer, hs in batches)))
 
     async def _inventories_of(self, peers: list[str], now: float, *,
@@ -366,12 +371,17 @@ class CatchUp:
               bad_data=bad)
 
 
-def _batches(plan: dict[int, list[str]], most: int) -> list[tuple[str, list[int]]]:
-    """The planned heights grouped by their first choice, in batches of at most `most`."""
+def _batches(plan: dict[int, list[str]], most: int, per_peer: int = 1) -> list[tuple[str, list[int]]]:
+    """The planned heights grouped by their first choice, in batches of at most `most`,
+    and at least `per_peer` batches for a peer with that many heights (as even as can be)."""
     by_peer: dict[str, list[int]] = {}
     for h, peers in plan.items():
         by_peer.setdefault(peers[0], []).append(h)
-    return [(p, hs[k:k + most]) for p, hs in by_peer.items() for k in range(0, len(hs), most)]
+    out = []
+    for p, hs in by_peer.items():
+        k = max(-(-len(hs) // most), min(len(hs), per_peer))
+        out += [(p, hs[i * len(hs) // k:(i + 1) * len(hs) // k]) for i in range(k)]
+    return out
 
 
 def _listed(meta: dict, key: str, asked: Collection[int]) -> set[int]:
