@@ -10,9 +10,10 @@ import time
 from aggregator.sampler import Sampler
 
 
-def _hashing(until: float) -> None:
-    x = b"a" * 1350
-    while time.monotonic() < until:
+def _hashing(sampler: Sampler, samples: int, most_s: float) -> None:
+    """Work until the sampler has seen `samples` working stacks (bounded: a loaded machine is slow)."""
+    x, until = b"a" * 1350, time.monotonic() + most_s
+    while sampler.busy < samples and time.monotonic() < until:
         hashlib.sha256(x).digest()
 
 
@@ -21,12 +22,12 @@ def test_the_sampler_names_the_working_function_and_skips_waiting_threads():
     waiting = threading.Thread(target=idle.wait, daemon=True)   # blocked all along: never counted
     waiting.start()
     s = Sampler(interval_s=0.001).start()
-    _hashing(time.monotonic() + 0.5)
+    _hashing(s, 50, 20.0)
     report = s.stop().report()
     idle.set()
     waiting.join()
     own = dict(report["own"])
-    assert report["busy_samples"] >= 20, report
+    assert report["busy_samples"] >= 50, report
     assert own.get("tests/test_storage_sampler.py:_hashing", 0) >= 0.8, report
     assert report["samples"] >= report["busy_samples"] + 20   # the waiting thread was seen, and skipped
     assert "tests/test_storage_sampler.py:_hashing" not in dict(report["inclusive"])   # only our packages
