@@ -468,7 +468,8 @@ class StorageNode:
             if summary.get("headers") or summary.get("fetched"):
                 event(log, "catchup", seconds=round(time.monotonic() - t0, 3), **summary)
                 if self._filling is not None and summary.get("fetched"):
-                    self._filling["busy"] += time.monotonic() - t0
+                    # (a round under way at the promotion counts from the promotion)
+                    self._filling["busy"] += time.monotonic() - max(t0, self._filling["t0"])
             await self._after_round(summary)
             await self._filled()
             if summary.get("fetched"):
