@@ -14,7 +14,6 @@ per case the fill's bytes, seconds (promotion to filled), MB/s, its stages in ms
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import statistics
 import tempfile
