@@ -32,7 +32,7 @@ from gridledger.mqtt import keep_connected, until_stopped
 
 from .admission import AdmittedBody, admit_body, admit_header
 from .catchup import CatchUp, Requester
-from .receipts import sign_receipts
+from .receipts import BATCH_MAX, sign_receipts
 from .sampler import Sampler, Stages
 from .storageserve import StorageServer, error_response
 from .storagestore import StorageStore
@@ -236,14 +236,14 @@ class StorageNode:
         event(log, "stored", logging.DEBUG, height=b.header.height, txs=len(b.txs), source=source)
 
     async def _send_receipts(self, headers: list[Header]) -> None:
-        if not headers:
-            return
-        with self.stages("sign"):
-            batch = sign_receipts(self._sk, headers, self.name, self.kind)
-        self.counts["receipt_batches"] += 1
-        if self._client is not None:
-            with self.stages("publish_receipts"):
-                await self._client.publish(self.topics.receipts, batch.encode(), qos=1)
+        """Receipt `headers` (distinct heights), BATCH_MAX blocks to a signature."""
+        for k in range(0, len(headers), BATCH_MAX):
+            with self.stages("sign"):
+                batch = sign_receipts(self._sk, headers[k:k + BATCH_MAX], self.name, self.kind)
+            self.counts["receipt_batches"] += 1
+            if self._client is not None:
+                with self.stages("publish_receipts"):
+                    await self._client.publish(self.topics.receipts, batch.encode(), qos=1)
 
     def _refused(self, where: str, exc: ChainError, **fields) -> None:
         self.counts[exc.reason] += 1

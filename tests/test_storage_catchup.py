@@ -11,11 +11,11 @@ import sqlite3
 import pytest
 
 from aggregator.admission import admit_body
-from aggregator.receipts import ReceiptBatch, load_receipt, verify_receipts
+from aggregator.receipts import BATCH_MAX, ReceiptBatch, load_receipt, verify_receipts
 from aggregator.storage import StorageNode, load_storage_config
 from aggregator.storagewire import CHUNK_MIN, encode_placement
 from certlog import bls
-from certlog.block import ChainError
+from certlog.block import ChainError, Header
 from certlog.net import encode_block
 from certlog.validators import dump_validator_set, info_for, read_secret_key
 from gridledger.testbed import write_storage_node
@@ -100,6 +100,17 @@ async def test_batches_kept_meanwhile_share_one_commit_and_one_receipt_and_a_wro
     assert s1.stages.calls["commit"] == 2          # the first alone, the three queued behind it together
     assert [sorted(r.receipts()) for r in fabric.receipts] == [[1, 2], [3, 4, 5, 6]]
     assert s1.store.body_heights() == [1, 2, 3, 4, 5, 6] and s1.store.body(1) == blocks[0].txs
+
+
+async def test_more_receipts_than_one_batch_holds_go_out_in_several_signed_batches(bed):
+    _, fabric, node, tmp = bed
+    s1 = node("s1")
+    headers = [Header(chain="area1", height=h, prev="0" * 64, time=h, tx_root="0" * 64, state_root="0" * 64, txs=0,
+                      app={}) for h in range(1, BATCH_MAX + 2)]    # e.g. a placement re-sent for many held blocks
+    fabric.receipts.clear()
+    await s1._send_receipts(headers)
+    assert [len(r.blocks) for r in fabric.receipts] == [BATCH_MAX, 1]
+    assert all(verify_receipts(r, _pk(tmp, "s1")) for r in fabric.receipts)
 
 
 def _pk(tmp_path, name: str) -> bytes:
