@@ -137,6 +137,8 @@ class Journal:
                 else:
                     self.damaged += 1
                     pos = self._resync(f, pos + 1, size)
+        if seg.end == pos < size:
+            self.damaged += 1  # a tail too short to be a frame: a torn write
 
     def _resync(self, f, pos, size):
         # The next place the magic appears; its frame is then checked like any.

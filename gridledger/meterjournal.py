@@ -11,7 +11,7 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["MeterCounters", "JournalRecord", "read_counters", "journal_records", "pending_seqs"]
+__all__ = ["MeterCounters", "JournalRecord", "read_counters", "read_journal", "journal_records", "pending_seqs"]
 
 COUNTERS_MAGIC = b"GLC1"
 _COUNTERS = struct.Struct(">4sIIIIIIIIQQ32s")
@@ -90,9 +90,13 @@ def _frames(data: bytes):
 
 
 def journal_records(state_dir: Path) -> list[JournalRecord]:
-    """Every intact record in append order, acknowledged ones included."""
+    """Every intact record of a meter's journal in append order, acknowledged ones included."""
+    return read_journal(state_dir / "journal")
+
+
+def read_journal(d: Path) -> list[JournalRecord]:
+    """Every intact record in the segment files of folder d, in append order."""
     out = []
-    d = state_dir / "journal"
     for seg in sorted(d.glob("*.seg")) if d.exists() else []:
         for off, p in _frames(seg.read_bytes()):
             kind, seq, t, eseq, imp, exp, _ = _COMMON.unpack_from(p)
