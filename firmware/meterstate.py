@@ -20,7 +20,7 @@ class StateError(Exception):
     # The meter refuses to start (or to act) rather than guess: `reason` is
     # machine-readable, the message says what a technician should do.
     def __init__(self, reason, msg):
-        Exception.__init__(self, msg)
+        super().__init__(msg)
         self.reason = reason
 
 
