@@ -60,6 +60,20 @@ class MeterState:
             c.boot += 1
         self.c = c
         self.save()
+        self._check_room()
+
+    def _check_room(self):
+        # A capacity the filesystem cannot hold fails only when the network has
+        # been down for days: say so at boot instead (docs/journal.md, budget).
+        rec = 8 + records.READING_FIXED + self.nsq_bytes
+        try:
+            st = os.statvfs(self.dir)
+            free = st[0] * st[4]
+        except (AttributeError, OSError):
+            return
+        fits = self.journal.live + free // rec
+        if fits < self.journal.capacity:
+            self.log("journal_capacity", capacity=self.journal.capacity, fits=fits, record_bytes=rec)
 
     def _roll_forward(self, c):
         p = self.journal.last()

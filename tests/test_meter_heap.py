@@ -57,6 +57,7 @@ def test_thousand_cycles_in_128k_with_a_flat_heap(tmp_path, broker, mp_source):
                 restarted = start_mosquitto(tmp_path / "broker-again", port=broker.port)
         assert proc.wait(30) == 0, "".join(lines[-30:])
         out = json.loads(lines[-1])
+        print("heap figures:", json.dumps(out))  # for docs/journal.md, with -s
         assert area.stop_gateway() == 0
     finally:
         area.cleanup()
