@@ -15,13 +15,14 @@ import pytest
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from aggregator.store import GatewayStore
 from gridledger.firmware_build import micropython_command
-from gridledger.meterjournal import journal_records, read_counters
-from gridledger.testbed import meter_process, write_meter_config
+from gridledger.meterjournal import journal_records, pending_seqs, read_counters
+from gridledger.testbed import gateway_process, meter_process, wait_up, write_meter_config
 from gridledger.wire import parse_reading
 
 from conftest import MP_SCRIPTS, MqttProbe
-from helpers import N, SimMeter, meter_keys
+from helpers import N, SimMeter, make_area, meter_keys, wait_until
 
 METER = "s1"
 
@@ -143,3 +144,41 @@ def test_set_register_is_a_signed_journaled_published_event(tmp_path, broker, fi
         public.verify(bytes.fromhex(e["sig"]), event_signed_bytes(forged))
     boot = [x for x in lines((tmp_path / "meter.log").read_text()) if x.get("ev") == "boot"][0]
     assert boot["import_wh"] == 123456 and boot["export_wh"] == 789
+
+
+def test_full_journal_keeping_the_oldest_says_so_and_keeps_the_chain_whole(tmp_path, broker, firmware_bundle):
+    """A real meter with room for 5 readings and no gateway: it keeps readings 1..5, makes
+    no reading it cannot keep (no seq used), logs journal_full for each and counts them in
+    the persisted dropped count; once a gateway runs, all it kept are accepted, none refused."""
+    gw_config, _ = make_area(tmp_path, [METER], host=broker.host, port=broker.port)
+    d, config = meter_dir(tmp_path, broker.port)
+    cfg = json.loads(config.read_text())
+    now = time.time()
+    virt = (int(now) // 900 - 30) * 900
+    cfg["clock"] = {"scale": 1800, "real_start": now + 4.0, "virtual_start": virt, "stop_at": virt + 12 * 900}
+    cfg["journal"] = {"capacity": 5, "when_full": "keep_oldest", "per_segment": 2}
+    config.write_text(json.dumps(cfg))
+    log = tmp_path / "meter.log"
+    proc = meter_process(config, log, firmware=firmware_bundle)
+    gateway = None
+    try:
+        wait_until(lambda: sum(e.get("ev") == "journal_full" for e in lines(log.read_text())) >= 7, 60,
+                   "the full journal to refuse the intervals after the fifth")
+        assert pending_seqs(d) == [1, 2, 3, 4, 5]
+        assert read_counters(d).dropped == 7 and read_counters(d).seq == 5
+        gateway = gateway_process(gw_config, tmp_path / "gateway.log")
+        wait_up(tmp_path / "gateway.log", gateway)
+        assert proc.wait(60) == 0, log.read_text()[-2000:]
+    finally:
+        for p in (proc, gateway):
+            if p is not None and p.poll() is None:
+                p.kill()
+                p.wait()
+    store = GatewayStore(tmp_path / "gateway.db")
+    try:
+        assert [r.seq for r in store.readings(METER)] == [1, 2, 3, 4, 5]
+        assert dict(store.db.execute("SELECT reason, count FROM rejections").fetchall()) == {}
+    finally:
+        store.close()
+    final = read_counters(d)
+    assert final.dropped == 7 and final.acked == 5 and pending_seqs(d) == []
