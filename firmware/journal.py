@@ -257,6 +257,15 @@ class Journal:
                 self.live -= 1
         self._release()
 
+    def clear(self):
+        # Delete every segment (a migration starting over).
+        for name in os.listdir(self.path):
+            if name.endswith(".seg"):
+                os.remove(self.path + "/" + name)
+        self._segs = []
+        self.live = 0
+        self.floor = 0
+
     def _release(self):
         keep = []
         for seg in self._segs:

@@ -192,9 +192,7 @@ class MeterState:
                 raise ValueError("out of range")
         except Exception as e:
             raise StateError("bad_state_json", "state.json cannot be migrated (%r): restore it or re-enroll" % e)
-        self.journal.recover(0)
-        self.journal.advance(1 << 31)  # a half-done earlier migration: start over
-        self.journal.floor = 0
+        self.journal.clear()  # a half-done earlier migration: start over
         d, seqs = self._spool()
         c = Counters()
         c.seq, c.t, c.prev = seq, t, prev

@@ -16,7 +16,7 @@ import pytest
 
 from gridledger.meterjournal import read_counters, read_journal
 
-from conftest import MP_SCRIPTS
+from conftest import MP_SCRIPTS, MicroPython
 
 SCRIPT = MP_SCRIPTS / "mp_journal.py"
 FRAME = 8  # magic, length, CRC-32 around each payload
@@ -42,13 +42,19 @@ def crc(p: bytes) -> int:
     return zlib.crc32(p)
 
 
+@pytest.fixture(params=["source", "mpy"])
+def mp(request, mp_source, firmware_bundle):
+    """The firmware's modules from source and as the mpy-cross bundle flashed to boards."""
+    return mp_source if request.param == "source" else MicroPython([firmware_bundle])
+
+
 @pytest.fixture
-def written(mp_source, tmp_path):
+def written(mp, tmp_path):
     """Twelve records of 61..1100 bytes written by the firmware, four per segment."""
     rng = random.Random(3)
     payloads = [payload(rng, i + 1, rng.randrange(61, 1100)) for i in range(12)]
     src = tmp_path / "src"
-    out = run(mp_source, tmp_path, {"mode": "write", "dir": str(src), "per_segment": 4,
+    out = run(mp, tmp_path, {"mode": "write", "dir": str(src), "per_segment": 4,
                                     "payloads": [p.hex() for p in payloads]})
     assert out["live"] == 12
     return src, payloads
@@ -74,14 +80,14 @@ def test_cpython_reader_agrees_with_the_firmware_writer(written):
     assert [(f"{r.segment:08d}.seg", r.offset) for r in recs] == [(s, a) for s, a, _ in frames(payloads, 4)]
 
 
-def test_torn_write_at_every_byte_of_the_last_record(mp_source, tmp_path, written):
+def test_torn_write_at_every_byte_of_the_last_record(mp, tmp_path, written):
     """The last record cut at each of its byte offsets: every earlier record comes back
     intact, the torn one never; a record appended after recovery is kept too."""
     src, payloads = written
     seg, start, end = frames(payloads, 4)[-1]
     extra = payload(random.Random(9), 13, 300)
     cases = [{"ops": [{"op": "cut", "file": seg, "at": at}], "append": True} for at in range(start, end)]
-    res = run(mp_source, tmp_path, {"mode": "recover", "src": str(src), "dir": str(tmp_path / "work"),
+    res = run(mp, tmp_path, {"mode": "recover", "src": str(src), "dir": str(tmp_path / "work"),
                                     "per_segment": 4, "cases": cases, "append": extra.hex()})
     intact = [[i + 1, crc(p)] for i, p in enumerate(payloads[:-1])]
     assert len(res) == end - start
@@ -91,7 +97,7 @@ def test_torn_write_at_every_byte_of_the_last_record(mp_source, tmp_path, writte
         assert r["appended"] and r["after_append"] == intact + [[13, crc(extra)]], f"cut at {at}"
 
 
-def test_random_corruption_loses_only_the_damaged_records(mp_source, tmp_path, written):
+def test_random_corruption_loses_only_the_damaged_records(mp, tmp_path, written):
     """300 seeded cases of one to three flipped bytes anywhere in the segments: exactly
     the records whose frame holds a flipped byte are lost, all others come back."""
     src, payloads = written
@@ -114,7 +120,7 @@ def test_random_corruption_loses_only_the_damaged_records(mp_source, tmp_path, w
         hit = {i for i, (seg, s, e) in enumerate(lay) if any(f == seg and s <= a < e and x for (f, a), x in flips.items())}
         cases.append({"ops": ops})
         expected.append([[i + 1, crc(p)] for i, p in enumerate(payloads) if i not in hit])
-    res = run(mp_source, tmp_path, {"mode": "recover", "src": str(src), "dir": str(tmp_path / "work"),
+    res = run(mp, tmp_path, {"mode": "recover", "src": str(src), "dir": str(tmp_path / "work"),
                                     "per_segment": 4, "cases": cases})
     for n, (r, want) in enumerate(zip(res, expected)):
         assert r["records"] == want, f"case {n}: {cases[n]['ops']}"
@@ -125,12 +131,12 @@ def test_random_corruption_loses_only_the_damaged_records(mp_source, tmp_path, w
     ("keep_oldest", list(range(1, 11)), 5),
     ("keep_newest", list(range(6, 16)), 5),
 ])
-def test_full_journal_says_so_and_keeps_per_policy(mp_source, tmp_path, policy, kept_keys, dropped):
+def test_full_journal_says_so_and_keeps_per_policy(mp, tmp_path, policy, kept_keys, dropped):
     """Capacity 10, fifteen records: full is flagged, five are dropped and counted, the
     oldest or newest ten stay (also across a restart); acks free room and segments."""
     rng = random.Random(5)
     payloads = [payload(rng, i + 1, 100) for i in range(15)]
-    out = run(mp_source, tmp_path, {"mode": "full", "dir": str(tmp_path / "j"), "capacity": 10, "when_full": policy,
+    out = run(mp, tmp_path, {"mode": "full", "dir": str(tmp_path / "j"), "capacity": 10, "when_full": policy,
                                     "per_segment": 4, "payloads": [p.hex() for p in payloads], "ack": 12})
     assert out["full"] and out["live"] == 10 and out["dropped"] == dropped
     assert [k for k, _ in out["records"]] == kept_keys
@@ -156,11 +162,11 @@ def counters_cases(mp, tmp: Path):
     return d, slots, newest
 
 
-def test_counters_newest_valid_slot_wins_never_a_damaged_one(mp_source, tmp_path):
+def test_counters_newest_valid_slot_wins_never_a_damaged_one(mp, tmp_path):
     """The newest slot torn at every byte, flipped at random bytes or missing: the older
     intact slot is read, and the next write goes over the damaged slot, never the good one.
     Damage to the older slot leaves the newest in charge; both damaged reads as nothing."""
-    d, slots, newest = counters_cases(mp_source, tmp_path)
+    d, slots, newest = counters_cases(mp, tmp_path)
     older = 1 - newest
     rng = random.Random(11)
     cases, want = [], []
@@ -183,7 +189,7 @@ def test_counters_newest_valid_slot_wins_never_a_damaged_one(mp_source, tmp_path
         case(bytes(b), bytes(o), None)
     case(None, slots[older], 4)
     case(slots[newest] + b"\x00", slots[older], 4)  # a slot longer than a slot is not one
-    res = run(mp_source, tmp_path, {"mode": "counters", "dir": str(d), "cases": cases}, heap="2m")  # the job's size
+    res = run(mp, tmp_path, {"mode": "counters", "dir": str(d), "cases": cases}, heap="2m")  # the job's size
     for n, (r, seq) in enumerate(zip(res, want)):
         if seq is None:
             assert r is None, f"case {n}"
