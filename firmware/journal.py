@@ -53,11 +53,21 @@ class JournalError(Exception):
 class _Segment:
     def __init__(self, num):
         self.num = num
-        self.offs = array.array("I")  # offset of each intact record
+        # Offset and key of each indexed record; position i is offs[i - base]:
+        # an open segment whose records are all acknowledged drops its index
+        # and keeps counting, so the RAM it takes does not grow with uptime.
+        self.offs = array.array("I")
         self.keys = array.array("I")
-        self.start = 0  # records before it are acknowledged or dropped
+        self.base = 0
+        self.start = 0  # positions before it are acknowledged or dropped
         self.end = 0  # where the next record goes
         self.sealed = False  # torn tail or failed write: never appended to again
+
+    def count(self):
+        return self.base + len(self.keys)
+
+    def pending(self):
+        return self.start < self.base + len(self.keys)
 
 
 class Journal:
@@ -156,7 +166,7 @@ class Journal:
     def first(self):
         # Position (segment number, index) of the oldest record still to send.
         for seg in self._segs:
-            if seg.start < len(seg.keys):
+            if seg.pending():
                 return (seg.num, seg.start)
         return None
 
@@ -165,9 +175,9 @@ class Journal:
         for seg in self._segs:
             if seg.num == pos[0]:
                 found = True
-                if pos[1] + 1 < len(seg.keys):
+                if pos[1] + 1 < seg.count():
                     return (seg.num, max(pos[1] + 1, seg.start))
-            elif found and seg.start < len(seg.keys):
+            elif found and seg.pending():
                 return (seg.num, seg.start)
         return None if found else self.first()
 
@@ -178,13 +188,14 @@ class Journal:
         return None
 
     def key(self, pos):
-        return self._seg(pos[0]).keys[pos[1]]
+        seg = self._seg(pos[0])
+        return seg.keys[pos[1] - seg.base]
 
     def read(self, pos):
         # The payload at pos as a memoryview, valid until the next read or
         # append; None when it no longer checks (the flash changed under it).
         seg = self._seg(pos[0])
-        off = seg.offs[pos[1]]
+        off = seg.offs[pos[1] - seg.base]
         buf, mv = self._buf, self._mv
         with open(self._file(seg.num), "rb") as f:
             f.seek(off)
@@ -200,8 +211,8 @@ class Journal:
         # The newest intact record above the floor (its payload), or None.
         for i in range(len(self._segs) - 1, -1, -1):
             seg = self._segs[i]
-            if seg.start < len(seg.keys):
-                return self.read((seg.num, len(seg.keys) - 1))
+            if seg.pending():
+                return self.read((seg.num, seg.count() - 1))
         return None
 
     # Writing --------------------------------------------------------------
@@ -218,7 +229,7 @@ class Journal:
                 return False
             self._drop_oldest()
         seg = self._segs[-1] if self._segs else None
-        if seg is None or seg.sealed or len(seg.keys) >= self.per_segment:
+        if seg is None or seg.sealed or seg.count() >= self.per_segment:
             seg = _Segment(self._segs[-1].num + 1 if self._segs else 1)
             self._segs.append(seg)
         buf, mv = self._buf, self._mv
@@ -252,7 +263,7 @@ class Journal:
         if floor > self.floor:
             self.floor = floor
         for seg in self._segs:
-            while seg.start < len(seg.keys) and seg.keys[seg.start] <= self.floor:
+            while seg.pending() and seg.keys[seg.start - seg.base] <= self.floor:
                 seg.start += 1
                 self.live -= 1
         self._release()
@@ -269,10 +280,14 @@ class Journal:
     def _release(self):
         keep = []
         for seg in self._segs:
-            if seg.start < len(seg.keys):
+            if seg.pending():
                 keep.append(seg)
-            elif seg is self._segs[-1] and not seg.sealed and len(seg.keys) < self.per_segment:
-                keep.append(seg)  # the open segment still takes records
+            elif seg is self._segs[-1] and not seg.sealed and seg.count() < self.per_segment:
+                if seg.keys:
+                    seg.base = seg.start  # the open segment still takes records
+                    seg.offs = array.array("I")
+                    seg.keys = array.array("I")
+                keep.append(seg)
             else:
                 try:
                     os.remove(self._file(seg.num))

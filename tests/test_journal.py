@@ -133,11 +133,14 @@ def test_random_corruption_loses_only_the_damaged_records(mp, tmp_path, written)
 ])
 def test_full_journal_says_so_and_keeps_per_policy(mp, tmp_path, policy, kept_keys, dropped):
     """Capacity 10, fifteen records: full is flagged, five are dropped and counted, the
-    oldest or newest ten stay (also across a restart); acks free room and segments."""
+    oldest or newest ten stay (also across a restart); acks free room and segments, and
+    records appended after everything was acknowledged read back in place."""
     rng = random.Random(5)
     payloads = [payload(rng, i + 1, 100) for i in range(15)]
+    more = [payload(rng, 16, 100), payload(rng, 17, 90)]
     out = run(mp, tmp_path, {"mode": "full", "dir": str(tmp_path / "j"), "capacity": 10, "when_full": policy,
-                                    "per_segment": 4, "payloads": [p.hex() for p in payloads], "ack": 12})
+                             "per_segment": 4, "payloads": [p.hex() for p in payloads], "ack": 12,
+                             "ack_all": 15, "more": [p.hex() for p in more]})
     assert out["full"] and out["live"] == 10 and out["dropped"] == dropped
     assert [k for k, _ in out["records"]] == kept_keys
     assert [c for _, c in out["records"]] == [crc(payloads[k - 1]) for k in kept_keys]
@@ -148,7 +151,8 @@ def test_full_journal_says_so_and_keeps_per_policy(mp, tmp_path, policy, kept_ke
     after = out["after_ack"]
     assert not after["full"] and [k for k, _ in after["records"]] == [k for k in kept_keys if k > 12]
     assert after["files"] < out["files"], "fully acknowledged segments are deleted"
-    assert out["recovered"] == after["records"]
+    assert out["more"]["records"] == [[16, crc(more[0])], [17, crc(more[1])]] and out["more"]["live"] == 2
+    assert out["recovered"] == out["more"]["records"], "and the same after a restart"
 
 
 def counters_cases(mp, tmp: Path):
