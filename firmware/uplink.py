@@ -112,17 +112,21 @@ class Uplink:
         self._log("uplink_up", broker=cfg["host"], port=cfg.get("port", 1883))
         return True
 
-    def publish(self, payload):
+    def publish(self, payload, topic=None):
         # QoS 1: returns once the broker has the message (PUBACK), or False.
         if not self.ensure():
             return False
         try:
-            self._client.publish(self.readings_topic, payload, qos=1)
+            self._client.publish(topic or self.readings_topic, payload, qos=1)
         except Exception as e:
             self._fail("publish", e)
             return False
         self._last_io = time.ticks_ms()
         return True
+
+    def publish_event(self, payload):
+        # A signed meter event (docs/journal.md), QoS 1 like a reading.
+        return self.publish(payload, self._base + "events")
 
     def poll(self):
         # Deliver every message already waiting (acks), without blocking.
