@@ -5,7 +5,6 @@ import json
 import sys
 import time
 
-import boards
 import ed25519
 import paillier
 import wire
@@ -104,7 +103,10 @@ class Meter:
         global _sink
         _sink = getattr(self.uplink, "log_sink", None)
         # After the uplink: a sensor or watchdog line at boot goes where logs go.
+        import boards
         self.board = boards.select(cfg)
+        # ~10 KiB of profile checks, needed once: loaded code lives in RAM.
+        del sys.modules["boards"]
         self.sensor = _make_sensor(cfg, self.board)
         self.watchdog = Watchdog(self.board, cfg.get("watchdog_ms"), log)
         self._resend_ms = int(cfg.get("resend_s", 5) * 1000)
