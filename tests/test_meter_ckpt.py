@@ -24,11 +24,17 @@ from gridledger.meterjournal import READING, journal_records, read_counters
 from gridledger.testbed import write_meter_config
 from gridledger.wire import unpack_slots
 
-from conftest import MP_SCRIPTS
+from conftest import MP_SCRIPTS, MicroPython
 from helpers import N, PRIV, meter_keys, wait_until
 
 NSQ = 32  # ciphertext bytes in the state-level jobs: any fixed length will do
 NO_CKPT = (1 << 64) - 1
+
+
+@pytest.fixture(params=["source", "mpy"])
+def mp(request, mp_source, firmware_bundle):
+    """The firmware's modules from source and as the mpy-cross bundle flashed to boards."""
+    return mp_source if request.param == "source" else MicroPython([firmware_bundle])
 
 
 def run_state(mp, tmp: Path, d: Path, ops: list[dict], name: str) -> dict:
@@ -41,49 +47,58 @@ def commit(ckpt, imp=10, exp=0, **kw) -> dict:
     return {"op": "commit", "ckpt": ckpt, "imp": imp, "exp": exp, **kw}
 
 
-def test_checkpoint_round_trips_through_commit_skip_and_reboot(mp_source, tmp_path):
+def test_checkpoint_round_trips_through_commit_skip_and_reboot(mp, tmp_path):
     """Each commit and each skipped reading persists its checkpoint in the counters (and a
     commit in its journal record); a reboot restores the last one; None stays None."""
     d = tmp_path / "m"
     d.mkdir()
-    out = run_state(mp_source, tmp_path, d, [commit([100, 5]), commit([250, 9], imp=150, exp=4)], "a")
+    out = run_state(mp, tmp_path, d, [commit([100, 5]), commit([250, 9], imp=150, exp=4)], "a")
     assert out["ckpt"] == [250, 9] and out["seq"] == 2
     assert [r.sensor_checkpoint for r in journal_records(d)] == [(100, 5), (250, 9)]
     assert read_counters(d).sensor_checkpoint == (250, 9)
-    assert run_state(mp_source, tmp_path, d, [], "b")["ckpt"] == [250, 9]
+    assert run_state(mp, tmp_path, d, [], "b")["ckpt"] == [250, 9]
 
-    out = run_state(mp_source, tmp_path, d, [{"op": "skip", "ckpt": [300, 11], "imp": 50, "exp": 2}], "c")
+    out = run_state(mp, tmp_path, d, [{"op": "skip", "ckpt": [300, 11], "imp": 50, "exp": 2}], "c")
     assert out["seq"] == 2 and out["ckpt"] == [300, 11]
-    again = run_state(mp_source, tmp_path, d, [], "d")
+    again = run_state(mp, tmp_path, d, [], "d")
     assert again["ckpt"] == [300, 11] and again["import_wh"] == 10 + 150 + 50
 
     # Edges: the largest storable totals, then a sensor with no good read yet.
-    out = run_state(mp_source, tmp_path, d, [commit([NO_CKPT - 1, 0])], "e")
+    out = run_state(mp, tmp_path, d, [commit([NO_CKPT - 1, 0])], "e")
     assert out["ckpt"] == [NO_CKPT - 1, 0] and read_counters(d).sensor_checkpoint == (NO_CKPT - 1, 0)
-    run_state(mp_source, tmp_path, d, [commit(None)], "f")
+    run_state(mp, tmp_path, d, [commit(None)], "f")
     assert read_counters(d).sensor_checkpoint is None and journal_records(d)[-1].sensor_checkpoint is None
-    assert run_state(mp_source, tmp_path, d, [], "g")["ckpt"] is None
+    assert run_state(mp, tmp_path, d, [], "g")["ckpt"] is None
 
 
-def test_power_cut_after_the_journal_append_brings_the_checkpoint_forward(mp_source, tmp_path):
+def test_power_cut_after_the_journal_append_brings_the_checkpoint_forward(mp, tmp_path):
     """Record written, counters not: the counters on flash still hold the previous
     checkpoint; the next boot rolls seq, registers and checkpoint forward from the record,
-    so the interval is neither lost nor counted again."""
+    so the interval is neither lost nor counted again. Likewise after an event."""
     d = tmp_path / "m"
     d.mkdir()
-    run_state(mp_source, tmp_path, d, [commit([100, 5])], "a")
-    out = run_state(mp_source, tmp_path, d, [commit([250, 9], imp=150, exp=4, crash=True)], "b")
+    run_state(mp, tmp_path, d, [commit([100, 5])], "a")
+    out = run_state(mp, tmp_path, d, [commit([250, 9], imp=150, exp=4, crash=True)], "b")
     assert any(e["ev"] == "counters_write_failed" for e in out["log"])
     on_flash = read_counters(d)
     assert (on_flash.seq, on_flash.sensor_checkpoint, on_flash.import_wh) == (1, (100, 5), 10)
     last = journal_records(d)[-1]
     assert (last.seq, last.sensor_checkpoint, last.import_wh, last.export_wh) == (2, (250, 9), 160, 4)
 
-    booted = run_state(mp_source, tmp_path, d, [], "c")
+    booted = run_state(mp, tmp_path, d, [], "c")
     assert [e["ev"] for e in booted["log"]] == ["rolled_forward"]
     assert booted["ckpt"] == list(last.sensor_checkpoint) and booted["seq"] == 2
     assert (booted["import_wh"], booted["export_wh"]) == (160, 4)
     assert read_counters(d).sensor_checkpoint == (250, 9)
+
+    # The same window after a set-register event: the event's header carries the
+    # checkpoint unchanged (it moves the registers, not the sensor), and so does the roll.
+    run_state(mp, tmp_path, d, [{"op": "set_register", "imp": 5000, "exp": 70, "crash": True}], "d")
+    assert read_counters(d).eseq == 0 and journal_records(d)[-1].kind == 2
+    assert journal_records(d)[-1].sensor_checkpoint == (250, 9)
+    booted = run_state(mp, tmp_path, d, [], "e")
+    assert [e["ev"] for e in booted["log"]] == ["rolled_forward"]
+    assert (booted["import_wh"], booted["export_wh"], booted["ckpt"]) == (5000, 70, [250, 9])
 
 
 def v1_frame(payload: bytes) -> bytes:
@@ -109,7 +124,7 @@ def write_v1_meter(d: Path) -> dict:
     return {"hash4": hash4.hex()}
 
 
-def test_files_from_before_the_checkpoint_boot_as_no_checkpoint(mp_source, tmp_path):
+def test_files_from_before_the_checkpoint_boot_as_no_checkpoint(mp, tmp_path):
     """GLC1 counters and first-format journal records are read (the CPython reader too):
     the meter boots with no checkpoint, rolls forward from the old record, resends both
     old readings unchanged, and its next write is the new format with the checkpoint."""
@@ -119,7 +134,7 @@ def test_files_from_before_the_checkpoint_boot_as_no_checkpoint(mp_source, tmp_p
     assert read_counters(d).seq == 4 and read_counters(d).sensor_checkpoint is None
     assert [(r.seq, r.version, r.sensor_checkpoint) for r in journal_records(d)] == [(4, 1, None), (5, 1, None)]
 
-    out = run_state(mp_source, tmp_path, d, [], "a")
+    out = run_state(mp, tmp_path, d, [], "a")
     assert [e["ev"] for e in out["log"]] == ["rolled_forward"]
     assert (out["seq"], out["import_wh"], out["ckpt"]) == (5, 4321, None)
     assert [(r["seq"], r["c"], r["sig"]) for r in out["records"]] == [
@@ -127,11 +142,11 @@ def test_files_from_before_the_checkpoint_boot_as_no_checkpoint(mp_source, tmp_p
     assert out["records"][1]["prev"] == old["hash4"]
     assert (d / "counters.1").stat().st_size == 104 and read_counters(d).sensor_checkpoint is None
 
-    out = run_state(mp_source, tmp_path, d, [commit([8000, 0], imp=7)], "b")
+    out = run_state(mp, tmp_path, d, [commit([8000, 0], imp=7)], "b")
     assert (out["seq"], out["import_wh"], out["ckpt"]) == (6, 4328, [8000, 0])
     assert [(r.seq, r.version) for r in journal_records(d)] == [(4, 1), (5, 1), (6, 2)]
     assert read_counters(d).sensor_checkpoint == (8000, 0)
-    assert run_state(mp_source, tmp_path, d, [], "c")["ckpt"] == [8000, 0]
+    assert run_state(mp, tmp_path, d, [], "c")["ckpt"] == [8000, 0]
 
 
 # A real meter process ------------------------------------------------------
@@ -170,6 +185,8 @@ def pzem_meter(tmp_path, broker, firmware_bundle):
     procs = []
 
     def start() -> subprocess.Popen:
+        # 256k, not the meters' usual 128k: the wrapper script is compiled from source on
+        # the device's heap, and main's meter already boots at the edge of 128k.
         cmd, env = micropython_command(MP_SCRIPTS / "mp_meter_pzem.py", d / "config.json", device, heap="256k",
                                        path=[firmware_bundle])
         with open(log, "ab") as out:

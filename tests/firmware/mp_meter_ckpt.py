@@ -2,6 +2,7 @@
 # job (argv[1]) from tests/test_meter_ckpt.py. Applies job["ops"] in order:
 #   {"op": "commit", "ckpt": [imp, exp] | null, "imp": Wh, "exp": Wh}
 #   {"op": "skip", ...same}  (a reading a full journal cannot take)
+#   {"op": "set_register", "imp": Wh, "exp": Wh}  (a signed event; no reading)
 # An op with "crash": true has its counters write fail like a power cut right
 # after the journal append, and is the last one. Prints one JSON line: the
 # counters after the ops, every record still to send, and the log.
@@ -10,6 +11,7 @@ import hashlib
 import json
 import sys
 
+import ed25519
 from meterstate import MeterState
 
 with open(sys.argv[1]) as f:
@@ -30,9 +32,12 @@ st = MeterState(job["dir"], "ck1", {}, job["nsq_bytes"], log, job.get("boot", Tr
 for op in job.get("ops", []):
     if op.get("crash"):
         st.store.save = power_cut
-    ck = tuple(op["ckpt"]) if op["ckpt"] is not None else None
     c = st.c
     t = c.t + 900 if c.t else 1795000500
+    if op["op"] == "set_register":
+        st.set_register(ed25519.SigningKey(bytes(32)), op["imp"], op["exp"], "tech-1", t)
+        continue
+    ck = tuple(op["ckpt"]) if op["ckpt"] is not None else None
     if op["op"] == "skip":
         st.skip_reading(t, op["imp"], op["exp"], ck)
         continue
