@@ -244,6 +244,12 @@ class Meter:
         time.sleep_ms(20)
 
     def run(self):
+        # Collect once a quarter of the free heap has been allocated, not only
+        # when it runs out: the pool's big-integer temporaries and the 1 KiB
+        # strings of each reading otherwise fragment a 128 KiB heap until a
+        # payload no longer finds a hole (the recipe in MicroPython's gc docs).
+        gc.collect()
+        gc.threshold(gc.mem_free() // 4 + gc.mem_alloc())
         c = self.state.c
         log("boot", meter=self.meter, seq=c.seq, spooled=self.state.journal.live, kid=self.kid, boot=c.boot,
             import_wh=c.import_wh, export_wh=c.export_wh, acked=c.acked, dropped=self.state.journal.dropped)
@@ -282,5 +288,5 @@ def main(argv=None):
             return
         Meter(_load(path)).run()
     except (StateError, ValueError) as e:
-        log("refused", reason=getattr(e, "reason", "bad_value"), error=str(e))
+        log("refused", reason=getattr(e, "reason", "bad_value"), error="%s: %s" % (type(e).__name__, e))
         sys.exit(2)

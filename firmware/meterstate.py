@@ -41,7 +41,9 @@ class MeterState:
         self.nsq_bytes = nsq_bytes
         self.log = log
         self.store = CounterStore(dirname + "/counters")
-        self.journal = Journal(dirname + "/journal", jcfg.get("capacity", 2880),
+        # Not "journal/": on a board the state folder is the filesystem's root,
+        # where a folder named like a module hides the module from import.
+        self.journal = Journal(dirname + "/unacked", jcfg.get("capacity", 2880),
                                jcfg.get("when_full", KEEP_OLDEST), jcfg.get("per_segment"))
         self._buf = bytearray(records.READING_FIXED + nsq_bytes + 64)
         c = self.store.load()

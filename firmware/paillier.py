@@ -1,6 +1,7 @@
 # Paillier encryption with g = n + 1: c = (1 + m*n) * rho mod n^2, rho = r^n.
 # Computing rho is the whole cost (a 2n-bit modulus, an n-bit exponent), so it
 # is done ahead of time into a pool and the encryption itself is one multiply.
+import gc
 import os
 
 
@@ -162,9 +163,13 @@ class RhoPool:
 
     def refill_one(self):
         # One more value now (finishing the boot first if it is still due).
+        # Collecting between steps, as the meter's loop does when it runs them
+        # one at a time, keeps the steps' big-integer garbage from fragmenting
+        # a small heap when a reading has to wait for a value.
         have = len(self._pool)
         while len(self._pool) == have:
             self._advance()
+            gc.collect()
 
     def take(self):
         if not self._pool:

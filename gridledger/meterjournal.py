@@ -113,7 +113,7 @@ def _frames(data: bytes):
 
 def journal_records(state_dir: Path) -> list[JournalRecord]:
     """Every intact record of a meter's journal in append order, acknowledged ones included."""
-    return read_journal(state_dir / "journal")
+    return read_journal(state_dir / "unacked")
 
 
 def read_journal(d: Path) -> list[JournalRecord]:

@@ -510,7 +510,7 @@ def test_detect_without_boards_says_what_to_check(tmp_path):
 
 
 def test_a_board_joins_its_wifi_at_boot_without_waiting(tmp_path, mp_source):
-    """provision.boot() (main.py, before the meter) starts joining the configured network and returns at once;
+    """netup.boot() (main.py, before the meter; provision re-exports it) starts joining the configured network and returns at once;
     the self-test waits for the link. A fake `network` module stands in for the radio (pure logic)."""
     (tmp_path / "network.py").write_text(
         "STA_IF = 0\ncalls = []\nclass WLAN:\n    up = False\n    def __init__(self, i): calls.append(('WLAN', i))\n"

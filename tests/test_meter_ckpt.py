@@ -119,8 +119,8 @@ def write_v1_meter(d: Path) -> dict:
         p = (struct.pack(">BIIIQQ32s", 1, seq, t, 0, imp, 120, prev)
              + struct.pack(">I8s64s", 900, bytes(8), bytes([seq]) * 64) + (7000 + seq).to_bytes(NSQ, "big"))
         recs.append(v1_frame(p))
-    (d / "journal").mkdir()
-    (d / "journal" / "00000001.seg").write_bytes(b"".join(recs))
+    (d / "unacked").mkdir()
+    (d / "unacked" / "00000001.seg").write_bytes(b"".join(recs))
     return {"hash4": hash4.hex()}
 
 
