@@ -8,6 +8,7 @@ import time
 import ed25519
 import paillier
 import wire
+from alerts import Alerts
 from spool import Spool, exists
 
 # Where log lines go instead of stdout (a serial uplink on the USB console
@@ -63,7 +64,7 @@ def _make_uplink(cfg, meter, on_ack, status):
         return SerialUplink(up, cfg["area"], meter, on_ack, log, status)
     if kind == "mqtt":
         from uplink import Uplink
-        return Uplink(cfg["broker"], cfg["area"], meter, on_ack, log)
+        return Uplink(cfg["broker"], cfg["area"], meter, on_ack, log, status)
     raise ValueError("unknown uplink kind: " + kind)
 
 
@@ -109,6 +110,8 @@ class Meter:
         self.truth_path = self.dir + "/truth.jsonl" if cfg.get("sensor", {}).get("type", "sim") == "sim" else None
         self._sent = {}
         self.uplink = _make_uplink(cfg, self.meter, self._acked, self._health)
+        self.alerts = Alerts(cfg.get("alerts") or {}, self.dir, self.meter, self.key, self.sensor, log)
+        self.uplink.alerts = self.alerts
         global _sink
         _sink = getattr(self.uplink, "log_sink", None)
         self._resend_ms = int(cfg.get("resend_s", 5) * 1000)
@@ -147,6 +150,7 @@ class Meter:
         self.seq = seq
         self.prev = h
         log("reading", seq=seq, t=t_end, spooled=len(self.spool))
+        self.alerts.evaluate(t_end, self.interval, imp, exp)
 
     def _send_pending(self, budget=8):
         now = time.ticks_ms()

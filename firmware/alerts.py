@@ -1,0 +1,181 @@
+# Device-side alerts (seed 004's notification contract), judged on the meter
+# where the plaintext lives: power above or below a threshold, temperature above
+# its warning level. Each excursion raises one signed alert and its end one
+# signed clear; they stay in alerts.json until the gateway acks them
+# (docs/alerts.md has the format and the rules).
+import binascii
+import json
+import os
+import time
+
+VERSION = 1
+POWER_HIGH = "power_high"  # value and threshold in W (net import, export negative)
+POWER_LOW = "power_low"    # W
+TEMP_HIGH = "temp_high"    # tenths of a degree Celsius: every value on the wire is an int
+RAISED = "raised"
+CLEARED = "cleared"
+
+
+def signed_bytes(meter, seq, t, kind, value, threshold, state):
+    return "\n".join(("gl-alert-v1", meter, str(seq), str(t), kind, str(value),
+                      str(threshold), state)).encode()
+
+
+def encode(meter, seq, t, kind, value, threshold, state, sig):
+    # Canonical JSON: keys sorted, no spaces. meter and kind come from restricted
+    # alphabets and sig is hex, so nothing needs escaping.
+    return ('{"kind":"%s","meter":"%s","seq":%d,"sig":"%s","state":"%s","t":%d,'
+            '"threshold":%d,"v":%d,"value":%d}' % (kind, meter, seq, sig, state, t, threshold,
+                                                   VERSION, value)).encode()
+
+
+def judge(active, value, limit, hyst, above):
+    # The excursion state after seeing value: entered strictly past the limit,
+    # left only once back by more than hyst, so noise at the limit cannot chatter.
+    # An unavailable value (None) changes nothing.
+    if value is None:
+        return active
+    if above:
+        return value >= limit - hyst if active else value > limit
+    return value <= limit + hyst if active else value < limit
+
+
+def _rules(cfg):
+    # (kind, limit, hysteresis, above) for every threshold the config sets
+    out = []
+    ph = cfg.get("power_hyst_w", 50)
+    if cfg.get("power_high_w") is not None:
+        out.append((POWER_HIGH, int(cfg["power_high_w"]), int(ph), True))
+    if cfg.get("power_low_w") is not None:
+        out.append((POWER_LOW, int(cfg["power_low_w"]), int(ph), False))
+    if cfg.get("temp_high_c") is not None:
+        out.append((TEMP_HIGH, round(cfg["temp_high_c"] * 10), round(cfg.get("temp_hyst_c", 2) * 10), True))
+    return out
+
+
+def _save_atomic(path, obj):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(json.dumps(obj))
+    os.rename(tmp, path)
+
+
+def _call(sensor, name):
+    # A sensor's optional reading; a missing method or a faulty read is unavailable.
+    f = getattr(sensor, name, None)
+    if f is None:
+        return None
+    try:
+        return f()
+    except Exception:
+        return None
+
+
+class Alerts:
+    def __init__(self, cfg, state_dir, meter, key, sensor, log):
+        self._rules = _rules(cfg)
+        self._meter = meter
+        self._key = key
+        self._sensor = sensor
+        self._log = log
+        self._resend_ms = int(cfg.get("resend_s", 10) * 1000)
+        self._max_pending = cfg.get("max_pending", 32)
+        self._path = state_dir + "/alerts.json"
+        try:
+            with open(self._path) as f:
+                st = json.load(f)
+        except OSError:
+            st = {}
+        # seq is written before its alert can leave, so it never repeats across
+        # reboots; active survives a reboot so an excursion is not raised twice.
+        self.seq = st.get("seq", 0)
+        self.active = st.get("active", {})
+        self.pending = st.get("pending", [])  # [[seq, payload str]], oldest first
+        self.dropped = st.get("dropped", 0)
+        self._sent = {}  # seq -> ticks_ms of the last send (RAM only: a reboot resends)
+
+    def _save(self):
+        _save_atomic(self._path, {"seq": self.seq, "active": self.active,
+                                  "pending": self.pending, "dropped": self.dropped})
+
+    def _values(self, dt, imp_wh, exp_wh):
+        p = _call(self._sensor, "power_w")
+        if p is None and dt > 0:
+            p = (imp_wh - exp_wh) * 3600 / dt  # the interval's average: a sensor without power_w
+        temp = _call(self._sensor, "temp_c")
+        return (None if p is None else round(p),
+                None if temp is None else round(temp * 10))
+
+    def evaluate(self, t, dt, imp_wh, exp_wh):
+        # Called once per reading, after it is safely stored. An alert that
+        # cannot be made (a full flash, say) is logged: it never stops measuring.
+        if not self._rules:
+            return
+        try:
+            self._evaluate(t, dt, imp_wh, exp_wh)
+        except Exception as e:
+            self._log("alert_failed", error=repr(e))
+
+    def _evaluate(self, t, dt, imp_wh, exp_wh):
+        power, temp = self._values(dt, imp_wh, exp_wh)
+        changed = False
+        for kind, limit, hyst, above in self._rules:
+            value = temp if kind == TEMP_HIGH else power
+            was = self.active.get(kind, False)
+            now = judge(was, value, limit, hyst, above)
+            if now != was:
+                self._add(t, kind, value, limit, RAISED if now else CLEARED)
+                if now:
+                    self.active[kind] = True
+                else:
+                    del self.active[kind]
+                changed = True
+        if changed:
+            self._save()
+
+    def _add(self, t, kind, value, limit, state):
+        self.seq += 1
+        sb = signed_bytes(self._meter, self.seq, t, kind, value, limit, state)
+        sig = binascii.hexlify(self._key.sign(sb)).decode()
+        self.pending.append([self.seq, encode(self._meter, self.seq, t, kind, value, limit, state, sig).decode()])
+        if len(self.pending) > self._max_pending:
+            lost = self.pending.pop(0)
+            self.dropped += 1
+            self._log("alert_dropped", seq=lost[0], dropped=self.dropped)
+        self._log("alert", seq=self.seq, kind=kind, state=state, value=value, threshold=limit)
+
+    def due(self):
+        # Pending alerts not sent within resend_s, oldest first.
+        now = time.ticks_ms()
+        out = []
+        for seq, payload in self.pending:
+            sent = self._sent.get(seq)
+            if sent is None or time.ticks_diff(now, sent) >= self._resend_ms:
+                out.append((seq, payload))
+        return out
+
+    def sent(self, seq):
+        self._sent[seq] = time.ticks_ms()
+
+    def unsent(self):
+        # The link went down: send everything again once it is back.
+        self._sent = {}
+
+    def acked(self, seq):
+        # The gateway stored every alert up to seq.
+        keep = [p for p in self.pending if p[0] > seq]
+        if len(keep) != len(self.pending):
+            self.pending = keep
+            for s in list(self._sent):
+                if s <= seq:
+                    del self._sent[s]
+            self._save()
+
+    def refused(self, seq, reason):
+        # The gateway refused it for good (its checks are deterministic): stop resending.
+        self._log("alert_nack", seq=seq, reason=reason)
+        keep = [p for p in self.pending if p[0] != seq]
+        if len(keep) != len(self.pending):
+            self.pending = keep
+            self._sent.pop(seq, None)
+            self._save()
