@@ -167,7 +167,8 @@ class Meter:
             budget -= 1
 
     def finished(self):
-        return self.stop_at is not None and self.next_end > self.stop_at and not len(self.spool)
+        return (self.stop_at is not None and self.next_end > self.stop_at and not len(self.spool)
+                and not self.alerts.pending)
 
     def step(self):
         # One reading per step: a meter that has fallen behind (signing and
