@@ -4,11 +4,17 @@ the meters' JSON log lines."""
 
 from __future__ import annotations
 
+import base64
 import datetime
+import hashlib
 import json
+import os
+import pwd
+import shutil
 import signal
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
@@ -16,6 +22,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from gridledger.broker import Broker, free_port, start_mosquitto
 from gridledger.testbed import gateway_process, meter_process, read_truth, write_meter_config
 
 from helpers import N, make_area, wait_until
@@ -135,3 +142,54 @@ class MeterArea:
             if p is not None and p.poll() is None:
                 p.kill()
                 p.wait()
+
+
+def write_passwd(path: Path, users: dict[str, str]) -> None:
+    """A Mosquitto password file: with `mosquitto_passwd -b` when installed, else
+    Mosquitto 2's own "$7$" lines (PBKDF2-HMAC-SHA512, 101 iterations, 12-byte salt)."""
+    path.write_text("")
+    tool = shutil.which("mosquitto_passwd")
+    for user, password in users.items():
+        if tool:
+            subprocess.run([tool, "-b", str(path), user, password], check=True, capture_output=True, timeout=30)
+        else:
+            salt = os.urandom(12)
+            digest = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, 101)
+            with path.open("a") as f:
+                f.write(f"{user}:$7$101${base64.b64encode(salt).decode()}${base64.b64encode(digest).decode()}\n")
+
+
+@dataclass
+class TlsBroker:
+    """A real Mosquitto with a plain loopback listener (gateway, probes) and a TLS
+    listener (meters) that checks passwords; restartable on the same ports."""
+    workdir: Path
+    tls: dict[str, Path]
+    tls_port: int
+    server_name: str
+    broker: Broker | None = None
+
+    def conf(self) -> str:
+        t = self.tls
+        # Started as root, Mosquitto would drop to its own user before reading the
+        # password file, and the test's private folder is closed to that user.
+        return (f"user {pwd.getpwuid(os.geteuid()).pw_name}\n"
+                f"password_file {self.workdir / 'passwd'}\n"
+                f"listener {self.tls_port} 127.0.0.1\n"
+                f"cafile {t['ca']}\ncertfile {t['cert']}\nkeyfile {t['key']}\n")
+
+    def start(self) -> Broker:
+        self.broker = start_mosquitto(self.workdir, self.broker.port if self.broker else None, self.conf())
+        return self.broker
+
+    def stop(self) -> None:
+        if self.broker is not None:
+            self.broker.stop()
+
+
+def start_tls_broker(workdir: Path, users: dict[str, str], server_name: str = "broker.test") -> TlsBroker:
+    workdir.mkdir(parents=True, exist_ok=True)
+    write_passwd(workdir / "passwd", users)
+    b = TlsBroker(workdir, make_tls(workdir / "tls", server_name), free_port(), server_name)
+    b.start()
+    return b
