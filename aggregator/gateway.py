@@ -213,7 +213,8 @@ class Gateway:
             await asyncio.sleep(STATUS_EVERY_S)
             chain = self.chain.status() if self.chain else {}
             event(log, "status", queued=self.queue.qsize(), batches=self.batches, **chain,
-                  **{k: v for k, v in self.counters().items() if v})
+                  **{k: v for k, v in self.counters().items() if v},
+                  **{f"alert_{k}": v for k, v in self.alerts.counters().items() if v})
 
     async def _work(self, client: aiomqtt.Client) -> None:
         while True:

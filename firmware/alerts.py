@@ -120,32 +120,39 @@ class Alerts:
             self._log("alert_failed", error=repr(e))
 
     def _evaluate(self, t, dt, imp_wh, exp_wh):
+        # New state in copies, written to flash, and only then taken: an alert
+        # whose seq is not on flash can never be sent.
         power, temp = self._values(dt, imp_wh, exp_wh)
-        changed = False
+        seq, active, pending, dropped = self.seq, dict(self.active), list(self.pending), self.dropped
+        made = []
         for kind, limit, hyst, above in self._rules:
             value = temp if kind == TEMP_HIGH else power
-            was = self.active.get(kind, False)
+            was = active.get(kind, False)
             now = judge(was, value, limit, hyst, above)
-            if now != was:
-                self._add(t, kind, value, limit, RAISED if now else CLEARED)
-                if now:
-                    self.active[kind] = True
-                else:
-                    del self.active[kind]
-                changed = True
-        if changed:
-            self._save()
-
-    def _add(self, t, kind, value, limit, state):
-        self.seq += 1
-        sb = signed_bytes(self._meter, self.seq, t, kind, value, limit, state)
-        sig = binascii.hexlify(self._key.sign(sb)).decode()
-        self.pending.append([self.seq, encode(self._meter, self.seq, t, kind, value, limit, state, sig).decode()])
-        if len(self.pending) > self._max_pending:
-            lost = self.pending.pop(0)
-            self.dropped += 1
-            self._log("alert_dropped", seq=lost[0], dropped=self.dropped)
-        self._log("alert", seq=self.seq, kind=kind, state=state, value=value, threshold=limit)
+            if now == was:
+                continue
+            if now:
+                active[kind] = True
+            else:
+                del active[kind]
+            seq += 1
+            state = RAISED if now else CLEARED
+            sig = binascii.hexlify(self._key.sign(signed_bytes(self._meter, seq, t, kind, value, limit,
+                                                               state))).decode()
+            pending.append([seq, encode(self._meter, seq, t, kind, value, limit, state, sig).decode()])
+            made.append((seq, kind, state, value, limit))
+        if not made:
+            return
+        lost = []
+        while len(pending) > self._max_pending:
+            lost.append(pending.pop(0)[0])
+            dropped += 1
+        _save_atomic(self._path, {"seq": seq, "active": active, "pending": pending, "dropped": dropped})
+        self.seq, self.active, self.pending, self.dropped = seq, active, pending, dropped
+        for s in lost:
+            self._log("alert_dropped", seq=s, dropped=dropped)
+        for s, kind, state, value, limit in made:
+            self._log("alert", seq=s, kind=kind, state=state, value=value, threshold=limit)
 
     def due(self):
         # Pending alerts not sent within resend_s, oldest first.

@@ -106,5 +106,21 @@ refused = b.pending[-1][0]
 b.refused(refused, "bad_signature")
 c = alerts.Alerts(cfg, state, "m1", key, EnergyOnly(), log)
 out["after_ack"] = {"acked_to": acked_to, "refused": refused, "pending": [x[0] for x in c.pending], "seq": c.seq}
+# A flash that cannot be written: no alert is taken (its seq would not survive a
+# reboot), the failure is logged, and measuring goes on.
+save = alerts._save_atomic
+
+
+def broken(path, obj):
+    raise OSError(28)  # ENOSPC
+
+
+alerts._save_atomic = broken
+before = (c.seq, len(c.pending))
+t += 900
+c.evaluate(t, 900, 2000, 0)  # 8000 W: would raise power_high
+alerts._save_atomic = save
+out["flash_full"] = {"before": before, "after": (c.seq, len(c.pending), sorted(c.active)),
+                     "logged": [x["ev"] for x in logged[-1:]]}
 out["tmp_left"] = [n for n in os.listdir(state) if n.endswith(".tmp")]
 print(json.dumps(out))
