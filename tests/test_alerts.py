@@ -239,6 +239,12 @@ async def test_signed_alerts_reach_the_gateway_and_forgeries_are_refused(area, b
     assert _metric(port, "gridledger_alerts", "accept") == last + 1
     assert _metric(port, "gridledger_alerts", "duplicate") >= 1
     assert run.stop_gateway() == 0
+    # Restarted, the gateway still knows every meter's highest alert seq (from SQLite): the replay stays refused.
+    run.start_gateway()
+    async with MqttProbe(broker, f"{base}/m1/alerts/+") as probe:
+        await probe.publish(f"{base}/m1/alerts", replay.to_json())
+        await probe.expect(f"{base}/m1/alerts/nack", lambda b: b == {"seq": 1, "reason": "replayed_seq"}, timeout=30)
+    assert run.stop_gateway() == 0
     text = subprocess.run([sys.executable, "-m", "gridledger", "alerts", "list", "--config", str(run.cfg)],
                           capture_output=True, text=True, timeout=30).stdout
-    assert f"{last + 1} alerts; refused:" in text and '"bad_signature": 1' in text and '"replayed_seq": 1' in text
+    assert f"{last + 1} alerts; refused:" in text and '"bad_signature": 1' in text and '"replayed_seq": 2' in text
