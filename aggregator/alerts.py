@@ -47,7 +47,7 @@ from .registry import Registry
 
 __all__ = ["Alert", "AlertVerdict", "AlertCheck", "AlertStore", "AlertDesk", "StoredAlert", "parse_alert",
            "alert_signed_bytes", "make_alert", "ALERT_REASON_CLASS", "ALERT_REASONS", "KINDS", "STATES",
-           "MAX_ALERT", "read_alerts"]
+           "MAX_ALERT", "read_alerts", "alerts_topic", "alert_ack_topic", "alert_nack_topic"]
 
 log = logging.getLogger("gridledger.gateway.alerts")
 
@@ -77,6 +77,18 @@ _BATCH_MAX = 256
 _QUEUE_MAX = 5000
 _INT_FIELDS = ("v", "seq", "t", "value", "threshold")
 _STR_FIELDS = ("meter", "kind", "state", "sig")
+
+
+def alerts_topic(area: str, meter: str) -> str:
+    return f"gl/v1/{area}/meters/{meter}/alerts"
+
+
+def alert_ack_topic(area: str, meter: str) -> str:
+    return f"gl/v1/{area}/meters/{meter}/alerts/ack"
+
+
+def alert_nack_topic(area: str, meter: str) -> str:
+    return f"gl/v1/{area}/meters/{meter}/alerts/nack"
 
 
 def alert_signed_bytes(meter: str, seq: int, t: int, kind: str, value: int, threshold: int, state: str) -> bytes:
@@ -353,11 +365,10 @@ class AlertDesk:
         except BaseException:
             self.check.last = self.store.last_seqs()  # nothing of this batch was stored
             raise
-        base = self._prefix
         await asyncio.gather(
-            *(client.publish(f"{base}{m}/alerts/ack", json.dumps({"seq": self.check.last[m]}), qos=1)
+            *(client.publish(alert_ack_topic(self.area, m), json.dumps({"seq": self.check.last[m]}), qos=1)
               for m in sorted(acks)),
-            *(client.publish(f"{base}{m}/alerts/nack", json.dumps(body), qos=1) for m, body in nacks))
+            *(client.publish(alert_nack_topic(self.area, m), json.dumps(body), qos=1) for m, body in nacks))
 
     def close(self) -> None:
         self.store.close()

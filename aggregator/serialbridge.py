@@ -1,9 +1,9 @@
 """The serial bridge: one wired meter (a Pico on USB, or on a UART) to the broker.
 
 The meter speaks serial framing v1 (`gridledger.serialframe`, docs/serial.md). The
-bridge learns the meter's id from its hello, publishes each reading to that meter's
-readings topic with QoS 1 exactly as an MQTT meter would, and writes the gateway's
-acks and nacks back down the line. It keeps no state of its own: a reading leaves
+bridge learns the meter's id from its hello, publishes each reading (and signed
+alert) to that meter's topic with QoS 1 exactly as an MQTT meter would, and writes
+the gateway's acks and nacks back down the line. It keeps no state of its own: a reading leaves
 the meter's spool only on the gateway's ack, which the gateway sends only once the
 reading is durable, so a bridge killed or a cable pulled at any moment costs a
 resend, never a reading. Bytes on the line that are not a frame are counted by
@@ -20,6 +20,7 @@ import re
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
+from typing import Callable
 
 import aiomqtt
 import serial
@@ -30,6 +31,7 @@ from gridledger.mqtt import keep_connected
 from gridledger.serialframe import Decoder, Frame, FrameType, encode
 from gridledger.wire import METER_ID_RE, ack_topic, nack_topic, readings_topic
 
+from .alerts import alert_ack_topic, alert_nack_topic, alerts_topic
 from .gateway import GatewayConfig
 
 __all__ = ["PROTO", "BRIDGE_REASONS", "SerialBridge"]
@@ -214,6 +216,8 @@ class SerialBridge:
             self._on_health(item.payload)
         elif item.type == FrameType.LOG:
             self._on_log(item.payload)
+        elif item.type == FrameType.ALERT:
+            self._on_alert(item.payload)
         else:  # a bridge-to-meter type coming up the line: an echoing tty, or two bridges wired together
             self._reject("unexpected_type", f"{chr(item.type)} from the meter's side")
 
@@ -247,6 +251,14 @@ class SerialBridge:
 
     def _on_reading(self, payload: bytes) -> None:
         self.counts["readings"] += 1
+        self._forward(readings_topic, payload)
+
+    def _on_alert(self, payload: bytes) -> None:
+        self.counts["alerts"] += 1
+        self._forward(alerts_topic, payload)
+
+    def _forward(self, topic: Callable[[str, str], str], payload: bytes) -> None:
+        """Queue a reading or an alert for the broker, on the topic of the meter on the line."""
         loop = asyncio.get_running_loop()
         if self.meter is None:
             self.dropped["no_hello"] += 1
@@ -257,7 +269,7 @@ class SerialBridge:
             self.dropped["mqtt_down"] += 1
         else:
             try:
-                self._backlog.put_nowait((self.meter, payload))
+                self._backlog.put_nowait((topic(self.area, self.meter), payload))
             except asyncio.QueueFull:
                 self.dropped["backlog"] += 1
 
@@ -306,6 +318,11 @@ class SerialBridge:
                 self._backlog.get_nowait()
                 self.dropped["mqtt_down"] += 1
 
+    def _acks_of(self, meter: str) -> tuple[str, str, str, str]:
+        """What the gateway answers a meter on: ack, nack, alert ack, alert nack."""
+        return (ack_topic(self.area, meter), nack_topic(self.area, meter),
+                alert_ack_topic(self.area, meter), alert_nack_topic(self.area, meter))
+
     async def _subscribe(self, client: aiomqtt.Client) -> None:
         """Hold the ack and nack topics of whichever meter is on the line (a Pico swapped
         for another on the same port gets the new meter's)."""
@@ -317,10 +334,10 @@ class SerialBridge:
                 continue
             if self._subscribed is not None:
                 old, self._subscribed = self._subscribed, None
-                await client.unsubscribe(ack_topic(self.area, old))
-                await client.unsubscribe(nack_topic(self.area, old))
-            await client.subscribe(ack_topic(self.area, meter), qos=1)
-            await client.subscribe(nack_topic(self.area, meter), qos=1)
+                for t in self._acks_of(old):
+                    await client.unsubscribe(t)
+            for t in self._acks_of(meter):
+                await client.subscribe(t, qos=1)
             self._subscribed = meter
             event(log, "subscribed", meter=meter)
             self._welcome()
@@ -332,18 +349,25 @@ class SerialBridge:
                 continue
             payload = msg.payload if isinstance(msg.payload, (bytes, bytearray)) else str(msg.payload).encode()
             topic = msg.topic.value
-            if topic == ack_topic(self.area, meter):
+            ack, nack, alert_ack, alert_nack = self._acks_of(meter)
+            if topic == ack:
                 self.counts["acks"] += 1
                 self._send(FrameType.ACK, bytes(payload))
-            elif topic == nack_topic(self.area, meter):
+            elif topic == nack:
                 self.counts["nacks"] += 1
                 self._send(FrameType.NACK, bytes(payload))
+            elif topic == alert_ack:
+                self.counts["alert_acks"] += 1
+                self._send(FrameType.ALERT_ACK, bytes(payload))
+            elif topic == alert_nack:
+                self.counts["alert_nacks"] += 1
+                self._send(FrameType.ALERT_NACK, bytes(payload))
 
     async def _publish(self, client: aiomqtt.Client) -> None:
         """One at a time, in line order: the gateway wants each meter's readings in sequence."""
         while True:
-            meter, payload = await self._backlog.get()
-            await client.publish(readings_topic(self.area, meter), payload, qos=1)
+            topic, payload = await self._backlog.get()
+            await client.publish(topic, payload, qos=1)
             self.counts["published"] += 1
 
     async def _status_loop(self) -> None:

@@ -161,7 +161,7 @@ class Alerts:
         for seq, payload in self.pending:
             sent = self._sent.get(seq)
             if sent is None or time.ticks_diff(now, sent) >= self._resend_ms:
-                out.append((seq, payload))
+                out.append((seq, payload.encode()))
         return out
 
     def sent(self, seq):

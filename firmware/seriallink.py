@@ -156,6 +156,7 @@ class SerialUplink:
         self._t0 = time.ticks_ms()
         self._in_log = False
         self.rejected = {}  # reason -> count, reported in health frames
+        self.alerts = None  # the meter's Alerts, if it has any: sent and acked here
         # With the console as the link, print() would put log lines on the wire
         # between frames: the meter sends them as LOG frames instead.
         self.log_sink = self._log_frame if not ("device" in cfg or "uart" in cfg) else None
@@ -179,6 +180,8 @@ class SerialUplink:
 
     def _fail(self, what, exc):
         self.close()
+        if self.alerts is not None:
+            self.alerts.unsent()
         self._next_try = time.ticks_add(time.ticks_ms(), self._backoff_ms)
         self._backoff_ms = min(self._backoff_ms * 2, 30000)
         self._log("uplink_down", during=what, error=repr(exc))
@@ -259,7 +262,13 @@ class SerialUplink:
                 st["mem_free"] = gc.mem_free()
             except Exception:
                 pass
-            self._send(frame.HEALTH, json.dumps(st).encode(), "health")
+            if not self._send(frame.HEALTH, json.dumps(st).encode(), "health"):
+                return
+        if self.alerts is not None and self.connected():
+            for seq, payload in self.alerts.due():
+                if not self._send(frame.ALERT, payload, "alert"):
+                    return
+                self.alerts.sent(seq)
 
     def _handle(self, ftype, payload):
         if ftype is None:
@@ -276,6 +285,19 @@ class SerialUplink:
                 self._on_ack(seq)
             else:
                 self._log("nack", seq=seq, reason=body.get("reason"))
+        elif ftype == frame.ALERT_ACK or ftype == frame.ALERT_NACK:
+            try:
+                body = json.loads(payload)
+                seq = body["seq"]
+            except Exception:
+                self._log("bad_ack", type=chr(ftype))
+                return
+            if self.alerts is None:
+                return
+            if ftype == frame.ALERT_ACK:
+                self.alerts.acked(seq)
+            else:
+                self.alerts.refused(seq, body.get("reason"))
         elif ftype == frame.WELCOME:
             if self._welcomed is None:
                 self._log("uplink_up", link="serial")

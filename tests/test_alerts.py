@@ -19,6 +19,7 @@ from gridledger.errors import Rejected
 from gridledger.meterkeys import MeterKey, verifier
 
 from conftest import MP_SCRIPTS, VECTORS, MqttProbe
+from test_serial_bridge import METER, Wired
 from uplinkkit import INTERVAL_S, MeterArea
 
 VEC = json.loads((VECTORS / "alerts_v1.json").read_text())
@@ -165,6 +166,12 @@ def _alerts_list(cfg) -> list[dict]:
     return [json.loads(line) for line in res.stdout.splitlines()]
 
 
+def _truth_points(truth: dict[int, dict]) -> list[tuple[int, int]]:
+    """(interval end, average net power in W) of each reading the simulator made."""
+    return [(truth[s]["t"], (truth[s]["import_wh"] - truth[s]["export_wh"]) * 3600 // INTERVAL_S)
+            for s in sorted(truth)]
+
+
 @pytest.fixture
 def area(tmp_path, broker, firmware_bundle):
     made = []
@@ -189,9 +196,7 @@ async def test_signed_alerts_reach_the_gateway_and_forgeries_are_refused(area, b
     run.start_meter("m1")
     run.wait_meters_done(90)  # a meter finishes only once its readings and alerts are acked
 
-    truth = run.truth("m1")
-    points = [(truth[s]["t"], (truth[s]["import_wh"] - truth[s]["export_wh"]) * 3600 // INTERVAL_S)
-              for s in sorted(truth)]
+    points = _truth_points(run.truth("m1"))
     want = expected_alerts(points, RULES)
     assert {w[4] for w in want} == {"raised", "cleared"}, "the profile should cross the thresholds both ways"
     stored = _alerts_list(run.cfg)
@@ -248,3 +253,29 @@ async def test_signed_alerts_reach_the_gateway_and_forgeries_are_refused(area, b
     text = subprocess.run([sys.executable, "-m", "gridledger", "alerts", "list", "--config", str(run.cfg)],
                           capture_output=True, text=True, timeout=30).stdout
     assert f"{last + 1} alerts; refused:" in text and '"bad_signature": 1' in text and '"replayed_seq": 2' in text
+
+
+def test_wired_meter_alerts_travel_the_serial_link(tmp_path, broker, firmware_bundle):
+    """A wired meter's alerts go up the serial link as E frames, the bridge publishes them, the gateway stores
+    exactly those the truth dictates, and its acks come back down as a frames: the meter's outbox empties."""
+    w = Wired(tmp_path, broker, firmware_bundle, intervals=16)
+    try:
+        cfg_path = tmp_path / METER / "config.json"
+        cfg = json.loads(cfg_path.read_text())
+        cfg["alerts"] = {"power_high_w": 400, "power_low_w": 200, "power_hyst_w": 50, "resend_s": 1}
+        cfg_path.write_text(json.dumps(cfg))
+        w.start_gateway()
+        w.start_bridge()
+        w.start_meter()
+        w.area.wait_meters_done(90)  # only once readings and alerts are all acked
+        want = expected_alerts(_truth_points(w.area.truth(METER)), RULES)
+        assert want, "the profile should cross a threshold"
+        stored = _alerts_list(w.area.cfg)
+        assert [(a["t"], a["kind"], a["value"], a["threshold"], a["state"]) for a in stored] == want
+        assert [a["seq"] for a in stored] == list(range(1, len(want) + 1))
+        assert json.loads((tmp_path / METER / "alerts.json").read_text())["pending"] == []
+        final = w.stop_bridge()
+        assert final["alerts"] >= len(want) and final["alert_acks"] >= 1
+        assert w.area.stop_gateway() == 0
+    finally:
+        w.cleanup()
