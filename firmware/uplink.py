@@ -159,9 +159,18 @@ class Uplink:
         self._max_backoff_ms = int(cfg.get("backoff_max_s", BACKOFF_MAX_S) * 1000)
         self._health_ms = int(cfg.get("health_s", HEALTH_S) * 1000)
         self._keepalive_ms = cfg.get("keepalive", 60) * 1000
-        self.tls = _tls_context(cfg) if cfg.get("ca") else None
+        # A CA that cannot be loaded (a missing or corrupt file) must not stop the
+        # meter measuring: every connect fails with it instead, and TLS is never
+        # silently dropped.
+        self.tls = None
+        self._tls_error = None
+        if cfg.get("ca"):
+            try:
+                self.tls = _tls_context(cfg)
+            except Exception as e:
+                self._tls_error = e
         self.server_name = cfg.get("server_name", cfg["host"])
-        self._port = cfg.get("port", 8883 if self.tls else 1883)
+        self._port = cfg.get("port", 8883 if cfg.get("ca") else 1883)
         self.deadline = 0
         self._client = None
         self._next_try = 0
@@ -227,6 +236,9 @@ class Uplink:
             return True
         if time.ticks_diff(time.ticks_ms(), self._next_try) < 0:
             return False  # backing off: the meter keeps measuring meanwhile
+        if self._tls_error is not None:
+            self._fail("tls_setup", self._tls_error)
+            return False
         cfg = self._cfg
         c = simple.MQTTClient(self._meter, cfg["host"], port=self._port,
                               user=cfg.get("user"), password=cfg.get("password"),
