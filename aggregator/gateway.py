@@ -185,9 +185,10 @@ class Gateway:
                     if t.get_name() == "read":
                         t.cancel()
                 try:
-                    await asyncio.wait_for(self.queue.join(), 10)
+                    await asyncio.wait_for(asyncio.gather(self.queue.join(), self.alerts.queue.join()), 10)
                 except TimeoutError:
-                    event(log, "drain_timeout", logging.WARNING, queued=self.queue.qsize())
+                    event(log, "drain_timeout", logging.WARNING, queued=self.queue.qsize(),
+                          alerts_queued=self.alerts.queue.qsize())
             for t in done:
                 if t is not stopper and t.exception() is not None:
                     raise t.exception()
