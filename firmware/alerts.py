@@ -14,6 +14,7 @@ POWER_LOW = "power_low"    # W
 TEMP_HIGH = "temp_high"    # tenths of a degree Celsius: every value on the wire is an int
 RAISED = "raised"
 CLEARED = "cleared"
+_CLOCK_SET = 1704067200  # 2024-01-01: a clock before it has never been set
 
 
 def signed_bytes(meter, seq, t, kind, value, threshold, state):
@@ -81,14 +82,21 @@ class Alerts:
         self._resend_ms = int(cfg.get("resend_s", 10) * 1000)
         self._max_pending = cfg.get("max_pending", 32)
         self._path = state_dir + "/alerts.json"
+        # seq is written before its alert can leave, so it never repeats across
+        # reboots; active survives a reboot so an excursion is not raised twice.
         try:
             with open(self._path) as f:
                 st = json.load(f)
+            seq = st["seq"]
         except OSError:
-            st = {}
-        # seq is written before its alert can leave, so it never repeats across
-        # reboots; active survives a reboot so an excursion is not raised twice.
-        self.seq = st.get("seq", 0)
+            st, seq = {}, 0  # first boot
+        except Exception as e:
+            # Unreadable: the old seq is lost. Continue from the clock's seconds,
+            # above any count this meter can have reached (a few alerts a day),
+            # so no seq repeats; the gateway accepts the gap.
+            st, seq = {}, int(time.time()) if time.time() > _CLOCK_SET else 0
+            log("alerts_state_lost", error=repr(e), seq=seq)
+        self.seq = seq
         self.active = st.get("active", {})
         self.pending = st.get("pending", [])  # [[seq, payload str]], oldest first
         self.dropped = st.get("dropped", 0)

@@ -62,8 +62,9 @@ def test_alert_vectors_agree_between_firmware_and_cpython(mp_source, tmp_path):
 def test_thresholds_hysteresis_and_persistence_in_micropython(mp_source, tmp_path):
     """One alert per excursion and one clear when it ends (no chatter inside the hysteresis band, None changes
     nothing), average power from energy for a sensor without power_w, seq and excursions survive a reboot,
-    a bounded outbox that counts what it drops, resend timing, cumulative acks and nacks, and an alert that cannot
-    be written to flash is not taken (its seq would not survive a reboot)."""
+    a bounded outbox that counts what it drops, resend timing, cumulative acks and nacks, an alert that cannot
+    be written to flash is not taken (its seq would not survive a reboot), and a corrupt state file costs no
+    crash and no repeated seq."""
     got = mp_source.run_json(MP_SCRIPTS / "mp_alerts.py", VECTORS / "alerts_v1.json", tmp_path, heap="128k")
     # power: high 3000 W, low 100 W, hysteresis 100 W
     assert got["power"] == [["power_high", "raised", 3001], ["power_high", "cleared", 2899],
@@ -90,6 +91,9 @@ def test_thresholds_hysteresis_and_persistence_in_micropython(mp_source, tmp_pat
     assert after["acked_to"] == 5 and after["refused"] == 14
     assert after["pending"] == list(range(6, 14)) and after["seq"] == 14
     assert got["flash_full"] == {"before": [14, 8], "after": [14, 8, ["power_low", "temp_high"]], "logged": ["alert_failed"]}
+    corrupt = got["corrupt"]
+    assert corrupt["logged"] == "alerts_state_lost" and corrupt["pending"] == 0
+    assert 0 <= corrupt["now"] - corrupt["seq"] <= 5 and corrupt["seq"] > 14
     assert got["tmp_left"] == []
 
 

@@ -122,5 +122,11 @@ c.evaluate(t, 900, 2000, 0)  # 8000 W: would raise power_high
 alerts._save_atomic = save
 out["flash_full"] = {"before": before, "after": (c.seq, len(c.pending), sorted(c.active)),
                      "logged": [x["ev"] for x in logged[-1:]]}
+# A corrupt alerts.json: no crash; the seq goes on from the clock's seconds,
+# above anything used before, and says so.
+with open(state + "/alerts.json", "w") as f:
+    f.write('{"seq": 1')
+d = alerts.Alerts(cfg, state, "m1", key, EnergyOnly(), log)
+out["corrupt"] = {"seq": d.seq, "now": int(time.time()), "logged": logged[-1]["ev"], "pending": len(d.pending)}
 out["tmp_left"] = [n for n in os.listdir(state) if n.endswith(".tmp")]
 print(json.dumps(out))
