@@ -148,22 +148,21 @@ def parse_alert(payload: bytes, max_size: int = MAX_ALERT) -> Alert:
             raise Rejected("bad_type", f"{k} must be a string", seq=seq)
     if obj["v"] != VERSION:
         raise Rejected("unsupported_version", f"v {obj['v']}", seq=seq)
-    a = obj
-    if not METER_ID_RE.match(a["meter"]):
+    if not METER_ID_RE.match(obj["meter"]):
         raise Rejected("bad_value", "meter id", seq=seq)
-    if a["seq"] < 1 or a["t"] < 0:
+    if obj["seq"] < 1 or obj["t"] < 0:
         raise Rejected("bad_value", "seq must be >= 1 and t >= 0", seq=seq)
-    if a["kind"] not in KINDS or a["state"] not in STATES:
-        raise Rejected("bad_value", f"kind {a['kind'][:20]!r} / state {a['state'][:20]!r}", seq=seq)
-    if abs(a["value"]) > _VALUE_MAX or abs(a["threshold"]) > _VALUE_MAX:
+    if obj["kind"] not in KINDS or obj["state"] not in STATES:
+        raise Rejected("bad_value", f"kind {obj['kind'][:20]!r} / state {obj['state'][:20]!r}", seq=seq)
+    if abs(obj["value"]) > _VALUE_MAX or abs(obj["threshold"]) > _VALUE_MAX:
         raise Rejected("bad_value", "value or threshold out of range", seq=seq)
-    sig = a["sig"]
+    sig = obj["sig"]
     if len(sig) != 128 or not sig.isascii() or any(ch not in "0123456789abcdef" for ch in sig):
         raise Rejected("bad_value", "sig must be 128 lowercase hex digits", seq=seq)
     extra = set(obj) - set(_INT_FIELDS) - set(_STR_FIELDS)
     if extra:
         raise Rejected("bad_value", f"unknown fields {sorted(extra)[:4]}", seq=seq)
-    return Alert(a["meter"], a["seq"], a["t"], a["kind"], a["value"], a["threshold"], a["state"], sig)
+    return Alert(obj["meter"], obj["seq"], obj["t"], obj["kind"], obj["value"], obj["threshold"], obj["state"], sig)
 
 
 @dataclass(frozen=True, slots=True)
@@ -281,7 +280,7 @@ def read_alerts(path: Path | str, meter: str | None = None,
     if meter is not None:
         sql += " WHERE meter = ?"
         args.append(meter)
-    sql += " ORDER BY received_at DESC, meter, seq DESC LIMIT ?"
+    sql += " ORDER BY received_at DESC, meter DESC, seq DESC LIMIT ?"
     args.append(limit)
     try:
         with sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5) as conn:

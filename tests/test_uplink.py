@@ -8,7 +8,6 @@ gone, every uplink call returns within its time-out and measuring goes on."""
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 import time
