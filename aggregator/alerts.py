@@ -17,9 +17,10 @@ first, stopping at the first failure:
 
 Accepted alerts go to the gateway's SQLite (table ``alerts``, refusals counted
 per reason in ``alert_rejections``) in one transaction per batch; only then
-does ``{"seq": S}`` (the meter's highest stored alert seq) go out on
-``.../alerts/ack``. A refusal is answered on ``.../alerts/nack`` with its
-reason, and the meter stops resending that alert.
+does ``{"alert_seq": S}`` (the meter's highest stored alert seq) go out on the
+meter's ``.../ack`` topic, beside its reading acks (the only topics a meter may
+read under the broker's ACL). A refusal is answered on ``.../nack`` with
+``{"alert_seq": s, "reason": r}``, and the meter stops resending that alert.
 """
 
 from __future__ import annotations
@@ -41,13 +42,13 @@ from certlog.store import connect
 from gridledger.errors import Rejected
 from gridledger.logs import event
 from gridledger.metrics import Snapshot
-from gridledger.wire import METER_ID_RE
+from gridledger.wire import METER_ID_RE, ack_topic, nack_topic
 
 from .registry import Registry
 
 __all__ = ["Alert", "AlertVerdict", "AlertCheck", "AlertStore", "AlertDesk", "StoredAlert", "parse_alert",
            "alert_signed_bytes", "make_alert", "ALERT_REASON_CLASS", "ALERT_REASONS", "KINDS", "STATES",
-           "MAX_ALERT", "read_alerts", "alerts_topic", "alert_ack_topic", "alert_nack_topic"]
+           "MAX_ALERT", "read_alerts", "alerts_topic"]
 
 log = logging.getLogger("gridledger.gateway.alerts")
 
@@ -81,14 +82,6 @@ _STR_FIELDS = ("meter", "kind", "state", "sig")
 
 def alerts_topic(area: str, meter: str) -> str:
     return f"gl/v1/{area}/meters/{meter}/alerts"
-
-
-def alert_ack_topic(area: str, meter: str) -> str:
-    return f"gl/v1/{area}/meters/{meter}/alerts/ack"
-
-
-def alert_nack_topic(area: str, meter: str) -> str:
-    return f"gl/v1/{area}/meters/{meter}/alerts/nack"
 
 
 def alert_signed_bytes(meter: str, seq: int, t: int, kind: str, value: int, threshold: int, state: str) -> bytes:
@@ -351,7 +344,7 @@ class AlertDesk:
                 event(log, "alert_rejected", logging.WARNING, meter=meter, seq=v.seq, reason=v.reason,
                       detail=v.detail)
                 if METER_ID_RE.match(meter):
-                    nacks.append((meter, {"seq": v.seq, "reason": v.reason}))
+                    nacks.append((meter, {"alert_seq": v.seq, "reason": v.reason}))
                 continue
             if v.kind == "accept":
                 accepted.append(v.alert)
@@ -365,9 +358,9 @@ class AlertDesk:
             self.check.last = self.store.last_seqs()  # nothing of this batch was stored
             raise
         await asyncio.gather(
-            *(client.publish(alert_ack_topic(self.area, m), json.dumps({"seq": self.check.last[m]}), qos=1)
+            *(client.publish(ack_topic(self.area, m), json.dumps({"alert_seq": self.check.last[m]}), qos=1)
               for m in sorted(acks)),
-            *(client.publish(alert_nack_topic(self.area, m), json.dumps(body), qos=1) for m, body in nacks))
+            *(client.publish(nack_topic(self.area, m), json.dumps(body), qos=1) for m, body in nacks))
 
     def close(self) -> None:
         self.store.close()

@@ -31,7 +31,7 @@ from gridledger.mqtt import keep_connected
 from gridledger.serialframe import Decoder, Frame, FrameType, encode
 from gridledger.wire import METER_ID_RE, ack_topic, nack_topic, readings_topic
 
-from .alerts import alert_ack_topic, alert_nack_topic, alerts_topic
+from .alerts import alerts_topic
 from .gateway import GatewayConfig
 
 __all__ = ["PROTO", "BRIDGE_REASONS", "SerialBridge"]
@@ -318,10 +318,9 @@ class SerialBridge:
                 self._backlog.get_nowait()
                 self.dropped["mqtt_down"] += 1
 
-    def _acks_of(self, meter: str) -> tuple[str, str, str, str]:
-        """What the gateway answers a meter on: ack, nack, alert ack, alert nack."""
-        return (ack_topic(self.area, meter), nack_topic(self.area, meter),
-                alert_ack_topic(self.area, meter), alert_nack_topic(self.area, meter))
+    def _acks_of(self, meter: str) -> tuple[str, str]:
+        """What the gateway answers a meter on (readings and alerts alike): ack, nack."""
+        return ack_topic(self.area, meter), nack_topic(self.area, meter)
 
     async def _subscribe(self, client: aiomqtt.Client) -> None:
         """Hold the ack and nack topics of whichever meter is on the line (a Pico swapped
@@ -349,19 +348,13 @@ class SerialBridge:
                 continue
             payload = msg.payload if isinstance(msg.payload, (bytes, bytearray)) else str(msg.payload).encode()
             topic = msg.topic.value
-            ack, nack, alert_ack, alert_nack = self._acks_of(meter)
+            ack, nack = self._acks_of(meter)
             if topic == ack:
                 self.counts["acks"] += 1
                 self._send(FrameType.ACK, bytes(payload))
             elif topic == nack:
                 self.counts["nacks"] += 1
                 self._send(FrameType.NACK, bytes(payload))
-            elif topic == alert_ack:
-                self.counts["alert_acks"] += 1
-                self._send(FrameType.ALERT_ACK, bytes(payload))
-            elif topic == alert_nack:
-                self.counts["alert_nacks"] += 1
-                self._send(FrameType.ALERT_NACK, bytes(payload))
 
     async def _publish(self, client: aiomqtt.Client) -> None:
         """One at a time, in line order: the gateway wants each meter's readings in sequence."""

@@ -8,6 +8,7 @@
 import json
 import time
 
+import answers
 import frame
 
 PROTO = 1
@@ -275,29 +276,7 @@ class SerialUplink:
             self.rejected[payload] = self.rejected.get(payload, 0) + 1
             self._log("link_reject", reason=payload)
         elif ftype == frame.ACK or ftype == frame.NACK:
-            try:
-                body = json.loads(payload)
-                seq = body["seq"]
-            except Exception:
-                self._log("bad_ack", type=chr(ftype))
-                return
-            if ftype == frame.ACK:
-                self._on_ack(seq)
-            else:
-                self._log("nack", seq=seq, reason=body.get("reason"))
-        elif ftype == frame.ALERT_ACK or ftype == frame.ALERT_NACK:
-            try:
-                body = json.loads(payload)
-                seq = body["seq"]
-            except Exception:
-                self._log("bad_ack", type=chr(ftype))
-                return
-            if self.alerts is None:
-                return
-            if ftype == frame.ALERT_ACK:
-                self.alerts.acked(seq)
-            else:
-                self.alerts.refused(seq, body.get("reason"))
+            answers.handle(payload, ftype == frame.ACK, self._on_ack, self.alerts, self._log)
         elif ftype == frame.WELCOME:
             if self._welcomed is None:
                 self._log("uplink_up", link="serial")

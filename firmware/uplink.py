@@ -13,6 +13,7 @@ import sys
 import time
 from umqtt import simple
 
+import answers
 import version
 
 # The RP2040 watchdog cannot wait more than 8.3 s; a call that returns within
@@ -182,6 +183,7 @@ class Uplink:
         self._up_ms = 0
         self._up_tick = time.ticks_ms()
         self.reconnects = 0
+        self._offline = json.dumps({"v": 1, "meter": meter, "state": "offline"})
 
     def connected(self):
         return self._client is not None
@@ -192,24 +194,9 @@ class Uplink:
 
     def _cb(self, topic, msg):
         self._got += 1
-        try:
-            body = json.loads(msg)
-            seq = body["seq"]
-        except Exception:
-            self._log("bad_ack", topic=topic)
-            return
-        if topic.endswith(b"alerts/ack"):
-            if self.alerts is not None:
-                self.alerts.acked(seq)
-        elif topic.endswith(b"alerts/nack"):
-            if self.alerts is not None:
-                self.alerts.refused(seq, body.get("reason"))
-        elif topic.endswith(b"/ack"):
-            if self._last_acked is None or seq > self._last_acked:
-                self._last_acked = seq
-            self._on_ack(seq)
-        else:
-            self._log("nack", seq=seq, reason=body.get("reason"))
+        seq = answers.handle(msg, topic.endswith(b"/ack"), self._on_ack, self.alerts, self._log)
+        if seq is not None and (self._last_acked is None or seq > self._last_acked):
+            self._last_acked = seq
 
     def close(self):
         c = self._client
@@ -244,14 +231,14 @@ class Uplink:
                               user=cfg.get("user"), password=cfg.get("password"),
                               keepalive=cfg.get("keepalive", 60))
         c.set_callback(self._cb)
-        # Retained, so whoever subscribes later still learns the meter is gone.
-        c.set_last_will(self._base + "status", b"offline", retain=True, qos=1)
+        # The will replaces the retained health message, so whoever subscribes
+        # later still learns the meter is gone; the health sent right after the
+        # connect replaces the will of an earlier death.
+        c.set_last_will(self._base + "health", self._offline, retain=True, qos=1)
         try:
             c.connect()
             c.subscribe(self._base + "ack", qos=1)
             c.subscribe(self._base + "nack", qos=1)
-            c.subscribe(self._base + "alerts/+", qos=1)
-            c.publish(self._base + "status", b"online", retain=True, qos=1)
         except Exception as e:
             self._client = c
             self._fail("connect", e)
@@ -324,7 +311,7 @@ class Uplink:
                 self._log("status_failed", error=repr(e))
         a = self.alerts
         h = {
-            "v": 1, "meter": self._meter, "fw": version.FIRMWARE,
+            "v": 1, "meter": self._meter, "state": "online", "fw": version.FIRMWARE,
             "up_s": self._up_ms // 1000,
             "mem_free": gc.mem_free(),
             "seq": st.get("seq"),

@@ -8,10 +8,12 @@ gone, every uplink call returns within its time-out and measuring goes on."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import time
 
+import aiomqtt
 import pytest
 
 from aggregator.store import GatewayStore, stored_counts
@@ -23,7 +25,7 @@ from uplinkkit import MeterArea, start_tls_broker
 
 BASE = "gl/v1/area1/meters"
 TIMEOUT_S = 2
-HEALTH_FIELDS = {"v", "meter", "fw", "up_s", "mem_free", "seq", "journal_depth", "journal_full", "dropped",
+HEALTH_FIELDS = {"v", "meter", "state", "fw", "up_s", "mem_free", "seq", "journal_depth", "journal_full", "dropped",
                  "last_acked", "reset_cause", "rssi", "clock", "reconnects", "alerts_pending", "alerts_dropped"}
 
 
@@ -55,16 +57,6 @@ def tls_uplink(b, m: str, **over) -> dict:
             "password": f"{m}-secret", "timeout_s": TIMEOUT_S, **over}
 
 
-async def wait_payload(probe: MqttProbe, topic: str, payload: bytes, timeout: float = 15.0, start: int = 0) -> int:
-    """Index of the first message on `topic` with exactly `payload`."""
-    async with asyncio.timeout(timeout):
-        while True:
-            for i in range(start, len(probe.received)):
-                if probe.received[i] == (topic, payload):
-                    return i
-            await asyncio.sleep(0.05)
-
-
 def assert_stored_in_order(run: MeterArea, m: str, upto: int) -> None:
     """The gateway holds seq 1..upto of meter m exactly once, chained, and they are what the meter produced."""
     store = GatewayStore(run.tmp / "gateway.db")
@@ -81,35 +73,45 @@ def assert_stored_in_order(run: MeterArea, m: str, upto: int) -> None:
     assert [r.t for r in rs[:upto]] == [truth[s]["t"] for s in range(1, upto + 1)]
 
 
+async def retained(broker, topic: str, timeout: float = 10.0) -> dict:
+    """What a subscriber arriving now is handed at once: the topic's retained message."""
+    async with aiomqtt.Client(broker.host, broker.port) as client:
+        await client.subscribe(topic, qos=1)
+        async with asyncio.timeout(timeout):
+            async for msg in client.messages:
+                if msg.retain:
+                    return json.loads(msg.payload)
+
+
 async def test_tls_login_readings_health_and_last_will(area, tls_broker):
     """Over TLS (CA checked, server name checked) with username and password: readings reach the gateway, the
-    retained health message carries every field, and SIGKILL makes the broker publish the retained `offline` will."""
+    retained health message carries every field, and SIGKILL makes the broker publish the retained `offline`
+    last will in its place."""
     run = area(["m1"])
     run.configure("m1", broker=tls_uplink(tls_broker, "m1", health_s=1))
     run.start_gateway()
-    async with MqttProbe(tls_broker.broker, f"{BASE}/m1/status", f"{BASE}/m1/health") as probe:
+    health_topic = f"{BASE}/m1/health"
+    async with MqttProbe(tls_broker.broker, health_topic) as probe:
         run.start_meter("m1")
-        await wait_payload(probe, f"{BASE}/m1/status", b"online", timeout=30)
+        await probe.expect(health_topic, lambda h: h["state"] == "online", timeout=30)
         wait_until(lambda: stored_counts(run.tmp / "gateway.db").get("m1", 0) >= 6, 60, "readings over TLS")
-        health = await probe.expect(f"{BASE}/m1/health", lambda h: h["last_acked"] is not None, timeout=15)
+        await probe.expect(health_topic, lambda h: h["last_acked"] is not None, timeout=15)
+        health = await retained(tls_broker.broker, health_topic)
         os.kill(run.procs["m1"].pid, signal.SIGKILL)
         run.procs["m1"].wait(5)
-        await wait_payload(probe, f"{BASE}/m1/status", b"offline")
+        will = await probe.expect(health_topic, lambda h: h["state"] == "offline")
 
     assert set(health) == HEALTH_FIELDS
-    assert health["meter"] == "m1" and health["fw"] == "0.3.0" and health["v"] == 1
+    assert health["meter"] == "m1" and health["state"] == "online" and health["fw"] == "0.3.0" and health["v"] == 1
     assert health["mem_free"] > 0 and health["up_s"] >= 0 and health["reconnects"] == 1
     assert health["last_acked"] >= 1 and health["seq"] >= health["last_acked"]
     assert health["journal_depth"] >= 0 and health["journal_full"] is False and health["dropped"] == 0
     # The Unix port has neither Wi-Fi nor a reset cause, and reads the host's clock.
     assert health["rssi"] is None and health["reset_cause"] is None and health["clock"] == "host"
+    assert will == {"v": 1, "meter": "m1", "state": "offline"}
+    assert await retained(tls_broker.broker, health_topic) == will  # a subscriber arriving now learns it too
     assert [e["tls"] for e in run.events("m1", "uplink_up")] == [True]
     assert "u'm1'" in tls_broker.broker.log.read_text()  # logged in by name on the TLS listener
-    # Retained: a subscriber arriving now still learns both.
-    async with MqttProbe(tls_broker.broker, f"{BASE}/m1/status", f"{BASE}/m1/health") as late:
-        await wait_payload(late, f"{BASE}/m1/status", b"offline")
-        retained = await late.expect(f"{BASE}/m1/health")
-        assert set(retained) == HEALTH_FIELDS
     assert_stored_in_order(run, "m1", 6)
     assert run.stop_gateway() == 0
 

@@ -128,5 +128,22 @@ with open(state + "/alerts.json", "w") as f:
     f.write('{"seq": 1')
 d = alerts.Alerts(cfg, state, "m1", key, EnergyOnly(), log)
 out["corrupt"] = {"seq": d.seq, "now": int(time.time()), "logged": logged[-1]["ev"], "pending": len(d.pending)}
+# The gateway's answers, as both uplinks hand them over (firmware/answers.py).
+import answers
+
+acked = []
+e = alerts.Alerts(cfg, state, "m1", key, EnergyOnly(), log)
+for imp in (2000, 0):  # 8000 W, then 0 W: three alerts pending
+    t += 900
+    e.evaluate(t, 900, imp, 0)
+pend = [x[0] for x in e.pending]
+got = [answers.handle(b'{"seq": 41}', True, acked.append, e, log),
+       answers.handle(b'{"seq": 42, "reason": "seq_gap"}', False, acked.append, e, log),
+       answers.handle(('{"alert_seq": %d}' % pend[0]).encode(), True, acked.append, e, log),
+       answers.handle(('{"alert_seq": %d, "reason": "bad_signature"}' % pend[-1]).encode(), False, acked.append, e,
+                      log),
+       answers.handle(b"not json", True, acked.append, e, log)]
+out["answers"] = {"returned": got, "reading_acks": acked, "pending_before": pend,
+                  "pending_after": [x[0] for x in e.pending], "logged": [x["ev"] for x in logged[-3:]]}
 out["tmp_left"] = [n for n in os.listdir(state) if n.endswith(".tmp")]
 print(json.dumps(out))

@@ -51,8 +51,7 @@ def frames() -> list[dict]:
         (T.READING, b"x" * 500 + b"\x00" + b"y" * 300, "a zero after two full blocks"),
         (T.READING, reading_payload(), "wire-v1 vector reading 1 (readings_v1.json)"),
         (T.ALERT, alert_payload(), "alert vector 1 (alerts_v1.json)"),
-        (T.ALERT_ACK, b'{"seq": 3}', "an alert ack"),
-        (T.ALERT_NACK, b'{"seq": 4, "reason": "replayed_seq"}', "an alert nack"),
+        (T.ACK, b'{"alert_seq": 3}', "an alert's ack: on the ack topic, verbatim like every ack"),
     ]
     return [{"about": about, "type": chr(t), "payload": p.hex(), "wire": encode(t, p).hex()}
             for t, p, about in cases]
