@@ -51,7 +51,7 @@ def events(a, since):
 
 
 cfg = {"power_high_w": 3000, "power_low_w": 100, "power_hyst_w": 100, "temp_high_c": 70, "temp_hyst_c": 2,
-       "resend_s": 0.2, "max_pending": 12}
+       "resend_s": 1, "max_pending": 12}
 s = FakeSensor()
 a = alerts.Alerts(cfg, state, "m1", key, s, log)
 t = 1767225600
@@ -92,7 +92,7 @@ due0 = [x[0] for x in b.due()]
 for seq in due0:
     b.sent(seq)
 due1 = [x[0] for x in b.due()]
-time.sleep_ms(250)
+time.sleep_ms(1050)
 due2 = [x[0] for x in b.due()]
 for seq in due2:
     b.sent(seq)
