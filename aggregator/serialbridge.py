@@ -52,6 +52,10 @@ BAD_FRAME_LOGS = 20     # bad frames logged one by one per status period; all of
 BRIDGE_REASONS = ("bad_hello", "wrong_area", "bad_health", "unexpected_type")
 
 
+def health_topic(area: str, meter: str) -> str:
+    return f"gl/v1/{area}/meters/{meter}/health"
+
+
 class SerialBridge:
     def __init__(self, cfg: GatewayConfig, port: str, baud: int = 115200,
                  status_every_s: float = STATUS_EVERY_S):
@@ -71,7 +75,7 @@ class SerialBridge:
         self._client: aiomqtt.Client | None = None
         self._subscribed: str | None = None      # the meter whose ack/nack topics this session holds
         self._want_sub = asyncio.Event()
-        self._backlog: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue(BACKLOG)
+        self._backlog: asyncio.Queue[tuple[str, bytes, bool]] = asyncio.Queue(BACKLOG)
         self._tx: asyncio.Queue[bytes] | None = None  # per port session
         self._decoder = Decoder(self.max_payload)
         self._last_query = 0.0
@@ -85,7 +89,7 @@ class SerialBridge:
         return {"port": self.port, "port_open": self._tx is not None, "mqtt": self._client is not None,
                 "meter": self.meter, **dict(sorted(self.counts.items())),
                 "rejected": dict(sorted(self.rejected.items())), "dropped": dict(sorted(self.dropped.items())),
-                **({"meter_seq": self.health.get("seq"), "meter_spooled": self.health.get("spooled")}
+                **({"meter_seq": self.health.get("seq"), "meter_spooled": self.health.get("journal_depth")}
                    if self.health else {})}
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -269,7 +273,7 @@ class SerialBridge:
             self.dropped["mqtt_down"] += 1
         else:
             try:
-                self._backlog.put_nowait((topic(self.area, self.meter), payload))
+                self._backlog.put_nowait((topic(self.area, self.meter), payload, False))
             except asyncio.QueueFull:
                 self.dropped["backlog"] += 1
 
@@ -284,6 +288,13 @@ class SerialBridge:
         self.health = body
         self.counts["health"] += 1
         event(log, "meter_health", port=self.port, meter=self.meter, health=body)  # nested: its keys are the meter's
+        # Retained on the meter's health topic, as an MQTT meter keeps it (docs/uplink.md).
+        # Best effort: the next one comes within health_s, so a lost one is not counted.
+        if self.meter is not None and self._client is not None:
+            try:
+                self._backlog.put_nowait((health_topic(self.area, self.meter), payload, True))
+            except asyncio.QueueFull:
+                pass
 
     def _on_log(self, payload: bytes) -> None:
         text = payload.decode("utf-8", "replace")
@@ -359,8 +370,8 @@ class SerialBridge:
     async def _publish(self, client: aiomqtt.Client) -> None:
         """One at a time, in line order: the gateway wants each meter's readings in sequence."""
         while True:
-            topic, payload = await self._backlog.get()
-            await client.publish(topic, payload, qos=1)
+            topic, payload, retain = await self._backlog.get()
+            await client.publish(topic, payload, qos=1, retain=retain)
             self.counts["published"] += 1
 
     async def _status_loop(self) -> None:

@@ -10,6 +10,7 @@ import time
 
 import answers
 import frame
+import health
 
 PROTO = 1
 
@@ -154,7 +155,9 @@ class SerialUplink:
         self._next_health = 0
         self._next_try = 0
         self._backoff_ms = 500
-        self._t0 = time.ticks_ms()
+        self._uptime = health.Uptime()
+        self._last_acked = None
+        self.reconnects = 0
         self._in_log = False
         self.rejected = {}  # reason -> count, reported in health frames
         self.alerts = None  # the meter's Alerts, if it has any: sent and acked here
@@ -228,6 +231,7 @@ class SerialUplink:
 
     def poll(self):
         # Handle every frame already waiting, then keep the link alive; never blocks.
+        self._uptime.tick()
         if not self.ensure():
             return
         try:
@@ -255,14 +259,9 @@ class SerialUplink:
                 return
         if self._status is not None and self.connected() and time.ticks_diff(now, self._next_health) >= 0:
             self._next_health = time.ticks_add(now, self._health_ms)
-            st = self._status()
-            st["up_s"] = time.ticks_diff(now, self._t0) // 1000
+            st = health.report(self._meter, self._status, self._log, self._uptime.tick(), self._last_acked,
+                               self.reconnects, self.alerts)
             st["rejected"] = self.rejected
-            try:
-                import gc
-                st["mem_free"] = gc.mem_free()
-            except Exception:
-                pass
             if not self._send(frame.HEALTH, json.dumps(st).encode(), "health"):
                 return
         if self.alerts is not None and self.connected():
@@ -276,9 +275,12 @@ class SerialUplink:
             self.rejected[payload] = self.rejected.get(payload, 0) + 1
             self._log("link_reject", reason=payload)
         elif ftype == frame.ACK or ftype == frame.NACK:
-            answers.handle(payload, ftype == frame.ACK, self._on_ack, self.alerts, self._log)
+            seq = answers.handle(payload, ftype == frame.ACK, self._on_ack, self.alerts, self._log)
+            if seq is not None and (self._last_acked is None or seq > self._last_acked):
+                self._last_acked = seq
         elif ftype == frame.WELCOME:
             if self._welcomed is None:
+                self.reconnects += 1
                 self._log("uplink_up", link="serial")
             self._welcomed = time.ticks_ms()
         elif ftype == frame.QUERY:

@@ -5,16 +5,14 @@
 # spool keeps the readings meanwhile. TLS, login, last will, health and alert
 # sending are described in docs/uplink.md.
 import binascii
-import gc
 import json
 import os
 import socket
-import sys
 import time
 from umqtt import simple
 
 import answers
-import version
+import health
 
 # The RP2040 watchdog cannot wait more than 8.3 s; a call that returns within
 # 5 s leaves the main loop time to feed it whatever the network does.
@@ -115,36 +113,6 @@ def _jitter(delay_ms):
     return half + (delay_ms - half) * r // 65535
 
 
-def _reset_cause():
-    try:
-        import machine
-        cause = machine.reset_cause()
-    except (ImportError, AttributeError):
-        return None  # the Unix port has no reset cause
-    for name in ("PWRON_RESET", "HARD_RESET", "WDT_RESET", "DEEPSLEEP_RESET", "SOFT_RESET"):
-        if getattr(machine, name, None) == cause:
-            return name[:-6].lower()
-    return cause
-
-
-def _rssi():
-    try:
-        import network
-        wlan = network.WLAN(network.STA_IF)
-        return wlan.status("rssi") if wlan.isconnected() else None
-    except Exception:
-        return None  # no Wi-Fi (a wired Pico, the Unix port)
-
-
-def _clock_quality():
-    # The meter's own report wins (status "clock"); otherwise: the Unix port
-    # reads the host's clock, which the OS keeps in sync, and a board whose
-    # clock still reads before 2024 has never been set.
-    if sys.platform == "linux":
-        return "host"
-    return "unsynced" if time.time() < 1704067200 else "rtc"
-
-
 class Uplink:
     def __init__(self, cfg, area, meter, on_ack, log, status=None):
         simple.socket = _SocketModule(self)
@@ -180,8 +148,7 @@ class Uplink:
         self._next_health = 0
         self._got = 0
         self._last_acked = None
-        self._up_ms = 0
-        self._up_tick = time.ticks_ms()
+        self._uptime = health.Uptime()
         self.reconnects = 0
         self._offline = json.dumps({"v": 1, "meter": meter, "state": "offline"})
 
@@ -267,7 +234,7 @@ class Uplink:
     def poll(self):
         # Deliver every message already waiting (acks), send what is due
         # (health, alerts), keep the connection alive; never blocks for long.
-        self._tick()
+        self._uptime.tick()
         self._start()
         if not self.ensure():
             return
@@ -279,7 +246,7 @@ class Uplink:
                     break
             now = time.ticks_ms()
             if time.ticks_diff(now, self._next_health) >= 0:
-                self._client.publish(self._base + "health", self.health(), retain=True, qos=1)
+                self._client.publish(self._base + "health", self._health_message(), retain=True, qos=1)
                 self._next_health = time.ticks_add(now, self._health_ms)
                 self._last_io = now
             if self.alerts is not None:
@@ -294,36 +261,6 @@ class Uplink:
         except Exception as e:
             self._fail("poll", e)
 
-    def _tick(self):
-        # Uptime from ticks differences summed often, so the ticks wrap (2^30 ms
-        # on boards, 12 days) never shows.
-        now = time.ticks_ms()
-        self._up_ms += time.ticks_diff(now, self._up_tick)
-        self._up_tick = now
-
-    def health(self):
-        # What the meter knows (its status callback) plus what only the device knows.
-        st = {}
-        if self._status is not None:
-            try:
-                st = self._status()
-            except Exception as e:
-                self._log("status_failed", error=repr(e))
-        a = self.alerts
-        h = {
-            "v": 1, "meter": self._meter, "state": "online", "fw": version.FIRMWARE,
-            "up_s": self._up_ms // 1000,
-            "mem_free": gc.mem_free(),
-            "seq": st.get("seq"),
-            "journal_depth": st.get("journal_depth", st.get("spooled")),
-            "journal_full": st.get("journal_full", False),
-            "dropped": st.get("dropped", 0),
-            "last_acked": st.get("last_acked", self._last_acked),
-            "reset_cause": _reset_cause(),
-            "rssi": _rssi(),
-            "clock": st.get("clock", _clock_quality()),
-            "reconnects": self.reconnects,
-            "alerts_pending": len(a.pending) if a is not None else 0,
-            "alerts_dropped": a.dropped if a is not None else 0,
-        }
-        return json.dumps(h)
+    def _health_message(self):
+        return json.dumps(health.report(self._meter, self._status, self._log, self._uptime.tick(),
+                                        self._last_acked, self.reconnects, self.alerts))

@@ -20,6 +20,7 @@ from gridledger.meterkeys import MeterKey, verifier
 
 from conftest import MP_SCRIPTS, VECTORS, MqttProbe
 from test_serial_bridge import METER, Wired
+from test_uplink import HEALTH_FIELDS, retained
 from uplinkkit import INTERVAL_S, MeterArea
 
 VEC = json.loads((VECTORS / "alerts_v1.json").read_text())
@@ -264,9 +265,10 @@ async def test_signed_alerts_reach_the_gateway_and_forgeries_are_refused(area, b
     assert f"{last + 1} alerts; refused:" in text and '"bad_signature": 1' in text and '"replayed_seq": 2' in text
 
 
-def test_wired_meter_alerts_travel_the_serial_link(tmp_path, broker, firmware_bundle):
+async def test_wired_meter_alerts_and_health_travel_the_serial_link(tmp_path, broker, firmware_bundle):
     """A wired meter's alerts go up the serial link as E frames, the bridge publishes them, the gateway stores
-    exactly those the truth dictates, and its acks come back down as a frames: the meter's outbox empties."""
+    exactly those the truth dictates, and its answers come back down as ACK frames: the meter's outbox empties.
+    Its health frames carry the same fields as an MQTT meter's and end up retained on its health topic."""
     w = Wired(tmp_path, broker, firmware_bundle, intervals=16)
     try:
         cfg_path = tmp_path / METER / "config.json"
@@ -283,8 +285,12 @@ def test_wired_meter_alerts_travel_the_serial_link(tmp_path, broker, firmware_bu
         assert [(a["t"], a["kind"], a["value"], a["threshold"], a["state"]) for a in stored] == want
         assert [a["seq"] for a in stored] == list(range(1, len(want) + 1))
         assert json.loads((tmp_path / METER / "alerts.json").read_text())["pending"] == []
+        health = await retained(broker, f"gl/v1/area1/meters/{METER}/health")
+        assert set(health) == HEALTH_FIELDS | {"rejected"}
+        assert health["meter"] == METER and health["state"] == "online" and health["reconnects"] >= 1
+        assert health["rssi"] is None and health["mem_free"] > 0
         final = w.stop_bridge()
-        assert final["alerts"] >= len(want)
+        assert final["alerts"] >= len(want) and final["meter_spooled"] is not None
         assert w.area.stop_gateway() == 0
     finally:
         w.cleanup()
