@@ -2,18 +2,26 @@
 signed, a body only if it is exactly what that certified header commits to.
 
 Pure checks over parsed objects; each refusal is a `ChainError` whose reason is
-counted and logged by the caller, and nothing refused is ever stored.
+counted and logged by the caller, and nothing refused is ever stored. A body that
+passes comes back as an `AdmittedBody`, the only form a node keeps: the check is
+done once, where the body arrives (so a bad peer is named there), not again.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 from certlog import merkle
 from certlog.block import Certificate, ChainError, Header
 from certlog.validators import ValidatorSet
 
-__all__ = ["admit_header", "admit_body"]
+__all__ = ["admit_header", "admit_body", "AdmittedBody"]
+
+
+class AdmittedBody(NamedTuple):
+    """A body that matched its certified header (made by `admit_body` only)."""
+    header: Header
+    txs: Sequence[bytes]
 
 
 def admit_header(validators: ValidatorSet, chain: str, header: Header, cert: Certificate | None) -> None:
@@ -25,10 +33,11 @@ def admit_header(validators: ValidatorSet, chain: str, header: Header, cert: Cer
     validators.check_certificate(cert, header, remember=True)
 
 
-def admit_body(header: Header, txs: Sequence[bytes]) -> None:
-    """Raise `ChainError` unless `txs` is the body the (certified) `header` commits to."""
+def admit_body(header: Header, txs: Sequence[bytes]) -> AdmittedBody:
+    """The body, admitted; `ChainError` unless `txs` is what the (certified) `header` commits to."""
     if len(txs) != header.txs:
         raise ChainError("tx_count_mismatch", f"header says {header.txs}, body has {len(txs)}",
                          height=header.height)
     if merkle.root(txs) != header.tx_root:
         raise ChainError("tx_root_mismatch", "body does not hash to the certified tx_root", height=header.height)
+    return AdmittedBody(header, txs)

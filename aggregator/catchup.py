@@ -25,7 +25,8 @@ from typing import Awaitable, Callable, Collection, Protocol, Sequence
 from certlog.block import Certificate, ChainError, Header
 from gridledger.logs import event
 
-from .admission import admit_body
+from .admission import AdmittedBody, admit_body
+from .sampler import Stages
 from .storagewire import (BODIES_MAX, HEADERS_MAX, Reassembly, StorageError, StorageTopics, decode_body,
                           encode_request, parse_response, split_bodies)
 
@@ -45,6 +46,11 @@ RETRY = {"peer_timeout", "busy"}  # worth asking the same peer again
 # `parallel` batches); a fill of 200 such bodies from two peers over Mosquitto took
 # 0.37 s in batches of 32 and 0.27 s in batches of 12 (one comparison, unloaded).
 BATCH = min(12, BODIES_MAX)
+# A batch has one request in flight at a time, so a peer holding few heights gets
+# them in up to `window` batches (one request each in flight, as its window allows):
+# large bodies (one to a response) would otherwise come one round trip after another.
+# Batches running at once, over all peers: 32 x 256 KiB = 8 MiB of responses in flight at most.
+PARALLEL = 32
 
 Publish = Callable[[str, bytes], Awaitable[None]]
 
@@ -54,7 +60,7 @@ class Requester:
     a response cannot be forged without seeing the request)."""
 
     def __init__(self, publish: Publish, me: str, topics: StorageTopics, *, timeout_s: float = 3.0,
-                 window: int = 4, retries: int = 2):
+                 window: int = 4, retries: int = 2, stages: Stages | None = None):
         self.publish, self.me, self.topics = publish, me, topics
         self.timeout_s, self.window, self.retries = timeout_s, window, retries
         self.counts: Counter[str] = Counter()
@@ -62,10 +68,12 @@ class Requester:
         self._next = 0
         self._pending: dict[str, asyncio.Future] = {}
         self._windows: dict[str, asyncio.Semaphore] = {}
+        self.stages = stages or Stages()
 
     def on_response(self, payload: bytes) -> None:
         try:
-            meta, data = parse_response(payload)
+            with self.stages("parse"):
+                meta, data = parse_response(payload)
         except StorageError as exc:
             self.counts[f"response_{exc.reason}"] += 1
             return
@@ -160,13 +168,14 @@ class Keeper(Protocol):
     async def wanted(self) -> list[int]: ...
     async def lacking(self, heights: Sequence[int]) -> dict[int, Header]: ...
     async def keep_header(self, header: Header, cert: Certificate, source: str) -> None: ...
-    async def keep_bodies(self, bodies: list[tuple[Header, list[bytes]]], source: str) -> list[int]: ...
+    async def keep_bodies(self, bodies: list[AdmittedBody], source: str) -> list[int]: ...
 
 
 class CatchUp:
     def __init__(self, keeper: Keeper, requester: Requester, peers: Sequence[str], *, chunk_size: int,
-                 parallel: int = 8, inventory_s: float = 0.0):
+                 parallel: int = PARALLEL, inventory_s: float = 0.0):
         self.keeper, self.req = keeper, requester
+        self.stages = requester.stages
         self.peers = list(peers)
         self.chunk_size = chunk_size
         self.parallel = parallel
@@ -208,7 +217,7 @@ class CatchUp:
 
     async def _fetch(self, plan: dict[int, list[str]]) -> list[dict[int, str]]:
         gate = asyncio.Semaphore(self.parallel)
-        batches = _batches(plan, BATCH)
+        batches = _batches(plan, BATCH, self.req.window)
         return list(await asyncio.gather(*(self._batch(peer, hs, plan, gate) for peer, hs in batches)))
 
     async def _inventories_of(self, peers: list[str], now: float, *,
@@ -288,7 +297,8 @@ class CatchUp:
                 while pending is not None:
                     meta, data = await pending
                     pending = None
-                    got = split_bodies(meta.get("bodies"), data, want)
+                    with self.stages("split"):
+                        got = split_bodies(meta.get("bodies"), data, want)
                     missing, large = (_listed(meta, k, want) for k in ("missing", "large"))
                     answered = {h for h, _ in got} | missing | large
                     if want[0] not in answered:
@@ -299,13 +309,13 @@ class CatchUp:
                     good = []
                     for h, raw in got:
                         try:
-                            txs = decode_body(raw)
-                            admit_body(headers[h], txs)
+                            with self.stages("decode"):
+                                txs = decode_body(raw)
+                            with self.stages("admit"):   # the Merkle root against the certified header
+                                good.append(admit_body(headers[h], txs))
                         except ChainError as exc:
                             self._refused(peer, exc.reason, exc.detail, height=h, bad=exc.reason in BAD_DATA)
                             later[h] = _others(plan[h], peer)
-                            continue
-                        good.append((headers[h], txs))
                     later.update({h: plan[h] for h in large})          # chunked, this peer first
                     later.update({h: _others(plan[h], peer) for h in missing})
                     kept.update(dict.fromkeys(await self.keeper.keep_bodies(good, peer), peer) if good else {})
@@ -323,12 +333,11 @@ class CatchUp:
         """Fetch and keep one body (in chunks) from the first of `peers` that serves it right."""
         for peer in peers:
             try:
-                txs = await self._download(peer, header)
-                admit_body(header, txs)
+                body = admit_body(header, await self._download(peer, header))
             except ChainError as exc:
                 self._refused(peer, exc.reason, exc.detail, height=header.height, bad=exc.reason in BAD_DATA)
                 continue
-            return peer if await self.keeper.keep_bodies([(header, txs)], peer) else None
+            return peer if await self.keeper.keep_bodies([body], peer) else None
         return None
 
     async def _download(self, peer: str, header: Header) -> list[bytes]:
@@ -362,12 +371,17 @@ class CatchUp:
               bad_data=bad)
 
 
-def _batches(plan: dict[int, list[str]], most: int) -> list[tuple[str, list[int]]]:
-    """The planned heights grouped by their first choice, in batches of at most `most`."""
+def _batches(plan: dict[int, list[str]], most: int, per_peer: int = 1) -> list[tuple[str, list[int]]]:
+    """The planned heights grouped by their first choice, in batches of at most `most`,
+    and at least `per_peer` batches for a peer with that many heights (as even as can be)."""
     by_peer: dict[str, list[int]] = {}
     for h, peers in plan.items():
         by_peer.setdefault(peers[0], []).append(h)
-    return [(p, hs[k:k + most]) for p, hs in by_peer.items() for k in range(0, len(hs), most)]
+    out = []
+    for p, hs in by_peer.items():
+        k = max(-(-len(hs) // most), min(len(hs), per_peer))
+        out += [(p, hs[i * len(hs) // k:(i + 1) * len(hs) // k]) for i in range(k)]
+    return out
 
 
 def _listed(meta: dict, key: str, asked: Collection[int]) -> set[int]:

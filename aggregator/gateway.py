@@ -18,7 +18,7 @@ from pathlib import Path
 
 import aiomqtt
 
-from gridledger.config import MqttConfig, read_toml, section
+from gridledger.config import MqttConfig, mqtt_section, read_toml, section
 from gridledger.errors import ConfigError
 from gridledger.logs import event
 from gridledger.mqtt import keep_connected
@@ -86,7 +86,7 @@ def load_gateway_config(path: Path) -> GatewayConfig:
     registry_chain = RegistryChainSettings.from_doc(doc, path.parent)
     if (gw.registry is None) == (registry_chain is None):
         raise ConfigError(f"{path}: give either [gateway] registry (a file) or a [registry_chain] table")
-    return GatewayConfig(gw, section(MqttConfig, doc, "mqtt"), chain, section(MetricsConfig, doc, "metrics"),
+    return GatewayConfig(gw, mqtt_section(doc, path), chain, section(MetricsConfig, doc, "metrics"),
                          registry_chain)
 
 

@@ -4,6 +4,7 @@ Transactions (canonical JSON), proposed by the verifier:
 
     placement {kind, height, hash, cert: {signers, sig}, nodes, snapshot}
     receipt   {kind, receipt: {chain, height, hash, node, kind, sig}}
+    receipts  {kind, batch: {chain, node, kind, blocks: [[height, hash], ...], sig}, heights}
     replace   {kind, height, hash, old, new, evidence, snapshot}
     promote   {kind, dead, new, evidence: {via, r_height, seen}, snapshot}
     readmit   {kind, node, evidence: {seen, height}}
@@ -15,7 +16,11 @@ chosen nodes, which must be exactly `reliability.place` over that snapshot. A
 snapshot's T for a node must equal the blocks already placed on it here. A
 receipt is a storage node's BLS receipt (`aggregator.receipts`): it must verify
 under the node's key from the genesis, name a placed block by its hash and a
-node chosen for it, once. A replace moves a placed block's replica from `old`
+node chosen for it, once. A receipts record carries a node's receipt batch (one
+signature over several (height, hash)) and the `heights` of it to count here:
+the signature is checked once, then each of those heights exactly as a single
+receipt (so the verifier can record the part of a batch whose blocks are placed
+now and the rest in a later record). A replace moves a placed block's replica from `old`
 (a chosen node, e.g. one that failed an audit) to `new`, which must be the best
 node by the snapshot's RV among those not chosen yet; `evidence` is the R-chain
 height the verifier names as its reason (recorded, not checked here: this app
@@ -60,11 +65,12 @@ from certlog.mpt import BLANK_ROOT, Trie
 from certlog.validators import ValidatorSet
 from gridledger.errors import ConfigError
 
-from .receipts import StorageReceipt, verify_receipt
+from .receipts import ReceiptBatch, StorageReceipt, verify_receipt, verify_receipts
 from .reliability import SCALE, Measure, place, rank
 from .storagewire import KINDS, NODE_RE
 
 __all__ = ["PNode", "PGenesis", "load_pgenesis", "dump_pgenesis", "PChainApp", "placement_tx", "receipt_tx",
+           "receipts_tx",
            "block_key", "node_key", "decode_block_leaf", "stored_now", "replace_tx", "replacement", "TrieView",
            "parse_record", "state_key", "Roles", "roles_key", "decode_roles_leaf", "promote_tx", "readmit_tx",
            "promotion", "promote_block", "EVIDENCE_VIA"]
@@ -144,6 +150,11 @@ def placement_tx(cert: Certificate, nodes: Sequence[str], snapshot: Sequence[Mea
 
 def receipt_tx(receipt: StorageReceipt) -> bytes:
     return canonical({"kind": "receipt", "receipt": receipt.to_dict()})
+
+
+def receipts_tx(batch: ReceiptBatch, heights: Sequence[int]) -> bytes:
+    """The part `heights` of a signed receipt batch, to count as receipts."""
+    return canonical({"kind": "receipts", "batch": batch.to_dict(), "heights": sorted(heights)})
 
 
 def replace_tx(height: int, header_hash: str, old: str, new: str, evidence: int,
@@ -324,6 +335,7 @@ def parse_record(i: int, tx: bytes, want: dict[str, set[str]]) -> dict:
 
 
 RECORDS = {"placement": {"kind", "height", "hash", "cert", "nodes", "snapshot"}, "receipt": {"kind", "receipt"},
+           "receipts": {"kind", "batch", "heights"},
            "replace": {"kind", "height", "hash", "old", "new", "evidence", "snapshot"},
            "promote": {"kind", "dead", "new", "evidence", "snapshot"}, "readmit": {"kind", "node", "evidence"}}
 
@@ -354,6 +366,10 @@ class PChainApp:
             elif rec["kind"] == "readmit":
                 self._readmit(i, rec, view.get, view.put)
                 counts["readmissions"] = counts.get("readmissions", 0) + 1
+            elif rec["kind"] == "receipts":
+                stored, counted = self._receipts(i, rec, view.get, view.put, trusted)
+                counts["stored"] += stored
+                counts["receipts"] += counted
             else:
                 counts["stored"] += self._receipt(i, rec, view.get, view.put, trusted)
                 counts["receipts"] += 1
@@ -493,29 +509,60 @@ class PChainApp:
             r = StorageReceipt.from_dict(rec["receipt"])
         except ChainError as exc:
             raise InvalidBlock("tx_bad_field", f"receipt: {exc.detail}", index=i) from None
-        g = self.genesis
-        if r.chain != g.area:
-            raise InvalidBlock("tx_wrong_chain", f"receipt for {r.chain}", index=i)
-        node = g.node(r.node)
-        if node is None:
-            raise InvalidBlock("tx_unknown_node", r.node, index=i)
-        kind = self.roles(get).kind_of(g, r.node)
-        if r.kind != kind:
-            raise InvalidBlock("tx_wrong_kind", f"{r.node} is {kind}, receipt says {r.kind}", index=i)
-        leaf = get(block_key(r.height))
-        if leaf is None:
-            raise InvalidBlock("tx_not_placed", f"area block {r.height} is not placed", index=i)
-        bhash, chosen, got, stored = leaf
-        if bhash.hex() != r.hash:
-            raise InvalidBlock("tx_wrong_block", f"receipt names another block at height {r.height}", index=i)
-        name = r.node.encode()
-        if name not in chosen:
-            raise InvalidBlock("tx_not_placed", f"block {r.height} is not placed on {r.node}", index=i)
-        if name in got:
-            raise InvalidBlock("tx_duplicate_receipt", f"{r.node} already receipted block {r.height}", index=i)
+        node = self._signer(i, r.chain, r.node, r.kind, get)
+        self._check_receipt(i, r.node, r.height, r.hash, get)
         if not trusted and not verify_receipt(r, node.public_key):
             raise InvalidBlock("tx_bad_signature", f"receipt not signed by {r.node}", index=i)
-        got = sorted(list(got) + [name])
+        return self._count_receipt(r.node, r.height, get, put)
+
+    def _receipts(self, i: int, rec: dict, get, put, trusted: bool) -> tuple[int, int]:
+        """Apply the `heights` of a receipt batch, each as a single receipt: (blocks made
+        stored, receipts counted). One signature check for all of them."""
+        try:
+            b = ReceiptBatch.from_dict(rec["batch"])
+        except ChainError as exc:
+            raise InvalidBlock("tx_bad_field", f"receipts: {exc.detail}", index=i) from None
+        heights, hashes = rec["heights"], b.receipts()
+        if (not isinstance(heights, list) or not heights or not all(_int(h, 1) and h in hashes for h in heights)
+                or heights != sorted(set(heights))):
+            raise InvalidBlock("tx_bad_field", "receipts: heights must be increasing heights of the batch", index=i)
+        node = self._signer(i, b.chain, b.node, b.kind, get)
+        for h in heights:
+            self._check_receipt(i, b.node, h, hashes[h], get)
+        if not trusted and not verify_receipts(b, node.public_key):
+            raise InvalidBlock("tx_bad_signature", f"receipt batch not signed by {b.node}", index=i)
+        return sum(self._count_receipt(b.node, h, get, put) for h in heights), len(heights)
+
+    def _signer(self, i: int, chain: str, name: str, kind: str, get) -> PNode:
+        """The genesis's node that signed a receipt of this area as its current kind."""
+        g = self.genesis
+        if chain != g.area:
+            raise InvalidBlock("tx_wrong_chain", f"receipt for {chain}", index=i)
+        node = g.node(name)
+        if node is None:
+            raise InvalidBlock("tx_unknown_node", name, index=i)
+        now = self.roles(get).kind_of(g, name)
+        if kind != now:
+            raise InvalidBlock("tx_wrong_kind", f"{name} is {now}, receipt says {kind}", index=i)
+        return node
+
+    def _check_receipt(self, i: int, name: str, height: int, header_hash: str, get) -> None:
+        """`name` may receipt block `height` now: placed there with that hash, chosen, not yet receipted."""
+        leaf = get(block_key(height))
+        if leaf is None:
+            raise InvalidBlock("tx_not_placed", f"area block {height} is not placed", index=i)
+        bhash, chosen, got, _ = leaf
+        if bhash.hex() != header_hash:
+            raise InvalidBlock("tx_wrong_block", f"receipt names another block at height {height}", index=i)
+        if name.encode() not in chosen:
+            raise InvalidBlock("tx_not_placed", f"block {height} is not placed on {name}", index=i)
+        if name.encode() in got:
+            raise InvalidBlock("tx_duplicate_receipt", f"{name} already receipted block {height}", index=i)
+
+    def _count_receipt(self, name: str, height: int, get, put) -> int:
+        """Record `name`'s (checked) receipt of block `height`; 1 if that makes it stored."""
+        bhash, chosen, got, stored = get(block_key(height))
+        got = sorted(list(got) + [name.encode()])
         now = stored_now(len(got), len(chosen))
-        put(block_key(r.height), [bhash, list(chosen), got, b"\x01" if now else b""])
+        put(block_key(height), [bhash, list(chosen), got, b"\x01" if now else b""])
         return int(now and stored != b"\x01")

@@ -31,8 +31,9 @@ from certlog.block import Certificate, ChainError, Header
 from certlog.mpt import Trie
 from certlog.store import NodeDB
 from certlog.validators import ValidatorSet, load_validator_set
-from gridledger.config import MqttConfig, read_toml, section
+from gridledger.config import MqttConfig, mqtt_section, read_toml, section
 from gridledger.errors import ConfigError
+from gridledger.mqtt import auth_options
 
 from .catchup import Requester
 from .pchainapp import PGenesis, Roles, block_key, decode_block_leaf, load_pgenesis, node_key, roles_key
@@ -195,7 +196,7 @@ def load_reader_config(path: Path) -> tuple[ReaderSettings, MqttConfig]:
     s = section(ReaderSettings, doc, "reader", path.parent, ("p_database", "p_validators", "genesis"))
     if s.timeout_s <= 0:
         raise ConfigError("[reader] timeout_s must be positive")
-    return s, section(MqttConfig, doc, "mqtt")
+    return s, mqtt_section(doc, path)
 
 
 class Reader:
@@ -214,7 +215,7 @@ class Reader:
 
     async def __aenter__(self) -> "Reader":
         self._client = aiomqtt.Client(self.mqtt.host, self.mqtt.port, identifier=self.name, clean_session=True,
-                                      username=self.mqtt.username, password=self.mqtt.password)
+                                      **auth_options(self.mqtt))
         await self._client.__aenter__()
         await self._client.subscribe(self.topics.responses(self.name), qos=0)
         self._task = asyncio.create_task(self._consume())

@@ -1,7 +1,9 @@
 """What a storage node signs with its BLS key: storage receipts and audit answers.
 
 A receipt says "I hold the body of this certified block" (seed 003's second
-verification); it is sent only once the body is durable. An audit answer says
+verification); it is sent only once the body is durable. A receipt batch says
+it of several blocks under one signature (a fill keeps bodies a response at a
+time, and a BLS signature per body was a third of its CPU). An audit answer says
 "here is transaction `index` of that block, for your `nonce`", with its Merkle
 path to the certified tx root; the signature covers the transaction and the
 path, so a signed answer that does not verify is proof against its signer
@@ -21,10 +23,13 @@ from certlog.block import ChainError, Header, canonical
 
 from .storagewire import KINDS, NODE_RE, NONCE_RE
 
-__all__ = ["StorageReceipt", "receipt_message", "sign_receipt", "verify_receipt", "AuditAnswer",
+__all__ = ["StorageReceipt", "receipt_message", "sign_receipt", "verify_receipt", "ReceiptBatch", "batch_message",
+           "sign_receipts", "verify_receipts", "load_receipt", "AuditAnswer",
            "audit_message", "answer_audit", "check_audit", "audit_outcome", "AUDIT_OUTCOMES"]
 
 RECEIPT_TAG = "gl-storage-receipt-v1"
+BATCH_TAG = "gl-storage-receipts-v1"
+BATCH_MAX = 1024    # blocks in one receipt batch (~75 bytes each)
 AUDIT_TAG = "gl-storage-audit-v2"   # v2: the path is signed too
 AUDIT_OUTCOMES = ("ok", "wrong", "late", "missing")
 
@@ -101,6 +106,81 @@ def verify_receipt(receipt: StorageReceipt, public_key: bytes, header: Header | 
                                                                                 header.hash):
         return False
     return bls.Verify(public_key, receipt.message(), receipt.signature)
+
+
+# -- receipt batches: one signature over a list of (height, header hash) -----------------
+
+def batch_message(chain: str, node: str, kind: str, blocks: Sequence[tuple[int, str]]) -> bytes:
+    # One line per block: chain, node and kind can hold no newline (`_str`), heights
+    # are decimal and hashes hex, so the list reads back one way only.
+    lines = [BATCH_TAG, chain, node, kind] + [f"{h} {hh}" for h, hh in blocks]
+    return "\n".join(lines).encode("ascii")
+
+
+@dataclass(frozen=True, slots=True)
+class ReceiptBatch:
+    chain: str
+    node: str
+    kind: str
+    blocks: tuple[tuple[int, str], ...]   # (height, certified header hash), heights strictly increasing
+    signature: bytes
+
+    def message(self) -> bytes:
+        return batch_message(self.chain, self.node, self.kind, self.blocks)
+
+    def receipts(self) -> dict[int, str]:
+        """height -> the header hash this batch receipts at that height."""
+        return dict(self.blocks)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"chain": self.chain, "node": self.node, "kind": self.kind,
+                "blocks": [[h, hh] for h, hh in self.blocks], "sig": self.signature.hex()}
+
+    def encode(self) -> bytes:
+        return canonical(self.to_dict())
+
+    @classmethod
+    def from_dict(cls, obj: Any) -> "ReceiptBatch":
+        if not isinstance(obj, dict) or set(obj) != {"chain", "node", "kind", "blocks", "sig"}:
+            raise ChainError("receipt_schema", "a receipt batch has chain, node, kind, blocks, sig")
+        node, kind, blocks = _str(obj, "node", "receipt_schema"), obj.get("kind"), obj.get("blocks")
+        if not NODE_RE.match(node) or kind not in KINDS:
+            raise ChainError("receipt_schema", "node name or kind")
+        if not isinstance(blocks, list) or not 1 <= len(blocks) <= BATCH_MAX:
+            raise ChainError("receipt_schema", f"blocks: 1 to {BATCH_MAX} [height, hash] pairs")
+        out: list[tuple[int, str]] = []
+        for b in blocks:
+            if not isinstance(b, list) or len(b) != 2:
+                raise ChainError("receipt_schema", "blocks: [height, hash] pairs")
+            entry = {"height": b[0], "hash": b[1]}
+            h, hh = _height(entry, "height", "receipt_schema"), _hex(entry, "hash", 32, "receipt_schema").hex()
+            if hh != b[1] or (out and h <= out[-1][0]):
+                raise ChainError("receipt_schema", "blocks: lowercase hashes, heights strictly increasing")
+            out.append((h, hh))
+        return cls(_str(obj, "chain", "receipt_schema"), node, kind, tuple(out),
+                   _hex(obj, "sig", bls.SIGNATURE_LEN, "receipt_schema"))
+
+
+def sign_receipts(sk: int, headers: Sequence[Header], node: str, kind: str) -> ReceiptBatch:
+    """One signature receipting every header of `headers` (one chain, any order)."""
+    blocks = tuple(sorted((h.height, h.hash) for h in headers))
+    chains = {h.chain for h in headers}
+    if len(chains) != 1 or len(blocks) > BATCH_MAX or len({h for h, _ in blocks}) != len(blocks):
+        raise ValueError("a receipt batch covers 1..BATCH_MAX distinct heights of one chain")
+    chain = chains.pop()
+    return ReceiptBatch(chain, node, kind, blocks, bls.Sign(sk, batch_message(chain, node, kind, blocks)))
+
+
+def verify_receipts(batch: ReceiptBatch, public_key: bytes) -> bool:
+    """True when `public_key` signed this batch: every (height, hash) in it, exactly."""
+    return bls.Verify(public_key, batch.message(), batch.signature)
+
+
+def load_receipt(obj: Any) -> StorageReceipt | ReceiptBatch:
+    """A published receipt, single (`hash`) or batch (`blocks`); `ChainError` otherwise."""
+    if isinstance(obj, dict) and "blocks" in obj:
+        return ReceiptBatch.from_dict(obj)
+    return StorageReceipt.from_dict(obj)
 
 
 # -- audit answers --------------------------------------------------------------------

@@ -11,7 +11,9 @@ storage receipt. It answers peers' requests (`storageserve`) over MQTT.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import os
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -23,14 +25,15 @@ from certlog import bls
 from certlog.block import Certificate, ChainError, Header, canonical
 from certlog.net import SYNC_BATCH, Topics, decode_block
 from certlog.validators import load_validator_set, read_secret_key
-from gridledger.config import MqttConfig, read_toml, section
+from gridledger.config import MqttConfig, mqtt_section, read_toml, section
 from gridledger.errors import ConfigError
 from gridledger.logs import event
 from gridledger.mqtt import keep_connected, until_stopped
 
-from .admission import admit_body, admit_header
+from .admission import AdmittedBody, admit_body, admit_header
 from .catchup import CatchUp, Requester
-from .receipts import sign_receipt
+from .receipts import BATCH_MAX, sign_receipts
+from .sampler import Sampler, Stages
 from .storageserve import StorageServer, error_response
 from .storagestore import StorageStore
 from .storagewire import (CHUNK_MAX, CHUNK_MIN, KINDS, NODE_RE, StorageError, StorageTopics, liveness,
@@ -43,6 +46,9 @@ log = logging.getLogger("gridledger.storage")
 SYNC_RETRY_S = 1.0
 STATUS_EVERY_S = 10.0
 SERVING_MAX = 16   # requests answered at once; beyond that a peer is told "busy" and retries
+# A directory: a promoted node samples where its threads spend the fill and writes
+# {dir}/{name}.json when filled (bench/recovery.py's per-MB costs).
+FILL_PROFILE_ENV = "GRIDLEDGER_FILL_PROFILE"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -82,7 +88,7 @@ def load_storage_config(path: Path) -> StorageConfig:
         raise ConfigError(f"[storage] chunk_size must be {CHUNK_MIN}..{CHUNK_MAX}, window 1..64")
     if s.catchup_s <= 0 or s.timeout_s <= 0 or type(s.capacity_bytes) is not int or s.capacity_bytes < 0:
         raise ConfigError("[storage] catchup_s and timeout_s must be positive, capacity_bytes >= 0")
-    return StorageConfig(s, section(MqttConfig, doc, "mqtt"))
+    return StorageConfig(s, mqtt_section(doc, path))
 
 
 class StorageNode:
@@ -96,15 +102,26 @@ class StorageNode:
         self.store = StorageStore(s.database)
         # The verifier's last word on our kind (a promotion) outranks the config file.
         self.kind = self.store.kind() or s.kind
-        self.server = StorageServer(self.store, node=s.name, kind=self.kind, secret_key=self._sk,
+        # Serving reads through a connection of its own: WAL lets them run beside the
+        # fill's writes instead of queueing behind them on one connection.
+        self.server = StorageServer(StorageStore(s.database), node=s.name, kind=self.kind, secret_key=self._sk,
                                     capacity=s.capacity_bytes)
+        # and so do catch-up's reads (what is wanted, lacking, held), which would otherwise
+        # wait behind every commit (an fsync) of the fill they plan.
+        self.reads = StorageStore(s.database)
         self.chain_topics = Topics(s.chain)
         self.topics = StorageTopics(s.chain)
         self.sync_name = f"storage-{s.name}"   # our name at the proposer's sync service
         self.counts: Counter[str] = Counter()
-        self._db = asyncio.Lock()              # one user of the SQLite connection at a time
+        self._db = asyncio.Lock()              # one user of the store's connection at a time
+        self._serve_db = asyncio.Lock()        # and of the server's
+        self._read_db = asyncio.Lock()         # and of the reads'.
+        self._commit_lock = asyncio.Lock()     # one group commit at a time (keep_bodies)
+        self._to_commit: list = []             # (bodies, source, future) waiting for the next one
         self._client: aiomqtt.Client | None = None
-        self.requester = Requester(self._publish_qos0, s.name, self.topics, timeout_s=s.timeout_s, window=s.window)
+        self.stages = Stages()                 # seconds per stage of the hot paths (the fill's figures)
+        self.requester = Requester(self._publish_qos0, s.name, self.topics, timeout_s=s.timeout_s, window=s.window,
+                                   stages=self.stages)
         self.catchup = CatchUp(self, self.requester, s.peers, chunk_size=s.chunk_size, inventory_s=s.catchup_s)
         self._serving = 0
         self._wake = asyncio.Event()
@@ -113,28 +130,31 @@ class StorageNode:
         self._filling: dict | None = None      # since a promotion: {"t0", "bytes", "bodies"} until every body is held
 
     # -- the store, one user at a time, off the event loop -------------------------------
-    async def _db_call(self, fn, *args):
-        async with self._db:
+    async def _db_call(self, fn, *args, lock: asyncio.Lock | None = None):
+        async with lock or self._db:
             return await asyncio.to_thread(fn, *args)
 
+    async def _read(self, fn, *args):
+        return await self._db_call(fn, *args, lock=self._read_db)
+
     async def header(self, height: int) -> tuple[Header, Certificate] | None:
-        return await self._db_call(self.store.header, height)
+        return await self._read(self.reads.header, height)
 
     async def missing_headers(self, upto: int) -> list[int]:
-        return await self._db_call(self.store.missing_headers, upto)
+        return await self._read(self.reads.missing_headers, upto)
 
     async def wanted(self) -> list[int]:
-        return await self._db_call(self.store.wanted, self.kind)
+        return await self._read(self.reads.wanted, self.kind)
 
     async def has_body(self, height: int) -> bool:
-        return await self._db_call(self.store.has_body, height)
+        return await self._read(self.reads.has_body, height)
 
     async def lacking(self, heights: list[int]) -> dict[int, Header]:
         """The certified headers of those `heights` whose bodies are not held."""
-        return await self._db_call(self._lacking_bodies, heights)
+        return await self._read(self._lacking_bodies, heights)
 
     def _lacking_bodies(self, heights: list[int]) -> dict[int, Header]:
-        return {h: held[0] for h in heights if not self.store.has_body(h) and (held := self.store.header(h))}
+        return {h: held[0] for h in heights if not self.reads.has_body(h) and (held := self.reads.header(h))}
 
     # -- admission: what every path (certs, proposer, peers, placements) goes through -----
     async def keep_header(self, header: Header, cert: Certificate | None, source: str) -> None:
@@ -144,38 +164,86 @@ class StorageNode:
 
     async def keep_body(self, header: Header, txs: list[bytes], source: str) -> bool:
         """Keep a body of a held certified header; publish the receipt once it is durable."""
-        return bool(await self.keep_bodies([(header, txs)], source))
+        return bool(await self.keep_bodies([admit_body(header, txs)], source))
 
-    async def keep_bodies(self, bodies: list[tuple[Header, list[bytes]]], source: str) -> list[int]:
-        """Keep bodies of held certified headers in one commit, then receipt each; the
-        heights newly kept. Any body not matching its held certified header refuses the
-        whole batch (`ChainError`) before anything is written."""
-        held = await self._db_call(self.store.header_hashes, [h.height for h, _ in bodies])
-        for header, txs in bodies:
-            if held.get(header.height) != header.hash:
-                raise ChainError("unknown_header", "no such certified header held", height=header.height)
-            admit_body(header, txs)
-        kept = set(await self._db_call(self.store.put_bodies, bodies))
-        receipts = []
-        for header, txs in bodies:
-            if header.height not in kept:
+    async def keep_bodies(self, bodies: list[AdmittedBody], source: str) -> list[int]:
+        """Keep admitted bodies of held certified headers durably, then receipt them; the
+        heights newly kept. A body whose header is not the one held at its height refuses
+        the whole batch (`ChainError`) and nothing of it is written. (Admission, the Merkle
+        root, was done once where the body arrived.) Batches that arrive while a commit
+        is running are kept together in the next one: one transaction (one fsync) and
+        one receipt batch (one BLS signature, one PUBACK) for all of them."""
+        if not all(isinstance(b, AdmittedBody) for b in bodies):
+            raise TypeError("keep_bodies takes bodies admit_body returned")
+        if not bodies:
+            return []
+        done = asyncio.get_running_loop().create_future()
+        self._to_commit.append((bodies, source, done))
+        stored: list[AdmittedBody] = []
+        with self.stages("wait_commit"):
+            async with self._commit_lock:
+                if not done.done():   # not taken by the commit before: take everything queued
+                    group, self._to_commit = self._to_commit, []
+                    stored = await self._commit_group(group)
+        # Durable first (the commit), then the receipts, outside the lock: the next commit
+        # need not wait for this one's PUBACK.
+        await self._send_receipts([b.header for b in stored])
+        return done.result()
+
+    async def _commit_group(self, group: list[tuple[list[AdmittedBody], str, asyncio.Future]]) -> list[AdmittedBody]:
+        """Keep a group of batches in one transaction, all or none (each body whole or
+        absent); settle each caller's future; the bodies newly kept."""
+        try:
+            with self.stages("commit"):
+                refusals, kept = await self._db_call(self._check_and_put, [bodies for bodies, _, _ in group])
+        except Exception as exc:   # e.g. the disk: every caller of the group hears it
+            for _, _, done in group:
+                done.set_exception(exc)
+            return []
+        except BaseException:
+            for _, _, done in group:
+                done.cancel()
+            raise
+        stored = []
+        for (bodies, source, done), refusal in zip(group, refusals):
+            if refusal is not None:
+                done.set_exception(refusal)
                 continue
-            self.counts["bodies"] += 1
-            self.counts[f"bodies_from_{'proposer' if source == 'proposer' else 'peers'}"] += 1
-            if self._filling is not None and source != "proposer":
-                self._filling["bytes"] += sum(len(t) for t in txs)
-                self._filling["bodies"] += 1
-            receipts.append(self._send_receipt(header))
-            event(log, "stored", logging.DEBUG, height=header.height, txs=len(txs), source=source)
-        # Durable first (the commit above), then all receipts at once: a QoS 1 publish
-        # waits for the broker's PUBACK, and one after another they cost a round trip each.
-        await asyncio.gather(*receipts)
-        return sorted(kept)
+            mine = [b for b in bodies if b.header.height in kept]
+            kept -= {b.header.height for b in mine}   # a height in two batches counts for the first
+            for b in mine:
+                self._count_stored(b, source)
+            stored += mine
+            done.set_result(sorted(b.header.height for b in mine))
+        return stored
 
-    async def _send_receipt(self, header: Header) -> None:
-        receipt = sign_receipt(self._sk, header, self.name, self.kind)
-        if self._client is not None:
-            await self._client.publish(self.topics.receipts, receipt.encode(), qos=1)
+    def _check_and_put(self, batches: list[list[AdmittedBody]]) -> tuple[list[ChainError | None], set[int]]:
+        """(In the store's thread.) Refuse each batch holding a body whose header is not
+        the certified one held at its height; keep the others' bodies in one transaction."""
+        held = self.store.header_hashes([b.header.height for bodies in batches for b in bodies])
+        refusals = [next((ChainError("unknown_header", "no such certified header held", height=b.header.height)
+                          for b in bodies if held.get(b.header.height) != b.header.hash), None)
+                    for bodies in batches]
+        kept = self.store.put_bodies([b for bodies, bad in zip(batches, refusals) if bad is None for b in bodies])
+        return refusals, set(kept)
+
+    def _count_stored(self, b: AdmittedBody, source: str) -> None:
+        self.counts["bodies"] += 1
+        self.counts[f"bodies_from_{'proposer' if source == 'proposer' else 'peers'}"] += 1
+        if self._filling is not None and source != "proposer":
+            self._filling["bytes"] += sum(map(len, b.txs))
+            self._filling["bodies"] += 1
+        event(log, "stored", logging.DEBUG, height=b.header.height, txs=len(b.txs), source=source)
+
+    async def _send_receipts(self, headers: list[Header]) -> None:
+        """Receipt `headers` (distinct heights), BATCH_MAX blocks to a signature."""
+        for k in range(0, len(headers), BATCH_MAX):
+            with self.stages("sign"):
+                batch = sign_receipts(self._sk, headers[k:k + BATCH_MAX], self.name, self.kind)
+            self.counts["receipt_batches"] += 1
+            if self._client is not None:
+                with self.stages("publish_receipts"):
+                    await self._client.publish(self.topics.receipts, batch.encode(), qos=1)
 
     def _refused(self, where: str, exc: ChainError, **fields) -> None:
         self.counts[exc.reason] += 1
@@ -219,7 +287,11 @@ class StorageNode:
             await keep_connected(self.mqtt, f"storage-{self.chain}-{self.name}", topics, stop, serve, log, will=will)
         finally:
             event(log, "stop", **self.status())
-            self.store.close()
+            self.close()
+
+    def close(self) -> None:
+        for store in (self.store, self.server.store, self.reads):
+            store.close()
 
     async def _say_alive(self) -> None:
         if self._client is not None:
@@ -236,7 +308,9 @@ class StorageNode:
         old, self.kind = self.kind, kind
         self.server.kind = kind
         if kind == "full":
-            self._filling = {"t0": time.monotonic(), "at": time.time(), "bytes": 0, "bodies": 0, "busy": 0.0}
+            self._filling = {"t0": time.monotonic(), "at": time.time(), "bytes": 0, "bodies": 0, "busy": 0.0,
+                             "stages": self.stages.mark(),
+                             "sampler": Sampler().start() if os.environ.get(FILL_PROFILE_ENV) else None}
         event(log, "kind_changed", old=old, kind=kind, by=by)
         await self._say_alive()
         self._wake.set()
@@ -250,8 +324,15 @@ class StorageNode:
         seconds = time.monotonic() - f["t0"]
         # `busy_s`: the catch-up rounds that fetched something; `seconds` also counts the
         # waits between rounds while new blocks kept arriving under load.
+        stages = self.stages.since(f["stages"])
         event(log, "filled", seconds=round(seconds, 3), busy_s=round(f["busy"], 3), bytes=f["bytes"],
-              bodies=f["bodies"], since=f["at"], rate=round(f["bytes"] / f["busy"]) if f["busy"] > 0 else 0)
+              bodies=f["bodies"], since=f["at"], rate=round(f["bytes"] / f["busy"]) if f["busy"] > 0 else 0,
+              stages=stages)
+        if f["sampler"] is not None:
+            profile = {"node": self.name, "bytes": f["bytes"], "busy_s": f["busy"], "stages": stages,
+                       **f["sampler"].stop().report()}
+            out = Path(os.environ[FILL_PROFILE_ENV]) / f"{self.name}.json"
+            await asyncio.to_thread(out.write_text, json.dumps(profile))
 
     def status(self) -> dict:
         return {"headers": self.store.header_height(), **self.counts, **self.server.counts,
@@ -332,11 +413,10 @@ class StorageNode:
             self._wake.set()  # fetch them from peers now
             # A placement sent again means the verifier has no receipt yet: say again
             # what is already held (a lost receipt must not leave a block unstored).
-            for h in p.heights:
-                held = await self.header(h)
-                if held is not None and await self.has_body(h):
-                    await self._send_receipt(held[0])
-                    self.counts["receipts_resent"] += 1
+            again = [held[0] for h in p.heights
+                     if (held := await self.header(h)) is not None and await self.has_body(h)]
+            await self._send_receipts(again)
+            self.counts["receipts_resent"] += len(again)
         self.counts["placements"] += 1
 
     def _answer_soon(self, payload: bytes) -> None:
@@ -358,7 +438,8 @@ class StorageNode:
     async def _answer(self, req) -> None:
         try:
             try:
-                response = await self._db_call(self.server.answer, req)
+                with self.stages("serve"):
+                    response = await self._db_call(self.server.answer, req, lock=self._serve_db)
             except Exception:  # e.g. a disk error: the peer hears why, the node keeps serving
                 log.exception("answer_failed")
                 response = error_response(req.id, "internal")
@@ -387,7 +468,8 @@ class StorageNode:
             if summary.get("headers") or summary.get("fetched"):
                 event(log, "catchup", seconds=round(time.monotonic() - t0, 3), **summary)
                 if self._filling is not None and summary.get("fetched"):
-                    self._filling["busy"] += time.monotonic() - t0
+                    # (a round under way at the promotion counts from the promotion)
+                    self._filling["busy"] += time.monotonic() - max(t0, self._filling["t0"])
             await self._after_round(summary)
             await self._filled()
             if summary.get("fetched"):

@@ -99,19 +99,35 @@ class StorageStore:
     def put_bodies(self, bodies: Sequence[tuple[Header, Sequence[bytes]]]) -> list[int]:
         """Keep several bodies in one transaction (one commit, one fsync): all of them
         or none, so each is still whole or absent. Returns the heights newly kept."""
-        writes, kept, now = [], [], time.time()
+        held = set(self._held_bodies([header.height for header, _ in bodies]))
+        txs_rows, body_rows, now = [], [], time.time()
         for header, txs in bodies:
             h = header.height
-            if h in kept or self.has_body(h):
+            if h in held:
                 continue
-            writes += [("INSERT INTO storage_txs(height, idx, data) VALUES (?, ?, ?)", (h, i, bytes(t)))
-                       for i, t in enumerate(txs)]
-            writes.append(("INSERT INTO storage_bodies(height, txs, bytes, at) VALUES (?, ?, ?, ?)",
-                           (h, len(txs), sum(len(t) for t in txs), now)))
-            kept.append(h)
-        if writes:
-            self._write(writes)
-        return kept
+            held.add(h)
+            txs_rows += [(h, i, bytes(t)) for i, t in enumerate(txs)]
+            body_rows.append((h, len(txs), sum(map(len, txs)), now))
+        if body_rows:
+            # executemany: one statement per table, not one Python round per row (20 rows a body)
+            c = self.conn
+            c.execute("BEGIN IMMEDIATE")
+            try:
+                c.executemany("INSERT INTO storage_txs(height, idx, data) VALUES (?, ?, ?)", txs_rows)
+                c.executemany("INSERT INTO storage_bodies(height, txs, bytes, at) VALUES (?, ?, ?, ?)", body_rows)
+                c.execute("COMMIT")
+            except BaseException:
+                c.execute("ROLLBACK")
+                raise
+        return [r[0] for r in body_rows]
+
+    def _held_bodies(self, heights: Sequence[int]) -> list[int]:
+        out: list[int] = []
+        for k in range(0, len(heights), 500):   # SQLite's bound-parameter limit
+            part = list(heights[k:k + 500])
+            out += [r[0] for r in self.conn.execute(
+                f"SELECT height FROM storage_bodies WHERE height IN ({','.join('?' * len(part))})", part)]
+        return out
 
     def has_body(self, height: int) -> bool:
         return self.conn.execute("SELECT 1 FROM storage_bodies WHERE height = ?", (height,)).fetchone() is not None

@@ -15,7 +15,7 @@ from certlog.replica import Replica
 from certlog.store import ChainStore, connect
 from certlog.validators import load_validator_set, read_secret_key
 from certlog.voter import ValidatorNode, Voter
-from gridledger.config import MqttConfig, read_toml, section
+from gridledger.config import MqttConfig, mqtt_section, read_toml, section
 from gridledger.errors import ConfigError
 from gridledger.metrics import MetricsConfig, Snapshot, serve as serve_metrics
 from gridledger.paillier import load_public
@@ -61,7 +61,7 @@ def load_validator_config(path: Path) -> ValidatorConfig:
     registry_chain = RegistryChainSettings.from_doc(doc, path.parent)
     if (v.registry is None) == (registry_chain is None):
         raise ConfigError(f"{path}: give either [validator] registry (a file) or a [registry_chain] table")
-    return ValidatorConfig(v, section(MqttConfig, doc, "mqtt"), section(MetricsConfig, doc, "metrics"),
+    return ValidatorConfig(v, mqtt_section(doc, path), section(MetricsConfig, doc, "metrics"),
                            registry_chain, PChainSettings.from_doc(doc, path.parent),
                            PChainSettings.from_doc(doc, path.parent, "r_chain"))
 

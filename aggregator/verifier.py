@@ -34,6 +34,7 @@ import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 import aiomqtt
 
@@ -43,7 +44,7 @@ from certlog.mpt import Trie
 from certlog.net import Topics, decode_block
 from certlog.proposer import Proposer
 from certlog.validators import load_validator_set, read_secret_key
-from gridledger.config import MqttConfig, read_toml, section
+from gridledger.config import MqttConfig, mqtt_section, read_toml, section
 from gridledger.errors import ConfigError
 from gridledger.logs import event
 from gridledger.metrics import MetricsConfig, Snapshot, serve as serve_metrics
@@ -53,8 +54,8 @@ from .auditor import Auditor
 from .catchup import Requester
 from .pchain import pchain_id, pchain_replica
 from .pchainapp import (Roles, block_key, decode_block_leaf, placement_tx, promote_block, promote_tx, promotion,
-                        readmit_tx, receipt_tx, replace_tx, replacement)
-from .receipts import StorageReceipt, verify_receipt
+                        readmit_tx, receipt_tx, receipts_tx, replace_tx, replacement)
+from .receipts import ReceiptBatch, StorageReceipt, load_receipt, verify_receipt, verify_receipts
 from .reliability import Credibility, Measure, cp_from_report, np_from_rtts, place
 from .storagewire import NODE_RE, StorageError, StorageTopics, encode_placement, parse_liveness
 
@@ -118,7 +119,7 @@ def load_verifier_config(path: Path) -> VerifierConfig:
         raise ConfigError("[verifier] audit_s, audit_deadline_s, audit_late_s must be positive, cre_floor 0..1000")
     pchain_id(s.area, s.chain)
     pchain_id(s.area, s.r_chain, "R")
-    return VerifierConfig(s, section(MqttConfig, doc, "mqtt"), section(MetricsConfig, doc, "metrics"))
+    return VerifierConfig(s, mqtt_section(doc, path), section(MetricsConfig, doc, "metrics"))
 
 
 class Verifier:
@@ -163,7 +164,7 @@ class Verifier:
         # Roles as the queued records leave them (the P chain's state once they are certified).
         self.roles = Roles(self.genesis.full) if row is None else Roles(*map(tuple, map(json.loads, row)))
         self.returning: set[str] = set()    # dead nodes that said they are alive again
-        self.early: dict[int, list[StorageReceipt]] = {}
+        self.early: dict[int, list[StorageReceipt | ReceiptBatch]] = {}
         self.counts: Counter[str] = Counter()
         self.more = asyncio.Event()
         self.proposer: Proposer | None = None
@@ -237,7 +238,7 @@ class Verifier:
               rv={m.node: round(m.cp * m.np * m.cre / 1e9 / (m.t + 1) ** 0.5, 4) for m in snap})
         await self._send(header.height, [n for n in nodes if n not in self.roles.full])
         for r in self.early.pop(header.height, []):
-            await self._take_receipt(r)
+            await self._take_receipt(r, [header.height])
 
     async def _send(self, height: int, nodes: list[str]) -> None:
         if self._client is None:
@@ -248,41 +249,51 @@ class Verifier:
 
     # -- receipts ------------------------------------------------------------------------
     async def on_receipt(self, payload: bytes) -> None:
+        """A single receipt or a receipt batch (one signature over several blocks)."""
         try:
-            r = StorageReceipt.from_dict(json.loads(payload))
+            r = load_receipt(json.loads(payload))
         except (ValueError, UnicodeDecodeError):
             raise ChainError("receipt_schema", "not JSON") from None
         node = self.genesis.node(r.node)
         if r.chain != self.settings.area or node is None or self.roles.kind_of(self.genesis, r.node) != r.kind:
             raise ChainError("receipt_unknown_node", f"{r.node} ({r.kind}) of {r.chain}")
-        if not await asyncio.to_thread(verify_receipt, r, node.public_key):
-            raise ChainError("receipt_signature", f"not signed by {r.node}", height=r.height)
+        single = isinstance(r, StorageReceipt)
+        if not await asyncio.to_thread(verify_receipt if single else verify_receipts, r, node.public_key):
+            raise ChainError("receipt_signature", f"not signed by {r.node}", height=r.height if single else None)
         await self._take_receipt(r)
 
-    async def _take_receipt(self, r: StorageReceipt) -> None:
+    async def _take_receipt(self, r: StorageReceipt | ReceiptBatch, heights: Sequence[int] | None = None) -> None:
+        """Queue the receipts of `r` (of a batch: of `heights`, default all) whose blocks are
+        placed on its node and not receipted by it yet, as one record; hold the ones whose
+        placement has not happened yet (a full node may beat the certificate here)."""
+        hashes = {r.height: r.hash} if isinstance(r, StorageReceipt) else r.receipts()
+        take = []
         async with self._db:
-            row = self.conn.execute("SELECT hash, nodes, receipted FROM p_placed WHERE height = ?",
-                                    (r.height,)).fetchone()
-            if row is None:
-                if len(self.early) < EARLY_MAX:
-                    self.early.setdefault(r.height, []).append(r)
-                self.counts["receipt_early"] += 1
+            for h in sorted(hashes if heights is None else heights):
+                row = self.conn.execute("SELECT hash, nodes, receipted FROM p_placed WHERE height = ?",
+                                        (h,)).fetchone()
+                if row is None:
+                    if len(self.early) < EARLY_MAX:
+                        self.early.setdefault(h, []).append(r)
+                    self.counts["receipt_early"] += 1
+                elif row[0] != hashes[h] or r.node not in json.loads(row[1]):
+                    self.counts["receipt_not_placed"] += 1
+                elif r.node in json.loads(row[2]):
+                    self.counts["receipt_duplicate"] += 1
+                else:
+                    take.append((h, json.loads(row[1]), json.loads(row[2])))
+            if not take:
                 return
-            nodes, got = json.loads(row[1]), json.loads(row[2])
-            if row[0] != r.hash or r.node not in nodes:
-                self.counts["receipt_not_placed"] += 1
-                return
-            if r.node in got:
-                self.counts["receipt_duplicate"] += 1
-                return
+            tx = receipt_tx(r) if isinstance(r, StorageReceipt) else receipts_tx(r, [h for h, _, _ in take])
             with self.replica.store.transaction():
                 # Not unique per (height, node): a node whose receipt was dropped (it died) and
                 # which is chosen again (readmitted, promoted) receipts the same block again.
                 self.conn.execute("INSERT INTO p_queue(id, tx, status, height) VALUES (?, ?, 'queued', NULL)",
-                                  (f"receipt/{r.height}/{r.node}/{r.kind}/{time.time_ns()}", receipt_tx(r)))
-                self.conn.execute("UPDATE p_placed SET receipted = ?, complete = ? WHERE height = ?",
-                                  (json.dumps(sorted(got + [r.node])), len(got) + 1 == len(nodes), r.height))
-        self.counts["receipts"] += 1
+                                  (f"receipt/{take[0][0]}/{r.node}/{r.kind}/{time.time_ns()}", tx))
+                for h, nodes, got in take:
+                    self.conn.execute("UPDATE p_placed SET receipted = ?, complete = ? WHERE height = ?",
+                                      (json.dumps(sorted(got + [r.node])), len(got) + 1 == len(nodes), h))
+        self.counts["receipts"] += len(take)
         self.more.set()
 
     # -- audits and re-placement ------------------------------------------------------------

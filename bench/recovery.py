@@ -3,12 +3,17 @@ verifier, four validators and the gateway under load from loadgen meters; a read
 loop measures verification throughput (transaction reads whose Merkle path verified
 against the certified header, per second); one full node is killed with SIGKILL.
 
+Before the failure a bulk of readings (`BULK`) is certified and stored, so the promoted
+node's fill is megabytes (bandwidth), not a few bodies (request latency). The promoted
+node samples where its threads spend the fill (`aggregator/sampler.py`): `fill_profile`.
+
 Reports `detect_s` (kill -> the verifier's "dead"), `restore_s` (kill -> two full
 replicas of every certified block on the certified P chain and in the promoted
 node's store), `copy_rate_ratio` (bytes/s the promoted node fetched while filling,
 over the raw rate of the same bytes between two local processes over a socketpair,
 measured in this run; `broker_rate_Bps` beside it: the same bytes between two local
 processes through this run's Mosquitto, for how much of the gap the broker hop is),
+`copy_MBps`, `fill_profile` (the sampled top costs),
 `throughput_before` / `throughput_after` (reads/s, means over
 a window before the kill and right after restore) and writes a PNG of throughput
 over time to bench/results/recovery.png."""
@@ -16,11 +21,15 @@ over time to bench/results/recovery.png."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import multiprocessing
+import os
 import random
 import signal
 import socket
 import sqlite3
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -35,7 +44,13 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from aggregator.pchainapp import load_pgenesis
+from aggregator.receipts import sign_receipts
+from aggregator.storagestore import StorageStore
+from aggregator.storagewire import decode_body, encode_body
+from certlog import bls, merkle
+from certlog.block import Header
 from aggregator.reader import ReadError, Reader, load_reader_config
+from aggregator.storage import FILL_PROFILE_ENV
 from gridledger.broker import start_mosquitto
 from gridledger.loadgen import precompute, run_load
 from gridledger.storagebed import start_storage_layout, write_storage_layout
@@ -47,8 +62,19 @@ from certify import (AREA, UP_TIMEOUT_S, FixedRhos, load_meters, log_events, met
 
 NAME = "recovery"
 READERS = 8          # reads in flight
+# Readings certified and stored before the paced load and the kill: (meters, readings each).
+# 100 readings a block (~135 KB bodies, one to a 256 KiB response); the promoted heavy
+# node holds about a quarter of the blocks, so it fetches about 3/4 of the bulk.
+BULK = {True: (50, 120), False: (100, 240)}
+BLOCK_MAX = 100
 VERIFIER = {"probe_s": 0.5, "retry_s": 1.0, "audit_s": 2.0, "audit_deadline_s": 1.0, "audit_late_s": 1.0,
             "dead_missing": 3}
+
+
+def raw_copy_rates(nbytes: int, runs: int = 5) -> list[float]:
+    """`raw_copy_rate` several times: at a few megabytes one copy takes milliseconds and
+    a busy neighbour moves it by a factor of three, so the bench reports the median."""
+    return [raw_copy_rate(nbytes) for _ in range(runs)]
 
 
 def raw_copy_rate(nbytes: int, chunk: int = 256 * 1024) -> float:
@@ -114,6 +140,52 @@ def _publish(host: str, port: int, nbytes: int, chunk: int, ready, done) -> None
     asyncio.run(send())
 
 
+FLOOR_COMMIT = 1 << 20   # bytes of bodies per commit in `floor_costs`: a group commit of several responses
+
+
+def floor_costs(txs: list[bytes], per_body: int, folder: Path, repeat: int = 3) -> dict[str, float]:
+    """Milliseconds per megabyte of each step a node must take to keep a fetched body,
+    each alone (one process, no broker, no peers), on bodies of `per_body` of these
+    transactions: `decode` (transfer bytes -> transactions), `merkle` (the tx root the
+    admission compares), `sqlite` (a durable commit per `FLOOR_COMMIT`, `put_bodies`
+    into a fresh store), `sign` (one receipt batch per commit), and `sha256` (every byte hashed
+    once: the floor of any check that a body is the certified one). Medians of `repeat`."""
+    bodies = [txs[k:k + per_body] for k in range(0, len(txs), per_body)]
+    headers = [Header(chain=AREA, height=h + 1, prev="0" * 64, time=0, tx_root=merkle.root(b), state_root="0" * 64,
+                      txs=len(b), app={}) for h, b in enumerate(bodies)]
+    encoded = [encode_body(b) for b in bodies]
+    mb = sum(map(len, encoded)) / 1e6
+    commits, size = [[]], 0
+    for k, e in enumerate(encoded):
+        if size + len(e) > FLOOR_COMMIT and commits[-1]:
+            commits.append([])
+            size = 0
+        commits[-1].append(k)
+        size += len(e)
+    sk = bls.KeyGen(b"bench recovery floor" + bytes(12))
+
+    def sqlite_once(run: int) -> None:
+        store = StorageStore(folder / f"floor-{run}.db")
+        for ks in commits:
+            store.put_bodies([(headers[k], bodies[k]) for k in ks])
+        store.close()
+
+    steps = {"decode": lambda _: [decode_body(e) for e in encoded],
+             "merkle": lambda _: [merkle.root(b) for b in bodies],
+             "sqlite": sqlite_once,
+             "sign": lambda _: [sign_receipts(sk, [headers[k] for k in ks], "n", "full") for ks in commits],
+             "sha256": lambda _: [hashlib.sha256(e).digest() for e in encoded]}
+    out = {}
+    for name, step in steps.items():
+        times = []
+        for run in range(repeat):
+            t0 = time.perf_counter()
+            step(run)
+            times.append(time.perf_counter() - t0)
+        out[name] = round(statistics.median(times) * 1000 / mb, 2)
+    return out
+
+
 def certified_txs(db: Path) -> dict[int, int]:
     """height -> transaction count of every certified area block."""
     with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as conn:
@@ -155,6 +227,28 @@ class Throughput:
         return sum(self.ok.get(s, 0) for s in secs) / max(1, len(secs))
 
 
+async def bulk_load(wd: Path, reader_cfg: Path, broker, payloads) -> dict:
+    """Send `payloads` at once; wait until every certified block is on both full nodes
+    and stored (> 2/3 of its chosen nodes receipted) on the certified P chain."""
+    t0 = time.time()
+    await run_load(broker.host, broker.port, AREA, payloads, window=500, timeout=600)
+    gw = wd / "gateway.db"
+    settings, mqtt = load_reader_config(reader_cfg)
+    async with Reader(settings, mqtt) as reader:
+        while True:
+            certified = certified_txs(gw)
+            if sum(certified.values()) >= len(payloads):
+                reader.view.refresh()
+                reps = [reader.view.replicas(h) for h in certified]
+                if all(r is not None and len(r.nodes) >= 3 for r in reps) and all(
+                        set(certified) <= held(wd / "storage" / f"{f}.db") for f in ("f1", "f2")):
+                    break
+            if time.time() - t0 > 600:
+                raise RuntimeError("the bulk was not certified and stored within 600 s")
+            await asyncio.sleep(0.5)
+    return {"readings": len(payloads), "blocks": len(certified), "seconds": round(time.time() - t0, 1)}
+
+
 async def scenario(wd: Path, reader_cfg: Path, procs: dict, broker, payloads, quick: bool) -> dict:
     genesis = load_pgenesis(wd / "pchain-genesis.toml")
     window_s = 5.0 if quick else 15.0
@@ -168,8 +262,6 @@ async def scenario(wd: Path, reader_cfg: Path, procs: dict, broker, payloads, qu
 
     loading = asyncio.create_task(load())
     gw = wd / "gateway.db"
-    while len(certified_txs(gw)) < 3:
-        await asyncio.sleep(0.2)
     settings, mqtt = load_reader_config(reader_cfg)
     sizes = {}
 
@@ -216,6 +308,14 @@ async def scenario(wd: Path, reader_cfg: Path, procs: dict, broker, payloads, qu
             "promoted_at": promoted[0]["ts"] if promoted else None, "window_s": window_s}
 
 
+def per_mb(stages: dict, nbytes: int) -> dict[str, float]:
+    """Milliseconds per megabyte filled, per stage the promoted node timed (most first)."""
+    if not nbytes:
+        return {}
+    ms = {k: v["s"] * 1000 / (nbytes / 1e6) for k, v in stages.items()}
+    return {k: round(v, 2) for k, v in sorted(ms.items(), key=lambda kv: -kv[1])}
+
+
 def plot(path: Path, tp: Throughput, t: tuple, promoted_at: float | None) -> str:
     t_start, t_kill, detect, restore, t_end = t
     secs = list(range(int(t_start) + 1, int(t_end)))
@@ -238,15 +338,20 @@ def main() -> None:
     args = parse_args(__doc__.splitlines()[0])
     n = load_test_modulus()
     meters, per_meter = (20, 24) if args.quick else (50, 80)
-    keys = meter_keys(meters)
-    payloads = precompute(load_meters(keys, n, per_meter), per_meter, FixedRhos(n))
+    bulk_meters, bulk_per = BULK[args.quick]
+    keys = meter_keys(max(meters, bulk_meters))
+    # Each meter's readings in seq order: the bulk first, then the paced load (the first `meters`).
+    every = precompute(load_meters(keys, n, bulk_per + per_meter), bulk_per + per_meter, FixedRhos(n))
+    bulk = [o for o in every if o.seq <= bulk_per]
+    payloads = [o for o in every if o.seq > bulk_per and int(o.meter[2:]) < meters]
     with tempfile.TemporaryDirectory(prefix="gl-recovery-") as tmp:
         wd = Path(tmp)
         broker = start_mosquitto(wd / "broker")
         procs: list = []
         storage: dict = {}
+        os.environ[FILL_PROFILE_ENV] = str(wd)   # inherited by the storage nodes
         try:
-            configs = write_area(wd, keys, n, broker, 4, block_max=20)
+            configs = write_area(wd, keys, n, broker, 4, block_max=BLOCK_MAX)
             layout = write_storage_layout(wd, area=AREA, host=broker.host, port=broker.port,
                                           validator_configs=configs, storage={"catchup_s": 1.0, "timeout_s": 2.0},
                                           **VERIFIER)
@@ -254,17 +359,24 @@ def main() -> None:
             procs.append(gateway_process(wd / "gateway.toml", wd / "gateway.log"))
             wait_up(wd / "gateway.log", procs[-1], UP_TIMEOUT_S)
             storage = start_storage_layout(layout, wd, timeout=UP_TIMEOUT_S)
+            bulked = asyncio.run(bulk_load(wd, layout.reader, broker, bulk))
             r = asyncio.run(scenario(wd, layout.reader, storage, broker, payloads, args.quick))
             stop(list(storage.values()) + procs)
             filled = r["filled"] or {"bytes": 0, "seconds": 0.0, "busy_s": 0.0}
+            profile_file = wd / f"{r['new']}.json"
+            profile = json.loads(profile_file.read_text()) if profile_file.exists() else {}
             via_broker = broker_copy_rate(broker.host, broker.port, max(filled["bytes"], 1 << 20))
+            floor = floor_costs([o.body for o in bulk], BLOCK_MAX, wd)
         finally:
             stop(list(storage.values()) + procs)
             broker.stop()
     t_start, t_kill, detect, restore, t_end = r["t"]
     tp, w = r["tp"], r["window_s"]
     copy_rate = filled["bytes"] / filled["busy_s"] if filled["busy_s"] else 0.0
-    raw = raw_copy_rate(max(filled["bytes"], 1 << 20))
+    raws = raw_copy_rates(max(filled["bytes"], 1 << 20))
+    raw = statistics.median(raws)
+    keep_ms = sum(v for k, v in floor.items() if k != "sha256")   # ms/MB to keep a body, network aside
+    raw_ms = 1e9 / raw   # ms per MB of the raw copy
     RESULTS.mkdir(parents=True, exist_ok=True)
     how = plot(RESULTS / "recovery.png", tp, r["t"], r["promoted_at"])
     before = tp.mean(t_kill - w, t_kill)
@@ -276,7 +388,16 @@ def main() -> None:
         "detect_s": round(detect - t_kill, 3) if detect else None,
         "restore_s": round(restore - t_kill, 3),
         "copy_bytes": filled["bytes"], "copy_s": filled["seconds"], "copy_busy_s": filled["busy_s"],
-        "copy_rate_Bps": round(copy_rate),
+        "copy_rate_Bps": round(copy_rate), "copy_MBps": round(copy_rate / 1e6, 2), "bulk": bulked,
+        "fill_ms_per_MB": per_mb(profile.get("stages", {}), filled["bytes"]),
+        "fill_sampled": profile.get("own", [])[:8], "fill_profile": profile,
+        "raw_rates_Bps": [round(x) for x in raws],
+        # What keeping a fetched body costs at least, step by step, and the copy-rate ratio
+        # a fill could reach if it did nothing else (no broker, no peers, no waiting):
+        "floor_ms_per_MB": floor, "raw_ms_per_MB": round(raw_ms, 2),
+        "ratio_ceiling_keep": round(raw_ms / keep_ms, 4) if keep_ms else None,
+        "ratio_ceiling_sha256": round(raw_ms / floor["sha256"], 4) if floor["sha256"] else None,
+        "ratio_ceiling_broker": round(via_broker / raw, 4) if raw else None,   # the fabric alone, nothing kept
         "raw_rate_Bps": round(raw), "copy_rate_ratio": round(copy_rate / raw, 6) if raw else None,
         "broker_rate_Bps": round(via_broker), "copy_rate_over_broker": round(copy_rate / via_broker, 6),
         "throughput_before": round(before, 2), "throughput_after": round(after, 2),

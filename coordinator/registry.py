@@ -43,11 +43,11 @@ from certlog.replica import Replica
 from certlog.store import ChainStore, connect
 from certlog.validators import load_validator_set, read_secret_key
 from certlog.voter import ValidatorNode, Voter
-from gridledger.config import MqttConfig, read_toml, section
+from gridledger.config import MqttConfig, mqtt_section, read_toml, section
 from gridledger.errors import ConfigError
 from gridledger.logs import event
 from gridledger.metrics import MetricsConfig, Snapshot, serve as serve_metrics
-from gridledger.mqtt import keep_connected, until_stopped
+from gridledger.mqtt import auth_options, keep_connected, until_stopped
 from gridledger.wire import METER_ID_RE
 
 from .registryapp import RegistryApp, RegistryHistory, load_genesis, record_id
@@ -127,7 +127,7 @@ def load_registry_config(path: Path) -> RegistryConfig:
     s = section(RegistrySettings, doc, "registry", path.parent, ("database", "validators", "genesis", "proposer_key"))
     if not METER_ID_RE.match(s.chain):
         raise ConfigError(f"registry chain id {s.chain!r} must match [A-Za-z0-9_-]{{1,32}}")
-    return RegistryConfig(s, section(MqttConfig, doc, "mqtt"), section(MetricsConfig, doc, "metrics"))
+    return RegistryConfig(s, mqtt_section(doc, path), section(MetricsConfig, doc, "metrics"))
 
 
 class RegistryRole:
@@ -269,7 +269,7 @@ async def submit(mqtt: MqttConfig, txs: list[bytes], *, chain: str = "registry",
     ids = [record_id(tx) for tx in txs]
     results: dict[str, dict] = {}
     base = f"gl/v1/chains/{chain}/"
-    async with aiomqtt.Client(mqtt.host, mqtt.port, username=mqtt.username, password=mqtt.password) as client:
+    async with aiomqtt.Client(mqtt.host, mqtt.port, **auth_options(mqtt)) as client:
         for rid in dict.fromkeys(ids):
             await client.subscribe(f"{base}results/{rid}", qos=1)
         for tx in txs:

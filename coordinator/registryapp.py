@@ -2,7 +2,7 @@
 
 Every transaction is a signed record in canonical JSON, one of
 
-    enroll  {kind, meter, account, area, public_key, board, firmware, signer, time, sig, meter_sig}
+    enroll  {kind, meter, account, area, public_key, board, firmware, signer, time, sig, meter_sig[, replaces]}
     node    {kind, id, role, public_key, signer, time, sig}
     retire  {kind, target: "meter" | "node", id, reason, signer, time, sig}
     paillier {kind, kid, key, signer, time, sig}       the trustees' threshold public key
@@ -18,9 +18,14 @@ nodes. A registrar publishes the trustees' threshold Paillier key (`key` is
 `coordinator.threshold.ThresholdPublicKey.to_dict()`; its kid must match), so a
 bill can prove which verification keys its partial decryptions answer to. A
 coordinator (or a registrar) records each settlement run: the Merkle root of its
-bill ids, once per chain and period. Meter ids, node ids and public keys are never reused. Enrolling a new
-meter for an account that already has one records `replaces` (a meter
-replacement): the area chain lets the account's history continue on it.
+bill ids, once per chain and period. Meter ids, node ids and public keys are never reused.
+
+An account has at most one active meter. Enrolling a meter for an account
+whose meter is still active is refused unless the record names that meter in
+`replaces`: the swap is then one transaction that retires the old meter and
+enrolls the new one (a typo in an account id cannot silently take over
+someone's account). Either way the new meter's leaf records the meter it
+`replaces`, and the area chain lets the account's history continue on it.
 
 State is an MPT (`certlog.mpt`, Ethereum's trie) keyed by SHA-256 of `kind NUL id`:
 
@@ -63,7 +68,7 @@ from gridledger.wire import METER_ID_RE
 
 __all__ = ["RegistryApp", "RegistryHistory", "RegistryView", "Genesis", "load_genesis", "dump_genesis",
            "ROLES", "sign_record", "enroll_record", "node_record", "retire_record", "record_id",
-           "paillier_key_id", "settlement_key_id"]
+           "paillier_key_id", "settlement_key_id", "enrollment_message", "meter_signature_ok", "REASONS"]
 
 DOMAIN_SIGNER = b"gridledger registry v1 signer\n"
 DOMAIN_METER = b"gridledger registry v1 meter\n"
@@ -79,6 +84,7 @@ _FIELDS = {
     "paillier": {"kind", "kid", "key", "signer", "time", "sig"},
     "settlement": {"kind", "chain", "period", "tariff", "bills", "root", "signer", "time", "sig"},
 }
+_OPTIONAL = {"enroll": {"replaces"}}
 _SIGNERS = {"paillier": ("registrar",), "settlement": ("registrar", "coordinator")}
 HEX64 = re.compile(r"[0-9a-f]{64}")
 GENESIS_ROOT = BLANK_ROOT.hex()
@@ -95,6 +101,32 @@ def record_id(tx: bytes) -> str:
 
 def _body(rec: dict) -> bytes:
     return canonical({k: v for k, v in rec.items() if k not in ("sig", "meter_sig")})
+
+
+# What each refusal means for the person who gets it (the CLI prints it).
+REASONS = {
+    "tx_malformed": "the record is not JSON",
+    "tx_unknown_kind": "not a kind of record the registry knows",
+    "tx_bad_field": "a field is missing, extra or malformed",
+    "tx_not_canonical": "the record is not in canonical JSON",
+    "tx_unknown_signer": "the signer is not a registered node: a registrar must first register it "
+                         "(`gridledger registry node --role technician`)",
+    "tx_signer_role": "the signer's role may not sign this record (meters: a technician or a registrar)",
+    "tx_signer_retired": "the signer has been retired",
+    "tx_bad_signature": "the signer's signature does not verify: wrong --key for --signer, or the record changed",
+    "tx_bad_meter_signature": "the meter's proof of possession does not verify: it must sign exactly the "
+                              "bytes `gridledger registry enroll-request` prints, with the key it reported",
+    "tx_duplicate_meter": "this meter id is already enrolled (ids are never reused): pick a new id",
+    "tx_duplicate_key": "this public key (or threshold key) is already registered",
+    "tx_duplicate_node": "this node id is already registered",
+    "tx_account_has_meter": "the account already has an active meter: to swap it, name it with --replaces",
+    "tx_bad_replacement": "--replaces must name the account's current meter, in the same area",
+    "tx_unknown_target": "no such meter or node",
+    "tx_already_retired": "already retired",
+    "tx_future_time": "the record's time is more than 5 minutes ahead of the registry's clock",
+    "tx_duplicate_settlement": "this period is already settled on this chain",
+    "tx_too_large": "the record is too large",
+}
 
 
 # -- genesis ---------------------------------------------------------------------
@@ -133,19 +165,37 @@ def dump_genesis(g: Genesis) -> str:
 
 # -- building records (CLI, testbed, tests) ------------------------------------------
 
-def sign_record(rec: dict, signer_key: Ed25519PrivateKey, meter_key: Ed25519PrivateKey | None = None) -> bytes:
-    """The transaction bytes of `rec` signed by its signer (and, for an enrollment, the meter)."""
+def sign_record(rec: dict, signer_key: Ed25519PrivateKey, meter_key: Ed25519PrivateKey | None = None, *,
+                meter_sig: str | None = None) -> bytes:
+    """The transaction bytes of `rec` signed by its signer and, for an enrollment,
+    by the meter: with its key (testbed) or a signature it made itself (`meter_sig`,
+    hex, over `enrollment_message(rec)`: the key never leaves the device)."""
     body = _body(rec)
     out = dict(rec, sig=signer_key.sign(DOMAIN_SIGNER + body).hex())
     if meter_key is not None:
         out["meter_sig"] = meter_key.sign(DOMAIN_METER + body).hex()
+    elif meter_sig is not None:
+        out["meter_sig"] = meter_sig
     return canonical(out)
 
 
 def enroll_record(*, meter: str, account: str, area: str, public_key: str, signer: str, time: int,
-                  board: str = "unix", firmware: str = "") -> dict:
-    return {"kind": "enroll", "meter": meter, "account": account, "area": area, "public_key": public_key,
-            "board": board, "firmware": firmware, "signer": signer, "time": time}
+                  board: str = "unix", firmware: str = "", replaces: str | None = None) -> dict:
+    rec = {"kind": "enroll", "meter": meter, "account": account, "area": area, "public_key": public_key,
+           "board": board, "firmware": firmware, "signer": signer, "time": time}
+    return rec if replaces is None else dict(rec, replaces=replaces)
+
+
+def enrollment_message(rec: dict) -> bytes:
+    """The exact bytes a meter signs to prove it holds the key it enrolls (its proof
+    of possession): a domain tag and the canonical record without signatures."""
+    return DOMAIN_METER + _body(rec)
+
+
+def meter_signature_ok(rec: dict, meter_sig: str) -> bool:
+    """Does `meter_sig` (hex) prove possession of `rec`'s public key? False on anything malformed."""
+    pub = _ed25519(rec.get("public_key", "")) if isinstance(rec.get("public_key"), str) else None
+    return pub is not None and isinstance(meter_sig, str) and _verifies(pub, meter_sig, enrollment_message(rec))
 
 
 def node_record(*, ident: str, role: str, public_key: str, signer: str, time: int) -> dict:
@@ -184,8 +234,9 @@ def _parse(i: int, tx: bytes) -> dict:
     if not isinstance(rec, dict) or rec.get("kind") not in _FIELDS:
         raise bad("tx_unknown_kind", f"kind must be one of {', '.join(_FIELDS)}")
     kind = rec["kind"]
-    if set(rec) != _FIELDS[kind]:
-        raise bad("tx_bad_field", f"{kind} needs exactly {sorted(_FIELDS[kind])}")
+    if not _FIELDS[kind] <= set(rec) <= _FIELDS[kind] | _OPTIONAL.get(kind, set()):
+        raise bad("tx_bad_field", f"{kind} needs exactly {sorted(_FIELDS[kind])}"
+                                  + (f", optionally {sorted(_OPTIONAL[kind])}" if kind in _OPTIONAL else ""))
     if canonical(rec) != tx:
         raise bad("tx_not_canonical", "a record is its canonical JSON")
     for k, v in rec.items():
@@ -198,7 +249,7 @@ def _parse(i: int, tx: bytes) -> dict:
         elif not isinstance(v, str) or len(v) > (128 if k.endswith("sig") else 200 if k == "reason" else
                                                  96 if k == "public_key" else MAX_TEXT):
             raise bad("tx_bad_field", f"{k} must be a short string")
-    for k in ("meter", "area", "signer", "id"):
+    for k in ("meter", "area", "signer", "id", "replaces"):
         if k in rec and not METER_ID_RE.match(rec[k]):
             raise bad("tx_bad_field", f"{k} must match [A-Za-z0-9_-]{{1,32}}")
     if kind == "enroll" and not rec["account"]:
@@ -297,6 +348,16 @@ class RegistryApp:
         history = st.get("account", rec["account"])
         meters = [m for m in history[0]] if history else []
         replaces = meters[-1] if meters else b""
+        current = st.get("meter", replaces.decode()) if replaces else None
+        if "replaces" in rec:
+            if current is None or rec["replaces"] != replaces.decode() or current[1].decode() != rec["area"]:
+                raise InvalidBlock("tx_bad_replacement", f"{rec['replaces']} is not the current meter of "
+                                   f"{rec['account']} in {rec['area']}", index=i)
+            if current[7] != b"\x01":  # the swap retires the old meter in the same transaction
+                st.put("meter", rec["replaces"], current[:7] + [b"\x01"] + current[8:])
+        elif current is not None and current[7] != b"\x01":
+            raise InvalidBlock("tx_account_has_meter", f"{rec['account']} has active meter {replaces.decode()}; "
+                               "name it in replaces to swap it", index=i)
         st.put("account", rec["account"], [meters + [meter.encode()]])
         st.put("meter", meter, [rec["account"].encode(), rec["area"].encode(), bytes.fromhex(rec["public_key"]),
                                 rec["board"].encode(), rec["firmware"].encode(), rec["signer"].encode(),
@@ -377,6 +438,7 @@ class RegistryHistory:
         self.height = 0
         self._hashes: dict[int, str] = {}
         self._meters: dict[str, _Enrolled] = {}
+        self._nodes: dict[str, tuple[str, int | None]] = {}  # id -> (role, retired at height)
         self._verifiers: dict[str, Callable[[bytes, bytes], bool]] = {}
         self._lock = threading.Lock()
 
@@ -401,14 +463,31 @@ class RegistryHistory:
                 if rec["kind"] == "enroll":
                     e = MeterEntry(rec["meter"], rec["account"], rec["public_key"])
                     self._meters[e.meter] = _Enrolled(e, rec["area"], header.height, None)
+                    if "replaces" in rec:
+                        self._retire_meter(rec["replaces"], header.height)
                 elif rec["kind"] == "retire" and rec["target"] == "meter":
-                    old = self._meters[rec["id"]]
-                    self._meters[rec["id"]] = _Enrolled(old.entry, old.area, old.since, header.height)
+                    self._retire_meter(rec["id"], header.height)
+                elif rec["kind"] == "node":
+                    self._nodes[rec["id"]] = (rec["role"], None)
+                elif rec["kind"] == "retire":
+                    self._nodes[rec["id"]] = (self._nodes[rec["id"]][0], header.height)
             self._hashes[header.height] = header.hash
             self.height = header.height
 
+    def _retire_meter(self, meter: str, height: int) -> None:
+        old = self._meters[meter]
+        if old.until is None:  # a swap names a meter that may have been retired before
+            self._meters[meter] = _Enrolled(old.entry, old.area, old.since, height)
+
     def hash_at(self, height: int) -> str | None:
         return self._hashes.get(height)
+
+    def active_meters(self) -> dict[str, str]:
+        """meter -> area of every meter enrolled and not retired at the latest height."""
+        return {m: e.area for m, e in list(self._meters.items()) if e.until is None}
+
+    def retired_nodes(self) -> set[str]:
+        return {n for n, (_, until) in list(self._nodes.items()) if until is not None}
 
     def account_of(self, meter: str) -> str | None:
         """The account a meter was ever enrolled for: meter ids are never reused,

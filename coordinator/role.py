@@ -35,7 +35,7 @@ from certlog.follower import Follower
 from certlog.replica import Replica
 from certlog.store import ChainStore, connect
 from certlog.validators import load_validator_set
-from gridledger.config import MqttConfig, read_toml, section
+from gridledger.config import MqttConfig, mqtt_section, read_toml, section
 from gridledger.errors import ConfigError
 from gridledger.logs import event
 from gridledger.paillier import load_public
@@ -118,7 +118,7 @@ def load_coordinator_config(path: Path) -> CoordinatorConfig:
     api = section(ApiSettings, doc, "api")
     if type(api.port) is not int or not 0 <= api.port < 65536:
         raise ConfigError("[api] port must be 0..65535 (0: no API)")
-    return CoordinatorConfig(c, areas, registry_chain, section(MqttConfig, doc, "mqtt"), api)
+    return CoordinatorConfig(c, areas, registry_chain, mqtt_section(doc, path), api)
 
 
 def open_ledger(cfg: CoordinatorConfig, chain: str, registry=None) -> AreaLedger:

@@ -40,6 +40,7 @@ from certlog.block import canonical
 from certlog.light import check_state_proof
 from certlog.validators import ValidatorSet
 from gridledger.errors import GridledgerError, Rejected
+from gridledger.mqtt import auth_options
 from gridledger.wire import unpack_slots
 
 from .billrender import bills_csv, write_bill_files
@@ -360,7 +361,7 @@ class CoordinatorRun:
     def mqtt_client(self, purpose: str) -> aiomqtt.Client:
         mqtt = self.cfg.mqtt
         return aiomqtt.Client(mqtt.host, mqtt.port, identifier=f"{purpose}-{self.cfg.coordinator.name}",
-                              username=mqtt.username, password=mqtt.password)
+                              **auth_options(mqtt))
 
 
 def open_run(config: Path, area: str) -> CoordinatorRun:

@@ -43,7 +43,7 @@ from certlog import bls
 from certlog.block import canonical
 from certlog.store import connect
 from certlog.validators import ValidatorSet, load_validator_set, read_secret_key
-from gridledger.config import MqttConfig, read_toml, section
+from gridledger.config import MqttConfig, mqtt_section, read_toml, section
 from gridledger.errors import ConfigError
 from gridledger.logs import event
 from gridledger.mqtt import keep_connected, until_stopped
@@ -100,7 +100,7 @@ def load_trustee_config(path: Path) -> TrusteeConfig:
     s = dataclasses.replace(s, chains=tuple(s.chains))
     if not s.chains:
         raise ConfigError(f"{path}: [trustee] chains lists the area chains this trustee serves")
-    return TrusteeConfig(s, section(Policy, doc, "policy"), section(MqttConfig, doc, "mqtt"))
+    return TrusteeConfig(s, section(Policy, doc, "policy"), mqtt_section(doc, path))
 
 
 def _finest(spans: set[tuple[int, int]]) -> int:

@@ -1,5 +1,7 @@
 # The meter's health message (docs/uplink.md), the same for both uplinks: what
 # the meter knows (its status callback) plus what only the device can tell.
+# The uplinks import it (and answers.py) on first use, not at boot: booting,
+# with the sensor drivers being loaded, is the tightest moment for the heap.
 import gc
 import sys
 import time
@@ -35,20 +37,6 @@ def _clock_quality():
     if sys.platform == "linux":
         return "host"
     return "unsynced" if time.time() < 1704067200 else "rtc"
-
-
-class Uptime:
-    # Milliseconds since boot, from tick differences summed often, so the ticks
-    # wrap (2^30 ms on boards, 12 days) never shows.
-    def __init__(self):
-        self.ms = 0
-        self._tick = time.ticks_ms()
-
-    def tick(self):
-        now = time.ticks_ms()
-        self.ms += time.ticks_diff(now, self._tick)
-        self._tick = now
-        return self.ms
 
 
 def report(meter, status, log, up_ms, last_acked, reconnects, alerts):

@@ -1,15 +1,20 @@
-# The meter: every interval, measure, encrypt, sign, spool, publish; drop a
+# The meter: every interval, measure, encrypt, sign, journal, publish; drop a
 # reading only when the gateway acknowledges it as durable.
+import gc
 import json
-import os
 import sys
 import time
 
+import boards
 import ed25519
 import paillier
 import wire
-from alerts import Alerts
-from spool import Spool, exists
+from meterstate import MeterState, StateError
+from watchdog import Watchdog
+
+# Readings published and not yet acknowledged at most: the gateway acks in
+# batches, and a window keeps a backlog from flooding a slow link.
+WINDOW = 16
 
 # Where log lines go instead of stdout (a serial uplink on the USB console
 # sends them as frames); None: print.
@@ -27,13 +32,6 @@ def log(ev, **kw):
 def _load(path):
     with open(path) as f:
         return json.load(f)
-
-
-def _save_atomic(path, obj):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(json.dumps(obj))
-    os.rename(tmp, path)
 
 
 class Clock:
@@ -68,12 +66,20 @@ def _make_uplink(cfg, meter, on_ack, status):
     raise ValueError("unknown uplink kind: " + kind)
 
 
-def _make_sensor(cfg):
-    kind = cfg.get("type", "sim")
-    if kind == "sim":
-        from simsensor import SimSensor
-        return SimSensor(cfg.get("seed", 1), cfg.get("solar_wp", 0), cfg.get("tz_offset_s", 0))
-    raise ValueError("unknown sensor type: " + kind)
+def _make_sensor(cfg, board):
+    # The config's "sensor" object picks the driver; pins default to the board
+    # profile's wiring (docs/sensors.md, hardware/wiring.md).
+    import sensors
+    return sensors.make(cfg.get("sensor", {}), board, log)
+
+
+def _make_alerts(cfg, m):
+    # Device alerts (docs/alerts.md) only where the config asks for them:
+    # imported lazily, their code costs a meter without them no heap.
+    if not cfg.get("alerts"):
+        return None
+    from alerts import Alerts
+    return Alerts(cfg["alerts"], m.dir, m.meter, m.key, m.sensor, log)
 
 
 class Meter:
@@ -92,40 +98,55 @@ class Meter:
         if pc.get("kid", self.kid) != self.kid:
             raise ValueError("paillier kid does not match n")
         self.pool = paillier.RhoPool(self.n, pc.get("pool", 4), pc.get("exp_bits"))
-        self.sensor = _make_sensor(cfg.get("sensor", {}))
+        self._pool_step_s = 0.0
         self.clock = Clock(cfg.get("clock", {}))
         self.stop_at = cfg.get("clock", {}).get("stop_at")
-        self.spool = Spool(self.dir + "/spool")
-        self._state_path = self.dir + "/state.json"
-        st = _load(self._state_path) if exists(self._state_path) else {}
-        self.seq = st.get("seq", 0)
-        self.prev = st.get("prev", wire.ZERO_HASH)
-        self.spool.discard_after(self.seq)
-        last_t = st.get("t")
-        if last_t is None:
+        self.state = _open_state(cfg, self.n)
+        last_t = self.state.c.t
+        if not last_t:
             # First boot: the first interval is the one under way (a testbed
             # clock may not have started yet).
             last_t = max(self.clock.now(), self.clock.virt0) // self.interval * self.interval
         self.next_end = last_t + self.interval
         self.truth_path = self.dir + "/truth.jsonl" if cfg.get("sensor", {}).get("type", "sim") == "sim" else None
-        self._sent = {}
         self.uplink = _make_uplink(cfg, self.meter, self._acked, self._health)
-        self.alerts = Alerts(cfg.get("alerts") or {}, self.dir, self.meter, self.key, self.sensor, log)
-        self.uplink.alerts = self.alerts
         global _sink
         _sink = getattr(self.uplink, "log_sink", None)
+        # After the uplink: a sensor or watchdog line at boot goes where logs go.
+        self.board = boards.select(cfg)
+        self.sensor = _make_sensor(cfg, self.board)
+        self.watchdog = Watchdog(self.board, cfg.get("watchdog_ms"), log)
+        self.alerts = _make_alerts(cfg, self)
+        self.uplink.alerts = self.alerts
         self._resend_ms = int(cfg.get("resend_s", 5) * 1000)
+        # Go-back-N: records are sent in journal order from a cursor; when no
+        # ack moves the floor for resend_s (or a publish fails), the cursor goes
+        # back to the oldest unacknowledged record. The gateway stores a resent
+        # reading once (same seq, same signed bytes) and acks it again.
+        self._cursor = None
+        self._sent_seq = 0  # highest reading seq sent since the last rewind
+        self._progress_ms = time.ticks_ms()
+        self._events_warned = False
+
+    @property
+    def seq(self):
+        return self.state.c.seq
 
     def _acked(self, seq):
-        n = self.spool.drop_through(seq)
-        for s in list(self._sent):
-            if s <= seq:
-                del self._sent[s]
-        if n:
-            log("acked", seq=seq, dropped=n, spooled=len(self.spool))
+        j = self.state.journal
+        before = j.live
+        if not self.state.acked(seq):
+            log("bad_ack", seq=seq, our_seq=self.seq)
+            return
+        self._progress_ms = time.ticks_ms()
+        if j.live != before:
+            log("acked", seq=seq, dropped=before - j.live, spooled=j.live)
 
     def _health(self):
-        return {"seq": self.seq, "spooled": len(self.spool)}
+        c, j = self.state.c, self.state.journal
+        return {"seq": c.seq, "spooled": j.live, "journal_depth": j.live, "journal_full": j.full(),
+                "dropped": j.dropped, "last_acked": c.acked, "boot": c.boot,
+                "import_wh": c.import_wh, "export_wh": c.export_wh}
 
     def _band(self, t0):
         return self.bands[((t0 + self.tz) % 86400) // 3600]
@@ -133,68 +154,138 @@ class Meter:
     def take_reading(self, t_end):
         t0 = t_end - self.interval
         imp, exp = self.sensor.energy(t0, t_end)
+        if self.alerts is not None:
+            self.alerts.evaluate(t_end, self.interval, imp, exp)
         band = self._band(t0)
         slots = {wire.slot(band, 0): imp, wire.slot(band, 1): exp}
+        st = self.state
+        if not st.room():
+            # Full, keeping the oldest: loudly, and the registers still count.
+            st.skip_reading(t_end, imp, exp)
+            log("journal_full", t=t_end, dropped=st.journal.dropped, spooled=st.journal.live)
+            return
         c = self.pool.encrypt(wire.pack(slots))
-        seq = self.seq + 1
-        payload, h = wire.reading(self.key, self.meter, seq, t_end, self.interval,
-                                  self.prev, self.kid, c)
+        seq = st.c.seq + 1
+        prev = wire.hexs(st.c.prev)
+        ch = "%x" % c
+        sig, h = wire.sign(self.key, self.meter, seq, t_end, self.interval, prev, self.kid, ch)
         if self.truth_path:
-            # Written first: a crash before the spool write reuses this seq, and
-            # the later line for the same seq wins.
+            # Written first: a crash before the journal write reuses this seq,
+            # and the later line for the same seq wins.
             with open(self.truth_path, "a") as f:
                 f.write(json.dumps({"seq": seq, "t": t_end, "band": band,
                                     "import_wh": imp, "export_wh": exp}) + "\n")
-        self.spool.put(seq, payload)
-        _save_atomic(self._state_path, {"seq": seq, "prev": h, "t": t_end})
-        self.seq = seq
-        self.prev = h
-        log("reading", seq=seq, t=t_end, spooled=len(self.spool))
-        self.alerts.evaluate(t_end, self.interval, imp, exp)
+        dropped = st.journal.dropped
+        if not st.commit_reading(seq, t_end, self.interval, prev, self.kid, sig, c, h, imp, exp):
+            log("journal_write_failed", seq=seq, t=t_end, dropped=st.journal.dropped)
+            return
+        if st.journal.dropped != dropped:
+            log("journal_full", seq=seq, dropped=st.journal.dropped, kept="newest")
+        log("reading", seq=seq, t=t_end, spooled=st.journal.live)
+
+    def _rewind(self):
+        self._cursor = None
+        self._sent_seq = 0
 
     def _send_pending(self, budget=8):
+        st = self.state
+        j = st.journal
         now = time.ticks_ms()
-        for seq in self.spool.seqs:
-            if budget == 0:
+        if self._sent_seq > j.floor and time.ticks_diff(now, self._progress_ms) >= self._resend_ms:
+            self._rewind()  # no ack for resend_s: the readings or their acks were lost
+        while budget:
+            pos = j.first() if self._cursor is None else j.after(self._cursor)
+            if pos is None:
                 return
-            sent = self._sent.get(seq)
-            if sent is not None and time.ticks_diff(now, sent) < self._resend_ms:
-                continue
-            if not self.uplink.publish(self.spool.get(seq)):
-                self._sent.clear()
+            key = j.key(pos)  # before publishing: an ack may delete its segment meanwhile
+            if key > j.floor + WINDOW:
                 return
-            self._sent[seq] = now
+            msg = st.message(pos)
+            if msg is None:
+                log("journal_damaged", key=key)
+            elif msg[0]:
+                if hasattr(self.uplink, "publish_event"):
+                    if not self.uplink.publish_event(msg[1]):
+                        self._rewind()
+                        return
+                elif not self._events_warned:
+                    self._events_warned = True
+                    log("events_not_sent", why="uplink has no event channel")
+            else:
+                if not self.uplink.publish(msg[1]):
+                    self._rewind()
+                    return
+                if self._sent_seq <= j.floor:
+                    self._progress_ms = now  # the resend clock starts with the first unacked send
+                self._sent_seq = key
+            self._cursor = pos
             budget -= 1
 
     def finished(self):
-        return (self.stop_at is not None and self.next_end > self.stop_at and not len(self.spool)
-                and not self.alerts.pending)
+        return (self.stop_at is not None and self.next_end > self.stop_at and not self.state.journal.live
+                and not (self.alerts is not None and self.alerts.pending))
 
     def step(self):
         # One reading per step: a meter that has fallen behind (signing and
         # encrypting are slow on a busy CPU) still services its uplink between
-        # readings, so acks drain the spool and the broker never times it out.
+        # readings, so acks drain the journal and the broker never times it out.
+        self.sensor.poll()
         if self.clock.now() >= self.next_end and (self.stop_at is None or self.next_end <= self.stop_at):
             self.take_reading(self.next_end)
             self.next_end += self.interval
         self.uplink.poll()
         self._send_pending()
         self.uplink.poll()
-        # Idle work: precompute encryption randomness before the next interval.
-        if not self.pool.full() and self.clock.real_until(self.next_end) > 0.3:
-            self.pool.refill_one()
-        else:
-            time.sleep_ms(20)
+        self.watchdog.feed()  # a completed loop; the idle work below is bounded
+        gc.collect()
+        # Idle work: precompute encryption randomness, one bounded step of the
+        # pool at a time, and only while the next interval is further away than
+        # twice the longest step seen, so the pool never makes a reading late.
+        if self.clock.real_until(self.next_end) > 0.3 + 2 * self._pool_step_s:
+            t0 = time.ticks_ms()
+            if self.pool.step():
+                self._pool_step_s = max(self._pool_step_s, time.ticks_diff(time.ticks_ms(), t0) / 1000)
+                return
+        time.sleep_ms(20)
 
     def run(self):
-        log("boot", meter=self.meter, seq=self.seq, spooled=len(self.spool), kid=self.kid)
+        c = self.state.c
+        log("boot", meter=self.meter, seq=c.seq, spooled=self.state.journal.live, kid=self.kid, boot=c.boot,
+            import_wh=c.import_wh, export_wh=c.export_wh, acked=c.acked, dropped=self.state.journal.dropped)
         while not self.finished():
             self.step()
+        self.state.save()  # the ack mark, so a restart resends nothing acknowledged
         self.uplink.close()
         log("done", seq=self.seq)
+
+
+def _open_state(cfg, n, boot=True):
+    nsq_bytes = (paillier.bits(n * n) + 7) // 8
+    return MeterState(cfg.get("state_dir", "."), cfg["meter"], cfg.get("journal") or {}, nsq_bytes, log, boot)
+
+
+def set_register(cfg, import_wh, export_wh, by):
+    # Technician's command, with the meter's main loop stopped: align the
+    # registers with the utility meter through a signed, journaled event that
+    # the meter publishes (gl/v1/{area}/meters/{meter}/events) when it runs.
+    with open(cfg.get("key_file", cfg.get("state_dir", ".") + "/ed25519.key"), "rb") as f:
+        key = ed25519.SigningKey(f.read())
+    st = _open_state(cfg, int(cfg["paillier"]["n"]), boot=False)
+    before = (st.c.import_wh, st.c.export_wh)
+    eseq, h = st.set_register(key, import_wh, export_wh, by, Clock(cfg.get("clock", {})).now())
+    log("set_register", eseq=eseq, hash=h, before=before, after=(import_wh, export_wh), by=by)
 
 
 def main(argv=None):
     argv = argv if argv is not None else sys.argv
     path = argv[1] if len(argv) > 1 else "config.json"
-    Meter(_load(path)).run()
+    try:
+        if len(argv) > 2 and argv[2] == "set-register":
+            if len(argv) != 6:
+                raise StateError("usage", "usage: main.py CONFIG set-register IMPORT_WH EXPORT_WH BY")
+            set_register(_load(path), int(argv[3]), int(argv[4]), argv[5])
+            return
+        Meter(_load(path)).run()
+    except (StateError, ValueError) as e:
+        log("refused", reason=getattr(e, "reason", "bad_value"), error=str(e))
+        sys.exit(2)

@@ -8,9 +8,7 @@
 import json
 import time
 
-import answers
 import frame
-import health
 
 PROTO = 1
 
@@ -155,7 +153,8 @@ class SerialUplink:
         self._next_health = 0
         self._next_try = 0
         self._backoff_ms = 500
-        self._uptime = health.Uptime()
+        self._up_ms = 0
+        self._up_tick = time.ticks_ms()
         self._last_acked = None
         self.reconnects = 0
         self._in_log = False
@@ -231,7 +230,9 @@ class SerialUplink:
 
     def poll(self):
         # Handle every frame already waiting, then keep the link alive; never blocks.
-        self._uptime.tick()
+        now = time.ticks_ms()
+        self._up_ms += time.ticks_diff(now, self._up_tick)  # summed every poll: the ticks wrap never shows
+        self._up_tick = now
         if not self.ensure():
             return
         try:
@@ -259,7 +260,8 @@ class SerialUplink:
                 return
         if self._status is not None and self.connected() and time.ticks_diff(now, self._next_health) >= 0:
             self._next_health = time.ticks_add(now, self._health_ms)
-            st = health.report(self._meter, self._status, self._log, self._uptime.tick(), self._last_acked,
+            import health
+            st = health.report(self._meter, self._status, self._log, self._up_ms, self._last_acked,
                                self.reconnects, self.alerts)
             st["rejected"] = self.rejected
             if not self._send(frame.HEALTH, json.dumps(st).encode(), "health"):
@@ -275,6 +277,7 @@ class SerialUplink:
             self.rejected[payload] = self.rejected.get(payload, 0) + 1
             self._log("link_reject", reason=payload)
         elif ftype == frame.ACK or ftype == frame.NACK:
+            import answers
             seq = answers.handle(payload, ftype == frame.ACK, self._on_ack, self.alerts, self._log)
             if seq is not None and (self._last_acked is None or seq > self._last_acked):
                 self._last_acked = seq

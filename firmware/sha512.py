@@ -36,35 +36,43 @@ _H0 = (
 )
 
 
-def _rotr(x, n):
-    return (x >> n) | ((x << (64 - n)) & _M)
-
-
 def _compress(h, block, w):
+    # Rotations are written out inline and left unmasked: function calls cost
+    # more than the arithmetic under MicroPython, and bits above 63 never reach
+    # the low 64 bits through +, ^, | and &, so one mask per sum is enough.
+    # Ch and Maj use the forms with no negation (~e is a negative big int).
+    M = _M
+    K = _K
     for i in range(16):
         w[i] = struct.unpack_from(">Q", block, i * 8)[0]
     for i in range(16, 80):
-        a = w[i - 15]
-        b = w[i - 2]
-        s0 = _rotr(a, 1) ^ _rotr(a, 8) ^ (a >> 7)
-        s1 = _rotr(b, 19) ^ _rotr(b, 61) ^ (b >> 6)
-        w[i] = (w[i - 16] + s0 + w[i - 7] + s1) & _M
+        x = w[i - 15]
+        y = w[i - 2]
+        w[i] = (w[i - 16] + w[i - 7]
+                + (((x >> 1) | (x << 63)) ^ ((x >> 8) | (x << 56)) ^ (x >> 7))
+                + (((y >> 19) | (y << 45)) ^ ((y >> 61) | (y << 3)) ^ (y >> 6))) & M
     a, b, c, d, e, f, g, hh = h
     for i in range(80):
-        t1 = (hh + (_rotr(e, 14) ^ _rotr(e, 18) ^ _rotr(e, 41))
-              + ((e & f) ^ (~e & g)) + _K[i] + w[i]) & _M
-        t2 = ((_rotr(a, 28) ^ _rotr(a, 34) ^ _rotr(a, 39))
-              + ((a & b) ^ (a & c) ^ (b & c))) & _M
+        t1 = (hh + ((((e >> 14) | (e << 50)) ^ ((e >> 18) | (e << 46)) ^ ((e >> 41) | (e << 23))) & M)
+              + (g ^ (e & (f ^ g))) + K[i] + w[i])
+        t2 = ((((a >> 28) | (a << 36)) ^ ((a >> 34) | (a << 30)) ^ ((a >> 39) | (a << 25))) & M) \
+            + ((a & b) | (c & (a | b)))
         hh = g
         g = f
         f = e
-        e = (d + t1) & _M
+        e = (d + t1) & M
         d = c
         c = b
         b = a
-        a = (t1 + t2) & _M
-    for i, x in enumerate((a, b, c, d, e, f, g, hh)):
-        h[i] = (h[i] + x) & _M
+        a = (t1 + t2) & M
+    h[0] = (h[0] + a) & M
+    h[1] = (h[1] + b) & M
+    h[2] = (h[2] + c) & M
+    h[3] = (h[3] + d) & M
+    h[4] = (h[4] + e) & M
+    h[5] = (h[5] + f) & M
+    h[6] = (h[6] + g) & M
+    h[7] = (h[7] + hh) & M
 
 
 def _soft(data):

@@ -11,8 +11,6 @@ import socket
 import time
 from umqtt import simple
 
-import answers
-import health
 
 # The RP2040 watchdog cannot wait more than 8.3 s; a call that returns within
 # 5 s leaves the main loop time to feed it whatever the network does.
@@ -128,16 +126,9 @@ class Uplink:
         self._max_backoff_ms = int(cfg.get("backoff_max_s", BACKOFF_MAX_S) * 1000)
         self._health_ms = int(cfg.get("health_s", HEALTH_S) * 1000)
         self._keepalive_ms = cfg.get("keepalive", 60) * 1000
-        # A CA that cannot be loaded (a missing or corrupt file) must not stop the
-        # meter measuring: every connect fails with it instead, and TLS is never
-        # silently dropped.
+        # The TLS context is made at the first connect, not at boot (the heap's
+        # tightest moment), and kept.
         self.tls = None
-        self._tls_error = None
-        if cfg.get("ca"):
-            try:
-                self.tls = _tls_context(cfg)
-            except Exception as e:
-                self._tls_error = e
         self.server_name = cfg.get("server_name", cfg["host"])
         self._port = cfg.get("port", 8883 if cfg.get("ca") else 1883)
         self.deadline = 0
@@ -148,7 +139,8 @@ class Uplink:
         self._next_health = 0
         self._got = 0
         self._last_acked = None
-        self._uptime = health.Uptime()
+        self._up_ms = 0
+        self._up_tick = time.ticks_ms()
         self.reconnects = 0
         self._offline = json.dumps({"v": 1, "meter": meter, "state": "offline"})
 
@@ -161,6 +153,7 @@ class Uplink:
 
     def _cb(self, topic, msg):
         self._got += 1
+        import answers
         seq = answers.handle(msg, topic.endswith(b"/ack"), self._on_ack, self.alerts, self._log)
         if seq is not None and (self._last_acked is None or seq > self._last_acked):
             self._last_acked = seq
@@ -190,10 +183,16 @@ class Uplink:
             return True
         if time.ticks_diff(time.ticks_ms(), self._next_try) < 0:
             return False  # backing off: the meter keeps measuring meanwhile
-        if self._tls_error is not None:
-            self._fail("tls_setup", self._tls_error)
-            return False
         cfg = self._cfg
+        if cfg.get("ca") and self.tls is None:
+            # A CA that cannot be loaded (a missing or corrupt file) must not stop
+            # the meter measuring: this connect fails instead, and TLS is never
+            # silently dropped.
+            try:
+                self.tls = _tls_context(cfg)
+            except Exception as e:
+                self._fail("tls_setup", e)
+                return False
         c = simple.MQTTClient(self._meter, cfg["host"], port=self._port,
                               user=cfg.get("user"), password=cfg.get("password"),
                               keepalive=cfg.get("keepalive", 60))
@@ -218,23 +217,27 @@ class Uplink:
         self._log("uplink_up", broker=cfg["host"], port=self._port, tls=self.tls is not None)
         return True
 
-    def publish(self, payload):
+    def publish(self, payload, topic=None):
         # QoS 1: returns once the broker has the message (PUBACK), or False.
         self._start()
         if not self.ensure():
             return False
         try:
-            self._client.publish(self.readings_topic, payload, qos=1)
+            self._client.publish(topic or self.readings_topic, payload, qos=1)
         except Exception as e:
             self._fail("publish", e)
             return False
         self._last_io = time.ticks_ms()
         return True
 
+    def publish_event(self, payload):
+        # A signed meter event (docs/journal.md), QoS 1 like a reading.
+        return self.publish(payload, self._base + "events")
+
     def poll(self):
         # Deliver every message already waiting (acks), send what is due
         # (health, alerts), keep the connection alive; never blocks for long.
-        self._uptime.tick()
+        self._tick()
         self._start()
         if not self.ensure():
             return
@@ -261,6 +264,14 @@ class Uplink:
         except Exception as e:
             self._fail("poll", e)
 
+    def _tick(self):
+        # Uptime from tick differences summed every poll, so the ticks wrap
+        # (2^30 ms on boards, 12 days) never shows.
+        now = time.ticks_ms()
+        self._up_ms += time.ticks_diff(now, self._up_tick)
+        self._up_tick = now
+
     def _health_message(self):
-        return json.dumps(health.report(self._meter, self._status, self._log, self._uptime.tick(),
+        import health
+        return json.dumps(health.report(self._meter, self._status, self._log, self._up_ms,
                                         self._last_acked, self.reconnects, self.alerts))

@@ -1,5 +1,4 @@
 # Wire format v1 (DESIGN section 4): slot packing, signed bytes, the JSON reading.
-import json
 import hashlib
 import binascii
 
@@ -38,12 +37,22 @@ def signed_bytes(meter, seq, t, dt, prev, kid, c):
                       prev, kid, c)).encode()
 
 
+def payload(meter, seq, t, dt, prev, kid, c, sig):
+    # The JSON reading, fields in wire order. Built by hand, not json.dumps: a
+    # reading rebuilt from the journal must come out the same every time, and
+    # none of these values needs escaping (meter ids are [A-Za-z0-9_-]).
+    return ('{"v": %d, "meter": "%s", "seq": %d, "t": %d, "dt": %d, "prev": "%s", "kid": "%s", '
+            '"c": "%s", "sig": "%s"}' % (VERSION, meter, seq, t, dt, prev, kid, c, sig)).encode()
+
+
+def sign(key, meter, seq, t, dt, prev, kid, c):
+    # (signature bytes, reading hash hex); c is the ciphertext's hex.
+    sb = signed_bytes(meter, seq, t, dt, prev, kid, c)
+    return key.sign(sb), hexs(hashlib.sha256(sb).digest())
+
+
 def reading(key, meter, seq, t, dt, prev, kid, c_int):
     # Returns (json payload bytes, reading hash hex). The hash chains readings.
     c = "%x" % c_int
-    sb = signed_bytes(meter, seq, t, dt, prev, kid, c)
-    sig = hexs(key.sign(sb))
-    payload = json.dumps({"v": VERSION, "meter": meter, "seq": seq, "t": t,
-                          "dt": dt, "prev": prev, "kid": kid, "c": c,
-                          "sig": sig})
-    return payload.encode(), hexs(hashlib.sha256(sb).digest())
+    sig, h = sign(key, meter, seq, t, dt, prev, kid, c)
+    return payload(meter, seq, t, dt, prev, kid, c, hexs(sig)), h

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .errors import GridledgerError
 
-__all__ = ["Broker", "BrokerError", "find_mosquitto", "free_port", "start_broker"]
+__all__ = ["Broker", "BrokerError", "find_mosquitto", "free_port", "start_broker", "run_mosquitto"]
 
 START_TIMEOUT_S = 15.0
 
@@ -106,6 +106,15 @@ def start_mosquitto(workdir: Path, port: int | None = None, extra_conf: str = ""
         "set_tcp_nodelay true\n"
         + extra_conf)
     return _launch("mosquitto", [exe, "-c", str(conf)], port, workdir / "mosquitto.log")
+
+
+def run_mosquitto(conf: Path, port: int, log: Path) -> Broker:
+    """Mosquitto on a configuration written elsewhere (`gridledger broker config`);
+    `port` is a listener on 127.0.0.1 to wait for."""
+    exe = find_mosquitto()
+    if exe is None:
+        raise BrokerError("mosquitto is not installed (Debian: apt-get install mosquitto)")
+    return _launch("mosquitto", [exe, "-c", str(conf)], port, log)
 
 
 def start_amqtt(workdir: Path, port: int | None = None) -> Broker:

@@ -9,6 +9,11 @@ import sys
 from pathlib import Path
 
 from .errors import GridledgerError
+from .flashtool import EXAMPLES as FLASH_EXAMPLES, add_commands as add_flash_commands
+
+# `broker credentials add --role`; gridledger.brokerauth.ROLES, without importing it at start-up
+ROLE_CHOICES = ("meter", "gateway", "validator", "storage", "verifier", "trustee", "coordinator", "registry",
+                "technician")
 
 EXAMPLES = {
     "keys paillier": "gridledger keys paillier --out keys/",
@@ -34,10 +39,18 @@ EXAMPLES = {
     "registry node": "gridledger registry node --id tech1 --role technician --public-key HEX --signer ops "
                      "--key keys/ops.ed25519.key",
     "registry enroll": "gridledger registry enroll --meter m01 --account acct-0001 --area area1 "
-                       "--meter-key keys/m01.ed25519.key --signer tech1 --key keys/tech1.ed25519.key",
+                       "--public-key HEX --meter-signature HEX --time 1790000000 "
+                       "--signer tech1 --key keys/tech1.ed25519.key",
+    "registry enroll-request": "gridledger registry enroll-request --meter m01 --account acct-0001 --area area1 "
+                               "--public-key HEX --signer tech1 --out m01.enroll.bin",
     "registry retire": "gridledger registry retire --meter m01 --reason replaced --signer tech1 "
                        "--key keys/tech1.ed25519.key",
     "registry show": "gridledger registry show --config gateway.toml",
+    "broker credentials add": "gridledger broker credentials add --id m01 --role meter --out broker/",
+    "broker acl": "gridledger broker acl --registry-config gateway.toml --out broker/acl",
+    "broker config": "gridledger broker config --out broker/ --tls-cert certs/server.crt --tls-key certs/server.key "
+                     "--ca certs/ca.crt --local-port 1883",
+    "broker testbed-ca": "gridledger broker testbed-ca --out certs/ --host gateway.local --host 192.168.1.10",
     "alerts list": "gridledger alerts list --config gateway.toml --meter m01 --limit 20",
     "bridge serial": "gridledger bridge serial --config gateway.toml --port /dev/ttyACM0",
     "loadgen run": "gridledger loadgen run --config gateway.toml --keys lg/ --meters 1000 --readings 10",
@@ -50,6 +63,7 @@ EXAMPLES = {
     "query interval": "gridledger query interval --config coordinator.toml --area A --account acct-0001 "
                       "--from 1767225600 --to 1767312000 --url http://127.0.0.1:8480",
 }
+EXAMPLES.update(FLASH_EXAMPLES)
 
 
 def _cmd_keys_paillier(args) -> int:
@@ -198,35 +212,92 @@ def _cmd_registry_run(args) -> int:
     return _run_role("registry", args.log_level, RegistryRole(load_registry_config(Path(args.config))))
 
 
-def _submit_record(args, rec: dict, meter_key=None) -> int:
-    import json
+def _submit_mqtt(args):
+    """Where a submitting command connects: `--mqtt FILE`'s [mqtt] table (account, TLS)
+    on a secured broker, else `--broker HOST:PORT`."""
+    from .config import MqttConfig, mqtt_section, read_toml
+    if args.mqtt:
+        return mqtt_section(read_toml(Path(args.mqtt)), Path(args.mqtt))
+    host, _, port = args.broker.partition(":")
+    return MqttConfig(host=host, port=int(port or 1883))
+
+
+def _submit_record(args, rec: dict, meter_key=None, *, meter_sig: str | None = None, when: int | None = None) -> int:
     import time
     from coordinator.registry import submit
     from coordinator.registryapp import sign_record
-    from .config import MqttConfig
     signer = _signer(args.signer, args.key)
-    tx = sign_record(dict(rec, signer=args.signer, time=int(time.time())), signer.private,
-                     meter_key.private if meter_key else None)
-    host, _, port = args.broker.partition(":")
+    rec = dict(rec, signer=args.signer, time=int(time.time()) if when is None else when)
+    tx = sign_record(rec, signer.private, meter_key.private if meter_key else None, meter_sig=meter_sig)
+    mqtt = _submit_mqtt(args)
     try:
-        [result] = asyncio.run(submit(MqttConfig(host=host, port=int(port or 1883)), [tx], chain=args.chain,
-                                      timeout_s=args.timeout))
+        [result] = asyncio.run(submit(mqtt, [tx], chain=args.chain, timeout_s=args.timeout))
     except TimeoutError as exc:
-        raise GridledgerError(f"{exc}: is `gridledger registry run` up on {args.broker}?") from None
+        raise GridledgerError(f"{exc}: is `gridledger registry run` up on {mqtt.host}:{mqtt.port}?") from None
+    return _report(result)
+
+
+def _report(result: dict) -> int:
+    """A record's fate as JSON on stdout; a refusal also in words on stderr, and exit 1."""
+    import json
+    from coordinator.registryapp import REASONS
     print(json.dumps(result))
-    return 0 if result["status"] == "certified" else 1
+    if result["status"] == "certified":
+        return 0
+    reason = result.get("reason", "")
+    print(f"gridledger: refused: {reason}: {result.get('detail', '')}\n  {REASONS.get(reason, '')}".rstrip(),
+          file=sys.stderr)
+    return 1
 
 
 def _cmd_registry_node(args) -> int:
     return _submit_record(args, {"kind": "node", "id": args.id, "role": args.role, "public_key": args.public_key})
 
 
+def _enroll_fields(args, public_key: str) -> dict:
+    from coordinator.registryapp import enroll_record
+    rec = enroll_record(meter=args.meter, account=args.account, area=args.area, public_key=public_key,
+                        signer=args.signer, time=0, board=args.board, firmware=args.firmware, replaces=args.replaces)
+    return {k: v for k, v in rec.items() if k not in ("signer", "time")}
+
+
 def _cmd_registry_enroll(args) -> int:
+    """Two ways to prove the meter holds its key: the testbed's seed file (--meter-key),
+    or, for a key made on the device, its signature over `enroll-request`'s bytes."""
+    from coordinator.registryapp import meter_signature_ok
     from .meterkeys import MeterKey
-    key = MeterKey.read_seed(args.meter, Path(args.meter_key))
-    return _submit_record(args, {"kind": "enroll", "meter": args.meter, "account": args.account, "area": args.area,
-                                 "public_key": key.public_hex, "board": args.board, "firmware": args.firmware},
-                          key)
+    if args.meter_key:
+        if args.public_key or args.meter_signature:
+            raise GridledgerError("give --meter-key, or --public-key with --meter-signature, not both")
+        key = MeterKey.read_seed(args.meter, Path(args.meter_key))
+        return _submit_record(args, _enroll_fields(args, key.public_hex), key, when=args.time)
+    if not (args.public_key and args.meter_signature and args.time):
+        raise GridledgerError("without --meter-key, give --public-key, --meter-signature and the --time "
+                              "that `registry enroll-request` printed (the device signed it)")
+    rec = _enroll_fields(args, args.public_key.lower())
+    signed = dict(rec, signer=args.signer, time=args.time)
+    if not meter_signature_ok(signed, args.meter_signature.lower()):
+        # Checked here as the registry would, so a technician hears it before anything is sent.
+        return _report({"status": "refused", "reason": "tx_bad_meter_signature",
+                        "detail": f"{args.meter}'s signature does not verify with {args.public_key[:16]}…"})
+    return _submit_record(args, rec, meter_sig=args.meter_signature.lower(), when=args.time)
+
+
+def _cmd_registry_enroll_request(args) -> int:
+    """Print (and with --out write) the exact bytes the device must sign to enroll."""
+    import json
+    import time
+    from coordinator.registryapp import enrollment_message
+    from .meterkeys import verifier
+    verifier(args.public_key)  # a malformed key is refused here, not by the registry later
+    rec = dict(_enroll_fields(args, args.public_key.lower()), signer=args.signer,
+               time=args.time or int(time.time()))
+    message = enrollment_message(rec)
+    if args.out:
+        Path(args.out).write_bytes(message)
+    print(json.dumps({"record": rec, "message": message.hex(), "time": rec["time"],
+                      **({"file": args.out} if args.out else {})}))
+    return 0
 
 
 def _cmd_registry_retire(args) -> int:
@@ -260,6 +331,51 @@ def _cmd_registry_show(args) -> int:
     print(json.dumps({"chain": rc.chain, "height": history.height, "area": area,
                       "meters": [{"meter": e.meter, "account": e.account, "public_key": e.public_key}
                                  for e in sorted(view, key=lambda e: e.meter)]}))
+    return 0
+
+
+def _cmd_broker_credentials_add(args) -> int:
+    import json
+    from .brokerauth import PASSWD, Account, add_credentials
+    password = add_credentials(Path(args.out), Account(args.id, args.role, args.area or ""), rotate=args.rotate)
+    print(json.dumps({"id": args.id, "role": args.role, "password": password,
+                      "password_file": str(Path(args.out) / PASSWD), "rotated": args.rotate}))
+    print(f"the password for {args.id} is shown once: put it in the device's or role's config now "
+          "(Mosquitto reloads the password file on SIGHUP)", file=sys.stderr)
+    return 0
+
+
+def _cmd_broker_acl(args) -> int:
+    import json
+    from .brokerauth import load_members, read_accounts, render_acl, write_acl
+    out = Path(args.out)
+    accounts = read_accounts(Path(args.accounts) if args.accounts else out.parent)
+    members = load_members(Path(args.registry_config), args.area)
+    write_acl(out, render_acl(accounts, members))
+    print(json.dumps({"acl": str(out), "meters": len(members.meters), "accounts": len(accounts),
+                      "registry_height": members.height, "retired_nodes": sorted(members.retired_nodes)}))
+    return 0
+
+
+def _cmd_broker_config(args) -> int:
+    from .brokertls import check_tls, render_config
+    out = Path(args.out)
+    check_tls(Path(args.tls_cert), Path(args.tls_key), Path(args.ca))
+    out.mkdir(parents=True, exist_ok=True)
+    conf = out / "mosquitto.conf"
+    conf.write_text(render_config(out, tls_cert=Path(args.tls_cert), tls_key=Path(args.tls_key), ca=Path(args.ca),
+                                  tls_port=args.tls_port, tls_bind=args.tls_bind or "", local_port=args.local_port))
+    print(f"broker config {conf}: TLS on {args.tls_bind or '*'}:{args.tls_port}"
+          + (f", plain on 127.0.0.1:{args.local_port}" if args.local_port else "") + ", accounts only")
+    return 0
+
+
+def _cmd_broker_testbed_ca(args) -> int:
+    from .brokertls import make_testbed_ca
+    paths = make_testbed_ca(Path(args.out), args.host)
+    for name, path in paths.items():
+        print(f"{name:<11} {path}" + ("  (mode 0600)" if name.endswith(".key") else ""))
+    print("TESTBED CA: for labs; in production use your organisation's CA", file=sys.stderr)
     return 0
 
 
@@ -562,6 +678,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--id", required=True, help="node id, [A-Za-z0-9_-]{1,32}")
     sp.add_argument("--out", required=True, help="folder for ID.ed25519.key")
 
+    def enroll_args(sp) -> None:
+        sp.add_argument("--meter", required=True)
+        sp.add_argument("--account", required=True)
+        sp.add_argument("--area", required=True)
+        sp.add_argument("--board", default="unix")
+        sp.add_argument("--firmware", default="")
+        sp.add_argument("--replaces", help="the account's current meter, retired by this enrollment (a swap)")
+
     rg = roles.add_parser("registry", help="the registry chain: meters, nodes, roles").add_subparsers(
         dest="action", required=True)
     sp = action(rg, "registry", "genesis", "write the registry chain's genesis (its registrars)",
@@ -580,13 +704,21 @@ def build_parser() -> argparse.ArgumentParser:
     submits.append(sp)
     sp = action(rg, "registry", "enroll", "enroll a meter (signed by a technician and by the meter's own key)",
                 _cmd_registry_enroll)
-    sp.add_argument("--meter", required=True)
-    sp.add_argument("--account", required=True)
-    sp.add_argument("--area", required=True)
-    sp.add_argument("--meter-key", required=True, help="the meter's Ed25519 seed file (its proof of possession)")
-    sp.add_argument("--board", default="unix")
-    sp.add_argument("--firmware", default="")
+    enroll_args(sp)
+    sp.add_argument("--meter-key", help="testbed: the meter's Ed25519 seed file (the CLI makes its proof of "
+                    "possession)")
+    sp.add_argument("--public-key", help="the key the device generated, hex (with --meter-signature and --time)")
+    sp.add_argument("--meter-signature", help="the device's Ed25519 signature, hex, over the bytes "
+                    "`registry enroll-request` printed")
+    sp.add_argument("--time", type=int, help="the record time `registry enroll-request` printed")
     submits.append(sp)
+    sp = action(rg, "registry", "enroll-request", "print the exact bytes a meter must sign to enroll a key "
+                "generated on the device (its proof of possession)", _cmd_registry_enroll_request)
+    enroll_args(sp)
+    sp.add_argument("--public-key", required=True, help="the key the device generated, hex")
+    sp.add_argument("--signer", required=True, help="the technician's node id that will sign the enrollment")
+    sp.add_argument("--time", type=int, help="record time, Unix seconds (default: now)")
+    sp.add_argument("--out", help="also write the bytes to this file (for the device to sign)")
     sp = action(rg, "registry", "publish-key", "publish the trustees' threshold Paillier key (a registrar signs)",
                 _cmd_registry_publish_key)
     sp.add_argument("--threshold", required=True, help="threshold.pub.json from `keys ceremony`")
@@ -601,12 +733,44 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--signer", required=True, help="the signing node's id")
         sp.add_argument("--key", required=True, help="the signer's Ed25519 seed file")
         sp.add_argument("--broker", default="127.0.0.1:1883", help="HOST:PORT of the MQTT broker")
+        sp.add_argument("--mqtt", help="TOML file with an [mqtt] table (host, port, username, password, tls_ca) "
+                        "for a secured broker; replaces --broker")
         sp.add_argument("--chain", default="registry")
         sp.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the certificate")
     sp = action(rg, "registry", "show", "list the meters a role's registry replica holds for an area",
                 _cmd_registry_show)
     sp.add_argument("--config", required=True, help="gateway or validator TOML with [registry_chain]")
     sp.add_argument("--area", help="default: the config's area")
+
+    bk = roles.add_parser("broker", help="broker security: accounts, ACLs, TLS (Mosquitto)").add_subparsers(
+        dest="action", required=True)
+    cr = bk.add_parser("credentials", help="broker accounts").add_subparsers(dest="what", required=True)
+    sp = action(cr, "broker credentials", "add", "make an account: print its password once, keep only its hash "
+                "in the Mosquitto password file", _cmd_broker_credentials_add)
+    sp.add_argument("--id", required=True, help="account (MQTT user name): the meter or node id")
+    sp.add_argument("--role", required=True, choices=list(ROLE_CHOICES))
+    sp.add_argument("--area", help="the area a gateway, storage node or verifier serves")
+    sp.add_argument("--out", required=True, help="folder of passwd and accounts.toml")
+    sp.add_argument("--rotate", action="store_true", help="replace an existing account's password")
+    sp = action(bk, "broker", "acl", "write the Mosquitto ACL from the registry and the accounts", _cmd_broker_acl)
+    sp.add_argument("--registry-config", required=True, help="a role's TOML with [registry_chain] (or a gateway's "
+                    "with registry = FILE), a static registry TOML, or `registry show` JSON")
+    sp.add_argument("--area", help="area of a static registry's meters (default: the gateway config's)")
+    sp.add_argument("--out", required=True, help="ACL file to write")
+    sp.add_argument("--accounts", help="folder with accounts.toml (default: --out's folder)")
+    sp = action(bk, "broker", "config", "write mosquitto.conf: accounts only, ACL, a TLS listener "
+                "(and optionally a plain loopback one)", _cmd_broker_config)
+    sp.add_argument("--out", required=True, help="folder of passwd and acl; mosquitto.conf is written there")
+    sp.add_argument("--tls-cert", required=True, help="the broker's certificate (PEM)")
+    sp.add_argument("--tls-key", required=True, help="its private key (PEM, unencrypted)")
+    sp.add_argument("--ca", required=True, help="the CA that issued it, which clients trust")
+    sp.add_argument("--tls-port", type=int, default=8883)
+    sp.add_argument("--tls-bind", help="address of the TLS listener (default: all)")
+    sp.add_argument("--local-port", type=int, help="also a plain listener on 127.0.0.1 only, for roles on this host")
+    sp = action(bk, "broker", "testbed-ca", "make a lab CA and a server certificate (ECDSA P-256)",
+                _cmd_broker_testbed_ca)
+    sp.add_argument("--out", required=True, help="folder for ca.crt, ca.key, server.crt, server.key")
+    sp.add_argument("--host", required=True, action="append", help="the broker's DNS name or IP (repeat)")
 
     gw = roles.add_parser("gateway", help="the gateway (aggregator) role").add_subparsers(dest="action", required=True)
     daemon(gw, "gateway", "run the gateway: MQTT ingest, checks, SQLite, acks", _cmd_gateway_run, "gateway")
@@ -725,6 +889,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = action(fw, "firmware", "build", "fetch umqtt.simple and compile the firmware with mpy-cross",
                 _cmd_firmware_build)
     sp.add_argument("--out", help="output folder (default build/firmware)")
+    add_flash_commands(roles, action)
 
     lg = roles.add_parser("loadgen", help="load generator: many wire-v1 meters in one process").add_subparsers(
         dest="action", required=True)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .errors import ConfigError
 
-__all__ = ["MqttConfig", "read_toml", "section"]
+__all__ = ["MqttConfig", "read_toml", "section", "mqtt_section"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -19,6 +19,7 @@ class MqttConfig:
     username: str | None = None
     password: str | None = None
     keepalive: int = 30
+    tls_ca: Path | None = None  # with it, TLS to the broker, trusting only this CA file
 
 
 def read_toml(path: Path) -> dict:
@@ -45,3 +46,8 @@ def section(cls, doc: dict, name: str, base: Path | None = None, paths: tuple[st
         return cls(**raw)
     except TypeError as exc:
         raise ConfigError(f"[{name}]: {exc}") from exc
+
+
+def mqtt_section(doc: dict, path: Path) -> MqttConfig:
+    """The `[mqtt]` table of the config file at `path` (its `tls_ca` resolved against its folder)."""
+    return section(MqttConfig, doc, "mqtt", Path(path).parent, ("tls_ca",))

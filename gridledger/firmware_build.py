@@ -19,12 +19,13 @@ from pathlib import Path
 
 from .errors import GridledgerError
 
-__all__ = ["ROOT", "FIRMWARE_SRC", "BUILD", "build_firmware", "fetch_umqtt", "mpy_cross", "micropython",
+__all__ = ["ROOT", "FIRMWARE_SRC", "BUILD", "BOARDS", "build_firmware", "fetch_umqtt", "mpy_cross", "micropython",
            "micropython_command"]
 
 ROOT = Path(__file__).resolve().parent.parent
 FIRMWARE_SRC = ROOT / "firmware"
 BUILD = ROOT / "build"
+BOARDS = ROOT / "hardware" / "boards"
 
 UMQTT = {
     "name": "micropython-umqtt.simple",
@@ -103,16 +104,22 @@ def compile_module(src: Path, out: Path) -> None:
 
 
 def build_firmware(out: Path = BUILD / "firmware") -> Path:
-    """Compile every firmware module (main.py stays source: boards run it by name)."""
+    """Compile every firmware module, packages included (main.py stays source: boards
+    run it by name), and copy the board profiles into profiles/."""
     umqtt = fetch_umqtt()
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    for src in sorted(FIRMWARE_SRC.glob("*.py")):
+    for src in sorted(FIRMWARE_SRC.rglob("*.py")):
         if src.name == "main.py":
             shutil.copy2(src, out / "main.py")
         else:
-            compile_module(src, out / (src.stem + ".mpy"))
+            compile_module(src, out / src.relative_to(FIRMWARE_SRC).with_suffix(".mpy"))
+    # Board profiles travel as data: firmware/boards.py reads profiles/NAME.json
+    # (not boards/: that folder would shadow the boards module).
+    (out / "profiles").mkdir()
+    for profile in sorted(BOARDS.glob("*.json")):
+        shutil.copy2(profile, out / "profiles" / profile.name)
     compile_module(umqtt, out / "umqtt" / "simple.mpy")
     compile_module(umqtt.parent / "__init__.py", out / "umqtt" / "__init__.mpy")
     return out

@@ -50,6 +50,15 @@ def encrypt_with(n: int, m: int, rho: int) -> int:
     return int((1 + gmpy2.mpz(m) * n) * rho % nsq)
 
 
+def default_exp_bits(nbits: int) -> int:
+    """The firmware's DJN exponent length for an nbits modulus (4x its security
+    level; firmware/paillier.py says why)."""
+    for limit, ebits in ((2048, 448), (3072, 512), (7680, 768)):
+        if nbits <= limit:
+            return ebits
+    return 1024
+
+
 class RhoPool:
     """The CPython twin of firmware/paillier.py RhoPool (Damgard-Jurik-Nielsen
     short-exponent randomness): same h, same exponent size and the same bytes
@@ -60,7 +69,7 @@ class RhoPool:
         self.n = n
         self.nsq = gmpy2.mpz(n) * n
         self.size = size
-        self.exp_bits = exp_bits or n.bit_length() // 2
+        self.exp_bits = exp_bits or default_exp_bits(n.bit_length())
         self._randbytes = randbytes
         y = self._below(n)
         self._hn = gmpy2.powmod(-(y * y) % n, n, self.nsq)

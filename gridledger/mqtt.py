@@ -13,11 +13,17 @@ import aiomqtt
 from .config import MqttConfig
 from .logs import event
 
-__all__ = ["NO_DELAY", "keep_connected", "until_stopped"]
+__all__ = ["NO_DELAY", "keep_connected", "until_stopped", "auth_options"]
 
 # Acks and votes are small and latency-bound: never let Nagle hold one back for a delayed ACK.
 NO_DELAY = ((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),)
 RECONNECT_MAX_S = 10.0
+
+
+def auth_options(cfg: MqttConfig) -> dict:
+    """aiomqtt.Client options for the account and, with `tls_ca`, TLS that trusts only that CA."""
+    tls = aiomqtt.TLSParameters(ca_certs=str(cfg.tls_ca)) if cfg.tls_ca else None
+    return {"username": cfg.username, "password": cfg.password, "tls_params": tls}
 
 
 async def keep_connected(cfg: MqttConfig, identifier: str, topics: Iterable[str], stop: asyncio.Event,
@@ -30,7 +36,7 @@ async def keep_connected(cfg: MqttConfig, identifier: str, topics: Iterable[str]
     while not stop.is_set():
         try:
             async with aiomqtt.Client(cfg.host, cfg.port, identifier=cfg.client_id or identifier,
-                                      username=cfg.username, password=cfg.password, keepalive=cfg.keepalive,
+                                      **auth_options(cfg), keepalive=cfg.keepalive,
                                       clean_session=clean_session, socket_options=NO_DELAY, **client_options) as client:
                 for t in topics:
                     await client.subscribe(t, qos=1)

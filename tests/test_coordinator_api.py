@@ -137,7 +137,7 @@ async def test_the_coordinator_follows_the_chains_and_answers_with_proofs(tmp_pa
             await send(probe, m2, 3)
             # m1 is replaced by m3 on the same account: acct-a's history continues on m3.
             rec = enroll_record(meter="m3", account="acct-a", area=CHAIN, public_key=bed.keys["m3"].public_hex,
-                                signer="tech1", time=m1.t)
+                                signer="tech1", time=m1.t, replaces="m1")
             [res] = await submit(bed.mqtt, [sign_record(rec, bed.setup.technician.private, bed.keys["m3"].private)])
             assert res["status"] == "certified", res
             await asyncio.to_thread(wait_until, lambda: chain_height(tmp_path / "gateway-registry.db") >= res["height"],

@@ -14,6 +14,7 @@ import pytest
 
 from aggregator.store import GatewayStore, stored_counts
 from coordinator.totals import decrypt_total
+from gridledger.meterjournal import pending_seqs
 from gridledger.testbed import gateway_process, meter_process, read_truth, write_meter_config
 from gridledger.wire import ZERO_HASH
 
@@ -56,8 +57,8 @@ class Area:
         return self.gateway.wait(15)
 
     def spooled(self, m: str) -> list[int]:
-        d = self.tmp / m / "spool"
-        return sorted(int(p.stem) for p in d.glob("*.json")) if d.exists() else []
+        """Seqs of the readings the meter's journal still holds for the gateway."""
+        return pending_seqs(self.tmp / m)
 
     def truth(self, m: str) -> dict[int, dict]:
         return read_truth(self.tmp / m / "truth.jsonl")
@@ -122,7 +123,8 @@ def test_meters_keep_every_reading_until_the_gateway_acks(make_run):
     wait_until(lambda: all(len(area.truth(m)) >= 4 for m in area.meters), 30, "readings to accumulate")
     for m in area.meters:
         produced = sorted(area.truth(m))
-        assert area.spooled(m)[: len(produced)] == produced  # nothing dropped without an ack
+        # nothing dropped without an ack (the truth line is written just before the journal record)
+        wait_until(lambda: area.spooled(m)[: len(produced)] == produced, 5, "the journal to hold every reading made")
     area.start_gateway()
     area.wait_meters_done(60)
     assert area.stop_gateway() == 0

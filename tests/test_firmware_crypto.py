@@ -1,7 +1,9 @@
 """The firmware's cryptography, run under the real MicroPython Unix port and
 checked against independent CPython implementations (cryptography, phe)."""
 
+import hashlib
 import json
+import random
 import subprocess
 
 import pytest
@@ -14,6 +16,8 @@ from gridledger.paillier import encrypt_raw
 from gridledger.wire import kid_of, make_reading, pack_slots, parse_reading, unpack_slots
 
 from conftest import MP_SCRIPTS, VECTORS
+
+L = 2**252 + 27742317777372353535851937790883648493  # the Ed25519 group order
 from helpers import N, PRIV
 
 READINGS = json.loads((VECTORS / "readings_v1.json").read_text())
@@ -25,6 +29,28 @@ def test_rfc8032_section_7_1_vectors_under_micropython(mp_source):
     want = json.loads((VECTORS / "rfc8032_7_1.json").read_text())["vectors"]
     got = mp_source.run_json(MP_SCRIPTS / "mp_ed25519_vectors.py", VECTORS / "rfc8032_7_1.json")
     assert [(g["public"], g["signature"]) for g in got] == [(w["public"], w["signature"]) for w in want]
+
+
+def test_firmware_sha512_matches_hashlib_at_every_padding_length(mp_source):
+    """The pure SHA-512 (boards' hashlib lacks it) agrees with CPython's for every tail length."""
+    got = mp_source.run_json(MP_SCRIPTS / "mp_sha512_lengths.py", heap="1m")
+    assert len(got) == 263
+    for n, digest in got.items():
+        msg = bytes((i * 7 + int(n)) & 0xFF for i in range(int(n)))
+        assert digest == hashlib.sha512(msg).hexdigest(), n
+
+
+def test_comb_base_multiplication_matches_double_and_add(mp_source, tmp_path):
+    """The fixed-base comb gives k*B exactly for edge scalars and random ones below 2^255."""
+    rnd = random.Random(8032)
+    ks = [0, 1, 2, 50, 51, 2**51, 2**204, 2**252 - 1, L - 1, L, 2**254 + 3, 2**255 - 1]
+    ks += [rnd.getrandbits(255) for _ in range(12)]
+    job = tmp_path / "scalars.json"
+    job.write_text(json.dumps([str(k) for k in ks]))
+    got = mp_source.run_json(MP_SCRIPTS / "mp_ed25519_base.py", job)
+    assert len(got) == len(ks)
+    for comb, plain in got:
+        assert comb == plain
 
 
 def test_reading_vectors_in_micropython(mp_source):

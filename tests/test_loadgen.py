@@ -18,8 +18,8 @@ from aggregator.registry import load_registry
 from aggregator.store import GatewayStore
 from gridledger.broker import free_port
 from gridledger.cli import main
-from gridledger.loadgen import (LoadArea, LoadError, LoadMeter, Outgoing, RhoPool, _Flight, encrypt_with, generate_area,
-                                precompute, run_load)
+from gridledger.loadgen import (LoadArea, LoadError, LoadMeter, Outgoing, RhoPool, _Flight, default_exp_bits, encrypt_with,
+                                generate_area, precompute, run_load)
 from gridledger.meterkeys import MeterKey
 from gridledger.paillier import PublicKey, add_ciphertexts
 from gridledger.testbed import gateway_process
@@ -97,12 +97,25 @@ def test_rho_pool_matches_the_firmware_pool_draw_for_draw(firmware_pool):
     exponents: equal exponent size, rho values, ciphertexts and bytes consumed."""
     for case, fw in zip(POOL_CASES, firmware_pool, strict=True):
         pool, rhos, used = cpython_draws(case)
-        assert pool.exp_bits == fw["exp_bits"] == (case["exp_bits"] or N.bit_length() // 2)
+        assert pool.exp_bits == fw["exp_bits"] == (case["exp_bits"] or default_exp_bits(N.bit_length()))
         assert [format(r, "x") for r in rhos] == fw["rho"]
         assert [format(encrypt_with(N, m, r), "x") for m, r in zip(case["m"], rhos)] == fw["c"]
         assert used == fw["used"]
-    assert firmware_pool[0]["used"] == 2 * NBYTES + 3 * 128  # the zero y was drawn again
+        assert fw["stepped"] == fw["rho"]  # step() by step() gives the same values
+        # the work really is cut up: the boot in windows of 48 exponent bits, each refill in ~10 steps
+        assert fw["boot_steps"] >= N.bit_length() // 48
+        assert fw["refill_steps"] >= len(case["m"]) * (pool.exp_bits // 48)
+    assert firmware_pool[0]["used"] == 2 * NBYTES + 3 * ((firmware_pool[0]["exp_bits"] + 7) // 8)  # zero y drawn again
     assert len(set(firmware_pool[1]["c"])) == 2  # equal plaintexts, different ciphertexts
+
+
+def test_default_exponent_length_is_the_same_rule_in_firmware_and_loadgen(mp_source, tmp_path):
+    """Both pools pick 4x the modulus's security level (NIST SP 800-57) as the DJN exponent length."""
+    sizes = [1024, 2048, 2049, 3072, 4096, 7680, 8192]
+    script = "import paillier, json; print(json.dumps([paillier.default_exp_bits(b) for b in %r]))" % sizes
+    (tmp_path / "rule.py").write_text(script)
+    got = mp_source.run_json(tmp_path / "rule.py")
+    assert got == [default_exp_bits(b) for b in sizes] == [448, 448, 512, 512, 768, 768, 1024]
 
 
 def test_pool_values_are_encryptions_of_zero():

@@ -216,10 +216,10 @@ def test_a_retired_meter_is_refused_and_a_replacement_continues_the_account(chai
     old = SimMeter(meter_key(0))
     chains.registry([tech_node(), enroll(0, account="house-7")])
     chains.area_move(txs_of([old.next(), old.next()]))
-    # The technician swaps the meter: the new one is enrolled for the same account, the old retired.
-    chains.registry([enroll(1, account="house-7"),
-                     sign_record(retire_record(target="meter", ident="m0", reason="replaced", signer="tech",
-                                               time=NOW), TECH)])
+    # The technician swaps the meter: the old one retired, the new one enrolled for the same account.
+    chains.registry([sign_record(retire_record(target="meter", ident="m0", reason="replaced", signer="tech",
+                                               time=NOW), TECH),
+                     enroll(1, account="house-7")])
     new = SimMeter(meter_key(1), t=old.t + 900)  # installed after the old meter's last interval
     assert refused(chains.area_voters[0].replica,
                    [registry_tx(2, chains.histories[1].hash_at(2))] + txs_of([old.next()])).reason == "tx_unknown_meter"

@@ -393,3 +393,17 @@ def test_catch_up_spreads_bodies_over_every_holder_and_tries_a_bad_peer_last():
     assert {peers[0] for peers in plan.values()} == {"s1", "s2"}
     assert plan[9][0] in {"s1", "s2", "s3"} and sorted(plan[9]) == ["s1", "s2", "s3"]
     assert all(peers[-1] == "s2" for h, peers in assign([1, 2, 3], invs, demoted={"s2"}).items())
+
+
+def test_batches_keep_each_peer_busy_up_to_its_window_and_stay_within_the_batch_size():
+    from aggregator.catchup import _batches
+    plan = {h: ["s1"] for h in range(1, 9)} | {h: ["s2", "s1"] for h in range(20, 50)} | {99: ["s3"]}
+    got = _batches(plan, 12, 4)
+    by_peer = {}
+    for peer, hs in got:
+        by_peer.setdefault(peer, []).append(hs)
+    assert by_peer["s1"] == [[1, 2], [3, 4], [5, 6], [7, 8]]     # 8 heights: 4 requests in flight, not 1
+    assert len(by_peer["s2"]) == 4 and all(len(hs) <= 12 for hs in by_peer["s2"])
+    assert sorted(h for hs in by_peer["s2"] for h in hs) == list(range(20, 50)) and by_peer["s3"] == [[99]]
+    assert _batches(plan, 12) == [("s1", list(range(1, 9))), ("s2", list(range(20, 30))),
+                                  ("s2", list(range(30, 40))), ("s2", list(range(40, 50))), ("s3", [99])]

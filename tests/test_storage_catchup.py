@@ -10,11 +10,12 @@ import sqlite3
 
 import pytest
 
-from aggregator.receipts import StorageReceipt, verify_receipt
+from aggregator.admission import admit_body
+from aggregator.receipts import BATCH_MAX, ReceiptBatch, load_receipt, verify_receipts
 from aggregator.storage import StorageNode, load_storage_config
 from aggregator.storagewire import CHUNK_MIN, encode_placement
 from certlog import bls
-from certlog.block import ChainError
+from certlog.block import ChainError, Header
 from certlog.net import encode_block
 from certlog.validators import dump_validator_set, info_for, read_secret_key
 from gridledger.testbed import write_storage_node
@@ -35,7 +36,7 @@ class Client:
 class Fabric:
     def __init__(self):
         self.nodes: dict[str, StorageNode] = {}
-        self.receipts: list[StorageReceipt] = []
+        self.receipts: list[ReceiptBatch] = []   # a node receipts each commit under one signature
         self.outside: list[tuple[str, bytes]] = []   # sent to topics of no node here
         self.drop_every = 0       # lose every n-th response (a flaky link)
         self._responses = 0
@@ -49,7 +50,7 @@ class Fabric:
         parts = topic.split("/")
         loop = asyncio.get_running_loop()
         if parts[-1] == "receipts":
-            self.receipts.append(StorageReceipt.from_dict(json.loads(payload)))
+            self.receipts.append(load_receipt(json.loads(payload)))
         elif parts[-1] == "req" and parts[-2] in self.nodes:
             loop.call_soon(self.nodes[parts[-2]]._answer_soon, payload)
         elif parts[-1] == "resp" and parts[-2] in self.nodes:
@@ -74,13 +75,42 @@ def bed(tmp_path):
 
     yield blocks, fabric, node, tmp_path
     for n in fabric.nodes.values():
-        n.store.close()
+        n.close()
 
 
 async def _fill(node: StorageNode, blocks) -> None:
     for b in blocks:
         await node.keep_header(b.header, b.cert, "test")
         await node.keep_body(b.header, b.txs, "test")
+
+
+async def test_batches_kept_meanwhile_share_one_commit_and_one_receipt_and_a_wrong_one_is_refused_alone(bed):
+    blocks, fabric, node, _ = bed
+    s1 = node("s1")
+    for b in blocks:
+        await s1.keep_header(b.header, b.cert, "test")
+    bodies = [admit_body(b.header, b.txs) for b in blocks]
+    other = make_chain(1, tx_bytes=61)[0][0]          # another block at height 1: not the header held
+    fabric.receipts.clear()
+    got = await asyncio.gather(s1.keep_bodies(bodies[:2], "p1"), s1.keep_bodies(bodies[2:4], "p2"),
+                               s1.keep_bodies([admit_body(other.header, other.txs)], "p3"),
+                               s1.keep_bodies(bodies[4:], "p4"), return_exceptions=True)
+    assert got[0] == [1, 2] and got[1] == [3, 4] and got[3] == [5, 6], got
+    assert isinstance(got[2], ChainError) and got[2].reason == "unknown_header"
+    assert s1.stages.calls["commit"] == 2          # the first alone, the three queued behind it together
+    assert [sorted(r.receipts()) for r in fabric.receipts] == [[1, 2], [3, 4, 5, 6]]
+    assert s1.store.body_heights() == [1, 2, 3, 4, 5, 6] and s1.store.body(1) == blocks[0].txs
+
+
+async def test_more_receipts_than_one_batch_holds_go_out_in_several_signed_batches(bed):
+    _, fabric, node, tmp = bed
+    s1 = node("s1")
+    headers = [Header(chain="area1", height=h, prev="0" * 64, time=h, tx_root="0" * 64, state_root="0" * 64, txs=0,
+                      app={}) for h in range(1, BATCH_MAX + 2)]    # e.g. a placement re-sent for many held blocks
+    fabric.receipts.clear()
+    await s1._send_receipts(headers)
+    assert [len(r.blocks) for r in fabric.receipts] == [BATCH_MAX, 1]
+    assert all(verify_receipts(r, _pk(tmp, "s1")) for r in fabric.receipts)
 
 
 def _pk(tmp_path, name: str) -> bytes:
@@ -99,9 +129,9 @@ async def test_a_new_full_node_catches_up_from_two_peers_and_signs_a_receipt_per
     assert set(summary["by_source"]) == {"s1", "s2"}   # f + 1 = 2 distinct sources
     assert s3.store.body_heights() == [1, 2, 3, 4, 5, 6]
     assert all(s3.store.body(b.header.height) == b.txs for b in blocks)
-    assert sorted(r.height for r in fabric.receipts) == [1, 2, 3, 4, 5, 6]
-    assert all(r.node == "s3" and verify_receipt(r, _pk(tmp, "s3"), blocks[r.height - 1].header)
-               for r in fabric.receipts)
+    assert sorted(h for r in fabric.receipts for h in r.receipts()) == [1, 2, 3, 4, 5, 6]
+    assert all(r.node == "s3" and verify_receipts(r, _pk(tmp, "s3")) for r in fabric.receipts)
+    assert all(hh == blocks[h - 1].header.hash for r in fabric.receipts for h, hh in r.blocks)
 
 
 async def test_a_peer_serving_a_corrupt_body_is_named_and_the_body_fetched_elsewhere(bed):
@@ -196,6 +226,9 @@ async def test_small_bodies_come_several_to_a_response_from_both_peers_even_over
     assert all(s3.store.body(b.header.height) == b.txs for b in blocks)
     served = s1.server.counts["served_bodies"] + s2.server.counts["served_bodies"]
     assert 6 <= served < 30 and not s3.catchup.bad_peers   # several to a response; a lost one is no fault
+    # ... and receipted a response at a time: one signature per commit, covering each block once
+    mine = [r for r in fabric.receipts if r.node == "s3"]
+    assert sorted(h for r in mine for h in r.receipts()) == list(range(1, 31)) and len(mine) <= served
 
 
 async def test_a_promoted_node_fills_from_peers_and_asks_the_proposer_only_for_what_no_peer_has(bed):

@@ -10,7 +10,7 @@ import json
 import signal
 import sqlite3
 
-from aggregator.receipts import StorageReceipt, verify_receipt
+from aggregator.receipts import ReceiptBatch, verify_receipts
 from aggregator.storagewire import CHUNK_MIN, StorageTopics, encode_placement
 from certlog.block import Header
 from gridledger.wire import ack_topic, readings_topic
@@ -57,8 +57,14 @@ async def until(pred, timeout: float, what: str) -> None:
     await asyncio.to_thread(wait_until, pred, timeout, what)
 
 
-def _receipts(probe: MqttProbe) -> list[StorageReceipt]:
-    return [StorageReceipt.from_dict(json.loads(p)) for t, p in probe.received if t == STORAGE.receipts]
+def _receipts(probe: MqttProbe) -> list[ReceiptBatch]:
+    # A node receipts each commit (one body or several) under one signature.
+    return [ReceiptBatch.from_dict(json.loads(p)) for t, p in probe.received if t == STORAGE.receipts]
+
+
+def _receipted(probe: MqttProbe) -> int:
+    """Blocks receipted so far."""
+    return sum(len(r.blocks) for r in _receipts(probe))
 
 
 def _start_chain(bed: ChainBed) -> None:
@@ -85,15 +91,16 @@ async def test_every_certified_block_reaches_both_full_nodes_with_receipts_and_a
             await probe.publish(STORAGE.store("h1"), encode_placement(heights=[1, 3], by="test"))
             await until(lambda: nodes.held("h1") == {h: chain[h] for h in (1, 3)}, 20, "h1 to keep its placements")
             await until(lambda: nodes.headers("h1") == chain, 20, "h1 to keep every header")
-            await until(lambda: len(_receipts(probe)) >= 2 * len(chain) + 2, 10, "every receipt")
+            await until(lambda: _receipted(probe) >= 2 * len(chain) + 2, 10, "every receipt")
         truth = certified_txs(bed)
         assert nodes.txs("s1") == truth and nodes.txs("s2") == truth
         headers = {h: Header.decode(raw) for h, raw in sqlite3.connect(bed.db()).execute(
             "SELECT height, header FROM chain_blocks WHERE cert IS NOT NULL")}
         got = {}
         for r in _receipts(probe):
-            assert verify_receipt(r, nodes.public_key(r.node), headers[r.height]), r
-            got.setdefault(r.node, set()).add((r.height, r.kind))
+            assert verify_receipts(r, nodes.public_key(r.node)), r
+            assert all(headers[h].hash == hh for h, hh in r.blocks), r
+            got.setdefault(r.node, set()).update((h, r.kind) for h, _ in r.blocks)
         assert got == {"s1": {(h, "full") for h in chain}, "s2": {(h, "full") for h in chain},
                        "h1": {(1, "heavy"), (3, "heavy")}}
     finally:

@@ -25,6 +25,10 @@ from uplinkkit import MeterArea, start_tls_broker
 
 BASE = "gl/v1/area1/meters"
 TIMEOUT_S = 2
+# A TLS meter needs more heap than the 128 KiB a plain one fits in: the TLS
+# context (~3.5 KiB) and session on top of the journal, sensors and pool tables
+# leave too little for the pool's first table build (docs/uplink.md, "Heap").
+TLS_HEAP = "160k"
 HEALTH_FIELDS = {"v", "meter", "state", "fw", "up_s", "mem_free", "seq", "journal_depth", "journal_full", "dropped",
                  "last_acked", "reset_cause", "rssi", "clock", "reconnects", "alerts_pending", "alerts_dropped"}
 
@@ -43,7 +47,8 @@ def area(tmp_path, tls_broker, firmware_bundle):
     made = []
 
     def make(meters: list[str], **kw) -> MeterArea:
-        made.append(MeterArea(tmp_path, tls_broker.broker, firmware_bundle, meters, intervals=None, **kw))
+        made.append(MeterArea(tmp_path, tls_broker.broker, firmware_bundle, meters, intervals=None, heap=TLS_HEAP,
+                              **kw))
         return made[-1]
 
     yield make
@@ -145,10 +150,10 @@ def test_wrong_ca_or_password_is_refused_and_backs_off(area, tls_broker):
             nominal = min(nominal * 2, 4000)
         waits = [d["retry_ms"] for d in downs]
         assert waits[4] > waits[0] and max(waits) <= 4000, waits
-        # Measuring went on the whole time: every reading made is spooled, none sent.
+        # Measuring went on the whole time: every reading made is kept in the journal, none acked.
         produced = sorted(run.truth(m))
         assert len(produced) >= 5 and produced == list(range(1, len(produced) + 1))
-        assert sorted(int(p.stem) for p in (run.tmp / m / "spool").glob("*.json")) == produced
+        assert run.events(m, "reading")[-1]["spooled"] == len(produced)
     assert stored_counts(run.tmp / "gateway.db") == {}
 
     spooled = {m: max(run.truth(m)) for m in run.meters}

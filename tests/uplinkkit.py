@@ -72,8 +72,8 @@ class MeterArea:
     time (`seconds_per_interval` real seconds per 15-minute interval)."""
 
     def __init__(self, tmp: Path, broker, firmware: Path, meters: list[str], *, intervals: int | None,
-                 seconds_per_interval: float = 0.5, metrics_port: int = 0):
-        self.tmp, self.firmware, self.meters = tmp, firmware, meters
+                 seconds_per_interval: float = 0.5, metrics_port: int = 0, heap: str = "128k"):
+        self.tmp, self.firmware, self.meters, self.heap = tmp, firmware, meters, heap
         self.cfg, self.keys = make_area(tmp, meters, host=broker.host, port=broker.port)
         if metrics_port:
             self.cfg.write_text(self.cfg.read_text() + f"\n[metrics]\nport = {metrics_port}\n")
@@ -100,7 +100,7 @@ class MeterArea:
         path.write_text(json.dumps(cfg, indent=1))
 
     def start_meter(self, m: str) -> subprocess.Popen:
-        self.procs[m] = meter_process(self.tmp / m / "config.json", self.log_path(m), heap="128k",
+        self.procs[m] = meter_process(self.tmp / m / "config.json", self.log_path(m), heap=self.heap,
                                       firmware=self.firmware)
         return self.procs[m]
 

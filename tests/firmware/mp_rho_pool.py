@@ -36,5 +36,18 @@ for case in job["cases"]:
         r = pool.take()
         rho.append("%x" % r)
         c.append("%x" % paillier.encrypt_with(n, nsq, int(mh, 16), r))
-    out.append({"exp_bits": pool.exp_bits, "rho": rho, "c": c, "used": stream.at})
+    # The same draws again, driven only by the meter's bounded step(): the
+    # values must not depend on how the work was cut up.
+    paillier.os = Stream(binascii.unhexlify(case["stream"]))
+    stepped = paillier.RhoPool(n, len(case["m"]), case["exp_bits"])
+    boot_steps = 0
+    while not stepped.ready():
+        stepped.step()
+        boot_steps += 1
+    steps = 0
+    while stepped.step():
+        steps += 1
+    out.append({"exp_bits": pool.exp_bits, "rho": rho, "c": c, "used": stream.at,
+                "stepped": ["%x" % stepped.take() for _ in case["m"]],
+                "boot_steps": boot_steps, "refill_steps": steps})
 print(json.dumps(out))

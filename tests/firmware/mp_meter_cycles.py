@@ -1,0 +1,51 @@
+# Under MicroPython: the meter's full loop (measure, encrypt, sign, journal,
+# publish or fail to publish, take acks) for argv[2] cycles, one reading per
+# cycle, with the config in argv[1]. Prints a "cycle" line every 50 cycles (the
+# test stops and restarts the broker by them), then one JSON line with
+# gc.mem_free() after gc.collect() at cycles 100 and the last, each measured
+# once the gateway has acknowledged everything (the journal drained).
+import gc
+import json
+import sys
+import time
+
+import meter
+
+with open(sys.argv[1]) as f:
+    cfg = json.load(f)
+cycles = int(sys.argv[2])
+m = meter.Meter(cfg)
+j = m.state.journal
+
+
+def service():
+    m.uplink.poll()
+    m._send_pending()
+    m.uplink.poll()
+
+
+def drained_free():
+    deadline = time.ticks_add(time.ticks_ms(), 60000)
+    while j.live and time.ticks_diff(deadline, time.ticks_ms()) > 0:
+        service()
+        time.sleep_ms(20)
+    gc.collect()
+    return gc.mem_free(), j.live
+
+
+marks = {}
+lowest = None
+for i in range(1, cycles + 1):
+    m.take_reading(m.next_end)
+    m.next_end += m.interval
+    service()
+    if not m.pool.full():
+        m.pool.refill_one()
+    gc.collect()
+    free = gc.mem_free()
+    lowest = free if lowest is None else min(lowest, free)
+    if i % 50 == 0:
+        print(json.dumps({"cycle": i, "free": free, "depth": j.live}))
+    if i == 100 or i == cycles:
+        marks[str(i)] = drained_free()
+print(json.dumps({"marks": marks, "lowest_free": lowest, "health": m._health(), "seq": m.seq}))
