@@ -37,9 +37,10 @@ def mkdirs(path):
 
 def key_of(payload):
     # Records are acknowledged by seq: a reading by its own, an event by the
-    # reading after it (payload starts: kind u8, seq u32 of the last reading).
+    # reading after it (payload starts: kind u8, whose low nibble is the kind
+    # and high nibble the header version, then seq u32 of the last reading).
     seq = struct.unpack_from(">I", payload, 1)[0]
-    return seq + 1 if payload[0] == EVENT_KIND else seq
+    return seq + 1 if payload[0] & 0x0F == EVENT_KIND else seq
 
 
 def _crc(mv):

@@ -5,7 +5,6 @@ import json
 import sys
 import time
 
-import boards
 import ed25519
 import paillier
 import wire
@@ -113,8 +112,17 @@ class Meter:
         global _sink
         _sink = getattr(self.uplink, "log_sink", None)
         # After the uplink: a sensor or watchdog line at boot goes where logs go.
+        import boards
         self.board = boards.select(cfg)
+        # ~10 KiB of profile checks, needed once: loaded code lives in RAM.
+        del sys.modules["boards"]
         self.sensor = _make_sensor(cfg, self.board)
+        ck = self.state.c.ckpt
+        if ck is not None:
+            # Count on from the totals the last reading counted up to: the
+            # energy used while the meter was down goes into the next reading.
+            self.sensor.resume(ck[0], ck[1])
+            log("sensor_resumed", import_wh=ck[0], export_wh=ck[1])
         self.watchdog = Watchdog(self.board, cfg.get("watchdog_ms"), log)
         self.alerts = _make_alerts(cfg, self)
         self.uplink.alerts = self.alerts
@@ -161,7 +169,7 @@ class Meter:
         st = self.state
         if not st.room():
             # Full, keeping the oldest: loudly, and the registers still count.
-            st.skip_reading(t_end, imp, exp)
+            st.skip_reading(t_end, imp, exp, self.sensor.checkpoint())
             log("journal_full", t=t_end, dropped=st.journal.dropped, spooled=st.journal.live)
             return
         c = self.pool.encrypt(wire.pack(slots))
@@ -176,7 +184,8 @@ class Meter:
                 f.write(json.dumps({"seq": seq, "t": t_end, "band": band,
                                     "import_wh": imp, "export_wh": exp}) + "\n")
         dropped = st.journal.dropped
-        if not st.commit_reading(seq, t_end, self.interval, prev, self.kid, sig, c, h, imp, exp):
+        if not st.commit_reading(seq, t_end, self.interval, prev, self.kid, sig, c, h, imp, exp,
+                                 self.sensor.checkpoint()):
             log("journal_write_failed", seq=seq, t=t_end, dropped=st.journal.dropped)
             return
         if st.journal.dropped != dropped:

@@ -3,7 +3,8 @@
 # The order of writes is the crash story: a record is appended to the journal
 # before the counters are written, and published only after both; on boot a
 # journal record newer than the counters brings them forward, so seq, the
-# chain head and the registers never go backwards. docs/journal.md.
+# chain head and the registers never go backwards, and the sensor checkpoint
+# comes forward with the registers it was counted into. docs/journal.md.
 import hashlib
 import json
 import os
@@ -79,12 +80,13 @@ class MeterState:
         p = self.journal.last()
         if p is None:
             return
-        kind, seq, t, eseq, imp, exp, prev = records.common(p)
+        kind, seq, t, eseq, imp, exp, prev, ckpt = records.common(p)
         if (seq, eseq) <= (c.seq, c.eseq):
             return
         if kind == records.READING:
             prev = records.unhex(records.reading_json(p, self.meter)[1])  # this reading's hash
         c.seq, c.t, c.eseq, c.import_wh, c.export_wh, c.prev = seq, t, eseq, imp, exp, prev
+        c.ckpt = ckpt
         self.log("rolled_forward", seq=seq, eseq=eseq)
 
     def save(self):
@@ -104,21 +106,25 @@ class MeterState:
         # False: the journal is full and keeps its oldest records.
         return not (self.journal.full() and self.journal.when_full == KEEP_OLDEST)
 
-    def skip_reading(self, t, imp, exp):
+    def skip_reading(self, t, imp, exp, ckpt=None):
         # A reading the full journal cannot take: never made, so no seq is used
-        # and the chain stays whole; the registers still count its energy.
+        # and the chain stays whole; the registers still count its energy, and
+        # ckpt (sensor.checkpoint()) says up to which sensor totals.
         c = self.c
         c.t = t
+        c.ckpt = ckpt
         c.import_wh += imp
         c.export_wh += exp
         self.journal.dropped += 1
         self.save()
 
-    def commit_reading(self, seq, t, dt, prev, kid, sig, c_int, h, imp, exp):
-        # Journal the signed reading, then the counters. False when the journal
+    def commit_reading(self, seq, t, dt, prev, kid, sig, c_int, h, imp, exp, ckpt=None):
+        # Journal the signed reading, then the counters, both with ckpt (the
+        # sensor totals imp and exp were counted up to). False when the journal
         # did not keep it (a failed write): its seq is used by the next one.
         c = self.c
         c.t = t
+        c.ckpt = ckpt
         c.import_wh += imp
         c.export_wh += exp
         n = records.pack_reading(self._buf, c, seq, t, dt, prev, kid, sig, c_int, self.nsq_bytes)
@@ -145,7 +151,7 @@ class MeterState:
         p = self.journal.read(pos)
         if p is None:
             return None
-        if p[0] == records.EVENT:
+        if records.kind(p) == records.EVENT:
             return True, records.event_json(p, self.meter)
         return False, records.reading_json(p, self.meter)[0]
 

@@ -1,23 +1,32 @@
 # Journal record payloads: a reading or a signed event in binary (ciphertext,
 # hashes and signature as bytes, not hex), and the exact wire JSON rebuilt from
-# them. Every record also carries the counters as they stand after it, so a
-# record written just before a power cut brings the counters forward on boot.
-# Layouts: docs/journal.md.
+# them. Every record also carries the counters as they stand after it (sensor
+# checkpoint included), so a record written just before a power cut brings the
+# counters forward on boot. Layouts: docs/journal.md.
 import binascii
 import hashlib
 import struct
 
 import wire
+from counters import ckpt_fields, ckpt_of
 
 READING = 1
 EVENT = 2
-# kind, seq, t, eseq, import Wh, export Wh, prev (32 bytes)
-_COMMON = ">BIIIQQ32s"
+# The kind byte's high nibble is the header version: V2 headers end with the
+# sensor checkpoint; a high nibble of 0 (the first format, still in journals written
+# before the update) has none.
+V2 = 0x10
+# kind, seq, t, eseq, import Wh, export Wh, prev (32 bytes), checkpoint import, export
+_COMMON = ">BIIIQQ32sQQ"
 COMMON = struct.calcsize(_COMMON)
+_V1_COMMON = _COMMON[:-2]
+V1_COMMON = struct.calcsize(_V1_COMMON)
 _READING = ">I8s64s"  # dt, kid, signature; the ciphertext follows
 _EVENT = ">IQQ64s"  # at, import before, export before, signature; `by` follows
-READING_FIXED = COMMON + struct.calcsize(_READING)
-EVENT_FIXED = COMMON + struct.calcsize(_EVENT)
+_READING_SIZE = struct.calcsize(_READING)
+_EVENT_SIZE = struct.calcsize(_EVENT)
+READING_FIXED = COMMON + _READING_SIZE
+EVENT_FIXED = COMMON + _EVENT_SIZE
 SET_REGISTER = "set_register"
 
 
@@ -32,7 +41,8 @@ def _c_bytes(c_int, nsq_bytes):
 def pack_reading(buf, c, seq, t, dt, prev, kid, sig, c_int, nsq_bytes):
     # c: the Counters after this reading (t, eseq, registers); prev: hex of
     # the previous reading's hash, kid: hex, sig: bytes. Returns the length.
-    struct.pack_into(_COMMON, buf, 0, READING, seq, t, c.eseq, c.import_wh, c.export_wh, unhex(prev))
+    ci, ce = ckpt_fields(c.ckpt)
+    struct.pack_into(_COMMON, buf, 0, V2 | READING, seq, t, c.eseq, c.import_wh, c.export_wh, unhex(prev), ci, ce)
     struct.pack_into(_READING, buf, COMMON, dt, unhex(kid), sig)
     end = READING_FIXED + nsq_bytes
     buf[READING_FIXED:end] = _c_bytes(c_int, nsq_bytes)
@@ -41,23 +51,39 @@ def pack_reading(buf, c, seq, t, dt, prev, kid, sig, c_int, nsq_bytes):
 
 def pack_event(buf, c, at, import_before, export_before, by, sig):
     by = by.encode()
-    struct.pack_into(_COMMON, buf, 0, EVENT, c.seq, c.t, c.eseq, c.import_wh, c.export_wh, c.prev)
+    ci, ce = ckpt_fields(c.ckpt)
+    struct.pack_into(_COMMON, buf, 0, V2 | EVENT, c.seq, c.t, c.eseq, c.import_wh, c.export_wh, c.prev, ci, ce)
     struct.pack_into(_EVENT, buf, COMMON, at, import_before, export_before, sig)
     end = EVENT_FIXED + len(by)
     buf[EVENT_FIXED:end] = by
     return end
 
 
+def kind(p):
+    return p[0] & 0x0F
+
+
+def _body(p):
+    # where the kind-specific fields start: after a V2 or a first-format header
+    return COMMON if p[0] & V2 else V1_COMMON
+
+
 def common(p):
-    # (kind, seq, t, eseq, import Wh, export Wh, prev bytes)
-    return struct.unpack_from(_COMMON, p, 0)
+    # (kind, seq, t, eseq, import Wh, export Wh, prev bytes, sensor checkpoint
+    # or None), from a header of either version
+    if p[0] & V2:
+        k, seq, t, eseq, imp, exp, prev, ci, ce = struct.unpack_from(_COMMON, p, 0)
+        return k & 0x0F, seq, t, eseq, imp, exp, prev, ckpt_of(ci, ce)
+    k, seq, t, eseq, imp, exp, prev = struct.unpack_from(_V1_COMMON, p, 0)
+    return k & 0x0F, seq, t, eseq, imp, exp, prev, None
 
 
 def reading_json(p, meter):
     # The reading exactly as first published, and its hash (hex).
-    _, seq, t, _, _, _, prev = common(p)
-    dt, kid, sig = struct.unpack_from(_READING, p, COMMON)
-    c = "%x" % int.from_bytes(bytes(p[READING_FIXED:]), "big")
+    _, seq, t, _, _, _, prev, _ = common(p)
+    b = _body(p)
+    dt, kid, sig = struct.unpack_from(_READING, p, b)
+    c = "%x" % int.from_bytes(bytes(p[b + _READING_SIZE:]), "big")
     prev, kid = wire.hexs(prev), wire.hexs(kid)
     sb = wire.signed_bytes(meter, seq, t, dt, prev, kid, c)
     return wire.payload(meter, seq, t, dt, prev, kid, c, wire.hexs(sig)), wire.hexs(hashlib.sha256(sb).digest())
@@ -71,9 +97,10 @@ def event_signed_bytes(meter, eseq, at, kind, seq, prev, import_before, export_b
 
 
 def event_json(p, meter):
-    _, seq, _, eseq, imp, exp, prev = common(p)
-    at, imp0, exp0, sig = struct.unpack_from(_EVENT, p, COMMON)
-    by = bytes(p[EVENT_FIXED:]).decode()
+    _, seq, _, eseq, imp, exp, prev, _ = common(p)
+    b = _body(p)
+    at, imp0, exp0, sig = struct.unpack_from(_EVENT, p, b)
+    by = bytes(p[b + _EVENT_SIZE:]).decode()
     return ('{"v": 1, "meter": "%s", "eseq": %d, "at": %d, "kind": "%s", "seq": %d, "prev": "%s", '
             '"import_before": %d, "export_before": %d, "import_wh": %d, "export_wh": %d, "by": "%s", "sig": "%s"}'
             % (meter, eseq, at, SET_REGISTER, seq, wire.hexs(prev), imp0, exp0, imp, exp, by,

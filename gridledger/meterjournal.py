@@ -13,12 +13,21 @@ from pathlib import Path
 
 __all__ = ["MeterCounters", "JournalRecord", "read_counters", "read_journal", "journal_records", "pending_seqs"]
 
-COUNTERS_MAGIC = b"GLC1"
-_COUNTERS = struct.Struct(">4sIIIIIIIIQQ32s")
+COUNTERS_MAGIC = b"GLC2"
+_COUNTERS = struct.Struct(">4sIIIIIIIIQQ32sQQ")
+V1_COUNTERS_MAGIC = b"GLC1"  # the first format: no sensor checkpoint
+_V1_COUNTERS = struct.Struct(">4sIIIIIIIIQQ32s")
 FRAME_MAGIC = b"\xa7J"
 MAX_PAYLOAD = 2048
-_COMMON = struct.Struct(">BIIIQQ32s")
+V2 = 0x10  # kind byte's high nibble: the header ends with the sensor checkpoint
+_COMMON = struct.Struct(">BIIIQQ32sQQ")
+_V1_COMMON = struct.Struct(">BIIIQQ32s")
 READING, EVENT = 1, 2
+NO_CKPT = (1 << 64) - 1
+
+
+def _ckpt(imp: int, exp: int) -> tuple[int, int] | None:
+    return None if NO_CKPT in (imp, exp) else (imp, exp)
 
 
 @dataclass(frozen=True)
@@ -34,6 +43,7 @@ class MeterCounters:
     import_wh: int
     export_wh: int
     prev: str
+    sensor_checkpoint: tuple[int, int] | None = None  # sensor totals the registers counted up to
 
 
 @dataclass(frozen=True)
@@ -47,6 +57,14 @@ class JournalRecord:
     import_wh: int
     export_wh: int
     payload: bytes
+    sensor_checkpoint: tuple[int, int] | None = None
+    version: int = 2  # 1: written before the header carried the sensor checkpoint
+
+    @property
+    def ciphertext(self) -> int:
+        """A reading's Paillier ciphertext (after the header, dt, kid and signature)."""
+        header = _COMMON.size if self.version == 2 else _V1_COMMON.size
+        return int.from_bytes(self.payload[header + 4 + 8 + 64:], "big")
 
     @property
     def key(self) -> int:
@@ -59,13 +77,17 @@ def _slot(path: Path) -> MeterCounters | None:
         data = path.read_bytes()
     except OSError:
         return None
-    body = _COUNTERS.size
-    if len(data) != body + 4 or zlib.crc32(data[:body]) != int.from_bytes(data[body:], "big"):
+    fmt, magic = {_COUNTERS.size + 4: (_COUNTERS, COUNTERS_MAGIC),
+                  _V1_COUNTERS.size + 4: (_V1_COUNTERS, V1_COUNTERS_MAGIC)}.get(len(data), (None, None))
+    if fmt is None:
         return None
-    f = _COUNTERS.unpack(data[:body])
-    if f[0] != COUNTERS_MAGIC:
+    body = fmt.size
+    if zlib.crc32(data[:body]) != int.from_bytes(data[body:], "big"):
         return None
-    return MeterCounters(*f[1:11], prev=f[11].hex())
+    f = fmt.unpack(data[:body])
+    if f[0] != magic:
+        return None
+    return MeterCounters(*f[1:11], prev=f[11].hex(), sensor_checkpoint=_ckpt(*f[12:]) if len(f) > 12 else None)
 
 
 def read_counters(state_dir: Path) -> MeterCounters | None:
@@ -99,8 +121,13 @@ def read_journal(d: Path) -> list[JournalRecord]:
     out = []
     for seg in sorted(d.glob("*.seg")) if d.exists() else []:
         for off, p in _frames(seg.read_bytes()):
-            kind, seq, t, eseq, imp, exp, _ = _COMMON.unpack_from(p)
-            out.append(JournalRecord(int(seg.stem), off, kind, seq, t, eseq, imp, exp, p))
+            if p[0] & V2:
+                kind, seq, t, eseq, imp, exp, _, ci, ce = _COMMON.unpack_from(p)
+                ck, version = _ckpt(ci, ce), 2
+            else:
+                kind, seq, t, eseq, imp, exp, _ = _V1_COMMON.unpack_from(p)
+                ck, version = None, 1
+            out.append(JournalRecord(int(seg.stem), off, kind & 0x0F, seq, t, eseq, imp, exp, p, ck, version))
     return out
 
 

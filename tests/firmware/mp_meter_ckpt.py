@@ -1,0 +1,56 @@
+# Under MicroPython: a meter's state (meterstate.MeterState) driven by a JSON
+# job (argv[1]) from tests/test_meter_ckpt.py. Applies job["ops"] in order:
+#   {"op": "commit", "ckpt": [imp, exp] | null, "imp": Wh, "exp": Wh}
+#   {"op": "skip", ...same}  (a reading a full journal cannot take)
+#   {"op": "set_register", "imp": Wh, "exp": Wh}  (a signed event; no reading)
+# An op with "crash": true has its counters write fail like a power cut right
+# after the journal append, and is the last one. Prints one JSON line: the
+# counters after the ops, every record still to send, and the log.
+import binascii
+import hashlib
+import json
+import sys
+
+import ed25519
+from meterstate import MeterState
+
+with open(sys.argv[1]) as f:
+    job = json.load(f)
+events = []
+
+
+def log(ev, **kw):
+    kw["ev"] = ev
+    events.append(kw)
+
+
+def power_cut(c):
+    raise OSError("power cut before the counters write")
+
+
+st = MeterState(job["dir"], "ck1", {}, job["nsq_bytes"], log, job.get("boot", True))
+for op in job.get("ops", []):
+    if op.get("crash"):
+        st.store.save = power_cut
+    c = st.c
+    t = c.t + 900 if c.t else 1795000500
+    if op["op"] == "set_register":
+        st.set_register(ed25519.SigningKey(bytes(32)), op["imp"], op["exp"], "tech-1", t)
+        continue
+    ck = tuple(op["ckpt"]) if op["ckpt"] is not None else None
+    if op["op"] == "skip":
+        st.skip_reading(t, op["imp"], op["exp"], ck)
+        continue
+    seq = c.seq + 1
+    h = binascii.hexlify(hashlib.sha256(b"reading %d" % seq).digest()).decode()
+    ok = st.commit_reading(seq, t, 900, binascii.hexlify(c.prev).decode(), "00" * 8, bytes([seq]) * 64,
+                           1000 + seq, h, op["imp"], op["exp"], ck)
+    assert ok
+out = []
+pos = st.journal.first()
+while pos is not None:
+    out.append(json.loads(st.message(pos)[1]))
+    pos = st.journal.after(pos)
+c = st.c
+print(json.dumps({"seq": c.seq, "t": c.t, "import_wh": c.import_wh, "export_wh": c.export_wh,
+                  "ckpt": list(c.ckpt) if c.ckpt is not None else None, "records": out, "log": events}))
