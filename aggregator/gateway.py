@@ -26,6 +26,7 @@ from gridledger.metrics import MetricsConfig, Snapshot, serve as serve_metrics
 from gridledger.paillier import load_public
 from gridledger.wire import METER_ID_RE, ack_topic, nack_topic
 
+from .alerts import AlertDesk
 from .areaapp import AreaApp
 from .chain import AreaChain
 from .ingest import REASONS, Ingest, class_counts
@@ -111,6 +112,7 @@ class Gateway:
         self._wanted = QUEUE_MAX + 1
         self.batches = 0
         self._prefix = f"gl/v1/{self.area}/meters/"
+        self.alerts = AlertDesk(self.registry, s.database, self.area)
         self.chain: AreaChain | None = None
         if cfg.chain is not None:
             self.chain = AreaChain(cfg.chain, self.area, s.database, self.store,
@@ -133,6 +135,7 @@ class Gateway:
                      {(): self.queue.qsize()}),
             Snapshot("gridledger_ingest_batches", "durable ingest transactions", "counter", (), {(): self.batches}),
         ]
+        out += self.alerts.metrics()
         if self.chain is not None:
             out += self.chain.metrics()
         return out
@@ -146,7 +149,7 @@ class Gateway:
         event(log, "start", area=self.area, metrics_port=self.cfg.metrics.port or None, meters=len(self.registry),
               kid=self.ingest.paillier.kid, heads=len(self.ingest.heads),
               height=self.chain.replica.height if self.chain else None)
-        topics = [f"{self._prefix}+/readings", *(self.chain.subscriptions() if self.chain else [])]
+        topics = [f"{self._prefix}+/readings", self.alerts.topic(), *(self.chain.subscriptions() if self.chain else [])]
 
         async def serve(client: aiomqtt.Client) -> None:
             client.pending_calls_threshold = 2 * BATCH_MAX  # a batch's acks go out together
@@ -161,6 +164,7 @@ class Gateway:
                 await asyncio.gather(session, self.registry_node.run(stop))
         finally:
             self.store.close()
+            self.alerts.close()
             if self.chain is not None:
                 self.chain.close()
             event(log, "stop", **(self.chain.status() if self.chain else {}), **self.counters())
@@ -168,7 +172,8 @@ class Gateway:
     async def _serve(self, client: aiomqtt.Client, stop: asyncio.Event) -> None:
         tasks = {asyncio.create_task(self._read(client), name="read"),
                  asyncio.create_task(self._work(client), name="work"),
-                 asyncio.create_task(self._status(), name="status")}
+                 asyncio.create_task(self._status(), name="status"),
+                 asyncio.create_task(self.alerts.run(client), name="alerts")}
         if self.chain is not None:
             tasks.add(asyncio.create_task(self.chain.run(client), name="chain"))
         stopper = asyncio.create_task(stop.wait())
@@ -180,9 +185,10 @@ class Gateway:
                     if t.get_name() == "read":
                         t.cancel()
                 try:
-                    await asyncio.wait_for(self.queue.join(), 10)
+                    await asyncio.wait_for(asyncio.gather(self.queue.join(), self.alerts.queue.join()), 10)
                 except TimeoutError:
-                    event(log, "drain_timeout", logging.WARNING, queued=self.queue.qsize())
+                    event(log, "drain_timeout", logging.WARNING, queued=self.queue.qsize(),
+                          alerts_queued=self.alerts.queue.qsize())
             for t in done:
                 if t is not stopper and t.exception() is not None:
                     raise t.exception()
@@ -196,6 +202,8 @@ class Gateway:
         async for msg in client.messages:
             if chain is not None and msg.topic.value.startswith(chain.prefix):
                 chain.on_message(client, msg)
+            elif self.alerts.handles(msg.topic.value):
+                await self.alerts.queue.put(msg)
             else:
                 await self.queue.put(msg)
                 if self.queue.qsize() >= self._wanted:
@@ -206,7 +214,8 @@ class Gateway:
             await asyncio.sleep(STATUS_EVERY_S)
             chain = self.chain.status() if self.chain else {}
             event(log, "status", queued=self.queue.qsize(), batches=self.batches, **chain,
-                  **{k: v for k, v in self.counters().items() if v})
+                  **{k: v for k, v in self.counters().items() if v},
+                  **{f"alert_{k}": v for k, v in self.alerts.counters().items() if v})
 
     async def _work(self, client: aiomqtt.Client) -> None:
         while True:

@@ -1,9 +1,9 @@
 """The serial bridge: one wired meter (a Pico on USB, or on a UART) to the broker.
 
 The meter speaks serial framing v1 (`gridledger.serialframe`, docs/serial.md). The
-bridge learns the meter's id from its hello, publishes each reading to that meter's
-readings topic with QoS 1 exactly as an MQTT meter would, and writes the gateway's
-acks and nacks back down the line. It keeps no state of its own: a reading leaves
+bridge learns the meter's id from its hello, publishes each reading (and signed
+alert) to that meter's topic with QoS 1 exactly as an MQTT meter would, and writes
+the gateway's acks and nacks back down the line. It keeps no state of its own: a reading leaves
 the meter's spool only on the gateway's ack, which the gateway sends only once the
 reading is durable, so a bridge killed or a cable pulled at any moment costs a
 resend, never a reading. Bytes on the line that are not a frame are counted by
@@ -20,6 +20,7 @@ import re
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
+from typing import Callable
 
 import aiomqtt
 import serial
@@ -30,6 +31,7 @@ from gridledger.mqtt import keep_connected
 from gridledger.serialframe import Decoder, Frame, FrameType, encode
 from gridledger.wire import METER_ID_RE, ack_topic, nack_topic, readings_topic
 
+from .alerts import alerts_topic
 from .gateway import GatewayConfig
 
 __all__ = ["PROTO", "BRIDGE_REASONS", "SerialBridge"]
@@ -48,6 +50,10 @@ BAD_FRAME_LOGS = 20     # bad frames logged one by one per status period; all of
 
 # Reasons a frame from the meter is refused beyond the framing's own REASONS.
 BRIDGE_REASONS = ("bad_hello", "wrong_area", "bad_health", "unexpected_type")
+
+
+def health_topic(area: str, meter: str) -> str:
+    return f"gl/v1/{area}/meters/{meter}/health"
 
 
 class SerialBridge:
@@ -69,7 +75,7 @@ class SerialBridge:
         self._client: aiomqtt.Client | None = None
         self._subscribed: str | None = None      # the meter whose ack/nack topics this session holds
         self._want_sub = asyncio.Event()
-        self._backlog: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue(BACKLOG)
+        self._backlog: asyncio.Queue[tuple[str, bytes, bool]] = asyncio.Queue(BACKLOG)
         self._tx: asyncio.Queue[bytes] | None = None  # per port session
         self._decoder = Decoder(self.max_payload)
         self._last_query = 0.0
@@ -83,7 +89,7 @@ class SerialBridge:
         return {"port": self.port, "port_open": self._tx is not None, "mqtt": self._client is not None,
                 "meter": self.meter, **dict(sorted(self.counts.items())),
                 "rejected": dict(sorted(self.rejected.items())), "dropped": dict(sorted(self.dropped.items())),
-                **({"meter_seq": self.health.get("seq"), "meter_spooled": self.health.get("spooled")}
+                **({"meter_seq": self.health.get("seq"), "meter_spooled": self.health.get("journal_depth")}
                    if self.health else {})}
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -214,6 +220,8 @@ class SerialBridge:
             self._on_health(item.payload)
         elif item.type == FrameType.LOG:
             self._on_log(item.payload)
+        elif item.type == FrameType.ALERT:
+            self._on_alert(item.payload)
         else:  # a bridge-to-meter type coming up the line: an echoing tty, or two bridges wired together
             self._reject("unexpected_type", f"{chr(item.type)} from the meter's side")
 
@@ -247,6 +255,14 @@ class SerialBridge:
 
     def _on_reading(self, payload: bytes) -> None:
         self.counts["readings"] += 1
+        self._forward(readings_topic, payload)
+
+    def _on_alert(self, payload: bytes) -> None:
+        self.counts["alerts"] += 1
+        self._forward(alerts_topic, payload)
+
+    def _forward(self, topic: Callable[[str, str], str], payload: bytes) -> None:
+        """Queue a reading or an alert for the broker, on the topic of the meter on the line."""
         loop = asyncio.get_running_loop()
         if self.meter is None:
             self.dropped["no_hello"] += 1
@@ -257,7 +273,7 @@ class SerialBridge:
             self.dropped["mqtt_down"] += 1
         else:
             try:
-                self._backlog.put_nowait((self.meter, payload))
+                self._backlog.put_nowait((topic(self.area, self.meter), payload, False))
             except asyncio.QueueFull:
                 self.dropped["backlog"] += 1
 
@@ -272,6 +288,13 @@ class SerialBridge:
         self.health = body
         self.counts["health"] += 1
         event(log, "meter_health", port=self.port, meter=self.meter, health=body)  # nested: its keys are the meter's
+        # Retained on the meter's health topic, as an MQTT meter keeps it (docs/uplink.md).
+        # Best effort: the next one comes within health_s, so a lost one is not counted.
+        if self.meter is not None and self._client is not None:
+            try:
+                self._backlog.put_nowait((health_topic(self.area, self.meter), payload, True))
+            except asyncio.QueueFull:
+                pass
 
     def _on_log(self, payload: bytes) -> None:
         text = payload.decode("utf-8", "replace")
@@ -306,6 +329,10 @@ class SerialBridge:
                 self._backlog.get_nowait()
                 self.dropped["mqtt_down"] += 1
 
+    def _acks_of(self, meter: str) -> tuple[str, str]:
+        """What the gateway answers a meter on (readings and alerts alike): ack, nack."""
+        return ack_topic(self.area, meter), nack_topic(self.area, meter)
+
     async def _subscribe(self, client: aiomqtt.Client) -> None:
         """Hold the ack and nack topics of whichever meter is on the line (a Pico swapped
         for another on the same port gets the new meter's)."""
@@ -317,10 +344,10 @@ class SerialBridge:
                 continue
             if self._subscribed is not None:
                 old, self._subscribed = self._subscribed, None
-                await client.unsubscribe(ack_topic(self.area, old))
-                await client.unsubscribe(nack_topic(self.area, old))
-            await client.subscribe(ack_topic(self.area, meter), qos=1)
-            await client.subscribe(nack_topic(self.area, meter), qos=1)
+                for t in self._acks_of(old):
+                    await client.unsubscribe(t)
+            for t in self._acks_of(meter):
+                await client.subscribe(t, qos=1)
             self._subscribed = meter
             event(log, "subscribed", meter=meter)
             self._welcome()
@@ -332,18 +359,19 @@ class SerialBridge:
                 continue
             payload = msg.payload if isinstance(msg.payload, (bytes, bytearray)) else str(msg.payload).encode()
             topic = msg.topic.value
-            if topic == ack_topic(self.area, meter):
+            ack, nack = self._acks_of(meter)
+            if topic == ack:
                 self.counts["acks"] += 1
                 self._send(FrameType.ACK, bytes(payload))
-            elif topic == nack_topic(self.area, meter):
+            elif topic == nack:
                 self.counts["nacks"] += 1
                 self._send(FrameType.NACK, bytes(payload))
 
     async def _publish(self, client: aiomqtt.Client) -> None:
         """One at a time, in line order: the gateway wants each meter's readings in sequence."""
         while True:
-            meter, payload = await self._backlog.get()
-            await client.publish(readings_topic(self.area, meter), payload, qos=1)
+            topic, payload, retain = await self._backlog.get()
+            await client.publish(topic, payload, qos=1, retain=retain)
             self.counts["published"] += 1
 
     async def _status_loop(self) -> None:

@@ -16,7 +16,8 @@ WELCOME = 0x57  # W bridge -> meter: broker up and acks subscribed; the link is 
 ACK = 0x41      # A bridge -> meter: the gateway's ack body, verbatim
 NACK = 0x4E     # N bridge -> meter: the gateway's nack body, verbatim
 QUERY = 0x51    # Q bridge -> meter: say hello now (the bridge restarted)
-TYPES = b"HRSLWANQ"
+ALERT = 0x45    # E meter -> bridge: a signed alert (docs/alerts.md), the exact MQTT payload
+TYPES = b"HRSLWANQE"
 
 REASONS = ("oversized", "bad_cobs", "too_short", "bad_crc", "unknown_type")
 

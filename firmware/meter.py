@@ -61,7 +61,7 @@ def _make_uplink(cfg, meter, on_ack, status):
         return SerialUplink(up, cfg["area"], meter, on_ack, log, status)
     if kind == "mqtt":
         from uplink import Uplink
-        return Uplink(cfg["broker"], cfg["area"], meter, on_ack, log)
+        return Uplink(cfg["broker"], cfg["area"], meter, on_ack, log, status)
     raise ValueError("unknown uplink kind: " + kind)
 
 
@@ -70,6 +70,15 @@ def _make_sensor(cfg, board):
     # profile's wiring (docs/sensors.md, hardware/wiring.md).
     import sensors
     return sensors.make(cfg.get("sensor", {}), board, log)
+
+
+def _make_alerts(cfg, m):
+    # Device alerts (docs/alerts.md) only where the config asks for them:
+    # imported lazily, their code costs a meter without them no heap.
+    if not cfg.get("alerts"):
+        return None
+    from alerts import Alerts
+    return Alerts(cfg["alerts"], m.dir, m.meter, m.key, m.sensor, log)
 
 
 class Meter:
@@ -115,6 +124,8 @@ class Meter:
             self.sensor.resume(ck[0], ck[1])
             log("sensor_resumed", import_wh=ck[0], export_wh=ck[1])
         self.watchdog = Watchdog(self.board, cfg.get("watchdog_ms"), log)
+        self.alerts = _make_alerts(cfg, self)
+        self.uplink.alerts = self.alerts
         self._resend_ms = int(cfg.get("resend_s", 5) * 1000)
         # Go-back-N: records are sent in journal order from a cursor; when no
         # ack moves the floor for resend_s (or a publish fails), the cursor goes
@@ -151,6 +162,8 @@ class Meter:
     def take_reading(self, t_end):
         t0 = t_end - self.interval
         imp, exp = self.sensor.energy(t0, t_end)
+        if self.alerts is not None:
+            self.alerts.evaluate(t_end, self.interval, imp, exp)
         band = self._band(t0)
         slots = {wire.slot(band, 0): imp, wire.slot(band, 1): exp}
         st = self.state
@@ -218,7 +231,8 @@ class Meter:
             budget -= 1
 
     def finished(self):
-        return self.stop_at is not None and self.next_end > self.stop_at and not self.state.journal.live
+        return (self.stop_at is not None and self.next_end > self.stop_at and not self.state.journal.live
+                and not (self.alerts is not None and self.alerts.pending))
 
     def step(self):
         # One reading per step: a meter that has fallen behind (signing and

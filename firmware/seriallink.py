@@ -153,9 +153,13 @@ class SerialUplink:
         self._next_health = 0
         self._next_try = 0
         self._backoff_ms = 500
-        self._t0 = time.ticks_ms()
+        self._up_ms = 0
+        self._up_tick = time.ticks_ms()
+        self._last_acked = None
+        self.reconnects = 0
         self._in_log = False
         self.rejected = {}  # reason -> count, reported in health frames
+        self.alerts = None  # the meter's Alerts, if it has any: sent and acked here
         # With the console as the link, print() would put log lines on the wire
         # between frames: the meter sends them as LOG frames instead.
         self.log_sink = self._log_frame if not ("device" in cfg or "uart" in cfg) else None
@@ -179,6 +183,8 @@ class SerialUplink:
 
     def _fail(self, what, exc):
         self.close()
+        if self.alerts is not None:
+            self.alerts.unsent()
         self._next_try = time.ticks_add(time.ticks_ms(), self._backoff_ms)
         self._backoff_ms = min(self._backoff_ms * 2, 30000)
         self._log("uplink_down", during=what, error=repr(exc))
@@ -224,6 +230,9 @@ class SerialUplink:
 
     def poll(self):
         # Handle every frame already waiting, then keep the link alive; never blocks.
+        now = time.ticks_ms()
+        self._up_ms += time.ticks_diff(now, self._up_tick)  # summed every poll: the ticks wrap never shows
+        self._up_tick = now
         if not self.ensure():
             return
         try:
@@ -251,33 +260,30 @@ class SerialUplink:
                 return
         if self._status is not None and self.connected() and time.ticks_diff(now, self._next_health) >= 0:
             self._next_health = time.ticks_add(now, self._health_ms)
-            st = self._status()
-            st["up_s"] = time.ticks_diff(now, self._t0) // 1000
+            import health
+            st = health.report(self._meter, self._status, self._log, self._up_ms, self._last_acked,
+                               self.reconnects, self.alerts)
             st["rejected"] = self.rejected
-            try:
-                import gc
-                st["mem_free"] = gc.mem_free()
-            except Exception:
-                pass
-            self._send(frame.HEALTH, json.dumps(st).encode(), "health")
+            if not self._send(frame.HEALTH, json.dumps(st).encode(), "health"):
+                return
+        if self.alerts is not None and self.connected():
+            for seq, payload in self.alerts.due():
+                if not self._send(frame.ALERT, payload, "alert"):
+                    return
+                self.alerts.sent(seq)
 
     def _handle(self, ftype, payload):
         if ftype is None:
             self.rejected[payload] = self.rejected.get(payload, 0) + 1
             self._log("link_reject", reason=payload)
         elif ftype == frame.ACK or ftype == frame.NACK:
-            try:
-                body = json.loads(payload)
-                seq = body["seq"]
-            except Exception:
-                self._log("bad_ack", type=chr(ftype))
-                return
-            if ftype == frame.ACK:
-                self._on_ack(seq)
-            else:
-                self._log("nack", seq=seq, reason=body.get("reason"))
+            import answers
+            seq = answers.handle(payload, ftype == frame.ACK, self._on_ack, self.alerts, self._log)
+            if seq is not None and (self._last_acked is None or seq > self._last_acked):
+                self._last_acked = seq
         elif ftype == frame.WELCOME:
             if self._welcomed is None:
+                self.reconnects += 1
                 self._log("uplink_up", link="serial")
             self._welcomed = time.ticks_ms()
         elif ftype == frame.QUERY:

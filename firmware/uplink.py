@@ -1,77 +1,162 @@
-# MQTT uplink over umqtt.simple that never blocks forever: every socket has a
-# time-out (umqtt's own blocking reads included), and any failure only closes
-# the link; the spool keeps the readings and the next service() reconnects.
+# MQTT uplink over umqtt.simple that never blocks for long: every call into it
+# (publish, poll) has one deadline of at most timeout_s for all the socket work
+# it does, umqtt's own blocking reads included; any failure only closes the
+# link, and the next call after a jittered, growing back-off reconnects. The
+# spool keeps the readings meanwhile. TLS, login, last will, health and alert
+# sending are described in docs/uplink.md.
+import binascii
 import json
+import os
 import socket
 import time
 from umqtt import simple
 
 
+# The RP2040 watchdog cannot wait more than 8.3 s; a call that returns within
+# 5 s leaves the main loop time to feed it whatever the network does.
+MAX_TIMEOUT_S = 5
+# Back-off before reconnecting: doubles from BACKOFF_MIN_MS after every failure
+# up to backoff_max_s (config), and the wait is drawn in [d/2, d] ("equal
+# jitter") so that meters cut off together do not come back together.
+BACKOFF_MIN_MS = 500
+BACKOFF_MAX_S = 60
+HEALTH_S = 300
+ETIMEDOUT = 110
+
+
 class _TimedSocket:
-    # umqtt switches between blocking and non-blocking; "blocking" here means
-    # "blocking for at most timeout_s".
-    def __init__(self, timeout_s):
-        self._s = socket.socket()
-        self._t = timeout_s
-        self._s.settimeout(timeout_s)
+    # What umqtt sees as its socket. umqtt switches between blocking and
+    # non-blocking; "blocking" here means "until the current call's deadline".
+    # With TLS, reads and writes go through the TLS layer while the time-outs
+    # stay on the TCP socket below it.
+    def __init__(self, link):
+        self._link = link
+        self._raw = socket.socket()
+        self._io = self._raw
+        self._blocking = True
+
+    def _arm(self):
+        if not self._blocking:
+            self._raw.settimeout(0)
+            return
+        left = time.ticks_diff(self._link.deadline, time.ticks_ms())
+        if left <= 0:
+            raise OSError(ETIMEDOUT)
+        self._raw.settimeout(left / 1000)
 
     def connect(self, addr):
-        self._s.connect(addr)
+        self._arm()
+        self._raw.connect(addr)
+        ctx = self._link.tls
+        if ctx is not None:
+            # The handshake's reads each wait at most what is left of the deadline.
+            self._arm()
+            self._io = ctx.wrap_socket(self._raw, server_hostname=self._link.server_name)
 
     def setblocking(self, flag):
-        self._s.settimeout(self._t if flag else 0)
+        self._blocking = flag
 
     def read(self, n):
-        return self._s.read(n)
+        self._arm()
+        return self._io.read(n)
 
-    def write(self, *args):
-        return self._s.write(*args)
+    def write(self, buf, n=None):
+        self._arm()
+        if n is not None:
+            buf = memoryview(buf)[:n]
+        return self._io.write(buf)
 
     def close(self):
-        self._s.close()
+        try:
+            self._io.close()
+        finally:
+            if self._io is not self._raw:
+                self._raw.close()
 
 
 class _SocketModule:
-    def __init__(self, timeout_s):
-        self._t = timeout_s
+    # Stands in for umqtt's socket module: its sockets are _TimedSockets.
+    def __init__(self, link):
+        self._link = link
 
     def socket(self):
-        return _TimedSocket(self._t)
+        return _TimedSocket(self._link)
 
     def getaddrinfo(self, host, port):
+        # Not bounded by the deadline (a DNS lookup cannot be): configure an IP
+        # address where a slow resolver could hold the loop up.
         return socket.getaddrinfo(host, port)
 
 
+def _der(data):
+    # MicroPython's TLS takes a DER certificate; accept PEM as well.
+    if data.startswith(b"-----BEGIN"):
+        body = b"".join(l for l in data.split(b"\n") if l and not l.startswith(b"-----"))
+        return binascii.a2b_base64(body)
+    return data
+
+
+def _tls_context(cfg):
+    import ssl
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    with open(cfg["ca"], "rb") as f:
+        ctx.load_verify_locations(cadata=_der(f.read()))
+    return ctx
+
+
+def _jitter(delay_ms):
+    half = delay_ms // 2
+    r = int.from_bytes(os.urandom(2), "big")
+    return half + (delay_ms - half) * r // 65535
+
+
 class Uplink:
-    def __init__(self, cfg, area, meter, on_ack, log):
-        simple.socket = _SocketModule(cfg.get("timeout_s", 5))
+    def __init__(self, cfg, area, meter, on_ack, log, status=None):
+        simple.socket = _SocketModule(self)
         self._cfg = cfg
         self._base = "gl/v1/%s/meters/%s/" % (area, meter)
         self.readings_topic = self._base + "readings"
         self._meter = meter
         self._on_ack = on_ack
         self._log = log
+        self._status = status
+        self.alerts = None  # the meter's Alerts, if it has any: sent and acked here
+        self._timeout_ms = int(min(cfg.get("timeout_s", MAX_TIMEOUT_S), MAX_TIMEOUT_S) * 1000)
+        self._max_backoff_ms = int(cfg.get("backoff_max_s", BACKOFF_MAX_S) * 1000)
+        self._health_ms = int(cfg.get("health_s", HEALTH_S) * 1000)
+        self._keepalive_ms = cfg.get("keepalive", 60) * 1000
+        # The TLS context is made at the first connect, not at boot (the heap's
+        # tightest moment), and kept.
+        self.tls = None
+        self.server_name = cfg.get("server_name", cfg["host"])
+        self._port = cfg.get("port", 8883 if cfg.get("ca") else 1883)
+        self.deadline = 0
         self._client = None
         self._next_try = 0
-        self._backoff_ms = 500
+        self._delay_ms = BACKOFF_MIN_MS
         self._last_io = 0
+        self._next_health = 0
         self._got = 0
+        self._last_acked = None
+        self._up_ms = 0
+        self._up_tick = time.ticks_ms()
+        self.reconnects = 0
+        self._offline = json.dumps({"v": 1, "meter": meter, "state": "offline"})
 
     def connected(self):
         return self._client is not None
 
+    def _start(self):
+        # One deadline for all the socket work of this call.
+        self.deadline = time.ticks_add(time.ticks_ms(), self._timeout_ms)
+
     def _cb(self, topic, msg):
         self._got += 1
-        try:
-            body = json.loads(msg)
-            seq = body["seq"]
-        except Exception:
-            self._log("bad_ack", topic=topic)
-            return
-        if topic.endswith(b"/ack"):
-            self._on_ack(seq)
-        else:
-            self._log("nack", seq=seq, reason=body.get("reason"))
+        import answers
+        seq = answers.handle(msg, topic.endswith(b"/ack"), self._on_ack, self.alerts, self._log)
+        if seq is not None and (self._last_acked is None or seq > self._last_acked):
+            self._last_acked = seq
 
     def close(self):
         c = self._client
@@ -83,21 +168,39 @@ class Uplink:
                 pass
 
     def _fail(self, what, exc):
-        self._log("uplink_down", during=what, error=repr(exc))
+        now = time.ticks_ms()
+        took = time.ticks_diff(now, self.deadline) + self._timeout_ms
+        wait = _jitter(self._delay_ms)
+        self._next_try = time.ticks_add(now, wait)
+        self._delay_ms = min(self._delay_ms * 2, self._max_backoff_ms)
         self.close()
-        self._next_try = time.ticks_add(time.ticks_ms(), self._backoff_ms)
-        self._backoff_ms = min(self._backoff_ms * 2, 30000)
+        if self.alerts is not None:
+            self.alerts.unsent()
+        self._log("uplink_down", during=what, error=repr(exc), took_ms=took, retry_ms=wait, at_ms=now)
 
     def ensure(self):
         if self._client is not None:
             return True
         if time.ticks_diff(time.ticks_ms(), self._next_try) < 0:
-            return False
+            return False  # backing off: the meter keeps measuring meanwhile
         cfg = self._cfg
-        c = simple.MQTTClient(self._meter, cfg["host"], port=cfg.get("port", 1883),
+        if cfg.get("ca") and self.tls is None:
+            # A CA that cannot be loaded (a missing or corrupt file) must not stop
+            # the meter measuring: this connect fails instead, and TLS is never
+            # silently dropped.
+            try:
+                self.tls = _tls_context(cfg)
+            except Exception as e:
+                self._fail("tls_setup", e)
+                return False
+        c = simple.MQTTClient(self._meter, cfg["host"], port=self._port,
                               user=cfg.get("user"), password=cfg.get("password"),
                               keepalive=cfg.get("keepalive", 60))
         c.set_callback(self._cb)
+        # The will replaces the retained health message, so whoever subscribes
+        # later still learns the meter is gone; the health sent right after the
+        # connect replaces the will of an earlier death.
+        c.set_last_will(self._base + "health", self._offline, retain=True, qos=1)
         try:
             c.connect()
             c.subscribe(self._base + "ack", qos=1)
@@ -107,13 +210,16 @@ class Uplink:
             self._fail("connect", e)
             return False
         self._client = c
-        self._backoff_ms = 500
+        self._delay_ms = BACKOFF_MIN_MS
         self._last_io = time.ticks_ms()
-        self._log("uplink_up", broker=cfg["host"], port=cfg.get("port", 1883))
+        self._next_health = self._last_io  # health goes out at once
+        self.reconnects += 1
+        self._log("uplink_up", broker=cfg["host"], port=self._port, tls=self.tls is not None)
         return True
 
     def publish(self, payload, topic=None):
         # QoS 1: returns once the broker has the message (PUBACK), or False.
+        self._start()
         if not self.ensure():
             return False
         try:
@@ -129,7 +235,10 @@ class Uplink:
         return self.publish(payload, self._base + "events")
 
     def poll(self):
-        # Deliver every message already waiting (acks), without blocking.
+        # Deliver every message already waiting (acks), send what is due
+        # (health, alerts), keep the connection alive; never blocks for long.
+        self._tick()
+        self._start()
         if not self.ensure():
             return
         try:
@@ -138,9 +247,31 @@ class Uplink:
                 self._client.check_msg()
                 if self._got == before:
                     break
+            now = time.ticks_ms()
+            if time.ticks_diff(now, self._next_health) >= 0:
+                self._client.publish(self._base + "health", self._health_message(), retain=True, qos=1)
+                self._next_health = time.ticks_add(now, self._health_ms)
+                self._last_io = now
+            if self.alerts is not None:
+                for seq, payload in self.alerts.due():
+                    self._client.publish(self._base + "alerts", payload, qos=1)
+                    self.alerts.sent(seq)
+                    self._last_io = time.ticks_ms()
             idle = time.ticks_diff(time.ticks_ms(), self._last_io)
-            if idle > self._cfg.get("keepalive", 60) * 500:
+            if idle > self._keepalive_ms // 2:
                 self._client.ping()
                 self._last_io = time.ticks_ms()
         except Exception as e:
             self._fail("poll", e)
+
+    def _tick(self):
+        # Uptime from tick differences summed every poll, so the ticks wrap
+        # (2^30 ms on boards, 12 days) never shows.
+        now = time.ticks_ms()
+        self._up_ms += time.ticks_diff(now, self._up_tick)
+        self._up_tick = now
+
+    def _health_message(self):
+        import health
+        return json.dumps(health.report(self._meter, self._status, self._log, self._up_ms,
+                                        self._last_acked, self.reconnects, self.alerts))

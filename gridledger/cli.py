@@ -51,6 +51,7 @@ EXAMPLES = {
     "broker config": "gridledger broker config --out broker/ --tls-cert certs/server.crt --tls-key certs/server.key "
                      "--ca certs/ca.crt --local-port 1883",
     "broker testbed-ca": "gridledger broker testbed-ca --out certs/ --host gateway.local --host 192.168.1.10",
+    "alerts list": "gridledger alerts list --config gateway.toml --meter m01 --limit 20",
     "bridge serial": "gridledger bridge serial --config gateway.toml --port /dev/ttyACM0",
     "loadgen run": "gridledger loadgen run --config gateway.toml --keys lg/ --meters 1000 --readings 10",
     "coordinator run": "gridledger coordinator run --config coordinator.toml",
@@ -397,6 +398,28 @@ def _run_role(name: str, level: str, role) -> int:
 def _cmd_gateway_run(args) -> int:
     from aggregator.gateway import Gateway, load_gateway_config
     return _run_role("gateway", args.log_level, Gateway(load_gateway_config(Path(args.config))))
+
+
+def _cmd_alerts_list(args) -> int:
+    import json
+    from datetime import datetime, timezone
+    from aggregator.alerts import read_alerts
+    from aggregator.gateway import load_gateway_config
+    if args.limit <= 0:
+        raise GridledgerError("--limit must be positive")
+    alerts, refused = read_alerts(load_gateway_config(Path(args.config)).gateway.database, args.meter, args.limit)
+    if args.json:
+        for a in alerts:
+            print(json.dumps({"meter": a.meter, "seq": a.seq, "t": a.t, "kind": a.kind, "state": a.state,
+                              "value": a.value, "threshold": a.threshold, "received_at": a.received_at}))
+        return 0
+    for a in alerts:
+        when = datetime.fromtimestamp(a.t, timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
+        unit = "dC" if a.kind == "temp_high" else "W"
+        print(f"{when}  {a.meter:<12} #{a.seq:<5} {a.kind:<10} {a.state:<8} {a.value} {unit} "
+              f"(threshold {a.threshold} {unit})")
+    print(f"{len(alerts)} alerts; refused: {json.dumps(refused, sort_keys=True) if refused else 'none'}")
+    return 0
 
 
 def _cmd_bridge_serial(args) -> int:
@@ -751,6 +774,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     gw = roles.add_parser("gateway", help="the gateway (aggregator) role").add_subparsers(dest="action", required=True)
     daemon(gw, "gateway", "run the gateway: MQTT ingest, checks, SQLite, acks", _cmd_gateway_run, "gateway")
+
+    al = roles.add_parser("alerts", help="device alerts the gateway verified and stored").add_subparsers(
+        dest="action", required=True)
+    sp = action(al, "alerts", "list", "list the newest stored alerts (oldest first) and the refusal counts",
+                _cmd_alerts_list)
+    sp.add_argument("--config", required=True, help="the gateway's TOML file (its database)")
+    sp.add_argument("--meter", help="only this meter's alerts")
+    sp.add_argument("--limit", type=int, default=100, help="at most this many, the newest")
+    sp.add_argument("--json", action="store_true", help="one JSON object per line")
 
     br = roles.add_parser("bridge", help="bridges for meters without a network").add_subparsers(
         dest="action", required=True)

@@ -24,6 +24,10 @@ def reading_payload() -> bytes:
     return json.dumps(doc["readings"][0]["payload"], separators=(",", ":")).encode()
 
 
+def alert_payload() -> bytes:
+    return json.loads((HERE / "alerts_v1.json").read_text())["alerts"][0]["payload"].encode()
+
+
 def raw_frame(body: bytes, crc: int | None = None) -> bytes:
     """A frame around any body, with its true CRC unless `crc` says otherwise."""
     crc = zlib.crc32(body) if crc is None else crc
@@ -46,6 +50,8 @@ def frames() -> list[dict]:
         (T.READING, b"x" * 250, "body of 255 bytes: a full block and a one-byte block"),
         (T.READING, b"x" * 500 + b"\x00" + b"y" * 300, "a zero after two full blocks"),
         (T.READING, reading_payload(), "wire-v1 vector reading 1 (readings_v1.json)"),
+        (T.ALERT, alert_payload(), "alert vector 1 (alerts_v1.json)"),
+        (T.ACK, b'{"alert_seq": 3}', "an alert's ack: on the ack topic, verbatim like every ack"),
     ]
     return [{"about": about, "type": chr(t), "payload": p.hex(), "wire": encode(t, p).hex()}
             for t, p, about in cases]

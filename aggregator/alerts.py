@@ -1,0 +1,366 @@
+"""Device-side alerts at the gateway: check, store, ack (format in docs/alerts.md).
+
+A meter judges its own plaintext against thresholds and publishes signed alerts
+on ``gl/v1/{area}/meters/{meter}/alerts``. The gateway checks each one, cheapest
+first, stopping at the first failure:
+
+1. shape (``parse_alert``): ``oversized`` before decoding, then
+   ``malformed_json``, ``missing_field``, ``bad_type``, ``unsupported_version``,
+   ``bad_value``; then ``topic_mismatch``;
+2. ``unknown_meter`` (not in the registry), ``bad_signature`` (the registry's
+   Ed25519 key for that meter);
+3. the alert seq: above every seq stored for the meter, it is accepted; at or
+   below, it is a ``duplicate`` when the stored alert at that seq is the same
+   one (the meter missed its ack: acked again, stored once), otherwise
+   ``replayed_seq``. Gaps are allowed: a meter whose outbox overflowed dropped
+   its oldest alerts, and says so in its health message.
+
+Accepted alerts go to the gateway's SQLite (table ``alerts``, refusals counted
+per reason in ``alert_rejections``) in one transaction per batch; only then
+does ``{"alert_seq": S}`` (the meter's highest stored alert seq) go out on the
+meter's ``.../ack`` topic, beside its reading acks (the only topics a meter may
+read under the broker's ACL). A refusal is answered on ``.../nack`` with
+``{"alert_seq": s, "reason": r}``, and the meter stops resending that alert.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sqlite3
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Literal
+
+import aiomqtt
+import sqlite_utils
+
+from certlog.store import connect
+from gridledger.errors import Rejected
+from gridledger.logs import event
+from gridledger.metrics import Snapshot
+from gridledger.wire import METER_ID_RE, ack_topic, nack_topic
+
+from .registry import Registry
+
+__all__ = ["Alert", "AlertVerdict", "AlertCheck", "AlertStore", "AlertDesk", "StoredAlert", "parse_alert",
+           "alert_signed_bytes", "make_alert", "ALERT_REASON_CLASS", "ALERT_REASONS", "KINDS", "STATES",
+           "MAX_ALERT", "read_alerts", "alerts_topic"]
+
+log = logging.getLogger("gridledger.gateway.alerts")
+
+VERSION = 1
+# A signed alert is ~300 bytes; 1 KiB leaves room and keeps a flood cheap to refuse.
+MAX_ALERT = 1024
+KINDS = ("power_high", "power_low", "temp_high")
+STATES = ("raised", "cleared")
+# Every reason an alert can be refused for, in check order, with its class.
+ALERT_REASON_CLASS = {
+    "oversized": "size",
+    "malformed_json": "schema",
+    "missing_field": "schema",
+    "bad_type": "schema",
+    "unsupported_version": "schema",
+    "bad_value": "schema",
+    "topic_mismatch": "schema",
+    "unknown_meter": "unknown_meter",
+    "bad_signature": "signature",
+    "replayed_seq": "replayed_seq",
+}
+ALERT_REASONS = tuple(ALERT_REASON_CLASS)
+# Values are ints on the wire (W, tenths of a degree); bound them to what a
+# household meter can mean, so a signed alert cannot carry a huge number.
+_VALUE_MAX = 10 ** 9
+_BATCH_MAX = 256
+_QUEUE_MAX = 5000
+_INT_FIELDS = ("v", "seq", "t", "value", "threshold")
+_STR_FIELDS = ("meter", "kind", "state", "sig")
+
+
+def alerts_topic(area: str, meter: str) -> str:
+    return f"gl/v1/{area}/meters/{meter}/alerts"
+
+
+def alert_signed_bytes(meter: str, seq: int, t: int, kind: str, value: int, threshold: int, state: str) -> bytes:
+    return "\n".join(("gl-alert-v1", meter, str(seq), str(t), kind, str(value), str(threshold),
+                      state)).encode("ascii")
+
+
+@dataclass(frozen=True, slots=True)
+class Alert:
+    meter: str
+    seq: int
+    t: int
+    kind: str
+    value: int
+    threshold: int
+    state: str
+    sig: str
+    v: int = VERSION
+    signed_bytes: bytes = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "signed_bytes", alert_signed_bytes(
+            self.meter, self.seq, self.t, self.kind, self.value, self.threshold, self.state))
+
+    def to_json(self) -> bytes:
+        """Canonical JSON: keys sorted, no spaces (the firmware writes the same bytes)."""
+        return json.dumps({"v": self.v, "meter": self.meter, "seq": self.seq, "t": self.t, "kind": self.kind,
+                           "value": self.value, "threshold": self.threshold, "state": self.state,
+                           "sig": self.sig}, sort_keys=True, separators=(",", ":")).encode()
+
+
+def make_alert(*, meter: str, seq: int, t: int, kind: str, value: int, threshold: int, state: str,
+               sign: Callable[[bytes], bytes]) -> Alert:
+    sig = sign(alert_signed_bytes(meter, seq, t, kind, value, threshold, state)).hex()
+    return Alert(meter, seq, t, kind, value, threshold, state, sig)
+
+
+def parse_alert(payload: bytes, max_size: int = MAX_ALERT) -> Alert:
+    """An alert from its JSON payload, or `Rejected` with the reason."""
+    if len(payload) > max_size:
+        raise Rejected("oversized", f"{len(payload)} bytes > {max_size}")
+    try:
+        obj = json.loads(payload)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise Rejected("malformed_json", str(exc)[:120]) from None
+    if not isinstance(obj, dict):
+        raise Rejected("malformed_json", "not a JSON object")
+    seq = obj.get("seq") if type(obj.get("seq")) is int else None
+    for k in (*_INT_FIELDS, *_STR_FIELDS):
+        if k not in obj:
+            raise Rejected("missing_field", k, seq=seq)
+    for k in _INT_FIELDS:
+        if type(obj[k]) is not int:
+            raise Rejected("bad_type", f"{k} must be an integer", seq=seq)
+    for k in _STR_FIELDS:
+        if type(obj[k]) is not str:
+            raise Rejected("bad_type", f"{k} must be a string", seq=seq)
+    if obj["v"] != VERSION:
+        raise Rejected("unsupported_version", f"v {obj['v']}", seq=seq)
+    if not METER_ID_RE.match(obj["meter"]):
+        raise Rejected("bad_value", "meter id", seq=seq)
+    if obj["seq"] < 1 or obj["t"] < 0:
+        raise Rejected("bad_value", "seq must be >= 1 and t >= 0", seq=seq)
+    if obj["kind"] not in KINDS or obj["state"] not in STATES:
+        raise Rejected("bad_value", f"kind {obj['kind'][:20]!r} / state {obj['state'][:20]!r}", seq=seq)
+    if abs(obj["value"]) > _VALUE_MAX or abs(obj["threshold"]) > _VALUE_MAX:
+        raise Rejected("bad_value", "value or threshold out of range", seq=seq)
+    sig = obj["sig"]
+    if len(sig) != 128 or not sig.isascii() or any(ch not in "0123456789abcdef" for ch in sig):
+        raise Rejected("bad_value", "sig must be 128 lowercase hex digits", seq=seq)
+    extra = set(obj) - set(_INT_FIELDS) - set(_STR_FIELDS)
+    if extra:
+        raise Rejected("bad_value", f"unknown fields {sorted(extra)[:4]}", seq=seq)
+    return Alert(obj["meter"], obj["seq"], obj["t"], obj["kind"], obj["value"], obj["threshold"], obj["state"], sig)
+
+
+@dataclass(frozen=True, slots=True)
+class AlertVerdict:
+    kind: Literal["accept", "duplicate", "reject"]
+    alert: Alert | None = None
+    reason: str | None = None
+    detail: str = ""
+    seq: int | None = None
+
+
+@dataclass
+class AlertCheck:
+    """The gateway's decision on one alert: pure logic over the registry, the highest
+    stored seq per meter and a lookup of a stored alert's payload."""
+    registry: Registry
+    last: dict[str, int]
+    stored: Callable[[str, int], bytes | None]
+    counts: Counter = field(default_factory=Counter)
+
+    def check(self, topic_meter: str, payload: bytes) -> AlertVerdict:
+        try:
+            v = self._check(topic_meter, payload)
+        except Rejected as r:
+            v = AlertVerdict("reject", reason=r.reason, detail=r.detail, seq=r.seq)
+        except Exception as exc:  # a bug must refuse the alert, not accept it or stop the gateway
+            v = AlertVerdict("reject", reason="malformed_json", detail=f"unexpected {exc!r}"[:160])
+        self.counts[v.reason or v.kind] += 1
+        return v
+
+    def _check(self, topic_meter: str, payload: bytes) -> AlertVerdict:
+        a = parse_alert(payload)
+        if a.meter != topic_meter:
+            raise Rejected("topic_mismatch", f"topic meter {topic_meter!r}, payload meter {a.meter!r}", seq=a.seq)
+        if a.meter not in self.registry:
+            raise Rejected("unknown_meter", a.meter, seq=a.seq)
+        try:
+            ok = self.registry.verify(a.meter, a.signed_bytes, bytes.fromhex(a.sig))
+        except Exception:  # a verifier that cannot decide has not verified
+            ok = False
+        if not ok:
+            raise Rejected("bad_signature", f"alert seq {a.seq}", seq=a.seq)
+        last = self.last.get(a.meter, 0)
+        if a.seq > last:
+            self.last[a.meter] = a.seq
+            return AlertVerdict("accept", alert=a, seq=a.seq)
+        if self.stored(a.meter, a.seq) == a.to_json():
+            return AlertVerdict("duplicate", alert=a, seq=a.seq)
+        raise Rejected("replayed_seq", f"alert seq {a.seq} is at or below {last} and is not the stored one",
+                       seq=a.seq)
+
+
+@dataclass(frozen=True, slots=True)
+class StoredAlert:
+    meter: str
+    seq: int
+    t: int
+    kind: str
+    value: int
+    threshold: int
+    state: str
+    received_at: float
+
+
+class AlertStore:
+    """The gateway's alerts in its own SQLite tables (WAL, synchronous=FULL)."""
+
+    def __init__(self, path: Path | str):
+        self.db = sqlite_utils.Database(connect(path))
+        if not self.db["alerts"].exists():
+            self.db["alerts"].create({"meter": str, "seq": int, "t": int, "kind": str, "value": int,
+                                      "threshold": int, "state": str, "payload": str, "received_at": float},
+                                     pk=("meter", "seq"))
+            self.db["alerts"].create_index(["t"])
+        if not self.db["alert_rejections"].exists():
+            self.db["alert_rejections"].create({"reason": str, "count": int}, pk="reason")
+
+    def last_seqs(self) -> dict[str, int]:
+        return dict(self.db.execute("SELECT meter, MAX(seq) FROM alerts GROUP BY meter").fetchall())
+
+    def payload(self, meter: str, seq: int) -> bytes | None:
+        row = self.db.execute("SELECT payload FROM alerts WHERE meter=? AND seq=?", [meter, seq]).fetchone()
+        return row[0].encode() if row else None
+
+    def commit(self, accepted: list[Alert], rejections: dict[str, int]) -> None:
+        now = time.time()
+        conn = self.db.conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.executemany(
+                "INSERT INTO alerts(meter, seq, t, kind, value, threshold, state, payload, received_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [(a.meter, a.seq, a.t, a.kind, a.value, a.threshold, a.state, a.to_json().decode(), now)
+                 for a in accepted])
+            conn.executemany(
+                "INSERT INTO alert_rejections(reason, count) VALUES (?, ?) "
+                "ON CONFLICT(reason) DO UPDATE SET count = count + excluded.count", list(rejections.items()))
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+    def close(self) -> None:
+        self.db.conn.close()
+
+
+def read_alerts(path: Path | str, meter: str | None = None,
+                limit: int = 100) -> tuple[list[StoredAlert], dict[str, int]]:
+    """The newest `limit` stored alerts (oldest first) and the refusal counts, read-only:
+    safe beside a running gateway."""
+    if not Path(path).exists():
+        return [], {}
+    sql = "SELECT meter, seq, t, kind, value, threshold, state, received_at FROM alerts"
+    args: list = []
+    if meter is not None:
+        sql += " WHERE meter = ?"
+        args.append(meter)
+    sql += " ORDER BY received_at DESC, meter DESC, seq DESC LIMIT ?"
+    args.append(limit)
+    try:
+        with sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5) as conn:
+            rows = conn.execute(sql, args).fetchall()
+            counts = dict(conn.execute("SELECT reason, count FROM alert_rejections").fetchall())
+    except sqlite3.OperationalError:
+        return [], {}  # no alert tables yet: a gateway from before alerts, or not started
+    return [StoredAlert(*r) for r in reversed(rows)], counts
+
+
+class AlertDesk:
+    """The gateway's alert path: a queue fed by its MQTT reader, one worker that
+    checks a batch, commits it, then acks and nacks."""
+
+    def __init__(self, registry: Registry, database: Path, area: str):
+        self.area = area
+        self.store = AlertStore(database)
+        self.check = AlertCheck(registry, self.store.last_seqs(), self.store.payload)
+        self.queue: asyncio.Queue[aiomqtt.Message] = asyncio.Queue(_QUEUE_MAX)
+        self._prefix = f"gl/v1/{area}/meters/"
+
+    def topic(self) -> str:
+        return f"{self._prefix}+/alerts"
+
+    def handles(self, topic: str) -> bool:
+        return topic.startswith(self._prefix) and topic.endswith("/alerts")
+
+    def counters(self) -> dict[str, int]:
+        out = dict.fromkeys((*ALERT_REASONS, "accept", "duplicate"), 0)
+        out.update(self.check.counts)
+        return out
+
+    def metrics(self) -> list[Snapshot]:
+        counts = self.counters()
+        classes = dict.fromkeys(ALERT_REASON_CLASS.values(), 0)
+        for reason, cls in ALERT_REASON_CLASS.items():
+            classes[cls] += counts[reason]
+        return [
+            Snapshot("gridledger_alerts", "device alerts by verdict (accept, duplicate) or rejection reason",
+                     "counter", ("result",), {(k,): v for k, v in counts.items()}),
+            Snapshot("gridledger_alert_rejections_by_class", "refused device alerts by class", "counter",
+                     ("class",), {(k,): v for k, v in classes.items()}),
+        ]
+
+    async def run(self, client: aiomqtt.Client) -> None:
+        while True:
+            batch = [await self.queue.get()]
+            while len(batch) < _BATCH_MAX and not self.queue.empty():
+                batch.append(self.queue.get_nowait())
+            try:
+                await self._process(client, batch)
+            finally:
+                for _ in batch:
+                    self.queue.task_done()
+
+    async def _process(self, client: aiomqtt.Client, batch: list[aiomqtt.Message]) -> None:
+        accepted: list[Alert] = []
+        rejected: Counter[str] = Counter()
+        acks: set[str] = set()
+        nacks: list[tuple[str, dict]] = []
+        for msg in batch:
+            topic = msg.topic.value
+            meter = topic[len(self._prefix):-len("/alerts")]
+            payload = msg.payload if isinstance(msg.payload, (bytes, bytearray)) else str(msg.payload).encode()
+            v = self.check.check(meter, bytes(payload))
+            if v.kind == "reject":
+                rejected[v.reason] += 1
+                event(log, "alert_rejected", logging.WARNING, meter=meter, seq=v.seq, reason=v.reason,
+                      detail=v.detail)
+                if METER_ID_RE.match(meter):
+                    nacks.append((meter, {"alert_seq": v.seq, "reason": v.reason}))
+                continue
+            if v.kind == "accept":
+                accepted.append(v.alert)
+                a = v.alert
+                event(log, "alert", meter=a.meter, seq=a.seq, t=a.t, kind=a.kind, state=a.state, value=a.value,
+                      threshold=a.threshold)
+            acks.add(meter)
+        try:
+            await asyncio.to_thread(self.store.commit, accepted, rejected)
+        except BaseException:
+            self.check.last = self.store.last_seqs()  # nothing of this batch was stored
+            raise
+        await asyncio.gather(
+            *(client.publish(ack_topic(self.area, m), json.dumps({"alert_seq": self.check.last[m]}), qos=1)
+              for m in sorted(acks)),
+            *(client.publish(nack_topic(self.area, m), json.dumps(body), qos=1) for m, body in nacks))
+
+    def close(self) -> None:
+        self.store.close()
