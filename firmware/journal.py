@@ -88,6 +88,10 @@ class Journal:
         self.damaged = 0  # damaged frames skipped at recovery or read
         self.live = 0
         self._segs = []
+        # Segment numbers only grow while the meter runs: a position held by
+        # the send loop must never come to name a record in a later segment
+        # that reused a deleted one's number (it would skip that record).
+        self._next_num = 1
         self._buf = bytearray(HEAD + MAX_PAYLOAD + TAIL)
         self._mv = memoryview(self._buf)
         mkdirs(path)
@@ -112,6 +116,7 @@ class Journal:
                 except ValueError:
                     pass
         nums.sort()
+        self._next_num = max(self._next_num, nums[-1] + 1 if nums else 1)
         self._segs = []
         self.live = 0
         for num in nums:
@@ -231,7 +236,8 @@ class Journal:
             self._drop_oldest()
         seg = self._segs[-1] if self._segs else None
         if seg is None or seg.sealed or seg.count() >= self.per_segment:
-            seg = _Segment(self._segs[-1].num + 1 if self._segs else 1)
+            seg = _Segment(self._next_num)
+            self._next_num += 1
             self._segs.append(seg)
         buf, mv = self._buf, self._mv
         buf[0:2] = MAGIC

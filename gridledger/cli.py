@@ -628,6 +628,7 @@ def _cmd_loadgen(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .firmware_build import METER_HEAP
     p = argparse.ArgumentParser(prog="gridledger", description=__doc__)
     roles = p.add_subparsers(dest="role", required=True, metavar="ROLE")
 
@@ -879,7 +880,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--meters", type=int, default=5)
     sp.add_argument("--intervals", type=int, default=48, help="15-minute intervals per meter")
     sp.add_argument("--seconds-per-interval", type=float, default=1.0, help="real seconds per 15 minutes")
-    sp.add_argument("--heap", default="128k", help="MicroPython heap per meter (embedded default 128k)")
+    sp.add_argument("--heap", default=METER_HEAP, help=f"MicroPython heap per meter (default {METER_HEAP})")
     sp.add_argument("--validators", type=int, default=4, help="area-chain validators (N = 3f+1)")
     sp.add_argument("--dir", default=".testbed", help="working folder (recreated)")
     sp.add_argument("--broker", choices=["auto", "mosquitto", "amqtt"], default="auto",

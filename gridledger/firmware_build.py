@@ -25,6 +25,11 @@ __all__ = ["ROOT", "FIRMWARE_SRC", "BUILD", "BOARDS", "build_firmware", "fetch_u
 ROOT = Path(__file__).resolve().parent.parent
 FIRMWARE_SRC = ROOT / "firmware"
 BUILD = ROOT / "build"
+# The heap a meter process gets on the Unix port. The firmware's live set is
+# about 100 KB there with everything loaded (the .mpy code alone ~55 KB, in RAM
+# on this port); the 64-bit port's objects are larger than a 32-bit board's.
+# docs/architecture.md, "Meter memory", has the figures.
+METER_HEAP = "160k"
 BOARDS = ROOT / "hardware" / "boards"
 
 UMQTT = {

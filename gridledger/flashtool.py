@@ -20,7 +20,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from . import __version__
-from .firmware_build import BUILD
+from .firmware_build import BUILD, METER_HEAP
 from .flashdevice import (BOARDS, EXIT_CODES, Board, CheckFailed, FlashError, ImageError, NoBoard, NotInBootsel,
                           Runner, UsageError, WrongBoard, bootsel_volumes, check_port, classify, detect, tool)
 
@@ -363,6 +363,6 @@ def add_commands(roles, action) -> None:
     sp = action(fl, "flash", "virtual-board", "run the MicroPython Unix port behind a pseudo-terminal that mpremote "
                 "drives like a board; prints the port", _wrap(_cmd_virtual_board))
     sp.add_argument("--dir", required=True, help="the board's filesystem")
-    sp.add_argument("--heap", default="128k", help="MicroPython heap (an ESP32 has about 110k free)")
+    sp.add_argument("--heap", default=METER_HEAP, help=f"MicroPython heap (default {METER_HEAP}; docs/architecture.md, meter memory)")
     sp.add_argument("--link", help="also name the port with this symlink (like /dev/serial/by-id/...)")
     sp.set_defaults(dry_run=False)

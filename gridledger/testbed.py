@@ -35,7 +35,7 @@ from coordinator.settle import Period
 from coordinator.threshold import ThresholdPublicKey
 
 from .broker import Broker, start_broker
-from .firmware_build import BUILD, build_firmware, micropython_command
+from .firmware_build import BUILD, METER_HEAP, build_firmware, micropython_command
 from .config import MqttConfig
 from .meterkeys import MeterKey, new_meter_key
 from .paillier import add_ciphertexts
@@ -61,7 +61,7 @@ class TestbedPlan:
     intervals: int = 48
     seconds_per_interval: float = 1.0
     interval_s: int = 900
-    heap: str = "128k"
+    heap: str = METER_HEAP
     start_hour: int = 6
     validators: int = 4
     broker: str = "auto"  # mosquitto | amqtt | auto (amqtt only when mosquitto is missing)
@@ -92,7 +92,7 @@ def _spawn(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> subp
                                 start_new_session=True)
 
 
-def meter_process(config: Path, log: Path, *, heap: str = "128k", firmware: Path = BUILD / "firmware") -> subprocess.Popen:
+def meter_process(config: Path, log: Path, *, heap: str = METER_HEAP, firmware: Path = BUILD / "firmware") -> subprocess.Popen:
     """A meter: the flashed bundle's main.py under the Unix port, as a real process."""
     cmd, env = micropython_command(firmware / "main.py", config, heap=heap, path=[firmware])
     return _spawn(cmd, log, env)

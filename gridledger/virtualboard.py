@@ -20,7 +20,7 @@ import time
 import tty
 from pathlib import Path
 
-from .firmware_build import micropython
+from .firmware_build import METER_HEAP, micropython
 
 __all__ = ["VirtualBoard"]
 
@@ -58,7 +58,7 @@ def _catches_sigint(pid: int) -> bool:
 class VirtualBoard:
     """`with VirtualBoard(folder) as vb:` ... `vb.port` is the device path."""
 
-    def __init__(self, folder: Path, *, heap: str = "128k", log=None):
+    def __init__(self, folder: Path, *, heap: str = METER_HEAP, log=None):
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.heap = heap

@@ -21,6 +21,7 @@ from pathlib import Path
 from aggregator.audit import audit_from_config
 from aggregator.registry import dump_registry, load_registry
 from certlog.net import Topics
+from gridledger.firmware_build import METER_HEAP
 from gridledger.testbed import certified_height, meter_process, read_truth, write_meter_config
 
 from chainkit import CHAIN, ChainBed
@@ -73,7 +74,7 @@ async def test_kill_9_gateway_and_validators_under_load(tmp_path, broker, firmwa
                 write_meter_config(d / "config.json", meter=m, area=CHAIN, state_dir=d, key_file=d / "ed25519.key",
                                    n=N, host=broker.host, port=broker.port, interval_s=INTERVAL_S, clock=clock,
                                    seed=11 + i, solar_wp=2000 * (i % 2), resend_s=2.0)
-                procs[m] = meter_process(d / "config.json", tmp_path / f"{m}.log", heap="128k",
+                procs[m] = meter_process(d / "config.json", tmp_path / f"{m}.log", heap=METER_HEAP,
                                          firmware=firmware_bundle)
             loadgen = subprocess.Popen(
                 [sys.executable, "-m", "gridledger", "loadgen", "run", "--host", broker.host, "--port",

@@ -15,6 +15,7 @@ import pytest
 from aggregator.store import GatewayStore, stored_counts
 from coordinator.totals import decrypt_total
 from gridledger.meterjournal import pending_seqs
+from gridledger.firmware_build import METER_HEAP
 from gridledger.testbed import gateway_process, meter_process, read_truth, write_meter_config
 from gridledger.wire import ZERO_HASH
 
@@ -46,7 +47,7 @@ class Area:
         self.gateway: subprocess.Popen | None = None
 
     def start_meter(self, m: str) -> None:
-        self.procs[m] = meter_process(self.tmp / m / "config.json", self.tmp / f"{m}.log", heap="128k",
+        self.procs[m] = meter_process(self.tmp / m / "config.json", self.tmp / f"{m}.log", heap=METER_HEAP,
                                       firmware=self.firmware)
 
     def start_gateway(self) -> None:

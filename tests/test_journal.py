@@ -155,6 +155,16 @@ def test_full_journal_says_so_and_keeps_per_policy(mp, tmp_path, policy, kept_ke
     assert out["recovered"] == out["more"]["records"], "and the same after a restart"
 
 
+def test_send_position_survives_its_segment_being_deleted(mp, tmp_path):
+    """After a restart, the record the send loop last published is acked and its segment
+    deleted; the next records go to a new segment, and the loop's next position is the
+    first of them: a reused segment number once made it skip one (a seq_gap at the gateway)."""
+    rng = random.Random(5)
+    out = run(mp, tmp_path, {"mode": "cursor", "dir": str(tmp_path / "j"),
+                             "payloads": [payload(rng, i, 200).hex() for i in (1, 2, 3, 4)]})
+    assert out["after_cursor"] == [2, 3, 4]
+
+
 def counters_cases(mp, tmp: Path):
     """Slot bytes after 5 saves (newest in one slot, the one before in the other)."""
     d = tmp / "c"

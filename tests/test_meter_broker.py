@@ -4,7 +4,6 @@ meanwhile waits in its journal and then arrives exactly once, in order."""
 
 from __future__ import annotations
 
-import time
 
 from aggregator.store import GatewayStore, stored_counts
 from gridledger.broker import start_mosquitto

@@ -16,7 +16,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from aggregator.store import GatewayStore
-from gridledger.firmware_build import micropython_command
+from gridledger.firmware_build import METER_HEAP, micropython_command
 from gridledger.meterjournal import journal_records, pending_seqs, read_counters
 from gridledger.testbed import gateway_process, meter_process, wait_up, write_meter_config
 from gridledger.wire import parse_reading
@@ -38,7 +38,7 @@ def meter_dir(tmp: Path, port: int = 1) -> tuple[Path, Path]:
 
 
 def run_firmware(firmware: Path, config: Path, *args: str) -> subprocess.CompletedProcess:
-    cmd, env = micropython_command(firmware / "main.py", config, *args, heap="128k", path=[firmware])
+    cmd, env = micropython_command(firmware / "main.py", config, *args, heap=METER_HEAP, path=[firmware])
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
 
 

@@ -22,7 +22,7 @@ from aggregator.serialbridge import SerialBridge
 from aggregator.store import stored_counts
 from gridledger.broker import start_mosquitto
 from gridledger.errors import Rejected
-from gridledger.firmware_build import micropython_command
+from gridledger.firmware_build import METER_HEAP, micropython_command
 from gridledger.ptycable import NullModem
 from gridledger.serialframe import Decoder, Frame, FrameType as T, cobs_encode, encode
 from gridledger.testbed import bridge_process, wait_up
@@ -82,7 +82,7 @@ class Wired:
     def start_console_meter(self) -> None:
         """The meter with the cable on its console, its stderr (tracebacks) to its log."""
         self._clock_starts_now()
-        cmd, env = micropython_command(self.firmware / "main.py", self.tmp / METER / "config.json", heap="128k",
+        cmd, env = micropython_command(self.firmware / "main.py", self.tmp / METER / "config.json", heap=METER_HEAP,
                                        path=[self.firmware])
         with open(self.modem.meter_end, "r+b", buffering=0) as tty, open(self.meter_log, "ab") as err:
             self.area.procs[METER] = subprocess.Popen(cmd, env=env, stdin=tty, stdout=tty, stderr=err,

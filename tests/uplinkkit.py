@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from gridledger.broker import Broker, free_port, start_mosquitto
+from gridledger.firmware_build import METER_HEAP
 from gridledger.testbed import gateway_process, meter_process, read_truth, write_meter_config
 
 from helpers import N, make_area, wait_until
@@ -72,7 +73,7 @@ class MeterArea:
     time (`seconds_per_interval` real seconds per 15-minute interval)."""
 
     def __init__(self, tmp: Path, broker, firmware: Path, meters: list[str], *, intervals: int | None,
-                 seconds_per_interval: float = 0.5, metrics_port: int = 0, heap: str = "128k"):
+                 seconds_per_interval: float = 0.5, metrics_port: int = 0, heap: str = METER_HEAP):
         self.tmp, self.firmware, self.meters, self.heap = tmp, firmware, meters, heap
         self.cfg, self.keys = make_area(tmp, meters, host=broker.host, port=broker.port)
         if metrics_port:

@@ -5,6 +5,8 @@
 #              (truncate / xor bytes), recover, optionally append one more
 #              record and recover again; one line per case, every record read
 #   full:      capacity behaviour for one when_full policy
+#   cursor:    the send loop's position across a restart whose recovered
+#              segments are all acknowledged and deleted, then new appends
 #   counters:  save job["saves"] times; or load each case's slot bytes (a
 #              line per case), then save once more
 import binascii
@@ -104,6 +106,23 @@ elif mode == "full":
     j2.recover(j.floor)
     out["recovered"] = listing(j2)
     print(json.dumps(out))
+elif mode == "cursor":
+    ps = [binascii.unhexlify(p) for p in job["payloads"]]
+    wipe(job["dir"])
+    j = journal.Journal(job["dir"], 64)
+    j.append(ps[0])                       # reading 1, unacked at the "power cut"
+    j = journal.Journal(job["dir"], 64)
+    j.recover(0)                          # a restart: reading 1 in a sealed segment
+    cursor = j.first()                    # the send loop published it
+    j.advance(1)                          # its ack deletes that segment
+    for p in ps[1:]:
+        j.append(p)                       # readings 2, 3 ...
+    nxt = j.after(cursor)
+    got = []
+    while nxt is not None:
+        got.append(j.key(nxt))
+        nxt = j.after(nxt)
+    print(json.dumps({"after_cursor": got}))
 elif mode == "counters":
     store = counters.CounterStore(job["dir"] + "/counters")
     if "saves" in job:
