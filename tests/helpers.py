@@ -71,6 +71,19 @@ def make_area(tmp: Path, meters: list[str], *, host: str, port: int, area: str =
     return cfg, keys
 
 
+def log_events(path: Path) -> list[dict]:
+    """The JSON event lines of a process's log, skipping a line cut by a kill."""
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rec, dict) and "ev" in rec:
+            out.append(rec)
+    return out
+
+
 def wait_until(pred, timeout: float, what: str, step: float = 0.1):
     """Poll `pred` until it returns something truthy; fail after `timeout` seconds."""
     deadline = time.monotonic() + timeout

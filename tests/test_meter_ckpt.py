@@ -25,7 +25,7 @@ from gridledger.testbed import write_meter_config
 from gridledger.wire import unpack_slots
 
 from conftest import MP_SCRIPTS, MicroPython
-from helpers import N, PRIV, meter_keys, wait_until
+from helpers import N, PRIV, log_events, meter_keys, wait_until
 
 NSQ = 32  # ciphertext bytes in the state-level jobs: any fixed length will do
 NO_CKPT = (1 << 64) - 1
@@ -155,18 +155,6 @@ METER = "pz1"
 ROUNDS = 6
 
 
-def events(log: Path) -> list[dict]:
-    out = []
-    for line in log.read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            continue  # a line cut by the kill
-        if isinstance(rec, dict) and "ev" in rec:
-            out.append(rec)
-    return out
-
-
 @pytest.fixture
 def pzem_meter(tmp_path, broker, firmware_bundle):
     """A meter (the flashed bundle) whose sensor is a PZEM-004T on a fake UART reading its
@@ -218,14 +206,14 @@ def test_killed_pzem_meter_reports_exactly_the_device_counters_advance(pzem_mete
     proc = start()
 
     def readings_since(n_events: int) -> int:
-        return sum(e["ev"] == "reading" for e in events(log)[n_events:])
+        return sum(e["ev"] == "reading" for e in log_events(log)[n_events:])
 
     for _ in range(ROUNDS):
-        mark = len(events(log))
+        mark = len(log_events(log))
         wait_until(lambda: readings_since(mark) >= 1, 60, "a reading after the (re)start")
         wh += rng.randint(1, 400)  # used while the meter runs
         set_device(device, wh)
-        mark = len(events(log))
+        mark = len(log_events(log))
         wait_until(lambda: readings_since(mark) >= 1, 60, "a reading of the moved counter")
         time.sleep(rng.uniform(0.0, 0.5))  # somewhere before, during or after the next one
         os.kill(proc.pid, signal.SIGKILL)
@@ -233,12 +221,12 @@ def test_killed_pzem_meter_reports_exactly_the_device_counters_advance(pzem_mete
         wh += rng.randint(100, 5000)  # used while the meter is down: must land in the next reading
         set_device(device, wh)
         proc = start()
-    mark = len(events(log))
+    mark = len(log_events(log))
     wait_until(lambda: readings_since(mark) >= 2, 60, "readings after the last restart")
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(5)
 
-    evs = events(log)
+    evs = log_events(log)
     assert sum(e["ev"] == "boot" for e in evs) == ROUNDS + 1
     assert sum(e["ev"] == "sensor_resumed" for e in evs) == ROUNDS, "every restart resumes from a checkpoint"
     recs = [r for r in journal_records(d) if r.kind == READING]

@@ -15,22 +15,10 @@ from aggregator.store import GatewayStore, stored_counts
 from gridledger.meterjournal import read_counters
 from gridledger.testbed import wait_up
 
-from helpers import N, PRIV, wait_until
+from helpers import N, PRIV, log_events, wait_until
 from test_end_to_end import Area
 
 KILLS = 24
-
-
-def log_events(path) -> list[dict]:
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            continue  # a line cut by the kill
-        if isinstance(rec, dict) and "ev" in rec:
-            out.append(rec)
-    return out
 
 
 def recent_past(area: Area, meter: str) -> None:
