@@ -1,9 +1,28 @@
 """The gateway role: MQTT ingest -> checks -> SQLite -> ack.
 
-One task reads MQTT messages into a queue; one worker drains it in batches,
-checks each reading, writes the batch in one durable transaction, and only then
-publishes the acks. A bad message is counted, logged and answered with a nack;
-it never stops the loop.
+Readings arrive through a paho callback into a bounded inbox; one worker drains
+it in batches, checks each reading, writes the batch in one durable transaction,
+and only then publishes the acks. A bad message is counted, logged and answered
+with a nack; it never stops the loop.
+
+The reading path bypasses aiomqtt on purpose, both ways (measured with
+bench/ingest.py and py-spy, per reading on the gateway's core): aiomqtt wraps
+each message in a `Message` with a parsed `Topic` and an asyncio queue hop, and
+each awaited QoS 1 publish costs a future plus a PUBACK wake-up, together more
+than half an Ed25519 verify. Acks (and nacks) go out at QoS 0, a batch's in one
+socket write (`publish_many`). An ack is cumulative ("every
+reading up to S is durable"), so a later ack supersedes a lost one, and a meter
+that misses one resends the reading, which is acked again as a duplicate
+(DESIGN §4's resend path, exercised by the broker-down tests).
+
+For the same end-to-end reason the gateway takes readings from the broker at
+QoS 0 (meters still publish at QoS 1, so the broker acknowledges each one to
+its meter): a QoS 1 delivery would cost a PUBACK packet and a send() per
+reading here, and buy nothing, since only the gateway's own ack after the
+durable commit lets a meter drop a reading. A reading lost between broker and
+gateway (a gateway crash, a dropped connection, readings published while the
+gateway is down) is resent by its meter when no ack comes; the crash tests kill
+the gateway under load and find every acked reading in the chain once.
 """
 
 from __future__ import annotations
@@ -12,7 +31,7 @@ import asyncio
 import json
 import logging
 import time
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,7 +40,7 @@ import aiomqtt
 from gridledger.config import MqttConfig, mqtt_section, read_toml, section
 from gridledger.errors import ConfigError
 from gridledger.logs import event
-from gridledger.mqtt import keep_connected
+from gridledger.mqtt import keep_connected, publish_many
 from gridledger.metrics import MetricsConfig, Snapshot, serve as serve_metrics
 from gridledger.paillier import load_public
 from gridledger.wire import METER_ID_RE, ack_topic, nack_topic
@@ -42,6 +61,8 @@ log = logging.getLogger("gridledger.gateway")
 # latency far below a meter's resend timer while a busy area still gets big batches.
 BATCH_MAX = 512
 BATCH_WAIT_S = 0.02
+# Readings waiting for the checker. Beyond it a reading is shed (counted as
+# `overload`, not acked): its meter keeps it in its journal and resends it.
 QUEUE_MAX = 20000
 STATUS_EVERY_S = 10.0
 
@@ -106,11 +127,15 @@ class Gateway:
         paillier = load_public(s.paillier_public)
         self.ingest = Ingest(self.registry, paillier, self.store.heads(),
                              self.store.stored_hash, max_payload=s.max_payload)
-        self.queue: asyncio.Queue[aiomqtt.Message] = asyncio.Queue(QUEUE_MAX)
-        # Set by the reader once the queue holds what the batch being gathered still needs.
+        # (topic, payload) of readings not yet checked, filled by paho's callback.
+        self.inbox: deque[tuple[str, bytes]] = deque()
+        # Set by the callback once the inbox holds what the batch being gathered still needs.
         self._enough = asyncio.Event()
-        self._wanted = QUEUE_MAX + 1
+        self._wanted = 1
+        self._busy = False  # a batch is being checked, stored or acked
         self.batches = 0
+        self.shed = 0       # readings refused for a full inbox
+        self.unsent = 0     # acks paho could not queue (not connected)
         self._prefix = f"gl/v1/{self.area}/meters/"
         self.alerts = AlertDesk(self.registry, s.database, self.area)
         self.chain: AreaChain | None = None
@@ -122,6 +147,7 @@ class Gateway:
         out = {r: 0 for r in REASONS}
         out.update({"accept": 0, "duplicate": 0})
         out.update(self.ingest.counts)
+        out["overload"] = self.shed
         return out
 
     def metrics(self) -> list[Snapshot]:
@@ -132,8 +158,10 @@ class Gateway:
             Snapshot("gridledger_ingest_rejections_by_class", "rejections by the issue's reason classes",
                      "counter", ("class",), {(k,): v for k, v in class_counts(counts).items()}),
             Snapshot("gridledger_ingest_queue", "messages waiting for the checker", "gauge", (),
-                     {(): self.queue.qsize()}),
+                     {(): len(self.inbox)}),
             Snapshot("gridledger_ingest_batches", "durable ingest transactions", "counter", (), {(): self.batches}),
+            Snapshot("gridledger_ingest_acks_unsent", "acks not queued: MQTT was down (the meter resends)",
+                     "counter", (), {(): self.unsent}),
         ]
         out += self.alerts.metrics()
         if self.chain is not None:
@@ -149,11 +177,18 @@ class Gateway:
         event(log, "start", area=self.area, metrics_port=self.cfg.metrics.port or None, meters=len(self.registry),
               kid=self.ingest.paillier.kid, heads=len(self.ingest.heads),
               height=self.chain.replica.height if self.chain else None)
-        topics = [f"{self._prefix}+/readings", self.alerts.topic(), *(self.chain.subscriptions() if self.chain else [])]
+        readings = f"{self._prefix}+/readings"
+        # Readings at QoS 0 from the broker (see the module's docstring); the rest at QoS 1.
+        topics = [(readings, 0), self.alerts.topic(), *(self.chain.subscriptions() if self.chain else [])]
 
         async def serve(client: aiomqtt.Client) -> None:
-            client.pending_calls_threshold = 2 * BATCH_MAX  # a batch's acks go out together
-            await self._serve(client, stop)
+            client.pending_calls_threshold = 2 * BATCH_MAX  # a block's votes and acks go out together
+            paho = client._client  # aiomqtt 2.5's paho client (pinned): see the module's docstring
+            paho.message_callback_add(readings, self._on_reading)
+            try:
+                await self._serve(client, stop)
+            finally:
+                paho.message_callback_remove(readings)
 
         try:
             session = keep_connected(self.cfg.mqtt, f"gateway-{self.area}", topics, stop, serve, log,
@@ -185,9 +220,9 @@ class Gateway:
                     if t.get_name() == "read":
                         t.cancel()
                 try:
-                    await asyncio.wait_for(asyncio.gather(self.queue.join(), self.alerts.queue.join()), 10)
+                    await asyncio.wait_for(asyncio.gather(self._drained(), self.alerts.queue.join()), 10)
                 except TimeoutError:
-                    event(log, "drain_timeout", logging.WARNING, queued=self.queue.qsize(),
+                    event(log, "drain_timeout", logging.WARNING, queued=len(self.inbox),
                           alerts_queued=self.alerts.queue.qsize())
             for t in done:
                 if t is not stopper and t.exception() is not None:
@@ -197,64 +232,82 @@ class Gateway:
                 t.cancel()
             await asyncio.gather(*tasks, stopper, return_exceptions=True)
 
+    def _on_reading(self, _paho, _userdata, msg) -> None:
+        """paho's callback for the reading topic, on the event loop's thread: queue it, nothing more."""
+        inbox = self.inbox
+        try:
+            topic = msg.topic
+        except UnicodeDecodeError:  # a broker passes only UTF-8 topics; never raise into paho
+            return
+        if len(inbox) >= QUEUE_MAX:
+            self.shed += 1
+            if self.shed == 1 or self.shed % 1000 == 0:
+                event(log, "overload", logging.WARNING, queued=len(inbox), shed=self.shed)
+            return
+        inbox.append((topic, msg.payload))
+        if len(inbox) >= self._wanted:
+            self._enough.set()
+
+    async def _drained(self) -> None:
+        while self.inbox or self._busy:
+            await asyncio.sleep(0.01)
+
     async def _read(self, client: aiomqtt.Client) -> None:
         chain = self.chain
-        async for msg in client.messages:
+        async for msg in client.messages:  # every topic but the readings
             if chain is not None and msg.topic.value.startswith(chain.prefix):
                 chain.on_message(client, msg)
             elif self.alerts.handles(msg.topic.value):
                 await self.alerts.queue.put(msg)
             else:
-                await self.queue.put(msg)
-                if self.queue.qsize() >= self._wanted:
-                    self._enough.set()
+                event(log, "unexpected_topic", logging.WARNING, topic=msg.topic.value[:120])
 
     async def _status(self) -> None:
         while True:
             await asyncio.sleep(STATUS_EVERY_S)
             chain = self.chain.status() if self.chain else {}
-            event(log, "status", queued=self.queue.qsize(), batches=self.batches, **chain,
+            event(log, "status", queued=len(self.inbox), batches=self.batches, acks_unsent=self.unsent, **chain,
                   **{k: v for k, v in self.counters().items() if v},
                   **{f"alert_{k}": v for k, v in self.alerts.counters().items() if v})
 
     async def _work(self, client: aiomqtt.Client) -> None:
         while True:
             batch = await self._next_batch()
+            self._busy = True
             try:
                 await self._process(client, batch)
             finally:
-                for _ in batch:
-                    self.queue.task_done()
+                self._busy = False
 
-    async def _next_batch(self) -> list[aiomqtt.Message]:
-        """Up to BATCH_MAX messages: those queued once it is full, or BATCH_WAIT_S after
-        its first. It waits for the reader to signal enough, not for each message:
+    async def _next_batch(self) -> list[tuple[str, bytes]]:
+        """Up to BATCH_MAX readings: those queued once it is full, or BATCH_WAIT_S after
+        its first. It waits for the callback to signal enough, not for each message:
         a timed wait costs a task and a timer, as much as a tenth of a reading's checks."""
-        batch = [await self.queue.get()]
+        inbox = self.inbox
+        while not inbox:
+            self._wanted = 1
+            self._enough.clear()
+            await self._enough.wait()
         deadline = time.monotonic() + BATCH_WAIT_S
-        while True:
-            while len(batch) < BATCH_MAX and not self.queue.empty():
-                batch.append(self.queue.get_nowait())
+        while len(inbox) < BATCH_MAX:
             left = deadline - time.monotonic()
-            if len(batch) >= BATCH_MAX or left <= 0:
-                return batch
-            self._wanted = BATCH_MAX - len(batch)
+            if left <= 0:
+                break
+            self._wanted = BATCH_MAX
             self._enough.clear()
             try:
                 await asyncio.wait_for(self._enough.wait(), left)
             except TimeoutError:
                 pass
-            finally:
-                self._wanted = QUEUE_MAX + 1
+        self._wanted = QUEUE_MAX + 1
+        return [inbox.popleft() for _ in range(min(BATCH_MAX, len(inbox)))]
 
-    async def _process(self, client: aiomqtt.Client, batch: list[aiomqtt.Message]) -> None:
+    async def _process(self, client: aiomqtt.Client, batch: list[tuple[str, bytes]]) -> None:
         accepted, evidence, touched = [], [], set()
         rejected: Counter[str] = Counter()
         nacks: list[tuple[str, dict]] = []
-        for msg in batch:
-            meter = self._topic_meter(msg.topic.value)
-            payload = msg.payload if isinstance(msg.payload, (bytes, bytearray)) else str(msg.payload).encode()
-            v = self.ingest.check(meter, bytes(payload))
+        items = [(self._topic_meter(topic), bytes(payload)) for topic, payload in batch]
+        for (meter, _), v in zip(items, self.ingest.check_batch(items)):
             if v.kind == "accept":
                 accepted.append(v.reading)
                 touched.add(meter)
@@ -274,9 +327,8 @@ class Gateway:
         self.batches += 1
         if self.chain is not None and (accepted or evidence):
             self.chain.more.set()
-        # All at once: awaited one by one, each QoS 1 publish costs a broker round
-        # trip, and a batch touching hundreds of meters would hold the next batch up.
-        await asyncio.gather(
-            *(client.publish(ack_topic(self.area, m), json.dumps({"seq": self.ingest.heads[m].seq}), qos=1)
-              for m in sorted(touched)),
-            *(client.publish(nack_topic(self.area, m), json.dumps(body), qos=1) for m, body in nacks))
+        # One write at QoS 0, not awaited: see the module's docstring.
+        heads, area = self.ingest.heads, self.area
+        out = [(ack_topic(area, m), b'{"seq": %d}' % heads[m].seq) for m in sorted(touched)]
+        out += [(nack_topic(area, m), json.dumps(body).encode()) for m, body in nacks]
+        self.unsent += len(out) - publish_many(client, out)

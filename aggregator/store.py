@@ -119,7 +119,20 @@ class GatewayStore:
 
     @staticmethod
     def mark_blocked(conn: sqlite3.Connection, height: int, rowids: list[int], evidence_ids: list[int]) -> None:
-        conn.executemany("UPDATE readings SET height = ? WHERE rowid = ?", [(height, r) for r in rowids])
+        """Put `rowids` (readings) and `evidence_ids` in block `height` (0: set aside).
+
+        `rowids` from `unblocked` are the oldest unblocked readings, so when they
+        are all of those up to their largest one, a single statement through the
+        height index marks them (a thousand keyed updates cost a tenth of a
+        block's build); otherwise, or if anything else matched, one by one."""
+        if rowids:
+            lo, hi = min(rowids), max(rowids)
+            cur = conn.execute("UPDATE readings SET height = ? WHERE height IS NULL AND rowid BETWEEN ? AND ?",
+                               (height, lo, hi))
+            if cur.rowcount != len(rowids):
+                conn.execute("UPDATE readings SET height = NULL WHERE height = ? AND rowid BETWEEN ? AND ?",
+                             (height, lo, hi))
+                conn.executemany("UPDATE readings SET height = ? WHERE rowid = ?", [(height, r) for r in rowids])
         conn.executemany("UPDATE evidence SET height = ? WHERE id = ?", [(height, e) for e in evidence_ids])
 
     def close(self) -> None:

@@ -199,3 +199,32 @@ def test_failing_adapters_give_verdicts_not_exceptions(gate):
     ingest.registry.verify = exploding
     assert ingest.check("m1", a[2].to_json()).reason == "bad_signature"
     assert ingest.heads["m1"].seq == 2
+
+
+def test_a_batch_with_a_hidden_non_unit_is_redone_one_by_one():
+    """check_batch defers the gcd to one per batch. A c sharing one prime with n (only a
+    holder of the factors can write one) passes the cheap per-reading test, so the batch's
+    gcd fails and the batch is undone and judged item by item: the verdicts, heads and
+    counters are exactly those of `check` in turn, and nothing of the bad reading stays."""
+    from helpers import PRIV
+    a, b = chain(3), chain(2, meter="m2")
+    hidden = reading(3, a[1].hash, c=PRIV.p * 7)  # a non-unit, not a multiple of n
+    assert hidden.ciphertext % N != 0
+    items = [("m1", a[0].to_json()), ("m2", b[0].to_json()), ("m1", a[1].to_json()),
+             ("m1", hidden.to_json()), ("m1", a[2].to_json()), ("m2", b[1].to_json())]
+    one, many = (make_ingest(KEYS, now=Clock(T0 + 2700), store={}) for _ in range(2))
+    expected = [one.check(m, p) for m, p in items]
+    assert [v.reason or v.kind for v in expected] == ["accept", "accept", "accept", "ciphertext_range",
+                                                      "accept", "accept"]
+    assert many.check_batch(items) == expected
+    assert many.counts == one.counts and many._pending == one._pending
+    assert many.heads == one.heads and many.heads["m1"].seq == 3
+
+
+def test_a_batch_refuses_a_multiple_of_n_at_once():
+    """The non-units anyone can write, multiples of n, are refused by the cheap test itself."""
+    a = chain(2)
+    ingest = make_ingest(KEYS, now=Clock(T0 + 2700), store={})
+    got = ingest.check_batch([("m1", a[0].to_json()), ("m1", reading(2, a[0].hash, c=N * 3).to_json()),
+                              ("m1", a[1].to_json())])
+    assert [v.reason or v.kind for v in got] == ["accept", "ciphertext_range", "accept"]

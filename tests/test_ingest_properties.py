@@ -18,7 +18,7 @@ from aggregator.ingest import REASONS, ChainHead, Ingest, Verdict
 from gridledger.paillier import encrypt_raw
 from gridledger.wire import ZERO_HASH, Reading, kid_of, make_reading
 
-from helpers import N, make_ingest, meter_keys
+from helpers import N, PRIV, make_ingest, meter_keys
 
 SETTINGS = settings(max_examples=400, deadline=None, derandomize=True, database=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -29,6 +29,7 @@ T0 = 1795160700
 DT = 900
 LENGTH = 5  # honest readings per meter
 CTS = [encrypt_raw(N, m) for m in (100, 200 << 48, 300)]  # costly, so a few are shared
+P = PRIV.p  # one prime of the test modulus
 
 
 def signed(meter: str, seq: int, prev: str, t: int, c: int) -> Reading:
@@ -312,13 +313,15 @@ def rivals(meter: str) -> list[Reading]:
 
 
 def unfit(meter: str) -> list[Reading]:
-    """Signed, chained to the honest history, but under another Paillier key or with a
-    ciphertext that shares a factor with n: two per seq."""
+    """Signed, chained to the honest history, but under another Paillier key, with a
+    multiple of n, or with a multiple of one prime of n (what only a holder of the
+    factors can make, and no cheaper test than a gcd tells from a unit): three per seq."""
     out = []
     for r in HONEST[meter]:
         out.append(make_reading(meter=meter, seq=r.seq, t=r.t, dt=DT, prev=r.prev, kid="00" * 8, c=CTS[2],
                                 sign=KEYS[meter].sign))
         out.append(signed(meter, r.seq, r.prev, r.t, N * 7))
+        out.append(signed(meter, r.seq, r.prev, r.t, P * 7))
     return out
 
 
@@ -401,24 +404,9 @@ def test_interleavings_accept_exactly_a_chain_per_meter(script):
         if op == "archive":  # the store lets go of an old reading: no longer comparable
             model.store.pop((meter, 1 + arg % max(len(acc), 1)), None)
             continue
-        topic = meter
-        if op == "next":
-            r = SUCCESSOR.get(acc[-1].hash) if acc else FIRST[meter]
-            if r is None:
-                continue
-        elif op == "near":  # a pool reading for a seq within one of the head: where conflicts happen
-            near = [p for p in CONTENDERS[meter] if abs(p.seq - len(acc) - 0.5) <= 1.5]
-            r = near[arg % len(near)]
-        elif op == "unfit":  # the next seq, chained to the honest history, but not under the area key
-            r = UNFIT[meter][2 * min(len(acc), LENGTH - 1) + arg % 2]
-        elif op == "resend":
-            if not acc:
-                continue
-            r = acc[arg % len(acc)]
-        else:
-            r = POOL[meter][arg % len(POOL[meter])]
-            if op == "elsewhere":
-                topic = METERS[(METERS.index(meter) + 1) % len(METERS)]
+        r, topic = pick(op, meter, arg, acc)
+        if r is None:
+            continue
         want = model.expect(topic, r, clock.t)
         head = model.head(meter)
         v = judged(ingest, topic, r.to_json())
@@ -434,3 +422,69 @@ def test_interleavings_accept_exactly_a_chain_per_meter(script):
         assert [r.prev for r in acc] == [ZERO_HASH, *(r.hash for r in acc)][:len(acc)]
         assert len({r.hash for r in acc}) == len(acc)
         assert astuple(ingest.heads.get(meter, ChainHead())) == astuple(model.head(meter))
+
+
+def pick(op: str, meter: str, arg: int, acc: list[Reading]) -> tuple[Reading | None, str]:
+    """The reading (None: nothing to send) and topic of one scripted arrival, given the meter's accepted ones."""
+    topic = meter
+    if op == "next":
+        return (SUCCESSOR.get(acc[-1].hash) if acc else FIRST[meter]), topic
+    if op == "near":  # a pool reading for a seq within one of the head: where conflicts happen
+        near = [p for p in CONTENDERS[meter] if abs(p.seq - len(acc) - 0.5) <= 1.5]
+        return near[arg % len(near)], topic
+    if op == "unfit":  # the next seq, chained to the honest history, but not under the area key
+        return UNFIT[meter][3 * min(len(acc), LENGTH - 1) + arg % 3], topic
+    if op == "resend":
+        return (acc[arg % len(acc)] if acc else None), topic
+    if op == "elsewhere":
+        topic = METERS[(METERS.index(meter) + 1) % len(METERS)]
+    return POOL[meter][arg % len(POOL[meter])], topic
+
+
+@settings(SETTINGS, max_examples=200)
+@given(events, st.lists(st.integers(1, 12), min_size=1, max_size=12))
+def test_a_batch_gets_the_verdicts_one_by_one_would(script, sizes):
+    """`check_batch` (one gcd per batch; undone and redone one by one when a non-unit
+    hides in it) gives exactly the verdicts, heads, pending readings and counters of
+    `check` called on each message in turn, for any interleaving and batch sizes."""
+    stores: tuple[dict, dict] = ({}, {})
+    clocks = (Clock(), Clock())
+    one, many = (make_ingest(KEYS, now=clocks[i], store=stores[i]) for i in (0, 1))
+    accepted = {m: [] for m in METERS}
+    batch: list[tuple[str, bytes]] = []
+    expected: list[Verdict] = []
+    size = iter(sizes * 10)
+
+    def flush() -> None:
+        if batch:
+            got = many.check_batch(batch)
+            assert got == expected
+            batch.clear()
+            expected.clear()
+
+    for op, meter, arg in script:
+        if op in ("commit", "tick", "archive"):
+            flush()
+            for ing, store, clock in zip((one, many), stores, clocks):
+                if op == "commit":
+                    store.update(ing._pending)
+                    ing.committed()
+                elif op == "tick":
+                    clock.t += DT
+                else:
+                    store.pop((meter, 1 + arg % max(len(accepted[meter]), 1)), None)
+            continue
+        r, topic = pick(op, meter, arg, accepted[meter])
+        if r is None:
+            continue
+        v = one.check(topic, r.to_json())
+        if v.kind == "accept":
+            accepted[meter].append(r)
+        batch.append((topic, r.to_json()))
+        expected.append(v)
+        if len(batch) >= next(size, 4):
+            flush()
+    flush()
+    assert one.counts == many.counts
+    assert one._pending == many._pending
+    assert {m: astuple(h) for m, h in one.heads.items()} == {m: astuple(h) for m, h in many.heads.items()}
