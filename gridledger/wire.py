@@ -100,18 +100,26 @@ class Reading:
     # Derived once: the gateway needs both for the signature, the chain and the store.
     signed_bytes: bytes = field(init=False, repr=False, compare=False)
     hash: str = field(init=False, repr=False, compare=False)
+    _json: bytes | None = field(init=False, repr=False, compare=False)  # to_json's, once asked
 
     def __post_init__(self) -> None:
         sb = signed_bytes(self.meter, self.seq, self.t, self.dt, self.prev, self.kid, self.c)
         object.__setattr__(self, "signed_bytes", sb)
         object.__setattr__(self, "hash", hashlib.sha256(sb).hexdigest())
+        object.__setattr__(self, "_json", None)
 
     @property
     def ciphertext(self) -> int:
         return int(self.c, 16)
 
     def to_json(self) -> bytes:
-        """Canonical JSON: the fields in wire order, no spaces, ASCII escapes (json.dumps')."""
+        """Canonical JSON: the fields in wire order, no spaces, ASCII escapes (json.dumps').
+        Encoded once: a proposer encodes each reading for the block and its app compares."""
+        if self._json is None:
+            object.__setattr__(self, "_json", self._encode())
+        return self._json
+
+    def _encode(self) -> bytes:
         if _plain(self):
             # What json.dumps gives for these values, without its scan of 1.2 KB for
             # characters to escape: the gateway and every validator encode each reading.
