@@ -1,28 +1,28 @@
 """The gateway role: MQTT ingest -> checks -> SQLite -> ack.
 
-Readings arrive through a paho callback into a bounded inbox; one worker drains
-it in batches, checks each reading, writes the batch in one durable transaction,
-and only then publishes the acks. A bad message is counted, logged and answered
-with a nack; it never stops the loop.
+Readings arrive on their own lean MQTT session (`gridledger.mqttlink`) into a
+bounded inbox; one worker drains it in batches, checks each reading, writes the
+batch in one durable transaction, and only then publishes the acks, a batch's
+in one socket write. A bad message is counted, logged and answered with a nack;
+it never stops the loop. Chain votes, sync and alerts use an aiomqtt session.
 
-The reading path bypasses aiomqtt on purpose, both ways (measured with
-bench/ingest.py and py-spy, per reading on the gateway's core): aiomqtt wraps
-each message in a `Message` with a parsed `Topic` and an asyncio queue hop, and
-each awaited QoS 1 publish costs a future plus a PUBACK wake-up, together more
-than half an Ed25519 verify. Acks (and nacks) go out at QoS 0, a batch's in one
-socket write (`publish_many`). An ack is cumulative ("every
-reading up to S is durable"), so a later ack supersedes a lost one, and a meter
-that misses one resends the reading, which is acked again as a duplicate
-(DESIGN §4's resend path, exercised by the broker-down tests).
+Why a session of its own (measured with bench/ingest.py and py-spy, per
+reading on the gateway's core): through aiomqtt a reading cost paho's parsing
+(about 30 µs for a 1.3 KB message) plus a `Message`, a parsed `Topic` and a
+queue hop, and each awaited QoS 1 ack a future and a PUBACK wake-up: together
+more than an Ed25519 verify.
 
-For the same end-to-end reason the gateway takes readings from the broker at
-QoS 0 (meters still publish at QoS 1, so the broker acknowledges each one to
-its meter): a QoS 1 delivery would cost a PUBACK packet and a send() per
-reading here, and buy nothing, since only the gateway's own ack after the
-durable commit lets a meter drop a reading. A reading lost between broker and
-gateway (a gateway crash, a dropped connection, readings published while the
-gateway is down) is resent by its meter when no ack comes; the crash tests kill
-the gateway under load and find every acked reading in the chain once.
+Acks (and nacks) go out at QoS 0. An ack is cumulative ("every reading up to S
+is durable"), so a later ack supersedes a lost one, and a meter that misses one
+resends the reading, which is acked again as a duplicate (DESIGN §4's resend
+path, exercised by the broker-down tests). For the same end-to-end reason the
+gateway takes readings from the broker at QoS 0 (meters still publish at
+QoS 1, so the broker acknowledges each one to its meter): QoS 1 delivery would
+cost a PUBACK per reading and buy nothing, since only the gateway's own ack
+after the durable commit lets a meter drop a reading. A reading lost between
+broker and gateway (a gateway crash, a dropped connection, readings published
+while the gateway is down) is resent by its meter when no ack comes; the crash
+tests kill the gateway under load and find every acked reading in the chain once.
 """
 
 from __future__ import annotations
@@ -40,7 +40,8 @@ import aiomqtt
 from gridledger.config import MqttConfig, mqtt_section, read_toml, section
 from gridledger.errors import ConfigError
 from gridledger.logs import event
-from gridledger.mqtt import keep_connected, publish_many
+from gridledger.mqtt import RECONNECT_MAX_S, keep_connected
+from gridledger.mqttlink import Link, LinkError, open_link
 from gridledger.metrics import MetricsConfig, Snapshot, serve as serve_metrics
 from gridledger.paillier import load_public
 from gridledger.wire import METER_ID_RE, ack_topic, nack_topic
@@ -127,12 +128,14 @@ class Gateway:
         paillier = load_public(s.paillier_public)
         self.ingest = Ingest(self.registry, paillier, self.store.heads(),
                              self.store.stored_hash, max_payload=s.max_payload)
-        # (topic, payload) of readings not yet checked, filled by paho's callback.
+        # (topic, payload) of readings not yet checked, filled by the link's callback.
         self.inbox: deque[tuple[str, bytes]] = deque()
         # Set by the callback once the inbox holds what the batch being gathered still needs.
         self._enough = asyncio.Event()
         self._wanted = 1
         self._busy = False  # a batch is being checked, stored or acked
+        self._accepting = True  # False once stopping: what arrives then is left to the meters' resends
+        self.link: Link | None = None  # the reading path's MQTT session (gridledger/mqttlink.py)
         self.batches = 0
         self.shed = 0       # readings refused for a full inbox
         self.unsent = 0     # acks paho could not queue (not connected)
@@ -177,27 +180,20 @@ class Gateway:
         event(log, "start", area=self.area, metrics_port=self.cfg.metrics.port or None, meters=len(self.registry),
               kid=self.ingest.paillier.kid, heads=len(self.ingest.heads),
               height=self.chain.replica.height if self.chain else None)
-        readings = f"{self._prefix}+/readings"
-        # Readings at QoS 0 from the broker (see the module's docstring); the rest at QoS 1.
-        topics = [(readings, 0), self.alerts.topic(), *(self.chain.subscriptions() if self.chain else [])]
+        topics = [self.alerts.topic(), *(self.chain.subscriptions() if self.chain else [])]
 
         async def serve(client: aiomqtt.Client) -> None:
-            client.pending_calls_threshold = 2 * BATCH_MAX  # a block's votes and acks go out together
-            paho = client._client  # aiomqtt 2.5's paho client (pinned): see the module's docstring
-            paho.message_callback_add(readings, self._on_reading)
-            try:
-                await self._serve(client, stop)
-            finally:
-                paho.message_callback_remove(readings)
+            client.pending_calls_threshold = 2 * BATCH_MAX  # a block's votes go out together
+            await self._serve(client, stop)
 
+        ingest = asyncio.create_task(self._ingest(stop), name="ingest")
         try:
             session = keep_connected(self.cfg.mqtt, f"gateway-{self.area}", topics, stop, serve, log,
                                      max_inflight_messages=BATCH_MAX)
-            if self.registry_node is None:
-                await session
-            else:
-                await asyncio.gather(session, self.registry_node.run(stop))
+            await asyncio.gather(session, ingest, *([self.registry_node.run(stop)] if self.registry_node else []))
         finally:
+            ingest.cancel()
+            await asyncio.gather(ingest, return_exceptions=True)
             self.store.close()
             self.alerts.close()
             if self.chain is not None:
@@ -205,8 +201,8 @@ class Gateway:
             event(log, "stop", **(self.chain.status() if self.chain else {}), **self.counters())
 
     async def _serve(self, client: aiomqtt.Client, stop: asyncio.Event) -> None:
+        """Everything but the readings, on the aiomqtt session: chain votes and sync, alerts."""
         tasks = {asyncio.create_task(self._read(client), name="read"),
-                 asyncio.create_task(self._work(client), name="work"),
                  asyncio.create_task(self._status(), name="status"),
                  asyncio.create_task(self.alerts.run(client), name="alerts")}
         if self.chain is not None:
@@ -215,15 +211,10 @@ class Gateway:
         try:
             done, _ = await asyncio.wait(tasks | {stopper}, return_when=asyncio.FIRST_COMPLETED)
             if stopper in done:
-                # Finish what has arrived so those meters get their acks now.
-                for t in tasks:
-                    if t.get_name() == "read":
-                        t.cancel()
                 try:
-                    await asyncio.wait_for(asyncio.gather(self._drained(), self.alerts.queue.join()), 10)
+                    await asyncio.wait_for(self.alerts.queue.join(), 10)
                 except TimeoutError:
-                    event(log, "drain_timeout", logging.WARNING, queued=len(self.inbox),
-                          alerts_queued=self.alerts.queue.qsize())
+                    event(log, "drain_timeout", logging.WARNING, alerts_queued=self.alerts.queue.qsize())
             for t in done:
                 if t is not stopper and t.exception() is not None:
                     raise t.exception()
@@ -232,19 +223,66 @@ class Gateway:
                 t.cancel()
             await asyncio.gather(*tasks, stopper, return_exceptions=True)
 
-    def _on_reading(self, _paho, _userdata, msg) -> None:
-        """paho's callback for the reading topic, on the event loop's thread: queue it, nothing more."""
-        inbox = self.inbox
+    async def _ingest(self, stop: asyncio.Event) -> None:
+        """The reading path until `stop`: the link (reconnecting) and the worker; then
+        finish what has arrived, so those meters get their acks now."""
+        tasks = {asyncio.create_task(self._links(stop), name="links"),
+                 asyncio.create_task(self._work(), name="work")}
+        stopper = asyncio.create_task(stop.wait())
         try:
-            topic = msg.topic
-        except UnicodeDecodeError:  # a broker passes only UTF-8 topics; never raise into paho
-            return
-        if len(inbox) >= QUEUE_MAX:
-            self.shed += 1
-            if self.shed == 1 or self.shed % 1000 == 0:
+            done, _ = await asyncio.wait(tasks | {stopper}, return_when=asyncio.FIRST_COMPLETED)
+            for t in done:
+                if t is not stopper and t.exception() is not None:
+                    raise t.exception()
+            self._accepting = False
+            try:
+                await asyncio.wait_for(self._drained(), 10)
+            except TimeoutError:
+                event(log, "drain_timeout", logging.WARNING, queued=len(self.inbox))
+        finally:
+            for t in tasks | {stopper}:
+                t.cancel()
+            await asyncio.gather(*tasks, stopper, return_exceptions=True)
+            if self.link is not None:
+                await self.link.close()
+                self.link = None
+
+    async def _links(self, stop: asyncio.Event) -> None:
+        """Keep the reading link up: connect, subscribe, and on a loss reconnect with back-off."""
+        mqtt = self.cfg.mqtt
+        client_id = f"{mqtt.client_id or f'gateway-{self.area}'}-readings"
+        delay = 0.5
+        while not stop.is_set():
+            try:
+                link = await open_link(mqtt, client_id, f"{self._prefix}+/readings", self._on_reading)
+            except (OSError, LinkError, TimeoutError) as exc:
+                event(log, "mqtt_down", logging.WARNING, link="readings", error=str(exc) or type(exc).__name__,
+                      retry_s=delay)
+                try:
+                    await asyncio.wait_for(stop.wait(), delay)
+                except TimeoutError:
+                    pass
+                delay = min(delay * 2, RECONNECT_MAX_S)
+                continue
+            self.link, delay = link, 0.5
+            event(log, "mqtt_up", link="readings", host=mqtt.host, port=mqtt.port)
+            keepalive = asyncio.create_task(link.keepalive(mqtt.keepalive))
+            try:
+                await asyncio.shield(link.closed)  # a cancelled wait must not cancel the future itself
+            finally:
+                keepalive.cancel()
+            self.link = None
+            event(log, "mqtt_down", logging.WARNING, link="readings", error="connection lost", retry_s=delay)
+
+    def _on_reading(self, topic: str, payload: bytes) -> None:
+        """The link's callback for each reading: queue it, nothing more."""
+        inbox = self.inbox
+        if len(inbox) >= QUEUE_MAX or not self._accepting:
+            self.shed += self._accepting
+            if self._accepting and (self.shed == 1 or self.shed % 1000 == 0):
                 event(log, "overload", logging.WARNING, queued=len(inbox), shed=self.shed)
             return
-        inbox.append((topic, msg.payload))
+        inbox.append((topic, payload))
         if len(inbox) >= self._wanted:
             self._enough.set()
 
@@ -270,12 +308,12 @@ class Gateway:
                   **{k: v for k, v in self.counters().items() if v},
                   **{f"alert_{k}": v for k, v in self.alerts.counters().items() if v})
 
-    async def _work(self, client: aiomqtt.Client) -> None:
+    async def _work(self) -> None:
         while True:
             batch = await self._next_batch()
             self._busy = True
             try:
-                await self._process(client, batch)
+                await self._process(batch)
             finally:
                 self._busy = False
 
@@ -302,7 +340,7 @@ class Gateway:
         self._wanted = QUEUE_MAX + 1
         return [inbox.popleft() for _ in range(min(BATCH_MAX, len(inbox)))]
 
-    async def _process(self, client: aiomqtt.Client, batch: list[tuple[str, bytes]]) -> None:
+    async def _process(self, batch: list[tuple[str, bytes]]) -> None:
         accepted, evidence, touched = [], [], set()
         rejected: Counter[str] = Counter()
         nacks: list[tuple[str, dict]] = []
@@ -331,4 +369,5 @@ class Gateway:
         heads, area = self.ingest.heads, self.area
         out = [(ack_topic(area, m), b'{"seq": %d}' % heads[m].seq) for m in sorted(touched)]
         out += [(nack_topic(area, m), json.dumps(body).encode()) for m, body in nacks]
-        self.unsent += len(out) - publish_many(client, out)
+        link = self.link
+        self.unsent += len(out) - (link.publish_many(out) if link is not None else 0)

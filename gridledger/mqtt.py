@@ -9,12 +9,11 @@ import socket
 from typing import Awaitable, Callable, Iterable
 
 import aiomqtt
-import paho.mqtt.client as mqtt
 
 from .config import MqttConfig
 from .logs import event
 
-__all__ = ["NO_DELAY", "keep_connected", "until_stopped", "auth_options", "publish_many"]
+__all__ = ["NO_DELAY", "keep_connected", "until_stopped", "auth_options"]
 
 # Acks and votes are small and latency-bound: never let Nagle hold one back for a delayed ACK.
 NO_DELAY = ((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),)
@@ -27,21 +26,20 @@ def auth_options(cfg: MqttConfig) -> dict:
     return {"username": cfg.username, "password": cfg.password, "tls_params": tls}
 
 
-async def keep_connected(cfg: MqttConfig, identifier: str, topics: Iterable[str | tuple[str, int]],
-                         stop: asyncio.Event, serve: Callable[[aiomqtt.Client], Awaitable[None]],
-                         log: logging.Logger, *, clean_session: bool = False, **client_options) -> None:
-    """Subscribe to `topics` (QoS 1 unless given as (topic, qos); persistent session
-    unless `clean_session`) and run `serve(client)`; reconnect after an `MqttError`
-    until `stop` is set."""
-    topics = [t if isinstance(t, tuple) else (t, 1) for t in topics]
+async def keep_connected(cfg: MqttConfig, identifier: str, topics: Iterable[str], stop: asyncio.Event,
+                         serve: Callable[[aiomqtt.Client], Awaitable[None]], log: logging.Logger,
+                         *, clean_session: bool = False, **client_options) -> None:
+    """Subscribe to `topics` (QoS 1, persistent session unless `clean_session`) and run
+    `serve(client)`; reconnect after an `MqttError` until `stop` is set."""
+    topics = list(topics)
     delay = 0.5
     while not stop.is_set():
         try:
             async with aiomqtt.Client(cfg.host, cfg.port, identifier=cfg.client_id or identifier,
                                       **auth_options(cfg), keepalive=cfg.keepalive,
                                       clean_session=clean_session, socket_options=NO_DELAY, **client_options) as client:
-                for t, qos in topics:
-                    await client.subscribe(t, qos=qos)
+                for t in topics:
+                    await client.subscribe(t, qos=1)
                 event(log, "mqtt_up", host=cfg.host, port=cfg.port)
                 delay = 0.5
                 await serve(client)
@@ -68,44 +66,3 @@ async def until_stopped(stop: asyncio.Event, *works: Awaitable[None]) -> None:
         for t in (*tasks, stopper):
             t.cancel()
         await asyncio.gather(*tasks, stopper, return_exceptions=True)
-
-
-def _remaining_length(n: int) -> bytes:
-    """MQTT's variable-length integer (3.1.1 §2.2.3)."""
-    out = bytearray()
-    while True:
-        n, digit = n >> 7, n & 0x7F
-        out.append(digit | 0x80 if n else digit)
-        if not n:
-            return bytes(out)
-
-
-def publish_frame(topic: str, payload: bytes) -> bytes:
-    """One MQTT 3.1.1 PUBLISH packet at QoS 0, not retained (§3.3): no packet id."""
-    t = topic.encode("utf-8")
-    body = len(t).to_bytes(2, "big") + t + payload
-    return b"\x30" + _remaining_length(len(body)) + body
-
-
-def publish_many(client: aiomqtt.Client, messages: Iterable[tuple[str, bytes]]) -> int:
-    """Publish `messages` at QoS 0 in one socket write; the number queued (0 when
-    not connected, and then none is: QoS 0 is dropped off-line anyway).
-
-    For the gateway's acks, hundreds per batch: paho's publish() costs a
-    `MQTTMessageInfo` (a lock and a condition), a send() and an on_publish
-    callback with fresh reason/properties objects per message, which measured
-    more than a third of an Ed25519 verify per ack. Here the packets are framed
-    by `publish_frame` and handed to paho's writer as one opaque packet, so paho
-    still owns the socket, its ordering and its keepalive. It relies on paho
-    2.2's `_packet_queue` (pinned in pyproject.toml) and MQTT 3.1.1 framing;
-    with anything else it falls back to one publish() per message."""
-    paho = client._client
-    if not paho.is_connected():
-        return 0
-    messages = list(messages)
-    if paho.protocol != mqtt.MQTTv311 or not hasattr(paho, "_packet_queue"):
-        return sum(paho.publish(t, p, qos=0).rc == mqtt.MQTT_ERR_SUCCESS for t, p in messages)
-    if messages:
-        # Command 0: paho writes the bytes and runs no per-packet callback.
-        paho._packet_queue(0, b"".join(publish_frame(t, p) for t, p in messages), 0, 0)
-    return len(messages)
