@@ -29,6 +29,7 @@ from gridledger.wire import METER_ID_RE, ack_topic, nack_topic
 from .alerts import AlertDesk
 from .areaapp import AreaApp
 from .chain import AreaChain
+from .events import EventDesk
 from .ingest import REASONS, Ingest, class_counts
 from .registry import load_registry
 from coordinator.registry import RegistryChainSettings, registry_node
@@ -113,6 +114,7 @@ class Gateway:
         self.batches = 0
         self._prefix = f"gl/v1/{self.area}/meters/"
         self.alerts = AlertDesk(self.registry, s.database, self.area)
+        self.events = EventDesk(self.registry, s.database, self.area)
         self.chain: AreaChain | None = None
         if cfg.chain is not None:
             self.chain = AreaChain(cfg.chain, self.area, s.database, self.store,
@@ -136,6 +138,7 @@ class Gateway:
             Snapshot("gridledger_ingest_batches", "durable ingest transactions", "counter", (), {(): self.batches}),
         ]
         out += self.alerts.metrics()
+        out += self.events.metrics()
         if self.chain is not None:
             out += self.chain.metrics()
         return out
@@ -149,7 +152,8 @@ class Gateway:
         event(log, "start", area=self.area, metrics_port=self.cfg.metrics.port or None, meters=len(self.registry),
               kid=self.ingest.paillier.kid, heads=len(self.ingest.heads),
               height=self.chain.replica.height if self.chain else None)
-        topics = [f"{self._prefix}+/readings", self.alerts.topic(), *(self.chain.subscriptions() if self.chain else [])]
+        topics = [f"{self._prefix}+/readings", self.alerts.topic(), self.events.topic(),
+                  *(self.chain.subscriptions() if self.chain else [])]
 
         async def serve(client: aiomqtt.Client) -> None:
             client.pending_calls_threshold = 2 * BATCH_MAX  # a batch's acks go out together
@@ -165,6 +169,7 @@ class Gateway:
         finally:
             self.store.close()
             self.alerts.close()
+            self.events.close()
             if self.chain is not None:
                 self.chain.close()
             event(log, "stop", **(self.chain.status() if self.chain else {}), **self.counters())
@@ -173,7 +178,8 @@ class Gateway:
         tasks = {asyncio.create_task(self._read(client), name="read"),
                  asyncio.create_task(self._work(client), name="work"),
                  asyncio.create_task(self._status(), name="status"),
-                 asyncio.create_task(self.alerts.run(client), name="alerts")}
+                 asyncio.create_task(self.alerts.run(client), name="alerts"),
+                 asyncio.create_task(self.events.run(client), name="events")}
         if self.chain is not None:
             tasks.add(asyncio.create_task(self.chain.run(client), name="chain"))
         stopper = asyncio.create_task(stop.wait())
@@ -185,7 +191,8 @@ class Gateway:
                     if t.get_name() == "read":
                         t.cancel()
                 try:
-                    await asyncio.wait_for(asyncio.gather(self.queue.join(), self.alerts.queue.join()), 10)
+                    await asyncio.wait_for(asyncio.gather(self.queue.join(), self.alerts.queue.join(),
+                                                          self.events.queue.join()), 10)
                 except TimeoutError:
                     event(log, "drain_timeout", logging.WARNING, queued=self.queue.qsize(),
                           alerts_queued=self.alerts.queue.qsize())
@@ -204,6 +211,8 @@ class Gateway:
                 chain.on_message(client, msg)
             elif self.alerts.handles(msg.topic.value):
                 await self.alerts.queue.put(msg)
+            elif self.events.handles(msg.topic.value):
+                await self.events.queue.put(msg)
             else:
                 await self.queue.put(msg)
                 if self.queue.qsize() >= self._wanted:
@@ -215,7 +224,8 @@ class Gateway:
             chain = self.chain.status() if self.chain else {}
             event(log, "status", queued=self.queue.qsize(), batches=self.batches, **chain,
                   **{k: v for k, v in self.counters().items() if v},
-                  **{f"alert_{k}": v for k, v in self.alerts.counters().items() if v})
+                  **{f"alert_{k}": v for k, v in self.alerts.counters().items() if v},
+                  **{f"event_{k}": v for k, v in self.events.counters().items() if v})
 
     async def _work(self, client: aiomqtt.Client) -> None:
         while True:
