@@ -146,10 +146,14 @@ class Meter:
             log("acked", seq=seq, dropped=before - j.live, spooled=j.live)
 
     def _event_answer(self, eseq, reason):
-        # The gateway's ack (reason None: stored, with every eseq below) or
-        # refusal of an event: either way it is done with, never sent again.
+        # The gateway's ack (reason None: it holds every event up to eseq) or
+        # refusal of the event the send loop waits on: either way that one is
+        # done with, never sent again. A refusal of another eseq (not ours to
+        # send now) changes nothing.
         if reason is not None:
             log("event_refused", eseq=eseq, reason=reason)
+            if eseq != self._held:
+                return
         if eseq > self._eseq_done:
             self._eseq_done = eseq
 
