@@ -90,7 +90,7 @@ def unpack_slots(m: int) -> list[int]:
 
 def signed_bytes(meter: str, seq: int, t: int, dt: int, prev: str, kid: str, c: str, tq: str | None = None) -> bytes:
     sb = "\n".join(("gl-reading-v1", meter, str(seq), str(t), str(dt), prev, kid, c)).encode("ascii")
-    return sb if tq is None else sb + b"\ntq=" + tq.encode("ascii")
+    return sb if tq is None else sb + ("\ntq=" + tq).encode("ascii")
 
 
 @dataclass(frozen=True, slots=True)

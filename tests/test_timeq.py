@@ -1,8 +1,10 @@
-"""Time quality on the wire (the signed ``tq`` extension), end to end under the real
-``micropython`` binary, Mosquitto and the gateway process: a board meter whose clock
-was never set stamps nothing until NTP answers, then sends everything its sensor
-counted meanwhile in one reading flagged ``unsynced`` and goes on aligned as ``ntp``;
-the gateway verifies and stores tq; a tq altered in transit is a bad signature."""
+"""Time quality on the wire (the signed ``tq`` extension): kept in the meter's journal and
+rebuilt byte for byte, stored by the gateway (also in a database from before it), carried
+into blocks the area app re-checks; and end to end under the real ``micropython`` binary,
+Mosquitto and the gateway process: a board meter whose clock was never set stamps nothing
+until NTP answers, then sends everything its sensor counted meanwhile in one reading
+flagged ``unsynced`` and goes on aligned as ``ntp``; a tq altered in transit is a bad
+signature."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import asyncio
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import time
 from pathlib import Path
@@ -17,16 +20,80 @@ from pathlib import Path
 import pytest
 
 from aggregator.store import GatewayStore
+from certlog.store import NodeDB
+from certlog.app import InvalidBlock
 from gridledger.firmware_build import micropython_command
+from gridledger.meterjournal import journal_records
 from gridledger.testbed import gateway_process, wait_up, write_meter_config
 from gridledger.wire import nack_topic, readings_topic, unpack_slots
 
+import chainkit
 from conftest import MP_SCRIPTS, MqttProbe
 from helpers import N, PRIV, log_events, make_area, wait_until
 
 METER = "tq1"
 INTERVAL = 900
 SCALE = 1800  # 0.5 s of real time per 15-minute interval
+
+
+def test_journal_records_keep_the_time_quality_and_rebuild_the_same_reading(mp_source, tmp_path):
+    """A reading journaled with a time quality comes back from the journal (also after a
+    reboot) with it, in the JSON and in the signed bytes; one without stays plain v1; the
+    CPython reader finds the quality and the ciphertext after it."""
+    d = tmp_path / "m"
+    d.mkdir()
+    job = tmp_path / "job.json"
+    ops = [{"op": "commit", "ckpt": [100, 0], "imp": 100, "exp": 0, "tq": tq} for tq in ("unsynced", "ntp", None)]
+    job.write_text(json.dumps({"dir": str(d), "nsq_bytes": 32, "ops": ops}))
+    out = mp_source.run_json(MP_SCRIPTS / "mp_meter_ckpt.py", job, heap="128k")
+    assert [r.get("tq") for r in out["records"]] == ["unsynced", "ntp", None]
+    recs = journal_records(d)
+    assert [(r.time_quality, r.ciphertext) for r in recs] == [("unsynced", 1001), ("ntp", 1002), (None, 1003)]
+    assert len(recs[0].payload) == len(recs[2].payload) + 1  # one byte more
+    job.write_text(json.dumps({"dir": str(d), "nsq_bytes": 32, "ops": []}))
+    assert mp_source.run_json(MP_SCRIPTS / "mp_meter_ckpt.py", job, heap="128k")["records"] == out["records"]
+
+
+def test_gateway_store_keeps_tq_and_gains_the_column_in_an_older_database(tmp_path):
+    """A readings table from before the extension gets a tq column; a tq reading comes back
+    from the store (as blocks are built) with the same canonical bytes and hash."""
+    db = tmp_path / "gateway.db"
+    with sqlite3.connect(db) as conn:
+        conn.execute("CREATE TABLE readings (meter TEXT, seq INTEGER, t INTEGER, dt INTEGER, prev TEXT, kid TEXT, "
+                     "c TEXT, sig TEXT, hash TEXT, received_at FLOAT, PRIMARY KEY (meter, seq))")
+    area = chainkit.make_area(["m1"])
+    sim = area.meters["m1"]
+    plain = sim.next()
+    sim.tq = "unsynced"
+    flagged = sim.next()
+    store = GatewayStore(db)
+    try:
+        store.commit([plain, flagged], [], {})
+        back = store.readings("m1")
+        assert back == [plain, flagged] and back[1].tq == "unsynced" and back[0].tq is None
+        _, unblocked = store.unblocked(store.db.conn, 10)
+        assert [r.to_json() for r in unblocked] == [plain.to_json(), flagged.to_json()]
+        assert [r.hash for r in unblocked] == [plain.hash, flagged.hash]
+    finally:
+        store.close()
+
+
+def test_area_app_rechecks_the_time_quality_as_signed(tmp_path):
+    """Validators recompute the signed bytes with the tq line: a block of mixed plain and tq
+    readings is valid; the same block with one tq changed is tx_bad_signature, with an
+    unknown tq tx_bad_value."""
+    area = chainkit.make_area(["m1", "m2"])
+    m1, m2 = area.meters["m1"], area.meters["m2"]
+    m1.tq = "ntp"
+    txs = [m1.next().to_json(), m2.next().to_json(), m1.next().to_json()]
+    assert b'"tq":"ntp","sig"' in txs[0] and b'"tq"' not in txs[1]
+    app = area.app()
+    now_ms = int(time.time() * 1000)
+    app.execute(NodeDB(None), app.genesis_root, now_ms, txs)
+    for bad, reason in ((b'"tq":"rtc"', "tx_bad_signature"), (b'"tq":"gps"', "tx_bad_value")):
+        with pytest.raises(InvalidBlock) as exc:
+            app.execute(NodeDB(None), app.genesis_root, now_ms, [txs[0].replace(b'"tq":"ntp"', bad)] + txs[1:])
+        assert (exc.value.reason, exc.value.index) == (reason, 0)
 
 
 def set_device(path: Path, wh: int) -> None:
