@@ -25,7 +25,6 @@ read under the broker's ACL). A refusal is answered on ``.../nack`` with
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import sqlite3
@@ -33,20 +32,19 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Callable
 
-import aiomqtt
 import sqlite_utils
 
 from certlog.store import connect
 from gridledger.errors import Rejected
 from gridledger.logs import event
-from gridledger.metrics import Snapshot
-from gridledger.wire import METER_ID_RE, ack_topic, nack_topic
+from gridledger.wire import METER_ID_RE
 
+from .desk import MessageCheck, MessageDesk, Verdict
 from .registry import Registry
 
-__all__ = ["Alert", "AlertVerdict", "AlertCheck", "AlertStore", "AlertDesk", "StoredAlert", "parse_alert",
+__all__ = ["Alert", "AlertCheck", "AlertStore", "AlertDesk", "StoredAlert", "parse_alert",
            "alert_signed_bytes", "make_alert", "ALERT_REASON_CLASS", "ALERT_REASONS", "KINDS", "STATES",
            "MAX_ALERT", "read_alerts", "alerts_topic"]
 
@@ -74,8 +72,6 @@ ALERT_REASONS = tuple(ALERT_REASON_CLASS)
 # Values are ints on the wire (W, tenths of a degree); bound them to what a
 # household meter can mean, so a signed alert cannot carry a huge number.
 _VALUE_MAX = 10 ** 9
-_BATCH_MAX = 256
-_QUEUE_MAX = 5000
 _INT_FIELDS = ("v", "seq", "t", "value", "threshold")
 _STR_FIELDS = ("meter", "kind", "state", "sig")
 
@@ -158,17 +154,8 @@ def parse_alert(payload: bytes, max_size: int = MAX_ALERT) -> Alert:
     return Alert(obj["meter"], obj["seq"], obj["t"], obj["kind"], obj["value"], obj["threshold"], obj["state"], sig)
 
 
-@dataclass(frozen=True, slots=True)
-class AlertVerdict:
-    kind: Literal["accept", "duplicate", "reject"]
-    alert: Alert | None = None
-    reason: str | None = None
-    detail: str = ""
-    seq: int | None = None
-
-
 @dataclass
-class AlertCheck:
+class AlertCheck(MessageCheck):
     """The gateway's decision on one alert: pure logic over the registry, the highest
     stored seq per meter and a lookup of a stored alert's payload."""
     registry: Registry
@@ -176,17 +163,7 @@ class AlertCheck:
     stored: Callable[[str, int], bytes | None]
     counts: Counter = field(default_factory=Counter)
 
-    def check(self, topic_meter: str, payload: bytes) -> AlertVerdict:
-        try:
-            v = self._check(topic_meter, payload)
-        except Rejected as r:
-            v = AlertVerdict("reject", reason=r.reason, detail=r.detail, seq=r.seq)
-        except Exception as exc:  # a bug must refuse the alert, not accept it or stop the gateway
-            v = AlertVerdict("reject", reason="malformed_json", detail=f"unexpected {exc!r}"[:160])
-        self.counts[v.reason or v.kind] += 1
-        return v
-
-    def _check(self, topic_meter: str, payload: bytes) -> AlertVerdict:
+    def _check(self, topic_meter: str, payload: bytes) -> Verdict:
         a = parse_alert(payload)
         if a.meter != topic_meter:
             raise Rejected("topic_mismatch", f"topic meter {topic_meter!r}, payload meter {a.meter!r}", seq=a.seq)
@@ -201,9 +178,9 @@ class AlertCheck:
         last = self.last.get(a.meter, 0)
         if a.seq > last:
             self.last[a.meter] = a.seq
-            return AlertVerdict("accept", alert=a, seq=a.seq)
+            return Verdict("accept", item=a, seq=a.seq)
         if self.stored(a.meter, a.seq) == a.to_json():
-            return AlertVerdict("duplicate", alert=a, seq=a.seq)
+            return Verdict("duplicate", item=a, seq=a.seq)
         raise Rejected("replayed_seq", f"alert seq {a.seq} is at or below {last} and is not the stored one",
                        seq=a.seq)
 
@@ -284,83 +261,24 @@ def read_alerts(path: Path | str, meter: str | None = None,
     return [StoredAlert(*r) for r in reversed(rows)], counts
 
 
-class AlertDesk:
-    """The gateway's alert path: a queue fed by its MQTT reader, one worker that
-    checks a batch, commits it, then acks and nacks."""
+class AlertDesk(MessageDesk):
+    """The gateway's alert path (``desk.MessageDesk``): ``{"alert_seq": S}`` acks."""
+    suffix, seq_field, name, what = "alerts", "alert_seq", "alert", "device alerts"
+    reason_class = ALERT_REASON_CLASS
 
     def __init__(self, registry: Registry, database: Path, area: str):
-        self.area = area
         self.store = AlertStore(database)
-        self.check = AlertCheck(registry, self.store.last_seqs(), self.store.payload)
-        self.queue: asyncio.Queue[aiomqtt.Message] = asyncio.Queue(_QUEUE_MAX)
-        self._prefix = f"gl/v1/{area}/meters/"
+        super().__init__(area, AlertCheck(registry, self.store.last_seqs(), self.store.payload))
 
-    def topic(self) -> str:
-        return f"{self._prefix}+/alerts"
+    def _commit(self, accepted: list[Alert], evidence: list, rejected: Counter) -> None:
+        self.store.commit(accepted, rejected)
 
-    def handles(self, topic: str) -> bool:
-        return topic.startswith(self._prefix) and topic.endswith("/alerts")
+    def _stored_last(self) -> dict[str, int]:
+        return self.store.last_seqs()
 
-    def counters(self) -> dict[str, int]:
-        out = dict.fromkeys((*ALERT_REASONS, "accept", "duplicate"), 0)
-        out.update(self.check.counts)
-        return out
-
-    def metrics(self) -> list[Snapshot]:
-        counts = self.counters()
-        classes = dict.fromkeys(ALERT_REASON_CLASS.values(), 0)
-        for reason, cls in ALERT_REASON_CLASS.items():
-            classes[cls] += counts[reason]
-        return [
-            Snapshot("gridledger_alerts", "device alerts by verdict (accept, duplicate) or rejection reason",
-                     "counter", ("result",), {(k,): v for k, v in counts.items()}),
-            Snapshot("gridledger_alert_rejections_by_class", "refused device alerts by class", "counter",
-                     ("class",), {(k,): v for k, v in classes.items()}),
-        ]
-
-    async def run(self, client: aiomqtt.Client) -> None:
-        while True:
-            batch = [await self.queue.get()]
-            while len(batch) < _BATCH_MAX and not self.queue.empty():
-                batch.append(self.queue.get_nowait())
-            try:
-                await self._process(client, batch)
-            finally:
-                for _ in batch:
-                    self.queue.task_done()
-
-    async def _process(self, client: aiomqtt.Client, batch: list[aiomqtt.Message]) -> None:
-        accepted: list[Alert] = []
-        rejected: Counter[str] = Counter()
-        acks: set[str] = set()
-        nacks: list[tuple[str, dict]] = []
-        for msg in batch:
-            topic = msg.topic.value
-            meter = topic[len(self._prefix):-len("/alerts")]
-            payload = msg.payload if isinstance(msg.payload, (bytes, bytearray)) else str(msg.payload).encode()
-            v = self.check.check(meter, bytes(payload))
-            if v.kind == "reject":
-                rejected[v.reason] += 1
-                event(log, "alert_rejected", logging.WARNING, meter=meter, seq=v.seq, reason=v.reason,
-                      detail=v.detail)
-                if METER_ID_RE.match(meter):
-                    nacks.append((meter, {"alert_seq": v.seq, "reason": v.reason}))
-                continue
-            if v.kind == "accept":
-                accepted.append(v.alert)
-                a = v.alert
-                event(log, "alert", meter=a.meter, seq=a.seq, t=a.t, kind=a.kind, state=a.state, value=a.value,
-                      threshold=a.threshold)
-            acks.add(meter)
-        try:
-            await asyncio.to_thread(self.store.commit, accepted, rejected)
-        except BaseException:
-            self.check.last = self.store.last_seqs()  # nothing of this batch was stored
-            raise
-        await asyncio.gather(
-            *(client.publish(ack_topic(self.area, m), json.dumps({"alert_seq": self.check.last[m]}), qos=1)
-              for m in sorted(acks)),
-            *(client.publish(nack_topic(self.area, m), json.dumps(body), qos=1) for m, body in nacks))
+    def _accepted(self, a: Alert) -> None:
+        event(log, "alert", meter=a.meter, seq=a.seq, t=a.t, kind=a.kind, state=a.state, value=a.value,
+              threshold=a.threshold)
 
     def close(self) -> None:
         self.store.close()

@@ -49,6 +49,7 @@ from gridledger.wire import METER_ID_RE, ack_topic, nack_topic
 from .alerts import AlertDesk
 from .areaapp import AreaApp
 from .chain import AreaChain
+from .events import EventDesk
 from .ingest import REASONS, Ingest, class_counts
 from .registry import load_registry
 from coordinator.registry import RegistryChainSettings, registry_node
@@ -141,6 +142,7 @@ class Gateway:
         self.unsent = 0     # acks paho could not queue (not connected)
         self._prefix = f"gl/v1/{self.area}/meters/"
         self.alerts = AlertDesk(self.registry, s.database, self.area)
+        self.events = EventDesk(self.registry, s.database, self.area)
         self.chain: AreaChain | None = None
         if cfg.chain is not None:
             self.chain = AreaChain(cfg.chain, self.area, s.database, self.store,
@@ -167,6 +169,7 @@ class Gateway:
                      "counter", (), {(): self.unsent}),
         ]
         out += self.alerts.metrics()
+        out += self.events.metrics()
         if self.chain is not None:
             out += self.chain.metrics()
         return out
@@ -180,7 +183,7 @@ class Gateway:
         event(log, "start", area=self.area, metrics_port=self.cfg.metrics.port or None, meters=len(self.registry),
               kid=self.ingest.paillier.kid, heads=len(self.ingest.heads),
               height=self.chain.replica.height if self.chain else None)
-        topics = [self.alerts.topic(), *(self.chain.subscriptions() if self.chain else [])]
+        topics = [self.alerts.topic(), self.events.topic(), *(self.chain.subscriptions() if self.chain else [])]
 
         async def serve(client: aiomqtt.Client) -> None:
             client.pending_calls_threshold = 2 * BATCH_MAX  # a block's votes go out together
@@ -196,15 +199,17 @@ class Gateway:
             await asyncio.gather(ingest, return_exceptions=True)
             self.store.close()
             self.alerts.close()
+            self.events.close()
             if self.chain is not None:
                 self.chain.close()
             event(log, "stop", **(self.chain.status() if self.chain else {}), **self.counters())
 
     async def _serve(self, client: aiomqtt.Client, stop: asyncio.Event) -> None:
-        """Everything but the readings, on the aiomqtt session: chain votes and sync, alerts."""
+        """Everything but the readings, on the aiomqtt session: chain votes and sync, alerts, events."""
         tasks = {asyncio.create_task(self._read(client), name="read"),
                  asyncio.create_task(self._status(), name="status"),
-                 asyncio.create_task(self.alerts.run(client), name="alerts")}
+                 asyncio.create_task(self.alerts.run(client), name="alerts"),
+                 asyncio.create_task(self.events.run(client), name="events")}
         if self.chain is not None:
             tasks.add(asyncio.create_task(self.chain.run(client), name="chain"))
         stopper = asyncio.create_task(stop.wait())
@@ -212,9 +217,10 @@ class Gateway:
             done, _ = await asyncio.wait(tasks | {stopper}, return_when=asyncio.FIRST_COMPLETED)
             if stopper in done:
                 try:
-                    await asyncio.wait_for(self.alerts.queue.join(), 10)
+                    await asyncio.wait_for(asyncio.gather(self.alerts.queue.join(), self.events.queue.join()), 10)
                 except TimeoutError:
-                    event(log, "drain_timeout", logging.WARNING, alerts_queued=self.alerts.queue.qsize())
+                    event(log, "drain_timeout", logging.WARNING, alerts_queued=self.alerts.queue.qsize(),
+                          events_queued=self.events.queue.qsize())
             for t in done:
                 if t is not stopper and t.exception() is not None:
                     raise t.exception()
@@ -297,6 +303,8 @@ class Gateway:
                 chain.on_message(client, msg)
             elif self.alerts.handles(msg.topic.value):
                 await self.alerts.queue.put(msg)
+            elif self.events.handles(msg.topic.value):
+                await self.events.queue.put(msg)
             else:
                 event(log, "unexpected_topic", logging.WARNING, topic=msg.topic.value[:120])
 
@@ -306,7 +314,8 @@ class Gateway:
             chain = self.chain.status() if self.chain else {}
             event(log, "status", queued=len(self.inbox), batches=self.batches, acks_unsent=self.unsent, **chain,
                   **{k: v for k, v in self.counters().items() if v},
-                  **{f"alert_{k}": v for k, v in self.alerts.counters().items() if v})
+                  **{f"alert_{k}": v for k, v in self.alerts.counters().items() if v},
+                  **{f"event_{k}": v for k, v in self.events.counters().items() if v})
 
     async def _work(self) -> None:
         while True:

@@ -42,6 +42,8 @@ class GatewayStore:
         if "height" not in readings.columns_dict:  # databases from before the chain
             self.db.execute("ALTER TABLE readings ADD COLUMN height INTEGER")
         self.db.execute("CREATE INDEX IF NOT EXISTS readings_height ON readings(height)")
+        if "tq" not in readings.columns_dict:  # the time-quality extension; NULL: a plain v1 reading
+            self.db.execute("ALTER TABLE readings ADD COLUMN tq TEXT")
         if not self.db["evidence"].exists():
             self.db["evidence"].create({"id": int, "meter": str, "seq": int, "reason": str,
                                         "payload": str, "received_at": float}, pk="id")
@@ -71,9 +73,9 @@ class GatewayStore:
         conn.execute("BEGIN IMMEDIATE")
         try:
             conn.executemany(
-                "INSERT INTO readings(meter, seq, t, dt, prev, kid, c, sig, hash, received_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [(r.meter, r.seq, r.t, r.dt, r.prev, r.kid, r.c, r.sig, r.hash, now) for r in accepted])
+                "INSERT INTO readings(meter, seq, t, dt, prev, kid, c, sig, hash, received_at, tq) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [(r.meter, r.seq, r.t, r.dt, r.prev, r.kid, r.c, r.sig, r.hash, now, r.tq) for r in accepted])
             conn.executemany(
                 "INSERT INTO evidence(meter, seq, reason, payload, received_at) VALUES (?, ?, ?, ?, ?)",
                 [(r.meter, r.seq, reason, r.to_json().decode(), now) for r, reason in evidence])
@@ -90,31 +92,31 @@ class GatewayStore:
         return dict(self.db.execute("SELECT reason, count FROM rejections").fetchall())
 
     def readings(self, meter: str | None = None) -> list[Reading]:
-        sql = "SELECT meter, seq, t, dt, prev, kid, c, sig FROM readings"
+        sql = "SELECT meter, seq, t, dt, prev, kid, c, sig, tq FROM readings"
         args: list = []
         if meter is not None:
             sql += " WHERE meter = ?"
             args.append(meter)
         sql += " ORDER BY meter, seq"
-        return [Reading(*row) for row in self.db.execute(sql, args).fetchall()]
+        return [_reading(row) for row in self.db.execute(sql, args).fetchall()]
 
     def unblocked(self, conn: sqlite3.Connection, limit: int) -> tuple[list[int], list[Reading]]:
         """Readings not yet in a block, in acceptance order (so each meter's in seq order)."""
-        rows = conn.execute("SELECT rowid, meter, seq, t, dt, prev, kid, c, sig FROM readings "
+        rows = conn.execute("SELECT rowid, meter, seq, t, dt, prev, kid, c, sig, tq FROM readings "
                             "WHERE height IS NULL ORDER BY rowid LIMIT ?", (limit,)).fetchall()
-        return [r[0] for r in rows], [Reading(*r[1:]) for r in rows]
+        return [r[0] for r in rows], [_reading(r[1:]) for r in rows]
 
     def unblocked_equivocations(self, conn: sqlite3.Connection) -> list[tuple[int, Reading, Reading]]:
         """Equivocation evidence not yet alerted on the chain, with the stored reading it conflicts with."""
         rows = conn.execute(
-            "SELECT e.id, e.payload, r.meter, r.seq, r.t, r.dt, r.prev, r.kid, r.c, r.sig FROM evidence e "
+            "SELECT e.id, e.payload, r.meter, r.seq, r.t, r.dt, r.prev, r.kid, r.c, r.sig, r.tq FROM evidence e "
             "JOIN readings r ON r.meter = e.meter AND r.seq = e.seq "
             "WHERE e.reason = 'equivocation' AND e.height IS NULL ORDER BY e.id").fetchall()
         out = []
         for row in rows:
             obj = json.loads(row[1])
-            out.append((row[0], Reading(**{k: obj[k] for k in ("meter", "seq", "t", "dt", "prev", "kid", "c", "sig")}),
-                        Reading(*row[2:])))
+            out.append((row[0], Reading(**{k: obj[k] for k in ("meter", "seq", "t", "dt", "prev", "kid", "c", "sig")},
+                                        tq=obj.get("tq")), _reading(row[2:])))
         return out
 
     @staticmethod
@@ -137,3 +139,8 @@ class GatewayStore:
 
     def close(self) -> None:
         self.db.conn.close()
+
+
+def _reading(row: tuple) -> Reading:
+    """A reading from (meter, seq, t, dt, prev, kid, c, sig, tq)."""
+    return Reading(*row[:8], tq=row[8])

@@ -72,8 +72,11 @@ class HttpSource:
 
 
 def reading_json(r: Reading) -> dict:
-    return {"meter": r.meter, "seq": r.seq, "t": r.t, "dt": r.dt, "prev": r.prev, "kid": r.kid, "c": r.c,
-            "sig": r.sig, "hash": r.hash}
+    out = {"meter": r.meter, "seq": r.seq, "t": r.t, "dt": r.dt, "prev": r.prev, "kid": r.kid, "c": r.c,
+           "sig": r.sig, "hash": r.hash}
+    if r.tq is not None:
+        out["tq"] = r.tq  # how the meter's clock was set (signed: wire extension tq)
+    return out
 
 
 def state_json(st: AccountState) -> dict:

@@ -8,12 +8,18 @@ import time
 import ed25519
 import paillier
 import wire
+from clock import Clock
 from meterstate import MeterState, StateError
 from watchdog import Watchdog
 
 # Readings published and not yet acknowledged at most: the gateway acks in
 # batches, and a window keeps a backlog from flooding a slow link.
 WINDOW = 16
+# A published event holds back the records after it until the gateway acks
+# or refuses it, so the reading ack that drops it from the journal comes only
+# once the gateway has stored it; unanswered, it is sent again every resend_s,
+# and after this many sends the meter goes on (a gateway without events).
+EVENT_SENDS = 3
 
 # Where log lines go instead of stdout (a serial uplink on the USB console
 # sends them as frames); None: print.
@@ -31,23 +37,6 @@ def log(ev, **kw):
 def _load(path):
     with open(path) as f:
         return json.load(f)
-
-
-class Clock:
-    # Wall-clock time, optionally accelerated for the testbed: virtual time
-    # runs `scale` times faster from (real_start, virtual_start). Both are in
-    # the config, so a restarted meter sees the same timeline.
-    def __init__(self, cfg):
-        self.scale = cfg.get("scale", 1)
-        self.real0 = cfg.get("real_start", 0)
-        self.virt0 = cfg.get("virtual_start", self.real0)
-
-    def now(self):
-        return int(self.virt0 + (time.time() - self.real0) * self.scale)
-
-    def real_until(self, vt):
-        # real seconds until virtual time vt
-        return (vt - self.now()) / self.scale
 
 
 def _make_uplink(cfg, meter, on_ack, status):
@@ -101,12 +90,13 @@ class Meter:
         self.clock = Clock(cfg.get("clock", {}))
         self.stop_at = cfg.get("clock", {}).get("stop_at")
         self.state = _open_state(cfg, self.n)
-        last_t = self.state.c.t
-        if not last_t:
-            # First boot: the first interval is the one under way (a testbed
-            # clock may not have started yet).
-            last_t = max(self.clock.now(), self.clock.virt0) // self.interval * self.interval
-        self.next_end = last_t + self.interval
+        # next_end None: the clock has never been set, so no interval can be
+        # named yet; the sensor counts on, and the first sync makes one reading
+        # of it all (_first_sync). _since: that reading's start.
+        self.next_end = None
+        self._since = None
+        if self.clock.synced():
+            self._align()
         self.truth_path = self.dir + "/truth.jsonl" if cfg.get("sensor", {}).get("type", "sim") == "sim" else None
         self.uplink = _make_uplink(cfg, self.meter, self._acked, self._health)
         global _sink
@@ -135,6 +125,11 @@ class Meter:
         self._sent_seq = 0  # highest reading seq sent since the last rewind
         self._progress_ms = time.ticks_ms()
         self._events_warned = False
+        self._eseq_done = 0  # highest event eseq the gateway acked or refused
+        self._held = 0  # eseq of the event the send loop waits on
+        self._held_ms = 0
+        self._held_sends = 0
+        self.uplink.on_event = self._event_answer
 
     @property
     def seq(self):
@@ -150,20 +145,61 @@ class Meter:
         if j.live != before:
             log("acked", seq=seq, dropped=before - j.live, spooled=j.live)
 
+    def _event_answer(self, eseq, reason):
+        # The gateway's ack (reason None: it holds every event up to eseq) or
+        # refusal of the event the send loop waits on: either way that one is
+        # done with, never sent again. A refusal of another eseq (not ours to
+        # send now) changes nothing.
+        if reason is not None:
+            log("event_refused", eseq=eseq, reason=reason)
+            if eseq != self._held:
+                return
+        if eseq > self._eseq_done:
+            self._eseq_done = eseq
+
     def _health(self):
         c, j = self.state.c, self.state.journal
         return {"seq": c.seq, "spooled": j.live, "journal_depth": j.live, "journal_full": j.full(),
                 "dropped": j.dropped, "last_acked": c.acked, "boot": c.boot,
-                "import_wh": c.import_wh, "export_wh": c.export_wh}
+                "import_wh": c.import_wh, "export_wh": c.export_wh, "clock": self.clock.quality}
+
+    def _align(self):
+        # The clock is set: the next reading ends one interval after the last
+        # (first boot: after the boundary before now; a testbed clock may not
+        # have started yet).
+        last_t = self.state.c.t
+        if not last_t:
+            last_t = max(self.clock.now(), self.clock.virt0) // self.interval * self.interval
+        self.next_end = last_t + self.interval
+
+    def _first_sync(self):
+        # The clock has just been set for the first time since boot. Everything
+        # the sensor counted meanwhile goes into one reading, tq "unsynced",
+        # from the last reading's end (first boot: the boot, estimated from
+        # ticks) to the first boundary after now; then aligned as usual.
+        now = self.clock.now()
+        boot = now - self.clock.since_boot()
+        since = self.state.c.t or boot
+        end = now // self.interval * self.interval + self.interval
+        if since >= end:  # the clock now reads before the last reading: wait for it
+            self._align()
+        else:
+            self._since, self.next_end = since, end
+        log("clock_synced", quality=self.clock.quality, t=now, boot=boot, since=since, next_end=self.next_end)
 
     def _band(self, t0):
         return self.bands[((t0 + self.tz) % 86400) // 3600]
 
     def take_reading(self, t_end):
-        t0 = t_end - self.interval
+        # The interval ending at t_end; or, after an unsynced boot, the span
+        # since _since, of no better-known time.
+        t0, tq = t_end - self.interval, self.clock.quality
+        if self._since is not None:
+            t0, tq, self._since = self._since, "unsynced", None
+        dt = t_end - t0
         imp, exp = self.sensor.energy(t0, t_end)
         if self.alerts is not None:
-            self.alerts.evaluate(t_end, self.interval, imp, exp)
+            self.alerts.evaluate(t_end, dt, imp, exp)
         band = self._band(t0)
         slots = {wire.slot(band, 0): imp, wire.slot(band, 1): exp}
         st = self.state
@@ -176,21 +212,21 @@ class Meter:
         seq = st.c.seq + 1
         prev = wire.hexs(st.c.prev)
         ch = "%x" % c
-        sig, h = wire.sign(self.key, self.meter, seq, t_end, self.interval, prev, self.kid, ch)
+        sig, h = wire.sign(self.key, self.meter, seq, t_end, dt, prev, self.kid, ch, tq)
         if self.truth_path:
             # Written first: a crash before the journal write reuses this seq,
             # and the later line for the same seq wins.
             with open(self.truth_path, "a") as f:
-                f.write(json.dumps({"seq": seq, "t": t_end, "band": band,
+                f.write(json.dumps({"seq": seq, "t": t_end, "dt": dt, "band": band,
                                     "import_wh": imp, "export_wh": exp}) + "\n")
         dropped = st.journal.dropped
-        if not st.commit_reading(seq, t_end, self.interval, prev, self.kid, sig, c, h, imp, exp,
-                                 self.sensor.checkpoint()):
+        if not st.commit_reading(seq, t_end, dt, prev, self.kid, sig, c, h, imp, exp,
+                                 self.sensor.checkpoint(), tq):
             log("journal_write_failed", seq=seq, t=t_end, dropped=st.journal.dropped)
             return
         if st.journal.dropped != dropped:
             log("journal_full", seq=seq, dropped=st.journal.dropped, kept="newest")
-        log("reading", seq=seq, t=t_end, spooled=st.journal.live)
+        log("reading", seq=seq, t=t_end, dt=dt, tq=tq, spooled=st.journal.live)
 
     def _rewind(self):
         self._cursor = None
@@ -200,6 +236,8 @@ class Meter:
         st = self.state
         j = st.journal
         now = time.ticks_ms()
+        if self._held and not self._hold(now):
+            return
         if self._sent_seq > j.floor and time.ticks_diff(now, self._progress_ms) >= self._resend_ms:
             self._rewind()  # no ack for resend_s: the readings or their acks were lost
         while budget:
@@ -213,10 +251,19 @@ class Meter:
             if msg is None:
                 log("journal_damaged", key=key)
             elif msg[0]:
-                if hasattr(self.uplink, "publish_event"):
+                eseq = msg[0]
+                if eseq <= self._eseq_done:
+                    pass  # the gateway has it (or refused it): not again
+                elif hasattr(self.uplink, "publish_event"):
                     if not self.uplink.publish_event(msg[1]):
                         self._rewind()
                         return
+                    if eseq != self._held:
+                        self._held, self._held_sends = eseq, 0
+                    self._held_sends += 1
+                    self._held_ms = now
+                    self._cursor = pos
+                    return  # what follows waits for its answer (_hold)
                 elif not self._events_warned:
                     self._events_warned = True
                     log("events_not_sent", why="uplink has no event channel")
@@ -230,16 +277,34 @@ class Meter:
             self._cursor = pos
             budget -= 1
 
+    def _hold(self, now):
+        # True when the send loop may go on past the event it waits on.
+        if self._eseq_done >= self._held:
+            self._held = 0
+            return True
+        if time.ticks_diff(now, self._held_ms) < self._resend_ms:
+            return False
+        if self._held_sends < EVENT_SENDS:
+            self._rewind()  # sent again, with anything unacknowledged before it
+            return True
+        log("event_unanswered", eseq=self._held, sends=self._held_sends)
+        self._eseq_done, self._held = self._held, 0
+        return True
+
     def finished(self):
-        return (self.stop_at is not None and self.next_end > self.stop_at and not self.state.journal.live
-                and not (self.alerts is not None and self.alerts.pending))
+        return (self.stop_at is not None and self.next_end is not None and self.next_end > self.stop_at
+                and not self.state.journal.live and not (self.alerts is not None and self.alerts.pending))
 
     def step(self):
         # One reading per step: a meter that has fallen behind (signing and
         # encrypting are slow on a busy CPU) still services its uplink between
         # readings, so acks drain the journal and the broker never times it out.
         self.sensor.poll()
-        if self.clock.now() >= self.next_end and (self.stop_at is None or self.next_end <= self.stop_at):
+        self.clock.sync(log)
+        if self.next_end is None:
+            if self.clock.synced():
+                self._first_sync()
+        elif self.clock.now() >= self.next_end and (self.stop_at is None or self.next_end <= self.stop_at):
             self.take_reading(self.next_end)
             self.next_end += self.interval
         self.uplink.poll()
@@ -250,7 +315,7 @@ class Meter:
         # Idle work: precompute encryption randomness, one bounded step of the
         # pool at a time, and only while the next interval is further away than
         # twice the longest step seen, so the pool never makes a reading late.
-        if self.clock.real_until(self.next_end) > 0.3 + 2 * self._pool_step_s:
+        if self.next_end is None or self.clock.real_until(self.next_end) > 0.3 + 2 * self._pool_step_s:
             t0 = time.ticks_ms()
             if self.pool.step():
                 self._pool_step_s = max(self._pool_step_s, time.ticks_diff(time.ticks_ms(), t0) / 1000)
@@ -266,7 +331,8 @@ class Meter:
         gc.threshold(gc.mem_free() // 4 + gc.mem_alloc())
         c = self.state.c
         log("boot", meter=self.meter, seq=c.seq, spooled=self.state.journal.live, kid=self.kid, boot=c.boot,
-            import_wh=c.import_wh, export_wh=c.export_wh, acked=c.acked, dropped=self.state.journal.dropped)
+            import_wh=c.import_wh, export_wh=c.export_wh, acked=c.acked, dropped=self.state.journal.dropped,
+            clock=self.clock.quality)
         while not self.finished():
             self.step()
         self.state.save()  # the ack mark, so a restart resends nothing acknowledged

@@ -120,16 +120,17 @@ class MeterState:
         self.journal.dropped += 1
         self.save()
 
-    def commit_reading(self, seq, t, dt, prev, kid, sig, c_int, h, imp, exp, ckpt=None):
-        # Journal the signed reading, then the counters, both with ckpt (the
-        # sensor totals imp and exp were counted up to). False when the journal
-        # did not keep it (a failed write): its seq is used by the next one.
+    def commit_reading(self, seq, t, dt, prev, kid, sig, c_int, h, imp, exp, ckpt=None, tq=None):
+        # Journal the signed reading (with its time quality tq, if any), then
+        # the counters, both with ckpt (the sensor totals imp and exp were
+        # counted up to). False when the journal did not keep it (a failed
+        # write): its seq is used by the next one.
         c = self.c
         c.t = t
         c.ckpt = ckpt
         c.import_wh += imp
         c.export_wh += exp
-        n = records.pack_reading(self._buf, c, seq, t, dt, prev, kid, sig, c_int, self.nsq_bytes)
+        n = records.pack_reading(self._buf, c, seq, t, dt, prev, kid, sig, c_int, self.nsq_bytes, tq)
         kept = self.journal.append(memoryview(self._buf)[:n])
         if kept:
             c.seq = seq
@@ -149,13 +150,14 @@ class MeterState:
         return True
 
     def message(self, pos):
-        # (is_event, wire JSON) of the journal record at pos; None if damaged.
+        # (eseq, wire JSON) of the journal record at pos, eseq 0 for a reading;
+        # None if damaged.
         p = self.journal.read(pos)
         if p is None:
             return None
         if records.kind(p) == records.EVENT:
-            return True, records.event_json(p, self.meter)
-        return False, records.reading_json(p, self.meter)[0]
+            return records.common(p)[3], records.event_json(p, self.meter)
+        return 0, records.reading_json(p, self.meter)[0]
 
     # Events ----------------------------------------------------------------
 

@@ -16,6 +16,9 @@ EVENT = 2
 # sensor checkpoint; a high nibble of 0 (the first format, still in journals written
 # before the update) has none.
 V2 = 0x10
+# A flag in the same nibble: this reading's body holds its time quality, one
+# byte (wire.TQS index + 1) after the signature. Only V2 headers carry it.
+TQ = 0x20
 # kind, seq, t, eseq, import Wh, export Wh, prev (32 bytes), checkpoint import, export
 _COMMON = ">BIIIQQ32sQQ"
 COMMON = struct.calcsize(_COMMON)
@@ -38,15 +41,20 @@ def _c_bytes(c_int, nsq_bytes):
     return c_int.to_bytes(nsq_bytes, "big")
 
 
-def pack_reading(buf, c, seq, t, dt, prev, kid, sig, c_int, nsq_bytes):
+def pack_reading(buf, c, seq, t, dt, prev, kid, sig, c_int, nsq_bytes, tq=None):
     # c: the Counters after this reading (t, eseq, registers); prev: hex of
-    # the previous reading's hash, kid: hex, sig: bytes. Returns the length.
+    # the previous reading's hash, kid: hex, sig: bytes; tq: the reading's
+    # time quality or None (a plain v1 reading). Returns the length.
     ci, ce = ckpt_fields(c.ckpt)
-    struct.pack_into(_COMMON, buf, 0, V2 | READING, seq, t, c.eseq, c.import_wh, c.export_wh, unhex(prev), ci, ce)
+    k = V2 | READING if tq is None else V2 | TQ | READING
+    struct.pack_into(_COMMON, buf, 0, k, seq, t, c.eseq, c.import_wh, c.export_wh, unhex(prev), ci, ce)
     struct.pack_into(_READING, buf, COMMON, dt, unhex(kid), sig)
-    end = READING_FIXED + nsq_bytes
-    buf[READING_FIXED:end] = _c_bytes(c_int, nsq_bytes)
-    return end
+    at = READING_FIXED
+    if tq is not None:
+        buf[at] = wire.TQS.index(tq) + 1
+        at += 1
+    buf[at:at + nsq_bytes] = _c_bytes(c_int, nsq_bytes)
+    return at + nsq_bytes
 
 
 def pack_event(buf, c, at, import_before, export_before, by, sig):
@@ -83,10 +91,15 @@ def reading_json(p, meter):
     _, seq, t, _, _, _, prev, _ = common(p)
     b = _body(p)
     dt, kid, sig = struct.unpack_from(_READING, p, b)
-    c = "%x" % int.from_bytes(bytes(p[b + _READING_SIZE:]), "big")
+    at = b + _READING_SIZE
+    tq = None
+    if p[0] & TQ:
+        tq = wire.TQS[p[at] - 1]
+        at += 1
+    c = "%x" % int.from_bytes(bytes(p[at:]), "big")
     prev, kid = wire.hexs(prev), wire.hexs(kid)
-    sb = wire.signed_bytes(meter, seq, t, dt, prev, kid, c)
-    return wire.payload(meter, seq, t, dt, prev, kid, c, wire.hexs(sig)), wire.hexs(hashlib.sha256(sb).digest())
+    sb = wire.signed_bytes(meter, seq, t, dt, prev, kid, c, tq)
+    return wire.payload(meter, seq, t, dt, prev, kid, c, wire.hexs(sig), tq), wire.hexs(hashlib.sha256(sb).digest())
 
 
 def event_signed_bytes(meter, eseq, at, kind, seq, prev, import_before, export_before, import_wh, export_wh, by):

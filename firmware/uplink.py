@@ -122,6 +122,7 @@ class Uplink:
         self._log = log
         self._status = status
         self.alerts = None  # the meter's Alerts, if it has any: sent and acked here
+        self.on_event = None  # the meter's answer handler for its signed events
         self._timeout_ms = int(min(cfg.get("timeout_s", MAX_TIMEOUT_S), MAX_TIMEOUT_S) * 1000)
         self._max_backoff_ms = int(cfg.get("backoff_max_s", BACKOFF_MAX_S) * 1000)
         self._health_ms = int(cfg.get("health_s", HEALTH_S) * 1000)
@@ -154,7 +155,7 @@ class Uplink:
     def _cb(self, topic, msg):
         self._got += 1
         import answers
-        seq = answers.handle(msg, topic.endswith(b"/ack"), self._on_ack, self.alerts, self._log)
+        seq = answers.handle(msg, topic.endswith(b"/ack"), self._on_ack, self.alerts, self._log, self.on_event)
         if seq is not None and (self._last_acked is None or seq > self._last_acked):
             self._last_acked = seq
 

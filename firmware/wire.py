@@ -1,4 +1,5 @@
-# Wire format v1 (DESIGN section 4): slot packing, signed bytes, the JSON reading.
+# Wire format v1 (DESIGN section 4): slot packing, signed bytes, the JSON reading,
+# and its time-quality extension `tq` (docs/architecture.md, "Wire format v1").
 import hashlib
 import binascii
 
@@ -7,6 +8,9 @@ SLOT_BITS = 48
 BANDS = 8
 ZERO_HASH = "0" * 64
 _SLOT_MAX = (1 << SLOT_BITS) - 1
+# How a reading's time was obtained (firmware/clock.py); journal records store
+# the index + 1 (records.py).
+TQS = ("ntp", "rtc", "host", "unsynced")
 
 
 def hexs(b):
@@ -32,27 +36,33 @@ def pack(values):
     return m
 
 
-def signed_bytes(meter, seq, t, dt, prev, kid, c):
-    return "\n".join(("gl-reading-v1", meter, str(seq), str(t), str(dt),
-                      prev, kid, c)).encode()
+def signed_bytes(meter, seq, t, dt, prev, kid, c, tq=None):
+    # With a time quality, one more line "tq=<value>": a v1 reading's bytes
+    # are unchanged, and no v1 reading has nine lines.
+    f = ["gl-reading-v1", meter, str(seq), str(t), str(dt), prev, kid, c]
+    if tq is not None:
+        f.append("tq=" + tq)
+    return "\n".join(f).encode()
 
 
-def payload(meter, seq, t, dt, prev, kid, c, sig):
-    # The JSON reading, fields in wire order. Built by hand, not json.dumps: a
-    # reading rebuilt from the journal must come out the same every time, and
-    # none of these values needs escaping (meter ids are [A-Za-z0-9_-]).
+def payload(meter, seq, t, dt, prev, kid, c, sig, tq=None):
+    # The JSON reading, fields in wire order (tq, when present, before sig).
+    # Built by hand, not json.dumps: a reading rebuilt from the journal must
+    # come out the same every time, and none of these values needs escaping
+    # (meter ids are [A-Za-z0-9_-]).
+    q = "" if tq is None else '"tq": "%s", ' % tq
     return ('{"v": %d, "meter": "%s", "seq": %d, "t": %d, "dt": %d, "prev": "%s", "kid": "%s", '
-            '"c": "%s", "sig": "%s"}' % (VERSION, meter, seq, t, dt, prev, kid, c, sig)).encode()
+            '"c": "%s", %s"sig": "%s"}' % (VERSION, meter, seq, t, dt, prev, kid, c, q, sig)).encode()
 
 
-def sign(key, meter, seq, t, dt, prev, kid, c):
+def sign(key, meter, seq, t, dt, prev, kid, c, tq=None):
     # (signature bytes, reading hash hex); c is the ciphertext's hex.
-    sb = signed_bytes(meter, seq, t, dt, prev, kid, c)
+    sb = signed_bytes(meter, seq, t, dt, prev, kid, c, tq)
     return key.sign(sb), hexs(hashlib.sha256(sb).digest())
 
 
-def reading(key, meter, seq, t, dt, prev, kid, c_int):
+def reading(key, meter, seq, t, dt, prev, kid, c_int, tq=None):
     # Returns (json payload bytes, reading hash hex). The hash chains readings.
     c = "%x" % c_int
-    sig, h = sign(key, meter, seq, t, dt, prev, kid, c)
-    return payload(meter, seq, t, dt, prev, kid, c, hexs(sig)), h
+    sig, h = sign(key, meter, seq, t, dt, prev, kid, c, tq)
+    return payload(meter, seq, t, dt, prev, kid, c, hexs(sig), tq), h

@@ -52,6 +52,7 @@ EXAMPLES = {
                      "--ca certs/ca.crt --local-port 1883",
     "broker testbed-ca": "gridledger broker testbed-ca --out certs/ --host gateway.local --host 192.168.1.10",
     "alerts list": "gridledger alerts list --config gateway.toml --meter m01 --limit 20",
+    "events list": "gridledger events list --config gateway.toml --meter m01 --limit 20",
     "bridge serial": "gridledger bridge serial --config gateway.toml --port /dev/ttyACM0",
     "loadgen run": "gridledger loadgen run --config gateway.toml --keys lg/ --meters 1000 --readings 10",
     "coordinator run": "gridledger coordinator run --config coordinator.toml",
@@ -422,6 +423,29 @@ def _cmd_alerts_list(args) -> int:
     return 0
 
 
+def _cmd_events_list(args) -> int:
+    import json
+    from datetime import datetime, timezone
+    from aggregator.events import read_events
+    from aggregator.gateway import load_gateway_config
+    if args.limit <= 0:
+        raise GridledgerError("--limit must be positive")
+    events, refused = read_events(load_gateway_config(Path(args.config)).gateway.database, args.meter, args.limit)
+    if args.json:
+        for e in events:
+            print(json.dumps({"meter": e.meter, "eseq": e.eseq, "at": e.at, "kind": e.kind, "seq": e.seq,
+                              "import_before": e.import_before, "export_before": e.export_before,
+                              "import_wh": e.import_wh, "export_wh": e.export_wh, "by": e.by, "hash": e.hash,
+                              "received_at": e.received_at}))
+        return 0
+    for e in events:
+        when = datetime.fromtimestamp(e.at, timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
+        print(f"{when}  {e.meter:<12} #{e.eseq:<4} {e.kind}  after seq {e.seq}  by {e.by}: "
+              f"import {e.import_before} -> {e.import_wh} Wh, export {e.export_before} -> {e.export_wh} Wh")
+    print(f"{len(events)} events; refused: {json.dumps(refused, sort_keys=True) if refused else 'none'}")
+    return 0
+
+
 def _cmd_bridge_serial(args) -> int:
     from aggregator.gateway import load_gateway_config
     from aggregator.serialbridge import SerialBridge
@@ -782,6 +806,15 @@ def build_parser() -> argparse.ArgumentParser:
                 _cmd_alerts_list)
     sp.add_argument("--config", required=True, help="the gateway's TOML file (its database)")
     sp.add_argument("--meter", help="only this meter's alerts")
+    sp.add_argument("--limit", type=int, default=100, help="at most this many, the newest")
+    sp.add_argument("--json", action="store_true", help="one JSON object per line")
+
+    ev = roles.add_parser("events", help="signed meter events (set-register) the gateway verified and stored"
+                          ).add_subparsers(dest="action", required=True)
+    sp = action(ev, "events", "list", "list the newest stored meter events (oldest first) and the refusal counts",
+                _cmd_events_list)
+    sp.add_argument("--config", required=True, help="the gateway's TOML file (its database)")
+    sp.add_argument("--meter", help="only this meter's events")
     sp.add_argument("--limit", type=int, default=100, help="at most this many, the newest")
     sp.add_argument("--json", action="store_true", help="one JSON object per line")
 

@@ -112,6 +112,7 @@ class LoadMeter:
     prev: str = ZERO_HASH
     t: int = 0  # end of the last interval, Unix seconds
     dt: int = DT
+    tq: str | None = None  # time quality its readings carry (wire extension tq); None: plain v1
     kid: str = field(init=False)
 
     def __post_init__(self) -> None:
@@ -131,7 +132,7 @@ class LoadMeter:
     def reading(self, m: int, rho: int, *, t: int, dt: int) -> Reading:
         """The next reading of the chain for plaintext m and randomness rho."""
         r = make_reading(meter=self.meter, seq=self.seq + 1, t=t, dt=dt, prev=self.prev, kid=self.kid,
-                         c=encrypt_with(self.public.n, m, rho), sign=self.key.sign)
+                         c=encrypt_with(self.public.n, m, rho), sign=self.key.sign, tq=self.tq)
         self.seq, self.prev, self.t = r.seq, r.hash, t
         return r
 

@@ -20,6 +20,8 @@ _V1_COUNTERS = struct.Struct(">4sIIIIIIIIQQ32s")
 FRAME_MAGIC = b"\xa7J"
 MAX_PAYLOAD = 2048
 V2 = 0x10  # kind byte's high nibble: the header ends with the sensor checkpoint
+TQ = 0x20  # and this flag: a reading's time quality, one byte after its signature
+TIME_QUALITIES = ("ntp", "rtc", "host", "unsynced")  # the byte is the index + 1 (firmware/wire.py TQS)
 _COMMON = struct.Struct(">BIIIQQ32sQQ")
 _V1_COMMON = struct.Struct(">BIIIQQ32s")
 READING, EVENT = 1, 2
@@ -61,10 +63,21 @@ class JournalRecord:
     version: int = 2  # 1: written before the header carried the sensor checkpoint
 
     @property
+    def _after_signature(self) -> int:
+        return (_COMMON.size if self.version == 2 else _V1_COMMON.size) + 4 + 8 + 64
+
+    @property
+    def time_quality(self) -> str | None:
+        """A reading's time quality (wire extension tq), None for a plain v1 reading."""
+        if not self.payload[0] & TQ:
+            return None
+        return TIME_QUALITIES[self.payload[self._after_signature] - 1]
+
+    @property
     def ciphertext(self) -> int:
-        """A reading's Paillier ciphertext (after the header, dt, kid and signature)."""
-        header = _COMMON.size if self.version == 2 else _V1_COMMON.size
-        return int.from_bytes(self.payload[header + 4 + 8 + 64:], "big")
+        """A reading's Paillier ciphertext (after the header, dt, kid, signature and time quality)."""
+        at = self._after_signature + (1 if self.payload[0] & TQ else 0)
+        return int.from_bytes(self.payload[at:], "big")
 
     @property
     def key(self) -> int:

@@ -1,4 +1,5 @@
-"""Wire format v1 (DESIGN section 4): readings, their signed bytes and hash, slot packing.
+"""Wire format v1 (DESIGN section 4): readings, their signed bytes and hash, slot packing,
+and the time-quality extension ``tq`` (docs/architecture.md, "Wire format v1").
 
 This is the CPython twin of ``firmware/wire.py``; ``tests/vectors/readings_v1.json``
 pins both to the same bytes.
@@ -15,7 +16,7 @@ from typing import Callable, Mapping
 from .errors import Rejected
 
 __all__ = [
-    "VERSION", "METER_ID_RE", "SLOT_BITS", "BANDS", "SLOTS", "ZERO_HASH", "MAX_PAYLOAD",
+    "VERSION", "METER_ID_RE", "SLOT_BITS", "BANDS", "SLOTS", "ZERO_HASH", "MAX_PAYLOAD", "TIME_QUALITIES",
     "Reading", "parse_reading", "well_formed", "make_reading", "signed_bytes", "kid_of",
     "pack_slots", "unpack_slots", "slot_index", "readings_topic", "ack_topic", "nack_topic",
 ]
@@ -35,6 +36,11 @@ _SIG_RE = re.compile(r"[0-9a-f]{128}\Z")
 _CT_RE = re.compile(r"[0-9a-f]{1,4096}\Z")
 _SLOT_MAX = (1 << SLOT_BITS) - 1
 _HEX_DIGITS = b"0123456789abcdef"
+
+# How the meter's clock was set when it stamped the reading (firmware/clock.py). When
+# present, the signed bytes end with one more line, "tq=<value>".
+TIME_QUALITIES = ("ntp", "rtc", "host", "unsynced")
+_TQ = frozenset(TIME_QUALITIES)
 
 _INT_FIELDS = ("v", "seq", "t", "dt")
 _STR_FIELDS = ("meter", "prev", "kid", "c", "sig")
@@ -82,8 +88,9 @@ def unpack_slots(m: int) -> list[int]:
     return [(m >> (SLOT_BITS * s)) & _SLOT_MAX for s in range(SLOTS)]
 
 
-def signed_bytes(meter: str, seq: int, t: int, dt: int, prev: str, kid: str, c: str) -> bytes:
-    return "\n".join(("gl-reading-v1", meter, str(seq), str(t), str(dt), prev, kid, c)).encode("ascii")
+def signed_bytes(meter: str, seq: int, t: int, dt: int, prev: str, kid: str, c: str, tq: str | None = None) -> bytes:
+    sb = "\n".join(("gl-reading-v1", meter, str(seq), str(t), str(dt), prev, kid, c)).encode("ascii")
+    return sb if tq is None else sb + ("\ntq=" + tq).encode("ascii")
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,13 +104,14 @@ class Reading:
     c: str
     sig: str
     v: int = VERSION
+    tq: str | None = None  # time quality (TIME_QUALITIES); None: a plain v1 reading
     # Derived once: the gateway needs both for the signature, the chain and the store.
     signed_bytes: bytes = field(init=False, repr=False, compare=False)
     hash: str = field(init=False, repr=False, compare=False)
     _json: bytes | None = field(init=False, repr=False, compare=False)  # to_json's, once asked
 
     def __post_init__(self) -> None:
-        sb = signed_bytes(self.meter, self.seq, self.t, self.dt, self.prev, self.kid, self.c)
+        sb = signed_bytes(self.meter, self.seq, self.t, self.dt, self.prev, self.kid, self.c, self.tq)
         object.__setattr__(self, "signed_bytes", sb)
         object.__setattr__(self, "hash", hashlib.sha256(sb).hexdigest())
         object.__setattr__(self, "_json", None)
@@ -113,8 +121,9 @@ class Reading:
         return int(self.c, 16)
 
     def to_json(self) -> bytes:
-        """Canonical JSON: the fields in wire order, no spaces, ASCII escapes (json.dumps').
-        Encoded once: a proposer encodes each reading for the block and its app compares."""
+        """Canonical JSON: the fields in wire order (tq, when present, before sig), no
+        spaces, ASCII escapes (json.dumps'). Encoded once: a proposer encodes each
+        reading for the block and its app compares."""
         if self._json is None:
             object.__setattr__(self, "_json", self._encode())
         return self._json
@@ -123,11 +132,15 @@ class Reading:
         if _plain(self):
             # What json.dumps gives for these values, without its scan of 1.2 KB for
             # characters to escape: the gateway and every validator encode each reading.
+            tq = "" if self.tq is None else f'"tq":"{self.tq}",'
             return (f'{{"v":{self.v},"meter":"{self.meter}","seq":{self.seq},"t":{self.t},"dt":{self.dt},'
-                    f'"prev":"{self.prev}","kid":"{self.kid}","c":"{self.c}","sig":"{self.sig}"}}').encode()
-        return json.dumps({"v": self.v, "meter": self.meter, "seq": self.seq, "t": self.t,
-                           "dt": self.dt, "prev": self.prev, "kid": self.kid, "c": self.c,
-                           "sig": self.sig}, separators=(",", ":")).encode()
+                    f'"prev":"{self.prev}","kid":"{self.kid}","c":"{self.c}",{tq}"sig":"{self.sig}"}}').encode()
+        obj = {"v": self.v, "meter": self.meter, "seq": self.seq, "t": self.t, "dt": self.dt, "prev": self.prev,
+               "kid": self.kid, "c": self.c}
+        if self.tq is not None:
+            obj["tq"] = self.tq
+        obj["sig"] = self.sig
+        return json.dumps(obj, separators=(",", ":")).encode()
 
 
 def _plain(r: Reading) -> bool:
@@ -138,14 +151,15 @@ def _plain(r: Reading) -> bool:
             and type(r.meter) is type(r.prev) is type(r.kid) is type(r.c) is type(r.sig) is str):
         return False
     hexes = r.prev + r.kid + r.c + r.sig
-    return METER_ID_RE.match(r.meter) is not None and hexes.isascii() and hexes.encode("ascii").isalnum()
+    return (METER_ID_RE.match(r.meter) is not None and hexes.isascii() and hexes.encode("ascii").isalnum()
+            and (r.tq is None or (type(r.tq) is str and r.tq in _TQ)))
 
 
 def make_reading(*, meter: str, seq: int, t: int, dt: int, prev: str, kid: str, c: int,
-                 sign: Callable[[bytes], bytes]) -> Reading:
+                 sign: Callable[[bytes], bytes], tq: str | None = None) -> Reading:
     ch = format(c, "x")
-    sig = sign(signed_bytes(meter, seq, t, dt, prev, kid, ch)).hex()
-    return Reading(meter=meter, seq=seq, t=t, dt=dt, prev=prev, kid=kid, c=ch, sig=sig)
+    sig = sign(signed_bytes(meter, seq, t, dt, prev, kid, ch, tq)).hex()
+    return Reading(meter=meter, seq=seq, t=t, dt=dt, prev=prev, kid=kid, c=ch, sig=sig, tq=tq)
 
 
 def parse_reading(payload: bytes, *, max_size: int = MAX_PAYLOAD) -> Reading:
@@ -153,6 +167,7 @@ def parse_reading(payload: bytes, *, max_size: int = MAX_PAYLOAD) -> Reading:
 
     Only syntax is checked here; keys, signatures and sequence belong to the gateway.
     Unknown extra fields are allowed: later wire versions add fields, never change these.
+    ``tq`` is the one extension read: when present it must be one of TIME_QUALITIES.
     """
     if len(payload) > max_size:
         raise Rejected("oversized", f"{len(payload)} bytes > {max_size}")
@@ -180,9 +195,14 @@ def _valid_reading(obj: object) -> Reading | None:
         prev, kid, c, sig = obj["prev"], obj["kid"], obj["c"], obj["sig"]
     except KeyError:
         return None
+    tq = None
+    if "tq" in obj:  # looked at only when present: a plain v1 reading pays one lookup
+        tq = obj["tq"]
+        if type(tq) is not str or tq not in _TQ:
+            return None
     if not _valid_fields(v, meter, seq, t, dt, prev, kid, c, sig):
         return None
-    return Reading(meter=meter, seq=seq, t=t, dt=dt, prev=prev, kid=kid, c=c, sig=sig)
+    return Reading(meter=meter, seq=seq, t=t, dt=dt, prev=prev, kid=kid, c=c, sig=sig, tq=tq)
 
 
 def _valid_fields(v: object, meter: object, seq: object, t: object, dt: object, prev: object, kid: object,
@@ -202,7 +222,8 @@ def _valid_fields(v: object, meter: object, seq: object, t: object, dt: object, 
 def well_formed(r: Reading) -> bool:
     """True when `parse_reading(r.to_json())` accepts and gives back `r`: every field
     of the right type and shape (a reading rebuilt from storage, for one)."""
-    return _valid_fields(r.v, r.meter, r.seq, r.t, r.dt, r.prev, r.kid, r.c, r.sig)
+    return (_valid_fields(r.v, r.meter, r.seq, r.t, r.dt, r.prev, r.kid, r.c, r.sig)
+            and (r.tq is None or (type(r.tq) is str and r.tq in _TQ)))
 
 
 def _checked_reading(obj: object) -> Reading:
@@ -235,5 +256,11 @@ def _checked_reading(obj: object) -> Reading:
             raise reject("bad_value", f"{k} is not lowercase hex of the right length")
     if obj["c"][0] == "0":
         raise reject("bad_value", "c has leading zeros")
+    tq = obj.get("tq")
+    if "tq" in obj:
+        if not isinstance(tq, str):
+            raise reject("bad_type", "tq must be a string")
+        if tq not in _TQ:
+            raise reject("bad_value", f"tq {tq[:16]!r} is not one of {', '.join(TIME_QUALITIES)}")
     return Reading(meter=obj["meter"], seq=obj["seq"], t=obj["t"], dt=obj["dt"], prev=obj["prev"],
-                   kid=obj["kid"], c=obj["c"], sig=obj["sig"])
+                   kid=obj["kid"], c=obj["c"], sig=obj["sig"], tq=tq)

@@ -35,13 +35,14 @@ class SimMeter:
     t: int = field(default_factory=lambda: (int(time.time()) // 900 - 4000) * 900)
     sent: list[Reading] = field(default_factory=list)
     dt: int = 900  # interval length; a longer one simulates long periods with few readings
+    tq: str | None = None  # time quality its readings carry (wire extension); None: plain v1
 
     def next(self, wh: int = 100, band: int = 0) -> Reading:
         self.seq += 1
         self.t += self.dt
         c = encrypt_raw(self.n, pack_slots({2 * band: wh}))
         r = make_reading(meter=self.key.meter, seq=self.seq, t=self.t, dt=self.dt, prev=self.prev, kid=kid_of(self.n),
-                         c=c, sign=self.key.sign)
+                         c=c, sign=self.key.sign, tq=self.tq)
         self.prev = r.hash
         self.sent.append(r)
         return r

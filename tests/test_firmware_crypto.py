@@ -53,37 +53,53 @@ def test_comb_base_multiplication_matches_double_and_add(mp_source, tmp_path):
         assert comb == plain
 
 
-def test_reading_vectors_in_micropython(mp_source):
-    """Firmware rebuilds each wire-v1 vector byte for byte: plaintext, ciphertext, signed bytes, signature, hash."""
+@pytest.mark.parametrize("form", ["readings", "readings_tq"])
+def test_reading_vectors_in_micropython(mp_source, form):
+    """Firmware rebuilds each wire-v1 vector byte for byte, plain and with the time-quality
+    line: plaintext, ciphertext, signed bytes, signature, hash, payload."""
     got = mp_source.run_json(MP_SCRIPTS / "mp_reading_vectors.py", VECTORS / "readings_v1.json")
     assert got["kid"] == READINGS["paillier"]["kid"]
     assert got["public"] == READINGS["meter_key"]["public"]
-    for g, v in zip(got["readings"], READINGS["readings"], strict=True):
+    for g, v in zip(got[form], READINGS[form], strict=True):
         assert (g["m"], g["c"], g["signed_bytes"], g["hash"]) == (v["m"], v["c"], v["signed_bytes"], v["hash"])
         assert g["hash_check"] == v["hash"]
         assert g["payload"] == v["payload"]
 
 
-def test_reading_vectors_in_cpython():
-    """CPython rebuilds each wire-v1 vector and parses its payload back to the same reading."""
+@pytest.mark.parametrize("form", ["readings", "readings_tq"])
+def test_reading_vectors_in_cpython(form):
+    """CPython rebuilds each wire-v1 vector (plain, and with tq) and parses its payload back
+    to the same reading; its canonical JSON is the payload's."""
     key = MeterKey("vec-meter_1", bytes.fromhex(READINGS["meter_key"]["seed"]))
     assert key.public_hex == READINGS["meter_key"]["public"]
     assert kid_of(N) == READINGS["paillier"]["kid"]
-    for v in READINGS["readings"]:
+    for v in READINGS[form]:
         m = pack_slots({int(k): x for k, x in v["slots"].items()})
         assert format(m, "x") == v["m"]
         c = encrypt_raw(N, m, int(v["r"], 16))
         rd = make_reading(meter=v["meter"], seq=v["seq"], t=v["t"], dt=v["dt"], prev=v["prev"], kid=v["kid"],
-                          c=c, sign=key.sign)
+                          c=c, sign=key.sign, tq=v.get("tq"))
         assert (rd.c, rd.signed_bytes.decode(), rd.sig, rd.hash) == (v["c"], v["signed_bytes"], v["sig"], v["hash"])
         assert parse_reading(json.dumps(v["payload"]).encode()) == rd
+        assert rd.to_json() == json.dumps(v["payload"], separators=(",", ":")).encode()
         assert PRIV.raw_decrypt(int(v["c"], 16)) == m
 
 
-def test_vectors_chain_by_prev_hash():
+def test_time_quality_is_one_signed_line_after_the_v1_bytes():
+    """Each tq vector's signed bytes are the v1 signed bytes of the same fields plus one line
+    "tq=<value>", so a plain reading and a tq reading never share signed bytes (8 lines vs 9)."""
+    for v in READINGS["readings_tq"]:
+        v1 = "\n".join(["gl-reading-v1", v["meter"], str(v["seq"]), str(v["t"]), str(v["dt"]), v["prev"], v["kid"],
+                        v["c"]])
+        assert v["signed_bytes"] == v1 + "\ntq=" + v["tq"]
+    assert {v["tq"] for v in READINGS["readings_tq"]} == {"ntp", "rtc", "host", "unsynced"}
+
+
+@pytest.mark.parametrize("form", ["readings", "readings_tq"])
+def test_vectors_chain_by_prev_hash(form):
     """Each vector's prev is the hash of the one before; the first is 64 zeros."""
     prev = "0" * 64
-    for v in READINGS["readings"]:
+    for v in READINGS[form]:
         assert v["prev"] == prev
         prev = v["hash"]
 

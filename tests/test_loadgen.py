@@ -44,12 +44,14 @@ def wait_until(pred, timeout: float, what: str) -> None:
 
 # -- shared vectors: byte for byte what the firmware produces --------------------
 
-def test_loadmeter_rebuilds_every_wire_v1_vector():
-    """Given each vector's key, slots, r^n, t and dt, LoadMeter chains to its seq and prev and
-    produces its ciphertext, signed bytes, signature, hash and payload bytes exactly."""
+@pytest.mark.parametrize("form", ["readings", "readings_tq"])
+def test_loadmeter_rebuilds_every_wire_v1_vector(form):
+    """Given each vector's key, slots, r^n, t, dt (and time quality), LoadMeter chains to its
+    seq and prev and produces its ciphertext, signed bytes, signature, hash and payload bytes exactly."""
     meter = LoadMeter(MeterKey("vec-meter_1", bytes.fromhex(READINGS["meter_key"]["seed"])), PUB)
     assert meter.kid == READINGS["paillier"]["kid"]
-    for v in READINGS["readings"]:
+    for v in READINGS[form]:
+        meter.tq = v.get("tq")
         m = pack_slots({int(k): x for k, x in v["slots"].items()})
         rd = meter.reading(m, pow(int(v["r"], 16), N, N * N), t=v["t"], dt=v["dt"])
         assert (rd.meter, rd.seq, rd.prev, rd.kid) == (v["meter"], v["seq"], v["prev"], v["kid"])

@@ -59,6 +59,28 @@ def test_parse_accepts_extra_fields_from_later_versions():
     assert parse_reading(json.dumps(body).encode()).seq == 1
 
 
+@pytest.mark.parametrize("tq", wire.TIME_QUALITIES)
+def test_parse_takes_each_time_quality_into_the_signed_bytes(tq):
+    """A present tq is parsed, ends the signed bytes as one more line, changes the hash, and
+    comes back in canonical JSON between c and sig; without it nothing of v1 changes."""
+    plain = SimMeter(MeterKey("m1", bytes(32))).next()
+    r = parse_reading(json.dumps(json.loads(plain.to_json()) | {"tq": tq}).encode())
+    assert r.tq == tq and plain.tq is None
+    assert r.signed_bytes == plain.signed_bytes + b"\ntq=" + tq.encode() and r.hash != plain.hash
+    assert r.to_json() == plain.to_json().replace(b',"sig"', f',"tq":"{tq}","sig"'.encode())
+    assert parse_reading(r.to_json()) == r and wire.well_formed(r)
+
+
+@pytest.mark.parametrize("value,reason", [("gps", "bad_value"), ("NTP", "bad_value"), ("", "bad_value"),
+                                          (None, "bad_type"), (1, "bad_type"), (["ntp"], "bad_type")])
+def test_parse_refuses_an_unknown_time_quality(value, reason):
+    """tq, when present, is one of ntp, rtc, host, unsynced: anything else (null included) is refused."""
+    body = good_body() | {"tq": value}
+    with pytest.raises(Rejected) as exc:
+        parse_reading(json.dumps(body).encode())
+    assert exc.value.reason == reason and "tq" in exc.value.detail
+
+
 @pytest.mark.parametrize("field,value,reason", [
     ("meter", "bad meter!", "bad_value"), ("meter", "x" * 33, "bad_value"), ("dt", 0, "bad_value"),
     ("t", -1, "bad_value"), ("prev", "0" * 63, "bad_value"), ("kid", "zz" * 8, "bad_value"),
@@ -96,8 +118,9 @@ def test_parse_takes_only_plain_utf8_json(payload):
 _VALUES = st.one_of(
     st.none(), st.booleans(), st.integers(-2, 3), st.integers(), st.floats(allow_nan=False),
     st.text(max_size=4), st.text(alphabet="0123456789abcdefABCDEF_-\n\"\\\x00\x7fé", max_size=140),
-    st.sampled_from(["a" * 64, "A" * 64, "a" * 63, "0" * 16, "g" * 16, "1" * 4096, "1" * 4097, "0f", "\ud800"]))
-_FIELDS = ("v", "meter", "seq", "t", "dt", "prev", "kid", "c", "sig")
+    st.sampled_from(["a" * 64, "A" * 64, "a" * 63, "0" * 16, "g" * 16, "1" * 4096, "1" * 4097, "0f", "\ud800"]),
+    st.sampled_from(wire.TIME_QUALITIES))
+_FIELDS = ("v", "meter", "seq", "t", "dt", "prev", "kid", "c", "sig", "tq")
 _GOOD = good_body()  # one encryption, not one per example
 _PROPS = settings(max_examples=600, deadline=None, derandomize=True, database=None,
                   suppress_health_check=[HealthCheck.too_slow])
@@ -106,7 +129,7 @@ _PROPS = settings(max_examples=600, deadline=None, derandomize=True, database=No
 def _reading_or_none(fields: dict) -> Reading | None:
     """A Reading of any field values its signed bytes can be made of (ASCII text)."""
     try:
-        return Reading(**{k: fields[k] for k in _FIELDS})
+        return Reading(**{k: fields[k] for k in _FIELDS if k in fields})
     except (TypeError, UnicodeEncodeError):
         return None
 
@@ -130,7 +153,9 @@ def test_one_pass_check_accepts_exactly_what_the_field_checks_accept(changes, dr
 def test_to_json_is_json_dumps_for_any_field_values(changes):
     r = _reading_or_none(_GOOD | changes)
     assume(r is not None)
-    fields = {k: getattr(r, k) for k in _FIELDS}
+    fields = {k: getattr(r, k) for k in _FIELDS if k != "tq" or r.tq is not None}
+    if "tq" in fields:  # canonical order: tq between c and sig
+        fields = {k: fields[k] for k in (*_FIELDS[:-2], "tq", "sig")}
     try:
         expected = json.dumps(fields, separators=(",", ":")).encode()
     except ValueError as exc:  # an int beyond the str conversion limit: the same error either way

@@ -1,6 +1,6 @@
 # Under MicroPython: a meter's state (meterstate.MeterState) driven by a JSON
 # job (argv[1]) from tests/test_meter_ckpt.py. Applies job["ops"] in order:
-#   {"op": "commit", "ckpt": [imp, exp] | null, "imp": Wh, "exp": Wh}
+#   {"op": "commit", "ckpt": [imp, exp] | null, "imp": Wh, "exp": Wh, "tq": time quality (optional)}
 #   {"op": "skip", ...same}  (a reading a full journal cannot take)
 #   {"op": "set_register", "imp": Wh, "exp": Wh}  (a signed event; no reading)
 # An op with "crash": true has its counters write fail like a power cut right
@@ -44,7 +44,7 @@ for op in job.get("ops", []):
     seq = c.seq + 1
     h = binascii.hexlify(hashlib.sha256(b"reading %d" % seq).digest()).decode()
     ok = st.commit_reading(seq, t, 900, binascii.hexlify(c.prev).decode(), "00" * 8, bytes([seq]) * 64,
-                           1000 + seq, h, op["imp"], op["exp"], ck)
+                           1000 + seq, h, op["imp"], op["exp"], ck, op.get("tq"))
     assert ok
 out = []
 pos = st.journal.first()

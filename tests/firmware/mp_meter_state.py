@@ -13,8 +13,8 @@ j = st.journal
 out = []
 pos = j.first()
 while pos is not None:
-    is_event, payload = st.message(pos)
-    out.append({"event": is_event, "payload": payload.decode()})
+    eseq, payload = st.message(pos)
+    out.append({"event": eseq > 0, "payload": payload.decode()})
     pos = j.after(pos)
 c = st.c
 print(json.dumps({"records": out, "seq": c.seq, "t": c.t, "acked": c.acked, "import_wh": c.import_wh,
