@@ -93,15 +93,13 @@ class ValidatorNode:
         self._last_sync = 0.0
         self._sync_end = 0
         self.side = side
+        self._chain_topics = (self.topics.proposals, self.topics.certs, self.topics.blocks(voter.index))
         self._busy = False  # a chain message is being handled (its vote may not have left yet)
 
     async def run(self, stop: asyncio.Event) -> None:
         event(log, "start", validator=self.name, index=self.voter.index, chain=self.replica.chain,
               height=self.replica.height)
-        topics = (self.topics.proposals, self.topics.certs, self.topics.blocks(self.voter.index))
-        self._chain_topics = frozenset(topics)
-        if self.side is not None:
-            topics += self.side.topics
+        topics = self._chain_topics + (self.side.topics if self.side is not None else ())
 
         async def serve(client: aiomqtt.Client) -> None:
             await self._request_sync(client, force=True)  # whatever was certified while we were away

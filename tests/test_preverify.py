@@ -9,13 +9,15 @@ import pytest
 
 from aggregator.preverify import PreverifyConfig, Preverifier, VerifiedSignatures, signature_key
 from aggregator.registry import MeterEntry, Registry
+from aggregator.validator import build_node, load_validator_config
 from certlog.block import ChainError
 from gridledger.errors import ConfigError
 from gridledger.meterkeys import MeterKey
+from gridledger.testbed import write_chain
 from gridledger.wire import MAX_PAYLOAD, kid_of, readings_topic
 
 from chainkit import CHAIN, Area, make_area, replica, txs_of, validator_keys, validator_set
-from helpers import N, SimMeter
+from helpers import N, SimMeter, make_area as gateway_area
 
 
 class Clock:
@@ -183,3 +185,25 @@ async def test_the_stream_works_only_while_the_chain_side_is_idle():
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+def test_the_preverify_table_configures_or_turns_off_the_stream_side(tmp_path):
+    gateway_area(tmp_path, ["m1"], host="127.0.0.1", port=1883)
+    [cfg] = write_chain(tmp_path, area=CHAIN, host="127.0.0.1", port=1883, validators=1,
+                        paillier_public="paillier.pub.json")
+    base = cfg.read_text()
+    node, _ = build_node(load_validator_config(cfg))
+    assert node.side.topics == (f"gl/v1/{CHAIN}/meters/+/readings",) and node.replica.app.verified is node.side.cache
+    node.replica.store.conn.close()
+    cfg.write_text(base + "\n[preverify]\ncache = 5\nslice_ms = 1.0\n")
+    node, _ = build_node(load_validator_config(cfg))
+    assert node.side.cache.capacity == 5 and node.side.cfg.slice_ms == 1.0
+    node.replica.store.conn.close()
+    cfg.write_text(base + "\n[preverify]\nenabled = false\n")
+    node, _ = build_node(load_validator_config(cfg))
+    assert node.side is None and node.replica.app.verified is None
+    node.replica.store.conn.close()
+    for bad in ("chache = 5", "queue = 0", "max_age_s = -1"):
+        cfg.write_text(base + f"\n[preverify]\n{bad}\n")
+        with pytest.raises(ConfigError):
+            load_validator_config(cfg)
