@@ -12,7 +12,9 @@ A reading transaction is the reading's canonical JSON (`Reading.to_json`); an
 alert is canonical JSON with an "alert" field. Everything is recomputed from the
 transactions alone: signatures, registry membership, key id, ciphertext range,
 seq and prev continuity, time order, roots and totals. The header carries the
-block's encrypted area total and its counts.
+block's encrypted area total and its counts. A validator may pass `verified`,
+the signatures it already checked on the reading stream (`aggregator.preverify`):
+a reading found there skips only its Ed25519 verify.
 
 Meter replacement: when a registered meter of the account starts a fresh chain
 (seq 1, prev all zeros), the account follows it; count and total continue.
@@ -44,6 +46,7 @@ from gridledger.wire import ZERO_HASH, Reading, parse_reading, well_formed
 
 from coordinator.registryapp import RegistryHistory, RegistryView
 
+from .preverify import VerifiedSignatures, signature_key
 from .registry import Registry
 
 __all__ = ["AreaApp", "AccountState", "account_key", "equivocation_alert", "registry_digest",
@@ -114,8 +117,10 @@ class AreaApp:
     name = "area"
     genesis_root = GENESIS_ROOT
 
-    def __init__(self, area: str, registry: Registry | RegistryHistory, paillier: PublicKey):
+    def __init__(self, area: str, registry: Registry | RegistryHistory, paillier: PublicKey, *,
+                 verified: VerifiedSignatures | None = None):
         self.area = area
+        self.verified = verified  # signatures a validator checked on the reading stream
         self.registry = registry
         self.paillier = paillier
         self.chained = isinstance(registry, RegistryHistory)
@@ -157,7 +162,7 @@ class AreaApp:
                     r = self._parse(i, tx)
                 c = self._ciphertext(i, r, reg)
                 units.add(i, c)
-                if not trusted and not reg.verify(r.meter, r.signed_bytes, bytes.fromhex(r.sig)):
+                if not trusted and not self._signature_ok(reg, r):
                     raise InvalidBlock("tx_bad_signature", f"{r.meter} seq {r.seq}", index=i)
                 account = reg.get(r.meter).account
                 st = accounts.get(account)
@@ -187,6 +192,14 @@ class AreaApp:
         return Outcome(trie.commit().hex(), {
             "area": self.area, "kid": self._kid, **fields,
             "readings": readings, "alerts": alerts, "total": format(int(block_total), "x")})
+
+    def _signature_ok(self, reg: Registry | RegistryView, r: Reading) -> bool:
+        def verify() -> bool:
+            return reg.verify(r.meter, r.signed_bytes, bytes.fromhex(r.sig))
+        if self.verified is None:
+            return verify()
+        # The key binds the public key this block's registry view names (r.meter is in it).
+        return self.verified.check(signature_key(reg.get(r.meter).public_key, r.hash, r.sig), verify)
 
     def registry_ref(self, trie: Trie) -> tuple[int, str]:
         """The registry height and header hash the state at `trie` judges membership by."""

@@ -1,7 +1,8 @@
 """The validator role for area chains: `gridledger validator run --config FILE`.
 
 Everything area-specific is here (the app and what it reads: registry, Paillier
-public key); the engine's `ValidatorNode` does the rest.
+public key, and with `[preverify]` the area's reading stream, whose signatures
+it checks before a proposal carries them); the engine's `ValidatorNode` does the rest.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from coordinator.registry import RegistryChainSettings, registry_node
 
 from .areaapp import AreaApp
 from .pchain import PChainSettings, pchain_node
+from .preverify import Preverifier, PreverifyConfig, VerifiedSignatures
 from .registry import load_registry
 
 __all__ = ["ValidatorSettings", "ValidatorConfig", "ValidatorRole", "load_validator_config", "build_node"]
@@ -49,6 +51,7 @@ class ValidatorConfig:
     registry_chain: RegistryChainSettings | None = None
     p_chain: PChainSettings | None = None
     r_chain: PChainSettings | None = None
+    preverify: PreverifyConfig = field(default_factory=PreverifyConfig)
 
 
 def load_validator_config(path: Path) -> ValidatorConfig:
@@ -63,7 +66,8 @@ def load_validator_config(path: Path) -> ValidatorConfig:
         raise ConfigError(f"{path}: give either [validator] registry (a file) or a [registry_chain] table")
     return ValidatorConfig(v, mqtt_section(doc, path), section(MetricsConfig, doc, "metrics"),
                            registry_chain, PChainSettings.from_doc(doc, path.parent),
-                           PChainSettings.from_doc(doc, path.parent, "r_chain"))
+                           PChainSettings.from_doc(doc, path.parent, "r_chain"),
+                           section(PreverifyConfig, doc, "preverify"))
 
 
 class ValidatorRole:
@@ -86,15 +90,33 @@ class ValidatorRole:
 
     def metrics(self) -> list[Snapshot]:
         n = self.node
-        return [Snapshot("gridledger_validator_height", "last certified height applied", "gauge", (),
-                         {(): n.replica.height}),
-                Snapshot("gridledger_validator_events", "votes, syncs and refusals by reason", "counter",
-                         ("event",), {(k,): v for k, v in n.counts.items()})]
+        out = [Snapshot("gridledger_validator_height", "last certified height applied", "gauge", (),
+                        {(): n.replica.height}),
+               Snapshot("gridledger_validator_events", "votes, syncs and refusals by reason", "counter",
+                        ("event",), {(k,): v for k, v in dict(n.counts).items()})]
+        pre = n.side
+        if isinstance(pre, Preverifier):
+            c = pre.cache
+            out += [Snapshot("gridledger_validator_signature_cache", "block checks of a reading's signature: "
+                             "hit (verified on the stream) or miss (verified then)", "counter", ("result",),
+                             {("hit",): c.hits, ("miss",): c.misses}),
+                    Snapshot("gridledger_validator_signature_cache_entries", "verified signatures kept", "gauge",
+                             (), {(): len(c)}),
+                    Snapshot("gridledger_validator_preverify", "stream readings: verified, known (already "
+                             "cached) or dropped by reason", "counter", ("outcome",),
+                             {(k,): v for k, v in dict(pre.counts).items()}),
+                    Snapshot("gridledger_validator_preverify_queue", "stream readings waiting", "gauge", (),
+                             {(): len(pre)})]
+        return out
 
     async def run(self, stop: asyncio.Event) -> None:
         serve_metrics(self.cfg.metrics, self.metrics)
         extra = [n for n in (self.registry_node, self.p_node, self.r_node) if n is not None]
-        await asyncio.gather(self.node.run(stop), *(n.run(stop) for n in extra))
+        try:
+            await asyncio.gather(self.node.run(stop), *(n.run(stop) for n in extra))
+        finally:
+            if isinstance(self.node.side, Preverifier):
+                self.node.side.status(force=True)
 
 
 def build_node(cfg: ValidatorConfig) -> tuple[ValidatorNode, ValidatorNode | Follower | None]:
@@ -105,9 +127,14 @@ def build_node(cfg: ValidatorConfig) -> tuple[ValidatorNode, ValidatorNode | Fol
         reg_node, registry = registry_node(cfg.registry_chain, cfg.mqtt, s.name, s.secret_key)
     else:
         registry = load_registry(s.registry)
-    app = AreaApp(s.area, registry, load_public(s.paillier_public))
+    paillier = load_public(s.paillier_public)
+    pre = None
+    if cfg.preverify.enabled:
+        current = (lambda: registry.view(s.area)) if cfg.registry_chain is not None else (lambda: registry)
+        pre = Preverifier(s.area, current, paillier.kid, VerifiedSignatures(cfg.preverify.cache), cfg.preverify)
+    app = AreaApp(s.area, registry, paillier, verified=None if pre is None else pre.cache)
     replica = Replica(s.area, app, ChainStore(connect(s.database)), vset)
     voter = Voter(replica, vset.index(s.name), read_secret_key(s.secret_key))
-    return ValidatorNode(voter, cfg.mqtt, name=s.name), reg_node
+    return ValidatorNode(voter, cfg.mqtt, name=s.name, side=pre), reg_node
 
 

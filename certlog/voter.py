@@ -7,7 +7,10 @@ between promise and signature loses nothing: asked again, the validator signs
 the same hash; asked for any other header at that height, it refuses forever.
 
 `ValidatorNode` moves the bytes over MQTT: proposals in, votes out, certificates
-in, and catch-up from the proposer when it has fallen behind.
+in, and catch-up from the proposer when it has fallen behind. An app may add
+`SideWork`: topics of its own whose messages it handles on the node's idle time
+(the area app checks meter signatures on the reading stream before a block
+carries them); the chain's own messages always come first.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import asyncio
 import logging
 import time
 from collections import Counter
+from typing import Callable, Protocol
 
 import aiomqtt
 
@@ -28,7 +32,7 @@ from .block import ChainError, Header, Vote, canonical, cert_message
 from .net import SYNC_BATCH, BlockMsg, Topics, decode_block
 from .replica import Replica
 
-__all__ = ["Voter", "ValidatorNode"]
+__all__ = ["Voter", "ValidatorNode", "SideWork"]
 
 log = logging.getLogger("gridledger.chain.validator")
 
@@ -64,8 +68,20 @@ class Voter:
         return Vote(header.chain, header.height, header.hash, self.index, bls.Sign(self._sk, msg))
 
 
+class SideWork(Protocol):
+    """Messages beside the chain's, for work that can be done ahead of a proposal.
+    Nothing received this way is a vote or changes state."""
+    topics: tuple[str, ...]
+
+    def offer(self, topic: str, payload: bytes) -> None:
+        """Take a message on one of `topics`; must return at once (queue it)."""
+
+    async def work(self, idle: Callable[[], bool]) -> None:
+        """Run while connected; do a short slice of work only while `idle()`."""
+
+
 class ValidatorNode:
-    def __init__(self, voter: Voter, mqtt: MqttConfig, *, name: str):
+    def __init__(self, voter: Voter, mqtt: MqttConfig, *, name: str, side: SideWork | None = None):
         self.voter = voter
         self.replica = voter.replica
         self.mqtt = mqtt
@@ -76,11 +92,14 @@ class ValidatorNode:
         self._stash: BlockMsg | None = None       # a proposal from beyond our head
         self._last_sync = 0.0
         self._sync_end = 0
+        self.side = side
+        self._chain_topics = (self.topics.proposals, self.topics.certs, self.topics.blocks(voter.index))
+        self._busy = False  # a chain message is being handled (its vote may not have left yet)
 
     async def run(self, stop: asyncio.Event) -> None:
         event(log, "start", validator=self.name, index=self.voter.index, chain=self.replica.chain,
               height=self.replica.height)
-        topics = (self.topics.proposals, self.topics.certs, self.topics.blocks(self.voter.index))
+        topics = self._chain_topics + (self.side.topics if self.side is not None else ())
 
         async def serve(client: aiomqtt.Client) -> None:
             await self._request_sync(client, force=True)  # whatever was certified while we were away
@@ -96,9 +115,21 @@ class ValidatorNode:
         async def consume() -> None:
             async for msg in client.messages:
                 payload = msg.payload if isinstance(msg.payload, (bytes, bytearray)) else b""
-                await self.handle(client, msg.topic.value, bytes(payload))
+                topic = msg.topic.value
+                if self.side is not None and topic not in self._chain_topics:
+                    self.side.offer(topic, bytes(payload))
+                    continue
+                self._busy = True
+                try:
+                    await self.handle(client, topic, bytes(payload))
+                finally:
+                    self._busy = False
 
-        await until_stopped(stop, consume())
+        def idle() -> bool:  # nothing of the chain's in hand or waiting in the client's queue
+            return not self._busy and len(client.messages) == 0
+
+        side = () if self.side is None else (self.side.work(idle),)
+        await until_stopped(stop, consume(), *side)
 
     async def handle(self, client: aiomqtt.Client, topic: str, payload: bytes) -> None:
         try:

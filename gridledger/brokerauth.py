@@ -30,12 +30,13 @@ from pathlib import Path
 from .errors import GridledgerError
 from .wire import METER_ID_RE
 
-__all__ = ["ROLES", "AREA_ROLES", "BrokerAuthError", "Account", "Members", "hash_password", "check_password",
+__all__ = ["ROLES", "AREA_ROLES", "AREA_OPTIONAL", "BrokerAuthError", "Account", "Members", "hash_password", "check_password",
            "new_password", "read_accounts", "read_password_file", "add_credentials", "load_members",
            "role_topics", "meter_topics", "render_acl", "write_acl"]
 
 ROLES = ("meter", "gateway", "validator", "storage", "verifier", "trustee", "coordinator", "registry", "technician")
 AREA_ROLES = ("gateway", "storage", "verifier")  # accounts bound to one area (its chain id)
+AREA_OPTIONAL = ("validator",)  # may be bound to one area: then it reads only that area's readings
 ACCOUNTS, PASSWD, ACL = "accounts.toml", "passwd", "acl"
 
 # Mosquitto 2's `$7$` hash: PBKDF2-HMAC-SHA512, 12-byte salt, 64-byte key. The work
@@ -93,7 +94,7 @@ class Account:
             raise BrokerAuthError("bad_id", f"account id {self.id!r} must match [A-Za-z0-9_-]{{1,32}}")
         if self.role not in ROLES:
             raise BrokerAuthError("bad_role", f"{self.id}: role {self.role!r} is not one of {', '.join(ROLES)}")
-        if (self.role in AREA_ROLES) != bool(self.area):
+        if self.role not in AREA_OPTIONAL and (self.role in AREA_ROLES) != bool(self.area):
             need = "needs --area" if self.role in AREA_ROLES else "takes no area"
             raise BrokerAuthError("bad_area", f"{self.id}: a {self.role} account {need}")
         if self.area and not METER_ID_RE.match(self.area):
@@ -270,10 +271,12 @@ def role_topics(a: Account, registry_chain: str = "registry") -> list[tuple[str,
         # gateway's config, also publishes wired meters' readings), its area chain, the registry.
         return ([("readwrite", f"gl/v1/{a.area}/meters/#")] + _proposer(a.area) + _follower(registry_chain))
     if a.role == "validator":
-        # Votes on every chain of the consortium: area, registry, P and R chains.
+        # Votes on every chain of the consortium: area, registry, P and R chains. Reads
+        # meters' readings (only those: no acks, alerts or health) to check their
+        # signatures before a proposal carries them; of its area only, if it has one.
         return [("read", "gl/v1/chains/+/proposals"), ("read", "gl/v1/chains/+/certs"),
                 ("read", "gl/v1/chains/+/blocks/+"), ("write", "gl/v1/chains/+/votes"),
-                ("write", "gl/v1/chains/+/sync")]
+                ("write", "gl/v1/chains/+/sync"), ("read", f"gl/v1/{a.area or '+'}/meters/+/readings")]
     if a.role == "storage":
         s = f"gl/v1/storage/{a.area}/"
         return (_follower(a.area) + [("read", s + f"{a.id}/{t}") for t in ("req", "resp", "store")]

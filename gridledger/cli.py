@@ -774,7 +774,8 @@ def build_parser() -> argparse.ArgumentParser:
                 "in the Mosquitto password file", _cmd_broker_credentials_add)
     sp.add_argument("--id", required=True, help="account (MQTT user name): the meter or node id")
     sp.add_argument("--role", required=True, choices=list(ROLE_CHOICES))
-    sp.add_argument("--area", help="the area a gateway, storage node or verifier serves")
+    sp.add_argument("--area", help="the area a gateway, storage node or verifier serves; for a validator, "
+                    "optional: the only area whose meter readings it may read")
     sp.add_argument("--out", required=True, help="folder of passwd and accounts.toml")
     sp.add_argument("--rotate", action="store_true", help="replace an existing account's password")
     sp = action(bk, "broker", "acl", "write the Mosquitto ACL from the registry and the accounts", _cmd_broker_acl)

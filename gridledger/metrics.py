@@ -7,6 +7,7 @@ between scrapes. Enable with a `[metrics]` table: `port = 9108` (and `host`).
 
 from __future__ import annotations
 
+import urllib.request
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
@@ -14,7 +15,7 @@ from prometheus_client import start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector, CollectorRegistry
 
-__all__ = ["MetricsConfig", "Snapshot", "SnapshotCollector", "serve"]
+__all__ = ["MetricsConfig", "Snapshot", "SnapshotCollector", "serve", "scrape"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -54,3 +55,9 @@ def serve(cfg: MetricsConfig, snapshot: Callable[[], Iterable[Snapshot]]):
     registry.register(SnapshotCollector(snapshot))
     server, _thread = start_http_server(cfg.port, cfg.host, registry=registry)
     return server
+
+
+def scrape(port: int, host: str = "127.0.0.1", timeout: float = 5) -> dict[str, float]:
+    """A role's /metrics read back as {'name{labels}': value} (tests, benches)."""
+    text = urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=timeout).read().decode()
+    return {k: float(v) for k, v in (ln.rsplit(" ", 1) for ln in text.splitlines() if ln and ln[0] != "#")}

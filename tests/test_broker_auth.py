@@ -40,7 +40,7 @@ from gridledger.testbed import (chain_height, gateway_process, registry_process,
 from gridledger.wire import ack_topic, kid_of, nack_topic, readings_topic
 
 from chainkit import certify, validator_keys, validator_set
-from helpers import N, SimMeter, make_area, meter_keys, wait_until
+from helpers import N, SimMeter, log_events, make_area, meter_keys, wait_until
 
 AREA = "area1"
 NOW = 1_790_000_000
@@ -254,7 +254,7 @@ async def test_the_registry_chain_runs_under_the_acl_and_a_technician_enrolls_ov
                          paillier_public="paillier.pub.json", registry_chain=True)
     setup = write_registry_chain(tmp_path, host="127.0.0.1", port=secure.local)
     for ident, role, cfg in (("registry", "registry", setup.config), ("v0", "validator", vcfg)):
-        secure.passwords[ident] = secure.add(ident, role)
+        secure.passwords[ident] = secure.add(ident, role, *(("--area", AREA) if role == "validator" else ()))
         cfg.write_text(cfg.read_text().replace("[mqtt]\n", f'[mqtt]\nusername = "{ident}"\n'
                                                           f'password = "{secure.passwords[ident]}"\n'))
     for ident in ("ops", "tech1"):
@@ -283,6 +283,19 @@ async def test_the_registry_chain_runs_under_the_acl_and_a_technician_enrolls_ov
         await asyncio.to_thread(wait_until, lambda: chain_height(tmp_path / "validators" / "v0-registry.db") >= 2,
                                 30, "v0's registry replica")
         assert load_members(vcfg).meters == {"m1": AREA}
+        # v0 (an account of AREA) reads the area's readings: m1's first one, published once the
+        # regenerated ACL lets m1 in, is checked on the stream against the registry chain's key.
+        secure.regenerate_acl()
+        secure.reload()
+        reading = SimMeter(secure.keys["m1"]).next().to_json()
+
+        def preverified() -> bool:
+            return any(e["ev"] == "preverify" and e.get("verified") == 1 for e in log_events(tmp_path / "v0.log"))
+        async with secure.client("m1") as m1:
+            async with asyncio.timeout(30):
+                while not preverified():  # resent until the reloaded ACL lets it through
+                    await m1.publish(readings_topic(AREA, "m1"), reading, qos=1)
+                    await asyncio.sleep(1.0)
     finally:
         for p in procs:
             p.send_signal(signal.SIGTERM)
@@ -388,7 +401,8 @@ def test_credentials_keep_only_hashes_in_private_files(tmp_path):
                          (["--id", "nobody", "--role", "meter", "--rotate"], "no_such_account"),
                          (["--id", "bad/id", "--role", "meter"], "bad_id"),
                          (["--id", "s1", "--role", "storage"], "bad_area"),
-                         (["--id", "t1", "--role", "trustee", "--area", "area1"], "bad_area")]:
+                         (["--id", "t1", "--role", "trustee", "--area", "area1"], "bad_area"),
+                         (["--id", "v2", "--role", "validator", "--area", "bad/area"], "bad_area")]:
         res = gl("broker", "credentials", "add", "--out", str(tmp_path), *args)
         assert res.returncode == 2 and f"error: {reason}:" in res.stderr, (args, res.stderr)
 
@@ -405,8 +419,8 @@ def test_each_role_gets_the_topics_its_code_uses_and_no_other():
     uses = {
         "gateway": ([readings_topic(AREA, "m7")], [ack_topic(AREA, "m7"), nack_topic(AREA, "m7"), a.proposals,
                     a.certs, a.blocks(2), reg.sync]),
-        "validator": ([a.proposals, a.certs, a.blocks(0), reg.proposals, p.proposals, r.certs], [a.votes, reg.votes,
-                      p.sync]),
+        "validator": ([a.proposals, a.certs, a.blocks(0), reg.proposals, p.proposals, r.certs, readings_topic(AREA, "m7")],
+                      [a.votes, reg.votes, p.sync]),
         "storage": ([a.certs, a.blocks("s1"), st.requests("s1"), st.responses("s1"), st.store("s1"), st.alive("s2")],
                     [a.sync, st.alive("s1"), st.receipts, st.requests("s2"), st.responses("s2")]),
         "verifier": ([a.certs, st.receipts, st.responses("ver"), st.alive("s1"), p.votes, r.sync],
@@ -426,10 +440,11 @@ def test_each_role_gets_the_topics_its_code_uses_and_no_other():
         assert all(_allowed(acl, "read", t) for t in reads), (role, [t for t in reads if not _allowed(acl, "read", t)])
         assert all(_allowed(acl, "write", t) for t in writes), (role, [t for t in writes
                                                                       if not _allowed(acl, "write", t)])
-        # Nobody but the gateway writes acks or reads readings; nobody but a validator votes;
-        # nobody but the registry role answers submissions; no role reaches another area.
+        # Nobody but the gateway writes acks; only it and validators read readings; nobody but
+        # a validator votes; nobody but the registry role answers submissions; no role writes
+        # in another area.
         assert _allowed(acl, "write", ack_topic(AREA, "m7")) == (role == "gateway")
-        assert _allowed(acl, "read", readings_topic(AREA, "m7")) == (role == "gateway")
+        assert _allowed(acl, "read", readings_topic(AREA, "m7")) == (role in ("gateway", "validator"))
         assert _allowed(acl, "write", a.votes) == (role == "validator")
         assert _allowed(acl, "write", "gl/v1/chains/registry/results/x") == (role == "registry")
         assert not _allowed(acl, "write", readings_topic("area2", "m7"))
@@ -437,6 +452,20 @@ def test_each_role_gets_the_topics_its_code_uses_and_no_other():
     meter = meter_topics("m1", AREA)
     assert _allowed(meter, "write", readings_topic(AREA, "m1")) and _allowed(meter, "read", ack_topic(AREA, "m1"))
     assert not _allowed(meter, "read", readings_topic(AREA, "m1")) and not _allowed(meter, "write", ack_topic(AREA, "m1"))
+
+
+def test_a_validator_reads_only_meter_readings_and_with_an_area_only_that_area_s():
+    """Pre-verification needs the readings and nothing else of the meters' topics."""
+    for area, other_area_readable in (("", True), (AREA, False)):
+        acl = role_topics(Account("v0", "validator", area))
+        assert _allowed(acl, "read", readings_topic(AREA, "m7"))
+        assert _allowed(acl, "read", readings_topic("area2", "m7")) == other_area_readable
+        for topic in (ack_topic(AREA, "m7"), nack_topic(AREA, "m7"), f"gl/v1/{AREA}/meters/m7/alerts",
+                      f"gl/v1/{AREA}/meters/m7/health", f"gl/v1/{AREA}/meters/m7/events"):
+            assert not _allowed(acl, "read", topic) and not _allowed(acl, "write", topic), topic
+        assert not _allowed(acl, "write", readings_topic(AREA, "m7"))
+    text = render_acl([Account("v0", "validator", AREA)], Members({}))
+    assert f"topic read gl/v1/{AREA}/meters/+/readings\n" in text
 
 
 def test_the_acl_follows_the_registry():

@@ -2,24 +2,13 @@
 
 from __future__ import annotations
 
-import urllib.request
-
 from gridledger.broker import free_port
+from gridledger.metrics import scrape as scrape_metrics
 from gridledger.wire import ack_topic, readings_topic
 
 from chainkit import CHAIN, ChainBed
 from conftest import MqttProbe
 from helpers import wait_until
-
-
-def _scrape(port: int) -> dict[str, float]:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    out = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, value = line.rsplit(" ", 1)
-            out[name] = float(value)
-    return out
 
 
 async def test_gateway_and_validator_export_ingest_and_chain_metrics(tmp_path, broker):
@@ -41,7 +30,7 @@ async def test_gateway_and_validator_export_ingest_and_chain_metrics(tmp_path, b
             for m in bed.sims:
                 await probe.expect(ack_topic(CHAIN, m), lambda b: b["seq"] == 3, timeout=30)
         g = wait_until(lambda: (lambda s: s if s.get("gridledger_chain_height") and
-                                s.get("gridledger_chain_uncertified") == 0 else None)(_scrape(gw_port)),
+                                s.get("gridledger_chain_uncertified") == 0 else None)(scrape_metrics(gw_port)),
                        30, "the chain metrics to show certified blocks")
         assert g['gridledger_ingest_readings_total{result="accept"}'] == 6
         assert g['gridledger_ingest_readings_total{result="duplicate"}'] == 1
@@ -50,7 +39,7 @@ async def test_gateway_and_validator_export_ingest_and_chain_metrics(tmp_path, b
         assert g['gridledger_chain_events_total{event="certified"}'] == g["gridledger_chain_height"] >= 2
         assert g["gridledger_chain_cert_latency_seconds"] > 0
         v = wait_until(lambda: (lambda s: s if s["gridledger_validator_height"] == g["gridledger_chain_height"]
-                                else None)(_scrape(v_port)), 30, "v0's height")
+                                else None)(scrape_metrics(v_port)), 30, "v0's height")
         assert v['gridledger_validator_events_total{event="voted"}'] >= g["gridledger_chain_height"]
     finally:
         bed.cleanup()
