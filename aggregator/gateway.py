@@ -40,8 +40,8 @@ import aiomqtt
 from gridledger.config import MqttConfig, mqtt_section, read_toml, section
 from gridledger.errors import ConfigError
 from gridledger.logs import event
-from gridledger.mqtt import RECONNECT_MAX_S, keep_connected
-from gridledger.mqttlink import Link, LinkError, open_link
+from gridledger.mqtt import keep_connected
+from gridledger.mqttlink import LinkSession
 from gridledger.metrics import MetricsConfig, Snapshot, serve as serve_metrics
 from gridledger.paillier import load_public
 from gridledger.wire import METER_ID_RE, ack_topic, nack_topic
@@ -129,6 +129,7 @@ class Gateway:
         paillier = load_public(s.paillier_public)
         self.ingest = Ingest(self.registry, paillier, self.store.heads(),
                              self.store.stored_hash, max_payload=s.max_payload)
+        self._prefix = f"gl/v1/{self.area}/meters/"
         # (topic, payload) of readings not yet checked, filled by the link's callback.
         self.inbox: deque[tuple[str, bytes]] = deque()
         # Set by the callback once the inbox holds what the batch being gathered still needs.
@@ -136,11 +137,12 @@ class Gateway:
         self._wanted = 1
         self._busy = False  # a batch is being checked, stored or acked
         self._accepting = True  # False once stopping: what arrives then is left to the meters' resends
-        self.link: Link | None = None  # the reading path's MQTT session (gridledger/mqttlink.py)
+        mqtt = cfg.mqtt  # the reading path's own MQTT session (gridledger/mqttlink.py)
+        self.readings = LinkSession(mqtt, f"{mqtt.client_id or f'gateway-{self.area}'}-readings",
+                                    f"{self._prefix}+/readings", self._on_reading, log, name="readings")
         self.batches = 0
         self.shed = 0       # readings refused for a full inbox
-        self.unsent = 0     # acks paho could not queue (not connected)
-        self._prefix = f"gl/v1/{self.area}/meters/"
+        self.unsent = 0     # acks not written: the reading link was down
         self.alerts = AlertDesk(self.registry, s.database, self.area)
         self.events = EventDesk(self.registry, s.database, self.area)
         self.chain: AreaChain | None = None
@@ -232,7 +234,7 @@ class Gateway:
     async def _ingest(self, stop: asyncio.Event) -> None:
         """The reading path until `stop`: the link (reconnecting) and the worker; then
         finish what has arrived, so those meters get their acks now."""
-        tasks = {asyncio.create_task(self._links(stop), name="links"),
+        tasks = {asyncio.create_task(self.readings.run(stop), name="links"),
                  asyncio.create_task(self._work(), name="work")}
         stopper = asyncio.create_task(stop.wait())
         try:
@@ -249,36 +251,7 @@ class Gateway:
             for t in tasks | {stopper}:
                 t.cancel()
             await asyncio.gather(*tasks, stopper, return_exceptions=True)
-            if self.link is not None:
-                await self.link.close()
-                self.link = None
-
-    async def _links(self, stop: asyncio.Event) -> None:
-        """Keep the reading link up: connect, subscribe, and on a loss reconnect with back-off."""
-        mqtt = self.cfg.mqtt
-        client_id = f"{mqtt.client_id or f'gateway-{self.area}'}-readings"
-        delay = 0.5
-        while not stop.is_set():
-            try:
-                link = await open_link(mqtt, client_id, f"{self._prefix}+/readings", self._on_reading)
-            except (OSError, LinkError, TimeoutError) as exc:
-                event(log, "mqtt_down", logging.WARNING, link="readings", error=str(exc) or type(exc).__name__,
-                      retry_s=delay)
-                try:
-                    await asyncio.wait_for(stop.wait(), delay)
-                except TimeoutError:
-                    pass
-                delay = min(delay * 2, RECONNECT_MAX_S)
-                continue
-            self.link, delay = link, 0.5
-            event(log, "mqtt_up", link="readings", host=mqtt.host, port=mqtt.port)
-            keepalive = asyncio.create_task(link.keepalive(mqtt.keepalive))
-            try:
-                await asyncio.shield(link.closed)  # a cancelled wait must not cancel the future itself
-            finally:
-                keepalive.cancel()
-            self.link = None
-            event(log, "mqtt_down", logging.WARNING, link="readings", error="connection lost", retry_s=delay)
+            await self.readings.close()
 
     def _on_reading(self, topic: str, payload: bytes) -> None:
         """The link's callback for each reading: queue it, nothing more."""
@@ -378,5 +351,4 @@ class Gateway:
         heads, area = self.ingest.heads, self.area
         out = [(ack_topic(area, m), b'{"seq": %d}' % heads[m].seq) for m in sorted(touched)]
         out += [(nack_topic(area, m), json.dumps(body).encode()) for m, body in nacks]
-        link = self.link
-        self.unsent += len(out) - (link.publish_many(out) if link is not None else 0)
+        self.unsent += len(out) - self.readings.publish_many(out)

@@ -23,14 +23,17 @@ and MQTT 5. Every refusal is a `LinkError` with the broker's reason.
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 import ssl
 import time
 from typing import Callable, Iterable
 
 from .config import MqttConfig
+from .logs import event
+from .mqtt import RECONNECT_MAX_S
 
-__all__ = ["Link", "LinkError", "open_link", "publish_frame", "MAX_PACKET"]
+__all__ = ["Link", "LinkError", "LinkSession", "open_link", "publish_frame", "MAX_PACKET"]
 
 # A packet longer than this is skipped as it streams by, never buffered whole.
 MAX_PACKET = 1 << 20
@@ -254,3 +257,53 @@ async def open_link(cfg: MqttConfig, client_id: str, topic_filter: str,
             link.transport.abort()
         raise
     return link
+
+
+class LinkSession:
+    """Keep one link up until stopped: connect, subscribe, keep it alive, and after a
+    loss reconnect with exponential back-off. `link` is the live link, or None."""
+
+    def __init__(self, cfg: MqttConfig, client_id: str, topic_filter: str, on_publish: Callable[[str, bytes], None],
+                 log: logging.Logger, *, name: str):
+        self.cfg, self.client_id, self.topic_filter = cfg, client_id, topic_filter
+        self.on_publish, self.log, self.name = on_publish, log, name
+        self.link: Link | None = None
+
+    def publish_many(self, messages: Iterable[tuple[str, bytes]]) -> int:
+        """`Link.publish_many` on the live link; 0 when there is none."""
+        return self.link.publish_many(messages) if self.link is not None else 0
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Until `stop`; the last link stays open for `close` (a stopping gateway still acks)."""
+        cfg, delay = self.cfg, 0.5
+        while not stop.is_set():
+            try:
+                link = await open_link(cfg, self.client_id, self.topic_filter, self.on_publish)
+            except (OSError, LinkError, TimeoutError) as exc:
+                event(self.log, "mqtt_down", logging.WARNING, link=self.name, error=str(exc) or type(exc).__name__,
+                      retry_s=delay)
+                try:
+                    await asyncio.wait_for(stop.wait(), delay)
+                except TimeoutError:
+                    pass
+                delay = min(delay * 2, RECONNECT_MAX_S)
+                continue
+            self.link, delay = link, 0.5
+            event(self.log, "mqtt_up", link=self.name, host=cfg.host, port=cfg.port)
+            keepalive = asyncio.create_task(link.keepalive(cfg.keepalive))
+            stopped = asyncio.create_task(stop.wait())
+            try:
+                # Shielded: a cancelled wait must not cancel the link's own future.
+                await asyncio.wait([asyncio.shield(link.closed), stopped], return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                keepalive.cancel()
+                stopped.cancel()
+            if stop.is_set():
+                return
+            self.link = None
+            event(self.log, "mqtt_down", logging.WARNING, link=self.name, error="connection lost", retry_s=delay)
+
+    async def close(self) -> None:
+        if self.link is not None:
+            await self.link.close()
+            self.link = None
