@@ -112,7 +112,7 @@ class AreaChain:
         while True:
             alerts = store.unblocked_equivocations(self.conn)[:limit]
             rowids, readings = store.unblocked(self.conn, limit - len(alerts))
-            self.uncertified = self.conn.execute("SELECT COUNT(*) FROM readings WHERE height IS NULL").fetchone()[0]
+            self.uncertified = store.unblocked_count(self.conn)
             if not readings and not alerts:
                 return None
             txs = [equivocation_alert(a, b) for _, a, b in alerts] + [r.to_json() for r in readings]

@@ -39,9 +39,7 @@ class GatewayStore:
                              "c": str, "sig": str, "hash": str, "received_at": float},
                             pk=("meter", "seq"))
             readings.create_index(["t"])
-        if "height" not in readings.columns_dict:  # databases from before the chain
-            self.db.execute("ALTER TABLE readings ADD COLUMN height INTEGER")
-        self.db.execute("CREATE INDEX IF NOT EXISTS readings_height ON readings(height)")
+        self._block_bookkeeping(readings)
         if "tq" not in readings.columns_dict:  # the time-quality extension; NULL: a plain v1 reading
             self.db.execute("ALTER TABLE readings ADD COLUMN tq TEXT")
         if not self.db["evidence"].exists():
@@ -51,6 +49,33 @@ class GatewayStore:
             self.db.execute("ALTER TABLE evidence ADD COLUMN height INTEGER")
         if not self.db["rejections"].exists():
             self.db["rejections"].create({"reason": str, "count": int}, pk="reason")
+
+    def _block_bookkeeping(self, readings) -> None:
+        """Which readings are in which block, kept beside an append-only readings table.
+
+        Blocks take the oldest readings not yet in one, in rowid order, so a block is
+        its last rowid (`reading_blocks`); a reading the chain refuses is set aside by
+        rowid (`readings_set_aside`, height 0 in the log). The readings table is never
+        rewritten: writing a height into each row rewrote every page a block's readings
+        sat on, about as many bytes again as the block itself, on a Raspberry Pi's SD
+        card. Databases that kept a `height` column are carried over once."""
+        db = self.db
+        fresh = not db["reading_blocks"].exists()
+        db.execute("CREATE TABLE IF NOT EXISTS reading_blocks (height INTEGER PRIMARY KEY, hi INTEGER NOT NULL)")
+        db.execute("CREATE TABLE IF NOT EXISTS readings_set_aside (reading INTEGER PRIMARY KEY)")
+        if fresh and "height" in readings.columns_dict:
+            with db.conn:
+                db.execute("INSERT INTO reading_blocks(height, hi) SELECT height, MAX(rowid) FROM readings "
+                           "WHERE height > 0 GROUP BY height")
+                db.execute("INSERT INTO readings_set_aside(reading) SELECT rowid FROM readings WHERE height = 0")
+        db.execute("DROP INDEX IF EXISTS readings_height")  # the old column is no longer kept up to date
+
+    # Readings not yet in a block (nor set aside), oldest first.
+    _UNBLOCKED = ("FROM readings WHERE rowid > (SELECT COALESCE(MAX(hi), 0) FROM reading_blocks) "
+                  "AND rowid NOT IN (SELECT reading FROM readings_set_aside)")
+
+    def unblocked_count(self, conn: sqlite3.Connection) -> int:
+        return conn.execute("SELECT COUNT(*) " + self._UNBLOCKED).fetchone()[0]
 
     def heads(self) -> dict[str, ChainHead]:
         rows = self.db.execute(
@@ -102,8 +127,8 @@ class GatewayStore:
 
     def unblocked(self, conn: sqlite3.Connection, limit: int) -> tuple[list[int], list[Reading]]:
         """Readings not yet in a block, in acceptance order (so each meter's in seq order)."""
-        rows = conn.execute("SELECT rowid, meter, seq, t, dt, prev, kid, c, sig, tq FROM readings "
-                            "WHERE height IS NULL ORDER BY rowid LIMIT ?", (limit,)).fetchall()
+        rows = conn.execute("SELECT rowid, meter, seq, t, dt, prev, kid, c, sig, tq " + self._UNBLOCKED +
+                            " ORDER BY rowid LIMIT ?", (limit,)).fetchall()
         return [r[0] for r in rows], [_reading(r[1:]) for r in rows]
 
     def unblocked_equivocations(self, conn: sqlite3.Connection) -> list[tuple[int, Reading, Reading]]:
@@ -119,22 +144,19 @@ class GatewayStore:
                                         tq=obj.get("tq")), _reading(row[2:])))
         return out
 
-    @staticmethod
-    def mark_blocked(conn: sqlite3.Connection, height: int, rowids: list[int], evidence_ids: list[int]) -> None:
-        """Put `rowids` (readings) and `evidence_ids` in block `height` (0: set aside).
-
-        `rowids` from `unblocked` are the oldest unblocked readings, so when they
-        are all of those up to their largest one, a single statement through the
-        height index marks them (a thousand keyed updates cost a tenth of a
-        block's build); otherwise, or if anything else matched, one by one."""
-        if rowids:
-            lo, hi = min(rowids), max(rowids)
-            cur = conn.execute("UPDATE readings SET height = ? WHERE height IS NULL AND rowid BETWEEN ? AND ?",
-                               (height, lo, hi))
-            if cur.rowcount != len(rowids):
-                conn.execute("UPDATE readings SET height = NULL WHERE height = ? AND rowid BETWEEN ? AND ?",
-                             (height, lo, hi))
-                conn.executemany("UPDATE readings SET height = ? WHERE rowid = ?", [(height, r) for r in rowids])
+    def mark_blocked(self, conn: sqlite3.Connection, height: int, rowids: list[int], evidence_ids: list[int]) -> None:
+        """Put `rowids` (readings) and `evidence_ids` in block `height`; height 0 sets
+        them aside. The readings of a block must be the oldest unblocked ones, as
+        `unblocked` gives them: anything else is refused (ValueError), as it would
+        put a reading in two blocks or in none."""
+        if height == 0:
+            conn.executemany("INSERT OR IGNORE INTO readings_set_aside(reading) VALUES (?)", [(r,) for r in rowids])
+        elif rowids:
+            hi = max(rowids)
+            below = conn.execute("SELECT COUNT(*) " + self._UNBLOCKED + " AND rowid <= ?", (hi,)).fetchone()[0]
+            if below != len(rowids) or len(set(rowids)) != len(rowids):
+                raise ValueError(f"block {height}: {len(rowids)} readings are not the oldest {below} unblocked")
+            conn.execute("INSERT INTO reading_blocks(height, hi) VALUES (?, ?)", (height, hi))
         conn.executemany("UPDATE evidence SET height = ? WHERE id = ?", [(height, e) for e in evidence_ids])
 
     def close(self) -> None:

@@ -105,8 +105,10 @@ def run_pass(base: Path, validators: int, payloads: list[Outgoing], keys, n: int
         cpu0 = {k: sum(cpu_seconds(p) for p in v) for k, v in pids.items()}
         own0 = time.process_time()
 
+        # On the lean QoS 0 link: the gateway receives at QoS 0 whatever the publisher's
+        # QoS, and the load generator must leave the shared core to the others.
         load = asyncio.run(run_load(broker.host, broker.port, AREA, payloads, window=window,
-                                    timeout=LOAD_TIMEOUT_S, clock=time.time))
+                                    timeout=LOAD_TIMEOUT_S, clock=time.time, transport="link"))
         if not load.complete:
             raise RuntimeError(f"not every reading was acknowledged: {load.summary()}")
         db = wd / "gateway.db"
@@ -169,11 +171,17 @@ def main() -> None:
     pubs = {k.meter: Ed25519PublicKey.from_public_bytes(bytes.fromhex(k.public_hex)) for k in keys}
     setup_s = time.perf_counter() - t_setup
 
-    verify_s, mulmod_s = crypto_floor(n, payloads, pubs, reps)
-    floor = 1 / (verify_s + mulmod_s)
+    # The floor on the gateway's own core, before and after the passes; the faster of
+    # the two counts (a higher floor: the conservative side for the ratio).
+    with affinity({GATEWAY_CPU} if pinned else None):
+        floors = [crypto_floor(n, payloads, pubs, reps)]
     passes = [args.validators] + ([1] if args.validators != 1 else [])
     with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:
         results = {v: run_pass(Path(tmp), v, payloads, keys, n, args.window, pinned) for v in passes}
+    with affinity({GATEWAY_CPU} if pinned else None):
+        floors.append(crypto_floor(n, payloads, pubs, reps))
+    verify_s, mulmod_s = min(f[0] for f in floors), min(f[1] for f in floors)
+    floor = 1 / (verify_s + mulmod_s)
 
     out = {
         "bench": NAME,
@@ -184,6 +192,7 @@ def main() -> None:
         "block_max": 1000,
         "setup_s": round(setup_s, 2),
         "ed25519_verify_us": round(verify_s * 1e6, 1),
+        "ed25519_verify_us_before_after": [round(f[0] * 1e6, 1) for f in floors],
         "mulmod_us": round(mulmod_s * 1e6, 2),
         "floor_per_s": round(floor),
         "pinning": ({"gateway": [GATEWAY_CPU], "others": [OTHERS_CPU]} if pinned else None),

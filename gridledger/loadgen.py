@@ -22,7 +22,9 @@ import gmpy2
 from aggregator.registry import MeterEntry, dump_registry, load_registry
 
 from .errors import ConfigError, GridledgerError
+from .config import MqttConfig
 from .meterkeys import MeterKey, new_meter_key
+from .mqttlink import Link, LinkError, open_link
 from .paillier import PublicKey, load_public
 from .wire import METER_ID_RE, ZERO_HASH, Reading, make_reading, pack_slots, readings_topic
 
@@ -370,10 +372,11 @@ class _Flight:
 class _Session:
     """One MQTT connection driving a _Flight: publisher, ack reader and resender."""
 
-    def __init__(self, client: aiomqtt.Client, area: str, flight: _Flight, *, window: int, resend_s: float,
+    def __init__(self, client: aiomqtt.Client | None, area: str, flight: _Flight, *, window: int, resend_s: float,
                  clock: Callable[[], float]):
         self.client, self.area, self.flight = client, area, flight
         self.window, self.resend_s, self.clock = window, resend_s, clock
+        self.link: Link | None = None  # with the "link" transport, instead of `client`
         self._wake = asyncio.Event()  # an ack arrived or a task failed
         self._error: BaseException | None = None
         self._publishes: set[asyncio.Task] = set()
@@ -389,6 +392,11 @@ class _Session:
             self._wake.set()
 
     def _publish(self, o: Outgoing) -> None:
+        if self.link is not None:
+            if not self.link.publish_many([(readings_topic(self.area, o.meter), o.body)]):
+                self._error = LoadError("the broker closed the link")
+                self._wake.set()
+            return
         # aiomqtt hands the message to paho before its first await, so tasks
         # started in order go out in order; each task only waits for the PUBACK.
         task = asyncio.create_task(self.client.publish(readings_topic(self.area, o.meter), o.body, qos=1))
@@ -403,19 +411,25 @@ class _Session:
             await self._wake.wait()
 
     async def _read(self) -> None:
+        if self.link is not None:  # replies come through on_reply; end when the link does
+            await asyncio.shield(self.link.closed)
+            return
         async for msg in self.client.messages:
-            parts = msg.topic.value.split("/")  # gl/v1/AREA/meters/METER/ack|nack
-            try:
-                body = json.loads(msg.payload)
-                seq = body["seq"]
-            except (TypeError, ValueError, KeyError):
-                self.flight.nacks["unreadable_reply"] += 1
-                continue
-            if parts[-1] == "ack" and type(seq) is int:
-                self.flight.ack(parts[-2], seq, self.clock())
-                self._wake.set()
-            else:
-                self.flight.nacks[str(body.get("reason", "unreadable_reply"))] += 1
+            self.on_reply(msg.topic.value, msg.payload)
+
+    def on_reply(self, topic: str, payload: bytes) -> None:
+        parts = topic.split("/")  # gl/v1/AREA/meters/METER/ack|nack
+        try:
+            body = json.loads(payload)
+            seq = body["seq"]
+        except (TypeError, ValueError, KeyError):
+            self.flight.nacks["unreadable_reply"] += 1
+            return
+        if parts[-1] == "ack" and type(seq) is int:
+            self.flight.ack(parts[-2], seq, self.clock())
+            self._wake.set()
+        else:
+            self.flight.nacks[str(body.get("reason", "unreadable_reply"))] += 1
 
     async def _resend(self) -> None:
         while True:
@@ -445,12 +459,33 @@ class _Session:
 
 async def run_load(host: str, port: int, area: str, payloads: list[Outgoing], *, window: int = WINDOW,
                    timeout: float = 120.0, resend_s: float = RESEND_S,
-                   clock: Callable[[], float] = time.monotonic) -> LoadResult:
-    """Publish every payload QoS 1 with at most `window` unacknowledged, resend a meter's
-    unacknowledged readings after resend_s, and stop once all are acked or at `timeout`."""
+                   clock: Callable[[], float] = time.monotonic, transport: str = "aiomqtt") -> LoadResult:
+    """Publish every payload with at most `window` unacknowledged, resend a meter's
+    unacknowledged readings after resend_s, and stop once all are acked or at `timeout`.
+
+    `transport`: "aiomqtt" publishes QoS 1, as meters do; "link" publishes QoS 0 on a
+    lean link (gridledger/mqttlink.py) for benches, where the load generator must
+    not eat the core it shares: the gateway takes readings at QoS 0 whatever the
+    publisher's QoS, so what it receives and does is the same."""
     if window < 1 or timeout <= 0 or resend_s <= 0:
         raise ConfigError("window must be >= 1, timeout and resend_s > 0")
+    if transport not in ("aiomqtt", "link"):
+        raise ConfigError(f"transport must be aiomqtt or link, not {transport!r}")
     flight = _Flight(payloads)
+    if transport == "link":
+        session = _Session(None, area, flight, window=window, resend_s=resend_s, clock=clock)
+        filters = tuple(f"gl/v1/{area}/meters/+/{kind}" for kind in ("ack", "nack"))
+        try:
+            link = await open_link(MqttConfig(host=host, port=port), f"loadgen-{area}-{os.getpid()}", filters,
+                                   session.on_reply)
+        except (OSError, LinkError, TimeoutError) as exc:
+            raise LoadError(f"MQTT broker {host}:{port}: {exc}") from exc
+        session.link = link
+        try:
+            await session.run(timeout)
+        finally:
+            await link.close()
+        return flight.result()
     try:
         async with aiomqtt.Client(host, port, identifier=f"loadgen-{area}-{os.getpid()}",
                                   max_inflight_messages=min(window, 1000)) as client:

@@ -81,8 +81,8 @@ def _connect_packet(client_id: str, keepalive: int, username: str | None, passwo
     return b"\x10" + _remaining_length(len(body)) + body
 
 
-def _subscribe_packet(packet_id: int, topic_filter: str) -> bytes:
-    body = packet_id.to_bytes(2, "big") + _string(topic_filter) + b"\x00"
+def _subscribe_packet(packet_id: int, topic_filters: tuple[str, ...]) -> bytes:
+    body = packet_id.to_bytes(2, "big") + b"".join(_string(f) + b"\x00" for f in topic_filters)
     return b"\x82" + _remaining_length(len(body)) + body
 
 
@@ -233,10 +233,11 @@ class Link(asyncio.Protocol):
             await asyncio.shield(self.closed)
 
 
-async def open_link(cfg: MqttConfig, client_id: str, topic_filter: str,
+async def open_link(cfg: MqttConfig, client_id: str, topic_filter: str | tuple[str, ...],
                     on_publish: Callable[[str, bytes], None], *, timeout: float = CONNECT_TIMEOUT_S) -> Link:
-    """Connect, log in and subscribe to `topic_filter` at QoS 0; raises `LinkError`
-    (refused), `OSError` (unreachable) or `TimeoutError`."""
+    """Connect, log in and subscribe to `topic_filter` (one, or a tuple) at QoS 0;
+    raises `LinkError` (refused), `OSError` (unreachable) or `TimeoutError`."""
+    filters = (topic_filter,) if isinstance(topic_filter, str) else tuple(topic_filter)
     loop = asyncio.get_running_loop()
     tls = ssl.create_default_context(cafile=str(cfg.tls_ca)) if cfg.tls_ca else None
     _, link = await asyncio.wait_for(
@@ -249,9 +250,9 @@ async def open_link(cfg: MqttConfig, client_id: str, topic_filter: str,
         if len(connack) != 2 or connack[1] != 0:
             code = connack[1] if len(connack) == 2 else -1
             raise LinkError(f"broker refused the connection: {_CONNACK_REASONS.get(code, f'code {code}')}")
-        suback = await link._ask(_subscribe_packet(1, topic_filter), 9, timeout)
-        if len(suback) != 3 or suback[2] > 2:
-            raise LinkError(f"broker refused the subscription to {topic_filter!r} (ACL?)")
+        suback = await link._ask(_subscribe_packet(1, filters), 9, timeout)
+        if len(suback) != 2 + len(filters) or any(code > 2 for code in suback[2:]):
+            raise LinkError(f"broker refused the subscription to {', '.join(filters)} (ACL?)")
     except BaseException:
         if link.transport is not None:
             link.transport.abort()
@@ -263,7 +264,8 @@ class LinkSession:
     """Keep one link up until stopped: connect, subscribe, keep it alive, and after a
     loss reconnect with exponential back-off. `link` is the live link, or None."""
 
-    def __init__(self, cfg: MqttConfig, client_id: str, topic_filter: str, on_publish: Callable[[str, bytes], None],
+    def __init__(self, cfg: MqttConfig, client_id: str, topic_filter: str | tuple[str, ...],
+                 on_publish: Callable[[str, bytes], None],
                  log: logging.Logger, *, name: str):
         self.cfg, self.client_id, self.topic_filter = cfg, client_id, topic_filter
         self.on_publish, self.log, self.name = on_publish, log, name

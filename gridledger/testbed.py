@@ -289,7 +289,9 @@ def certified_height(db: Path) -> tuple[int, int]:
     try:
         with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as conn:
             h = conn.execute("SELECT COALESCE(MAX(height), 0) FROM chain_blocks WHERE cert IS NOT NULL").fetchone()[0]
-            left = conn.execute("SELECT COUNT(*) FROM readings WHERE height IS NULL OR height > ?", (h,)).fetchone()[0]
+            left = conn.execute(
+                "SELECT COUNT(*) FROM readings WHERE rowid > (SELECT COALESCE(MAX(hi), 0) FROM reading_blocks "
+                "WHERE height <= ?) AND rowid NOT IN (SELECT reading FROM readings_set_aside)", (h,)).fetchone()[0]
             return h, left
     except sqlite3.OperationalError:
         return 0, -1

@@ -1,8 +1,13 @@
-"""The gateway store's block bookkeeping on real SQLite: `mark_blocked` puts exactly
-the readings it is given in a block, whether they are the oldest unblocked run (one
-ranged statement) or not (one by one), and never touches another reading."""
+"""The gateway store's block bookkeeping on real SQLite: readings are never rewritten;
+a block is the oldest unblocked run (its last rowid), a refused reading is set aside,
+anything that would put a reading in two blocks or none is refused, and a database
+from before (a `height` column in readings) is carried over."""
 
 from __future__ import annotations
+
+import sqlite3
+
+import pytest
 
 from aggregator.store import GatewayStore
 from certlog.store import connect
@@ -10,37 +15,64 @@ from certlog.store import connect
 from helpers import SimMeter, meter_keys
 
 
-def heights(conn) -> dict[int, int | None]:
-    return dict(conn.execute("SELECT rowid, height FROM readings ORDER BY rowid").fetchall())
-
-
-def filled(tmp_path, count: int) -> tuple[GatewayStore, object]:
+def filled(tmp_path, count: int) -> tuple[GatewayStore, sqlite3.Connection, list]:
     store = GatewayStore(tmp_path / "gw.db")
     m = SimMeter(meter_keys(["m1"])["m1"])
-    store.commit([m.next() for _ in range(count)], [], {})
-    return store, connect(tmp_path / "gw.db")
+    sent = [m.next() for _ in range(count)]
+    store.commit(sent, [], {})
+    return store, connect(tmp_path / "gw.db"), sent
 
 
-def test_the_oldest_unblocked_run_is_marked_and_nothing_after_it(tmp_path):
-    store, conn = filled(tmp_path, 10)
+def seqs(store, conn, limit=100) -> list[int]:
+    return [r.seq for r in store.unblocked(conn, limit)[1]]
+
+
+def test_blocks_take_the_oldest_run_and_leave_the_rows_untouched(tmp_path):
+    store, conn, _ = filled(tmp_path, 10)
+    before = conn.execute("SELECT * FROM readings ORDER BY rowid").fetchall()
     rowids, readings = store.unblocked(conn, 4)
     assert [r.seq for r in readings] == [1, 2, 3, 4]
     store.mark_blocked(conn, 1, rowids, [])
-    rowids2, readings2 = store.unblocked(conn, 100)
-    assert [r.seq for r in readings2] == list(range(5, 11))
-    store.mark_blocked(conn, 2, rowids2, [])
-    h = heights(conn)
-    assert [h[r] for r in rowids] == [1] * 4 and [h[r] for r in rowids2] == [2] * 6
-    assert store.unblocked(conn, 100) == ([], [])
+    assert seqs(store, conn) == list(range(5, 11)) and store.unblocked_count(conn) == 6
+    store.mark_blocked(conn, 2, store.unblocked(conn, 100)[0], [])
+    assert seqs(store, conn) == [] and store.unblocked_count(conn) == 0
+    assert conn.execute("SELECT * FROM readings ORDER BY rowid").fetchall() == before  # append-only
+    assert conn.execute("SELECT height, hi FROM reading_blocks ORDER BY height").fetchall() == [
+        (1, rowids[-1]), (2, rowids[-1] + 6)]
 
 
-def test_a_set_that_is_not_the_oldest_run_is_marked_one_by_one(tmp_path):
-    store, conn = filled(tmp_path, 6)
-    rowids, _ = store.unblocked(conn, 6)
-    store.mark_blocked(conn, 0, [rowids[2]], [])          # one set aside (height 0)
-    picked = [rowids[0], rowids[4]]                        # with unblocked ones between them
-    store.mark_blocked(conn, 3, picked, [])
-    h = heights(conn)
-    assert h[rowids[0]] == h[rowids[4]] == 3
-    assert h[rowids[2]] == 0
-    assert h[rowids[1]] is None and h[rowids[3]] is None and h[rowids[5]] is None
+def test_a_set_aside_reading_is_skipped_by_every_later_block(tmp_path):
+    store, conn, _ = filled(tmp_path, 5)
+    rowids, _ = store.unblocked(conn, 5)
+    store.mark_blocked(conn, 0, [rowids[0]], [])        # the chain refused seq 1
+    assert seqs(store, conn) == [2, 3, 4, 5]
+    store.mark_blocked(conn, 1, rowids[1:3], [])
+    assert seqs(store, conn) == [4, 5] and store.unblocked_count(conn) == 2
+
+
+@pytest.mark.parametrize("pick", [lambda r: r[1:3], lambda r: [r[0], r[2]], lambda r: [r[0], r[0]]],
+                         ids=["not_the_oldest", "with_a_hole", "twice"])
+def test_anything_but_the_oldest_run_is_refused(tmp_path, pick):
+    store, conn, _ = filled(tmp_path, 4)
+    rowids, _ = store.unblocked(conn, 4)
+    with pytest.raises(ValueError, match="not the oldest"):
+        store.mark_blocked(conn, 1, pick(rowids), [])
+    assert seqs(store, conn) == [1, 2, 3, 4]
+
+
+def test_a_database_with_heights_in_its_readings_is_carried_over(tmp_path):
+    path = tmp_path / "gw.db"
+    store, conn, sent = filled(tmp_path, 6)
+    store.close()
+    conn.close()
+    with sqlite3.connect(path) as old:  # the layout before: a height per reading, NULL for unblocked
+        old.execute("DROP TABLE reading_blocks")
+        old.execute("DROP TABLE readings_set_aside")
+        old.execute("ALTER TABLE readings ADD COLUMN height INTEGER")
+        for seq, h in zip(range(1, 7), (1, 1, 0, 2, None, None)):
+            old.execute("UPDATE readings SET height = ? WHERE seq = ?", (h, seq))
+    store = GatewayStore(path)
+    conn = connect(path)
+    assert seqs(store, conn) == [5, 6]
+    assert conn.execute("SELECT COUNT(*) FROM readings_set_aside").fetchone()[0] == 1
+    assert [h for h, _ in conn.execute("SELECT height, hi FROM reading_blocks ORDER BY height")] == [1, 2]

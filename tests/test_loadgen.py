@@ -233,14 +233,17 @@ def assert_stored_chains(store: GatewayStore, payloads: list[Outgoing], per_mete
     return rows
 
 
-def test_every_reading_is_acked_and_stored_once(tmp_path, broker, gateway):
+@pytest.mark.parametrize("transport", ["aiomqtt", "link"])
+def test_every_reading_is_acked_and_stored_once(tmp_path, broker, gateway, transport):
     """20 meters x 10 readings: all acked with at most `window` in flight, stored exactly once per
-    seq in chain order, and the area's product of ciphertexts decrypts to the meters' truth."""
+    seq in chain order, and the area's product of ciphertexts decrypts to the meters' truth; over
+    QoS 1 as meters publish, and over the benches' lean QoS 0 link."""
     area = generate_area(tmp_path / "lg", 20, area="area1", paillier_public=PUB)
     gateway.start_area(area)
     meters = area.meters(start_t=T0)
     payloads = precompute(meters, 10, RhoPool(N))
-    res = asyncio.run(run_load(broker.host, broker.port, "area1", payloads, window=64, timeout=30))
+    res = asyncio.run(run_load(broker.host, broker.port, "area1", payloads, window=64, timeout=30,
+                               transport=transport))
     assert res.complete and (res.sent, res.acked_readings, res.nacks) == (200, 200, {})
     assert res.acked == {m.meter: 10 for m in meters}
     assert 0 < res.peak_unacked <= 64
