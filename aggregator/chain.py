@@ -31,11 +31,15 @@ from .areaapp import AreaApp, equivocation_alert, registry_tx
 from .store import GatewayStore
 
 if TYPE_CHECKING:
+    from gridledger.wire import Reading
+
     from .gateway import ChainSettings
 
 __all__ = ["AreaChain"]
 
 log = logging.getLogger("gridledger.gateway.chain")
+
+HELD_MAX = 50_000  # readings held in memory for the next blocks
 
 
 class AreaChain:
@@ -53,7 +57,17 @@ class AreaChain:
         self.prefix = f"gl/v1/chains/{area}/"
         self.more = asyncio.Event()
         self.uncertified = 0  # readings waiting for a block, as of the last block built
+        # Readings the ingest just committed, by (meter, seq): the block takes them as
+        # they are instead of reading back and rebuilding each (hash and all). Bounded;
+        # what is not here (after a restart, or beyond the bound) comes from the store.
+        self.held: dict[tuple[str, int], "Reading"] = {}
         self._db = asyncio.Lock()  # one user of self.conn at a time (threads)
+
+    def committed(self, readings: list["Reading"]) -> None:
+        """`readings` are durable: hold them for the block that takes them."""
+        room = HELD_MAX - len(self.held)
+        for r in readings[:max(room, 0)]:
+            self.held[(r.meter, r.seq)] = r
 
     def subscriptions(self) -> list[str]:
         return [f"{self.prefix}votes", f"{self.prefix}sync"]
@@ -111,7 +125,7 @@ class AreaChain:
         store, limit = self.gateway_store, self.settings.block_max
         while True:
             alerts = store.unblocked_equivocations(self.conn)[:limit]
-            rowids, readings = store.unblocked(self.conn, limit - len(alerts))
+            rowids, readings = store.unblocked(self.conn, limit - len(alerts), self.held)
             self.uncertified = store.unblocked_count(self.conn)
             if not readings and not alerts:
                 return None

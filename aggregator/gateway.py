@@ -62,7 +62,7 @@ log = logging.getLogger("gridledger.gateway")
 # Batching trades latency for fsyncs: one fsync per batch. 20 ms keeps the ack
 # latency far below a meter's resend timer while a busy area still gets big batches.
 BATCH_MAX = 512
-BATCH_WAIT_S = 0.02
+BATCH_WAIT_S = 0.05
 # Readings waiting for the checker. Beyond it a reading is shed (counted as
 # `overload`, not acked): its meter keeps it in its journal and resends it.
 QUEUE_MAX = 20000
@@ -346,6 +346,7 @@ class Gateway:
         self.ingest.committed()
         self.batches += 1
         if self.chain is not None and (accepted or evidence):
+            self.chain.committed(accepted)
             self.chain.more.set()
         # One write at QoS 0, not awaited: see the module's docstring.
         heads, area = self.ingest.heads, self.area

@@ -38,7 +38,6 @@ class GatewayStore:
             readings.create({"meter": str, "seq": int, "t": int, "dt": int, "prev": str, "kid": str,
                              "c": str, "sig": str, "hash": str, "received_at": float},
                             pk=("meter", "seq"))
-            readings.create_index(["t"])
         self._block_bookkeeping(readings)
         if "tq" not in readings.columns_dict:  # the time-quality extension; NULL: a plain v1 reading
             self.db.execute("ALTER TABLE readings ADD COLUMN tq TEXT")
@@ -69,13 +68,19 @@ class GatewayStore:
                            "WHERE height > 0 GROUP BY height")
                 db.execute("INSERT INTO readings_set_aside(reading) SELECT rowid FROM readings WHERE height = 0")
         db.execute("DROP INDEX IF EXISTS readings_height")  # the old column is no longer kept up to date
+        db.execute("DROP INDEX IF EXISTS idx_readings_t")   # nothing reads readings by time here
 
     # Readings not yet in a block (nor set aside), oldest first.
     _UNBLOCKED = ("FROM readings WHERE rowid > (SELECT COALESCE(MAX(hi), 0) FROM reading_blocks) "
                   "AND rowid NOT IN (SELECT reading FROM readings_set_aside)")
 
     def unblocked_count(self, conn: sqlite3.Connection) -> int:
-        return conn.execute("SELECT COUNT(*) " + self._UNBLOCKED).fetchone()[0]
+        """Readings waiting for a block, without a scan: rowids are dense (the table is
+        append-only, and SQLite gives each insert the largest rowid plus one)."""
+        return conn.execute(
+            "SELECT COALESCE((SELECT MAX(rowid) FROM readings), 0) - w.hi "
+            "- (SELECT COUNT(*) FROM readings_set_aside WHERE reading > w.hi) "
+            "FROM (SELECT COALESCE(MAX(hi), 0) AS hi FROM reading_blocks) w").fetchone()[0]
 
     def heads(self) -> dict[str, ChainHead]:
         rows = self.db.execute(
@@ -125,11 +130,24 @@ class GatewayStore:
         sql += " ORDER BY meter, seq"
         return [_reading(row) for row in self.db.execute(sql, args).fetchall()]
 
-    def unblocked(self, conn: sqlite3.Connection, limit: int) -> tuple[list[int], list[Reading]]:
-        """Readings not yet in a block, in acceptance order (so each meter's in seq order)."""
-        rows = conn.execute("SELECT rowid, meter, seq, t, dt, prev, kid, c, sig, tq " + self._UNBLOCKED +
-                            " ORDER BY rowid LIMIT ?", (limit,)).fetchall()
-        return [r[0] for r in rows], [_reading(r[1:]) for r in rows]
+    def unblocked(self, conn: sqlite3.Connection, limit: int,
+                  held: dict[tuple[str, int], Reading] | None = None) -> tuple[list[int], list[Reading]]:
+        """Readings not yet in a block, in acceptance order (so each meter's in seq order).
+        `held`: readings still in memory from their ingest, by (meter, seq), taken out
+        and used as they are; only the others are read back and rebuilt."""
+        if held is None:
+            rows = conn.execute("SELECT rowid, meter, seq, t, dt, prev, kid, c, sig, tq " + self._UNBLOCKED +
+                                " ORDER BY rowid LIMIT ?", (limit,)).fetchall()
+            return [r[0] for r in rows], [_reading(r[1:]) for r in rows]
+        keys = conn.execute("SELECT rowid, meter, seq " + self._UNBLOCKED + " ORDER BY rowid LIMIT ?",
+                            (limit,)).fetchall()
+        readings = [held.pop((meter, seq), None) for _, meter, seq in keys]
+        for i, r in enumerate(readings):
+            if r is None:
+                row = conn.execute("SELECT meter, seq, t, dt, prev, kid, c, sig, tq FROM readings WHERE rowid = ?",
+                                   (keys[i][0],)).fetchone()
+                readings[i] = _reading(row)
+        return [k[0] for k in keys], readings
 
     def unblocked_equivocations(self, conn: sqlite3.Connection) -> list[tuple[int, Reading, Reading]]:
         """Equivocation evidence not yet alerted on the chain, with the stored reading it conflicts with."""

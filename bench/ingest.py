@@ -43,6 +43,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--quick", action="store_true", help="fewer readings: under a minute and a half on 2 cores")
     ap.add_argument("--validators", type=int, default=4, help="validators of the main pass (3f+1; default 4)")
     ap.add_argument("--window", type=int, default=WINDOW, help="readings in flight, unacknowledged")
+    ap.add_argument("--repeat", type=int, default=3, help="runs of each pass; the median is reported (default 3)")
     return ap.parse_args()
 
 
@@ -171,16 +172,30 @@ def main() -> None:
     pubs = {k.meter: Ed25519PublicKey.from_public_bytes(bytes.fromhex(k.public_hex)) for k in keys}
     setup_s = time.perf_counter() - t_setup
 
-    # The floor on the gateway's own core, before and after the passes; the faster of
-    # the two counts (a higher floor: the conservative side for the ratio).
-    with affinity({GATEWAY_CPU} if pinned else None):
-        floors = [crypto_floor(n, payloads, pubs, reps)]
+    # The machine's speed drifts by tens of percent over a minute (a shared 2-core VM), so
+    # each pass is bracketed by floor measurements on the gateway's own core and judged
+    # against their mean; the figures reported are the median over the repeats.
+    def floor_now() -> tuple[float, float]:
+        with affinity({GATEWAY_CPU} if pinned else None):
+            return crypto_floor(n, payloads, pubs, reps)
+
     passes = [args.validators] + ([1] if args.validators != 1 else [])
+    runs: dict[int, list[dict]] = {v: [] for v in passes}
+    floors: list[tuple[float, float]] = []
     with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:
-        results = {v: run_pass(Path(tmp), v, payloads, keys, n, args.window, pinned) for v in passes}
-    with affinity({GATEWAY_CPU} if pinned else None):
-        floors.append(crypto_floor(n, payloads, pubs, reps))
-    verify_s, mulmod_s = min(f[0] for f in floors), min(f[1] for f in floors)
+        for rep in range(args.repeat):
+            for v in passes:
+                before = floor_now()
+                r = run_pass(Path(tmp) / f"r{rep}", v, payloads, keys, n, args.window, pinned)
+                after = floor_now()
+                floors += [before, after]
+                r["floor_per_s"] = 2 / (before[0] + before[1] + after[0] + after[1])
+                r["ratio_gateway_core"] = r["gateway_core_readings_per_s"] / r["floor_per_s"]
+                r["ratio_end_to_end"] = r["readings_per_s"] / r["floor_per_s"]
+                runs[v].append(r)
+    # Per configuration, the run with the median gateway-core ratio.
+    results = {v: sorted(rs, key=lambda r: r["ratio_gateway_core"])[len(rs) // 2] for v, rs in runs.items()}
+    verify_s, mulmod_s = median([f[0] for f in floors]), median([f[1] for f in floors])
     floor = 1 / (verify_s + mulmod_s)
 
     out = {
@@ -192,7 +207,9 @@ def main() -> None:
         "block_max": 1000,
         "setup_s": round(setup_s, 2),
         "ed25519_verify_us": round(verify_s * 1e6, 1),
-        "ed25519_verify_us_before_after": [round(f[0] * 1e6, 1) for f in floors],
+        "ed25519_verify_us_range": [round(min(f[0] for f in floors) * 1e6, 1),
+                                    round(max(f[0] for f in floors) * 1e6, 1)],
+        "repeat": args.repeat,
         "mulmod_us": round(mulmod_s * 1e6, 2),
         "floor_per_s": round(floor),
         "pinning": ({"gateway": [GATEWAY_CPU], "others": [OTHERS_CPU]} if pinned else None),
@@ -206,10 +223,11 @@ def main() -> None:
         out.update({
             f"validators{sfx}": v,
             f"readings_per_s{sfx}": round(r["readings_per_s"]),
-            f"ratio_to_floor{sfx}": round(r["readings_per_s"] / floor, 3),
+            f"ratio_to_floor{sfx}": round(r["ratio_end_to_end"], 3),
             f"gateway_cpu_us_per_reading{sfx}": round(r["gateway_cpu_us_per_reading"], 1),
             f"gateway_core_readings_per_s{sfx}": round(r["gateway_core_readings_per_s"]),
-            f"ratio_gateway_core_to_floor{sfx}": round(r["gateway_core_readings_per_s"] / floor, 3),
+            f"ratio_gateway_core_to_floor{sfx}": round(r["ratio_gateway_core"], 3),
+            f"ratio_gateway_core_to_floor_all{sfx}": [round(x["ratio_gateway_core"], 3) for x in runs[v]],
             # Non-zero: some batch took longer to ack than the meters' 5 s resend timer.
             f"resent{sfx}": r["resent_readings"],
             f"detail{sfx}": {k: (round(x, 3) if isinstance(x, float) else x) for k, x in r.items()

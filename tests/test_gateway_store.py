@@ -46,8 +46,11 @@ def test_a_set_aside_reading_is_skipped_by_every_later_block(tmp_path):
     rowids, _ = store.unblocked(conn, 5)
     store.mark_blocked(conn, 0, [rowids[0]], [])        # the chain refused seq 1
     assert seqs(store, conn) == [2, 3, 4, 5]
+    assert store.unblocked_count(conn) == 4
     store.mark_blocked(conn, 1, rowids[1:3], [])
     assert seqs(store, conn) == [4, 5] and store.unblocked_count(conn) == 2
+    store.mark_blocked(conn, 0, [rowids[4]], [])        # and seq 5, beyond the last block
+    assert seqs(store, conn) == [4] and store.unblocked_count(conn) == 1
 
 
 @pytest.mark.parametrize("pick", [lambda r: r[1:3], lambda r: [r[0], r[2]], lambda r: [r[0], r[0]]],
@@ -76,3 +79,15 @@ def test_a_database_with_heights_in_its_readings_is_carried_over(tmp_path):
     assert seqs(store, conn) == [5, 6]
     assert conn.execute("SELECT COUNT(*) FROM readings_set_aside").fetchone()[0] == 1
     assert [h for h, _ in conn.execute("SELECT height, hi FROM reading_blocks ORDER BY height")] == [1, 2]
+
+
+def test_held_readings_are_used_as_they_are_and_the_rest_read_back(tmp_path):
+    """A block takes the readings the ingest still holds (the same objects) and reads
+    back only the others; either way it gets the stored readings, oldest first."""
+    store, conn, sent = filled(tmp_path, 6)
+    held = {(r.meter, r.seq): r for r in sent[1:4]}
+    rowids, readings = store.unblocked(conn, 5, held)
+    assert readings == sent[:5]
+    assert all(readings[i] is sent[i] for i in (1, 2, 3)) and readings[0] is not sent[0]
+    assert held == {}  # taken out: a reading is held for one block only
+    assert store.unblocked(conn, 5) == (rowids, sent[:5])
