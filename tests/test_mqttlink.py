@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import os
 import socket
+import ssl
 
 import aiomqtt
 import pytest
@@ -195,3 +196,31 @@ async def test_a_silent_broker_is_noticed_by_the_keepalive():
         async with asyncio.timeout(5):
             await asyncio.gather(link.keepalive(1), link.closed)
         assert not link.is_open
+
+
+async def test_tls_trusts_only_the_given_ca(tmp_path):
+    """Over Mosquitto's TLS listener: a link trusting the broker's CA works both ways;
+    one trusting another CA is refused before any MQTT is spoken."""
+    from gridledger.brokertls import make_testbed_ca
+    certs = make_testbed_ca(tmp_path / "ca", ["127.0.0.1"])
+    other = make_testbed_ca(tmp_path / "other", ["127.0.0.1"])
+    port = free_port()
+    conf = tmp_path / "tls.conf"
+    conf.write_text(("user root\n" if os.geteuid() == 0 else "") +
+                    f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nlog_dest stderr\n"
+                    f"cafile {certs['ca.crt']}\ncertfile {certs['server.crt']}\nkeyfile {certs['server.key']}\n")
+    b = run_mosquitto(conf, port, tmp_path / "mosquitto.log")
+    try:
+        got: list[tuple[str, bytes]] = []
+        link = await open_link(MqttConfig(port=port, tls_ca=certs["ca.crt"]), "tls-a", "t/#",
+                               lambda t, p: got.append((t, p)))
+        assert link.publish_many([("t/x", b"over tls")]) == 1   # to itself, through the broker
+        async with asyncio.timeout(5):
+            while not got:
+                await asyncio.sleep(0.02)
+        assert got == [("t/x", b"over tls")]
+        await link.close()
+        with pytest.raises(ssl.SSLCertVerificationError):
+            await open_link(MqttConfig(port=port, tls_ca=other["ca.crt"]), "tls-b", "t/#", print)
+    finally:
+        b.stop()
