@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sqlite3
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -36,12 +35,12 @@ from typing import Callable
 
 import sqlite_utils
 
-from certlog.store import connect
+from certlog.store import connect, immediate
 from gridledger.errors import Rejected
 from gridledger.logs import event
 from gridledger.wire import METER_ID_RE
 
-from .desk import MessageCheck, MessageDesk, Verdict
+from .desk import MessageCheck, MessageDesk, Verdict, read_newest
 from .registry import Registry
 
 __all__ = ["Alert", "AlertCheck", "AlertStore", "AlertDesk", "StoredAlert", "parse_alert",
@@ -220,8 +219,7 @@ class AlertStore:
     def commit(self, accepted: list[Alert], rejections: dict[str, int]) -> None:
         now = time.time()
         conn = self.db.conn
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with immediate(conn):
             conn.executemany(
                 "INSERT INTO alerts(meter, seq, t, kind, value, threshold, state, payload, received_at) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -230,10 +228,6 @@ class AlertStore:
             conn.executemany(
                 "INSERT INTO alert_rejections(reason, count) VALUES (?, ?) "
                 "ON CONFLICT(reason) DO UPDATE SET count = count + excluded.count", list(rejections.items()))
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
 
     def close(self) -> None:
         self.db.conn.close()
@@ -243,22 +237,9 @@ def read_alerts(path: Path | str, meter: str | None = None,
                 limit: int = 100) -> tuple[list[StoredAlert], dict[str, int]]:
     """The newest `limit` stored alerts (oldest first) and the refusal counts, read-only:
     safe beside a running gateway."""
-    if not Path(path).exists():
-        return [], {}
-    sql = "SELECT meter, seq, t, kind, value, threshold, state, received_at FROM alerts"
-    args: list = []
-    if meter is not None:
-        sql += " WHERE meter = ?"
-        args.append(meter)
-    sql += " ORDER BY received_at DESC, meter DESC, seq DESC LIMIT ?"
-    args.append(limit)
-    try:
-        with sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5) as conn:
-            rows = conn.execute(sql, args).fetchall()
-            counts = dict(conn.execute("SELECT reason, count FROM alert_rejections").fetchall())
-    except sqlite3.OperationalError:
-        return [], {}  # no alert tables yet: a gateway from before alerts, or not started
-    return [StoredAlert(*r) for r in reversed(rows)], counts
+    rows, counts = read_newest(path, "alerts", "meter, seq, t, kind, value, threshold, state, received_at", "seq",
+                               "alert_rejections", meter, limit)
+    return [StoredAlert(*r) for r in rows], counts
 
 
 class AlertDesk(MessageDesk):

@@ -9,10 +9,12 @@ may read under the broker's ACL).
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import json
 import logging
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import aiomqtt
@@ -22,7 +24,7 @@ from gridledger.logs import event
 from gridledger.metrics import Snapshot
 from gridledger.wire import METER_ID_RE, ack_topic, nack_topic
 
-__all__ = ["Verdict", "MessageCheck", "MessageDesk"]
+__all__ = ["Verdict", "MessageCheck", "MessageDesk", "read_newest"]
 
 _BATCH_MAX = 256
 _QUEUE_MAX = 5000
@@ -166,3 +168,26 @@ class MessageDesk:
             *(client.publish(ack_topic(self.area, m), json.dumps({self.seq_field: self.check.last[m]}), qos=1)
               for m in sorted(acks)),
             *(client.publish(nack_topic(self.area, m), json.dumps(body), qos=1) for m, body in nacks))
+
+
+def read_newest(path: Path | str, table: str, columns: str, seq_column: str, rejections: str,
+                meter: str | None, limit: int) -> tuple[list[tuple], dict[str, int]]:
+    """The newest `limit` rows of `table` (oldest first), for one meter or all, and the
+    refusal counts in `rejections`; read-only, so safe beside a running gateway.
+    ([], {}) before the gateway has made the tables."""
+    if not Path(path).exists():
+        return [], {}
+    sql = f"SELECT {columns} FROM {table}"
+    args: list = []
+    if meter is not None:
+        sql += " WHERE meter = ?"
+        args.append(meter)
+    sql += f" ORDER BY received_at DESC, meter DESC, {seq_column} DESC LIMIT ?"
+    args.append(limit)
+    try:
+        with sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5) as conn:
+            rows = conn.execute(sql, args).fetchall()
+            counts = dict(conn.execute(f"SELECT reason, count FROM {rejections}").fetchall())
+    except sqlite3.OperationalError:
+        return [], {}
+    return rows[::-1], counts

@@ -32,7 +32,6 @@ import hashlib
 import json
 import logging
 import re
-import sqlite3
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -41,12 +40,12 @@ from typing import Callable
 
 import sqlite_utils
 
-from certlog.store import connect
+from certlog.store import connect, immediate
 from gridledger.errors import Rejected
 from gridledger.logs import event
 from gridledger.wire import METER_ID_RE
 
-from .desk import MessageCheck, MessageDesk, Verdict
+from .desk import MessageCheck, MessageDesk, Verdict, read_newest
 from .registry import Registry
 
 __all__ = ["Event", "EventCheck", "EventStore", "EventDesk", "StoredEvent", "parse_event", "event_signed_bytes",
@@ -266,8 +265,7 @@ class EventStore:
     def commit(self, accepted: list[Event], evidence: list[tuple[Event, str]], rejections: dict[str, int]) -> None:
         now = time.time()
         conn = self.db.conn
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with immediate(conn):
             conn.executemany(
                 "INSERT INTO events(meter, eseq, at, kind, seq, prev, import_before, export_before, import_wh, "
                 "export_wh, by, sig, hash, payload, received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -279,10 +277,6 @@ class EventStore:
             conn.executemany(
                 "INSERT INTO event_rejections(reason, count) VALUES (?, ?) "
                 "ON CONFLICT(reason) DO UPDATE SET count = count + excluded.count", list(rejections.items()))
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
 
     def close(self) -> None:
         self.db.conn.close()
@@ -292,23 +286,9 @@ def read_events(path: Path | str, meter: str | None = None,
                 limit: int = 100) -> tuple[list[StoredEvent], dict[str, int]]:
     """The newest `limit` stored events (oldest first) and the refusal counts, read-only:
     safe beside a running gateway."""
-    if not Path(path).exists():
-        return [], {}
-    sql = ("SELECT meter, eseq, at, kind, seq, import_before, export_before, import_wh, export_wh, by, hash, "
-           "received_at FROM events")
-    args: list = []
-    if meter is not None:
-        sql += " WHERE meter = ?"
-        args.append(meter)
-    sql += " ORDER BY received_at DESC, meter DESC, eseq DESC LIMIT ?"
-    args.append(limit)
-    try:
-        with sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5) as conn:
-            rows = conn.execute(sql, args).fetchall()
-            counts = dict(conn.execute("SELECT reason, count FROM event_rejections").fetchall())
-    except sqlite3.OperationalError:
-        return [], {}  # no event tables yet: a gateway from before events, or not started
-    return [StoredEvent(*r) for r in reversed(rows)], counts
+    rows, counts = read_newest(path, "events", "meter, eseq, at, kind, seq, import_before, export_before, "
+                               "import_wh, export_wh, by, hash, received_at", "eseq", "event_rejections", meter, limit)
+    return [StoredEvent(*r) for r in rows], counts
 
 
 class EventDesk(MessageDesk):

@@ -11,7 +11,7 @@ from typing import Iterable, Mapping
 
 import sqlite_utils
 
-from certlog.store import connect
+from certlog.store import connect, immediate
 from gridledger.wire import Reading
 
 from .ingest import ChainHead
@@ -100,8 +100,7 @@ class GatewayStore:
         conn = self.db.conn
         # Plain executemany inside one explicit transaction: sqlite-utils' insert_all
         # commits on its own, which would split the batch.
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with immediate(conn):
             conn.executemany(
                 "INSERT INTO readings(meter, seq, t, dt, prev, kid, c, sig, hash, received_at, tq) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -113,10 +112,6 @@ class GatewayStore:
                 "INSERT INTO rejections(reason, count) VALUES (?, ?) "
                 "ON CONFLICT(reason) DO UPDATE SET count = count + excluded.count",
                 list(rejections.items()))
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
 
     def rejection_counts(self) -> dict[str, int]:
         return dict(self.db.execute("SELECT reason, count FROM rejections").fetchall())

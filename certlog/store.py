@@ -18,7 +18,7 @@ from typing import Iterator, MutableMapping
 
 from .block import Certificate, Header
 
-__all__ = ["NodeDB", "ChainStore", "connect"]
+__all__ = ["NodeDB", "ChainStore", "connect", "immediate"]
 
 
 def connect(path: Path | str) -> sqlite3.Connection:
@@ -35,6 +35,19 @@ def connect(path: Path | str) -> sqlite3.Connection:
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=FULL")
     return conn
+
+
+@contextmanager
+def immediate(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """One write transaction (BEGIN IMMEDIATE: the write lock up front, so it never
+    fails half-way for a lock), committed on success and rolled back on any error."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield conn
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
 
 
 class NodeDB(MutableMapping[bytes, bytes]):
@@ -104,14 +117,9 @@ class ChainStore:
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
-        self.conn.execute("BEGIN IMMEDIATE")
-        try:
+        with immediate(self.conn):
             yield self.conn
             self.nodes.flush()
-            self.conn.execute("COMMIT")
-        except BaseException:
-            self.conn.execute("ROLLBACK")
-            raise
 
     # -- blocks ---------------------------------------------------------------
     def put_block(self, header: Header, txs: list[bytes], cert: Certificate | None) -> None:
