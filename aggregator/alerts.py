@@ -164,16 +164,7 @@ class AlertCheck(MessageCheck):
 
     def _check(self, topic_meter: str, payload: bytes) -> Verdict:
         a = parse_alert(payload)
-        if a.meter != topic_meter:
-            raise Rejected("topic_mismatch", f"topic meter {topic_meter!r}, payload meter {a.meter!r}", seq=a.seq)
-        if a.meter not in self.registry:
-            raise Rejected("unknown_meter", a.meter, seq=a.seq)
-        try:
-            ok = self.registry.verify(a.meter, a.signed_bytes, bytes.fromhex(a.sig))
-        except Exception:  # a verifier that cannot decide has not verified
-            ok = False
-        if not ok:
-            raise Rejected("bad_signature", f"alert seq {a.seq}", seq=a.seq)
+        self._signed_by_topic_meter(topic_meter, a, a.seq, "alert seq")
         last = self.last.get(a.meter, 0)
         if a.seq > last:
             self.last[a.meter] = a.seq

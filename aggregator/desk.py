@@ -61,6 +61,20 @@ class MessageCheck:
     def _check(self, topic_meter: str, payload: bytes) -> Verdict:
         raise NotImplementedError
 
+    def _signed_by_topic_meter(self, topic_meter: str, m: Any, seq: int, what: str) -> None:
+        """Refuse `m` (with `meter`, `signed_bytes` and `sig`) unless it names the topic's
+        meter, that meter is registered (`self.registry`), and its key signed `m`."""
+        if m.meter != topic_meter:
+            raise Rejected("topic_mismatch", f"topic meter {topic_meter!r}, payload meter {m.meter!r}", seq=seq)
+        if m.meter not in self.registry:
+            raise Rejected("unknown_meter", m.meter, seq=seq)
+        try:
+            ok = self.registry.verify(m.meter, m.signed_bytes, bytes.fromhex(m.sig))
+        except Exception:  # a verifier that cannot decide has not verified
+            ok = False
+        if not ok:
+            raise Rejected("bad_signature", f"{what} {seq}", seq=seq)
+
     def committed(self) -> None:
         """The batch checked since the last call is durable."""
 

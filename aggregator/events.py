@@ -188,16 +188,7 @@ class EventCheck(MessageCheck):
 
     def _check(self, topic_meter: str, payload: bytes) -> Verdict:
         e = parse_event(payload)
-        if e.meter != topic_meter:
-            raise Rejected("topic_mismatch", f"topic meter {topic_meter!r}, payload meter {e.meter!r}", seq=e.eseq)
-        if e.meter not in self.registry:
-            raise Rejected("unknown_meter", e.meter, seq=e.eseq)
-        try:
-            ok = self.registry.verify(e.meter, e.signed_bytes, bytes.fromhex(e.sig))
-        except Exception:  # a verifier that cannot decide has not verified
-            ok = False
-        if not ok:
-            raise Rejected("bad_signature", f"event eseq {e.eseq}", seq=e.eseq)
+        self._signed_by_topic_meter(topic_meter, e, e.eseq, "event eseq")
         last = self.last.get(e.meter, 0)
         if e.eseq == last + 1:
             self.last[e.meter] = e.eseq
