@@ -38,9 +38,8 @@ import sqlite_utils
 from certlog.store import connect, immediate
 from gridledger.errors import Rejected
 from gridledger.logs import event
-from gridledger.wire import METER_ID_RE
 
-from .desk import MessageCheck, MessageDesk, Verdict, read_newest
+from .desk import MessageCheck, MessageDesk, Verdict, read_newest, signed_json
 from .registry import Registry
 
 __all__ = ["Alert", "AlertCheck", "AlertStore", "AlertDesk", "StoredAlert", "parse_alert",
@@ -116,28 +115,7 @@ def make_alert(*, meter: str, seq: int, t: int, kind: str, value: int, threshold
 
 def parse_alert(payload: bytes, max_size: int = MAX_ALERT) -> Alert:
     """An alert from its JSON payload, or `Rejected` with the reason."""
-    if len(payload) > max_size:
-        raise Rejected("oversized", f"{len(payload)} bytes > {max_size}")
-    try:
-        obj = json.loads(payload)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise Rejected("malformed_json", str(exc)[:120]) from None
-    if not isinstance(obj, dict):
-        raise Rejected("malformed_json", "not a JSON object")
-    seq = obj.get("seq") if type(obj.get("seq")) is int else None
-    for k in (*_INT_FIELDS, *_STR_FIELDS):
-        if k not in obj:
-            raise Rejected("missing_field", k, seq=seq)
-    for k in _INT_FIELDS:
-        if type(obj[k]) is not int:
-            raise Rejected("bad_type", f"{k} must be an integer", seq=seq)
-    for k in _STR_FIELDS:
-        if type(obj[k]) is not str:
-            raise Rejected("bad_type", f"{k} must be a string", seq=seq)
-    if obj["v"] != VERSION:
-        raise Rejected("unsupported_version", f"v {obj['v']}", seq=seq)
-    if not METER_ID_RE.match(obj["meter"]):
-        raise Rejected("bad_value", "meter id", seq=seq)
+    obj, seq = signed_json(payload, max_size, VERSION, "seq", _INT_FIELDS, _STR_FIELDS)
     if obj["seq"] < 1 or obj["t"] < 0:
         raise Rejected("bad_value", "seq must be >= 1 and t >= 0", seq=seq)
     if obj["kind"] not in KINDS or obj["state"] not in STATES:

@@ -24,7 +24,7 @@ from gridledger.logs import event
 from gridledger.metrics import Snapshot
 from gridledger.wire import METER_ID_RE, ack_topic, nack_topic
 
-__all__ = ["Verdict", "MessageCheck", "MessageDesk", "read_newest"]
+__all__ = ["Verdict", "MessageCheck", "MessageDesk", "read_newest", "signed_json"]
 
 _BATCH_MAX = 256
 _QUEUE_MAX = 5000
@@ -38,6 +38,37 @@ class Verdict:
     detail: str = ""
     seq: int | None = None
     evidence: bool = False  # validly signed, and in conflict with what is stored
+
+
+def signed_json(payload: bytes, max_size: int, version: int, seq_field: str, int_fields: tuple[str, ...],
+                str_fields: tuple[str, ...], order: tuple[str, ...] | None = None) -> tuple[dict, int | None]:
+    """The checks every signed meter message (alert, event) starts with, in order: size,
+    a UTF-8 JSON object, every field present (in `order`), ints and strings of exact
+    type, the version, the meter id. `Rejected` with the reason, else the object and
+    its sequence number (`seq_field`, None when unreadable)."""
+    if len(payload) > max_size:
+        raise Rejected("oversized", f"{len(payload)} bytes > {max_size}")
+    try:
+        obj = json.loads(payload.decode("utf-8"))
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise Rejected("malformed_json", str(exc)[:120]) from None
+    if not isinstance(obj, dict):
+        raise Rejected("malformed_json", "not a JSON object")
+    seq = obj.get(seq_field) if type(obj.get(seq_field)) is int else None
+    for k in order or (*int_fields, *str_fields):
+        if k not in obj:
+            raise Rejected("missing_field", k, seq=seq)
+    for k in int_fields:
+        if type(obj[k]) is not int:
+            raise Rejected("bad_type", f"{k} must be an integer", seq=seq)
+    for k in str_fields:
+        if type(obj[k]) is not str:
+            raise Rejected("bad_type", f"{k} must be a string", seq=seq)
+    if obj["v"] != version:
+        raise Rejected("unsupported_version", f"v {obj['v']}", seq=seq)
+    if not METER_ID_RE.match(obj["meter"]):
+        raise Rejected("bad_value", "meter id", seq=seq)
+    return obj, seq
 
 
 class MessageCheck:

@@ -43,9 +43,8 @@ import sqlite_utils
 from certlog.store import connect, immediate
 from gridledger.errors import Rejected
 from gridledger.logs import event
-from gridledger.wire import METER_ID_RE
 
-from .desk import MessageCheck, MessageDesk, Verdict, read_newest
+from .desk import MessageCheck, MessageDesk, Verdict, read_newest, signed_json
 from .registry import Registry
 
 __all__ = ["Event", "EventCheck", "EventStore", "EventDesk", "StoredEvent", "parse_event", "event_signed_bytes",
@@ -136,28 +135,7 @@ def make_event(*, meter: str, eseq: int, at: int, seq: int, prev: str, import_be
 
 def parse_event(payload: bytes, max_size: int = MAX_EVENT) -> Event:
     """An event from its JSON payload, or `Rejected` with the reason."""
-    if len(payload) > max_size:
-        raise Rejected("oversized", f"{len(payload)} bytes > {max_size}")
-    try:
-        obj = json.loads(payload.decode("utf-8"))
-    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
-        raise Rejected("malformed_json", str(exc)[:120]) from None
-    if not isinstance(obj, dict):
-        raise Rejected("malformed_json", "not a JSON object")
-    eseq = obj.get("eseq") if type(obj.get("eseq")) is int else None
-    for k in _FIELDS:
-        if k not in obj:
-            raise Rejected("missing_field", k, seq=eseq)
-    for k in _INT_FIELDS:
-        if type(obj[k]) is not int:
-            raise Rejected("bad_type", f"{k} must be an integer", seq=eseq)
-    for k in _STR_FIELDS:
-        if type(obj[k]) is not str:
-            raise Rejected("bad_type", f"{k} must be a string", seq=eseq)
-    if obj["v"] != VERSION:
-        raise Rejected("unsupported_version", f"v {obj['v']}", seq=eseq)
-    if not METER_ID_RE.match(obj["meter"]):
-        raise Rejected("bad_value", "meter id", seq=eseq)
+    obj, eseq = signed_json(payload, max_size, VERSION, "eseq", _INT_FIELDS, _STR_FIELDS, _FIELDS)
     if obj["kind"] not in KINDS:
         raise Rejected("bad_value", f"kind {obj['kind'][:20]!r}", seq=eseq)
     if obj["eseq"] < 1 or obj["at"] < 0 or obj["seq"] < 0:
