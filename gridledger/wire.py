@@ -109,16 +109,22 @@ class Reading:
     signed_bytes: bytes = field(init=False, repr=False, compare=False)
     hash: str = field(init=False, repr=False, compare=False)
     _json: bytes | None = field(init=False, repr=False, compare=False)  # to_json's, once asked
+    _int: int | None = field(init=False, repr=False, compare=False)    # ciphertext's, once asked
 
     def __post_init__(self) -> None:
         sb = signed_bytes(self.meter, self.seq, self.t, self.dt, self.prev, self.kid, self.c, self.tq)
         object.__setattr__(self, "signed_bytes", sb)
         object.__setattr__(self, "hash", hashlib.sha256(sb).hexdigest())
         object.__setattr__(self, "_json", None)
+        object.__setattr__(self, "_int", None)
 
     @property
     def ciphertext(self) -> int:
-        return int(self.c, 16)
+        """c as a number, parsed once: the gateway's range check and its block's
+        product both need it."""
+        if self._int is None:
+            object.__setattr__(self, "_int", int(self.c, 16))
+        return self._int
 
     def to_json(self) -> bytes:
         """Canonical JSON: the fields in wire order (tq, when present, before sig), no
