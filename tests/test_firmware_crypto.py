@@ -57,7 +57,7 @@ def test_comb_base_multiplication_matches_double_and_add(mp_source, tmp_path):
 def test_reading_vectors_in_micropython(mp_source, form):
     """Firmware rebuilds each wire-v1 vector byte for byte, plain and with the time-quality
     line: plaintext, ciphertext, signed bytes, signature, hash, payload."""
-    got = mp_source.run_json(MP_SCRIPTS / "mp_reading_vectors.py", VECTORS / "readings_v1.json")
+    got = mp_source.run_json(MP_SCRIPTS / "mp_reading_vectors.py", VECTORS / "readings_v1.json", form)
     assert got["kid"] == READINGS["paillier"]["kid"]
     assert got["public"] == READINGS["meter_key"]["public"]
     for g, v in zip(got[form], READINGS[form], strict=True):

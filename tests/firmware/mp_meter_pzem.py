@@ -5,7 +5,7 @@
 import sys
 
 import meter
-from fakehw import DeviceUart
+from fakepzem import DeviceUart
 from sensors.pzem import Pzem
 
 

@@ -9,7 +9,7 @@ import time
 
 import clock
 import meter
-from fakehw import DeviceUart
+from fakepzem import DeviceUart
 from sensors.pzem import Pzem
 
 Y2000 = 946684800
