@@ -345,18 +345,6 @@ def _open_state(cfg, n, boot=True):
     return MeterState(cfg.get("state_dir", "."), cfg["meter"], cfg.get("journal") or {}, nsq_bytes, log, boot)
 
 
-def set_register(cfg, import_wh, export_wh, by):
-    # Technician's command, with the meter's main loop stopped: align the
-    # registers with the utility meter through a signed, journaled event that
-    # the meter publishes (gl/v1/{area}/meters/{meter}/events) when it runs.
-    with open(cfg.get("key_file", cfg.get("state_dir", ".") + "/ed25519.key"), "rb") as f:
-        key = ed25519.SigningKey(f.read())
-    st = _open_state(cfg, int(cfg["paillier"]["n"]), boot=False)
-    before = (st.c.import_wh, st.c.export_wh)
-    eseq, h = st.set_register(key, import_wh, export_wh, by, Clock(cfg.get("clock", {})).now())
-    log("set_register", eseq=eseq, hash=h, before=before, after=(import_wh, export_wh), by=by)
-
-
 def main(argv=None):
     argv = argv if argv is not None else sys.argv
     path = argv[1] if len(argv) > 1 else "config.json"
@@ -364,7 +352,9 @@ def main(argv=None):
         if len(argv) > 2 and argv[2] == "set-register":
             if len(argv) != 6:
                 raise StateError("usage", "usage: main.py CONFIG set-register IMPORT_WH EXPORT_WH BY")
-            set_register(_load(path), int(argv[3]), int(argv[4]), argv[5])
+            # The technician's command (docs/journal.md): its code is loaded only for it.
+            import setreg
+            setreg.command(_load(path), int(argv[3]), int(argv[4]), argv[5])
             return
         Meter(_load(path)).run()
     except (StateError, ValueError) as e:
