@@ -101,9 +101,20 @@ def fetch_umqtt(dest: Path = BUILD / "mplib") -> Path:
     return target
 
 
-def compile_module(src: Path, out: Path) -> None:
+def module_name(rel: Path) -> str:
+    """The import name of the module at rel (a path under the firmware folder)."""
+    parts = rel.with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def compile_module(src: Path, out: Path, name: str | None = None) -> None:
+    """Compile src to out; name is the source name the .mpy carries, which tracebacks show. The
+    bundle names each module by its import name ("sensors.base"): a board interns that string in
+    its heap anyway, so the name costs nothing, where this machine's absolute path (the default)
+    would be one more string per module held in RAM for good (docs/architecture.md, meter memory)."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    res = subprocess.run([mpy_cross(), "-o", str(out), str(src)], capture_output=True, text=True)
+    res = subprocess.run([mpy_cross(), "-s", name or src.name, "-o", str(out), str(src)], capture_output=True,
+                         text=True)
     if res.returncode != 0:
         raise BuildError(f"mpy-cross {src.name}: {res.stderr.strip() or res.stdout.strip()}")
 
@@ -119,12 +130,13 @@ def build_firmware(out: Path = BUILD / "firmware") -> Path:
         if src.name == "main.py":
             shutil.copy2(src, out / "main.py")
         else:
-            compile_module(src, out / src.relative_to(FIRMWARE_SRC).with_suffix(".mpy"))
+            rel = src.relative_to(FIRMWARE_SRC)
+            compile_module(src, out / rel.with_suffix(".mpy"), module_name(rel))
     # Board profiles travel as data: firmware/boards.py reads profiles/NAME.json
     # (not boards/: that folder would shadow the boards module).
     (out / "profiles").mkdir()
     for profile in sorted(BOARDS.glob("*.json")):
         shutil.copy2(profile, out / "profiles" / profile.name)
-    compile_module(umqtt, out / "umqtt" / "simple.mpy")
-    compile_module(umqtt.parent / "__init__.py", out / "umqtt" / "__init__.mpy")
+    compile_module(umqtt, out / "umqtt" / "simple.mpy", "umqtt.simple")
+    compile_module(umqtt.parent / "__init__.py", out / "umqtt" / "__init__.mpy", "umqtt")
     return out
