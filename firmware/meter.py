@@ -80,16 +80,24 @@ class Meter:
         self.tz = cfg.get("tz_offset_s", 0)
         with open(cfg.get("key_file", self.dir + "/ed25519.key"), "rb") as f:
             self.key = ed25519.SigningKey(f.read())
+        # The boot's steps (expanding the key, parsing the Paillier key,
+        # recovering the journal, checking the board profile) leave garbage:
+        # collected after each, what the next step keeps goes beside what is
+        # already kept rather than among that garbage, whose holes would split
+        # the free heap for good (docs/architecture.md, meter memory).
+        gc.collect()
         pc = cfg["paillier"]
         self.n = int(pc["n"])
         self.kid = wire.kid_of(self.n)
         if pc.get("kid", self.kid) != self.kid:
             raise ValueError("paillier kid does not match n")
         self.pool = paillier.RhoPool(self.n, pc.get("pool", 4), pc.get("exp_bits"))
+        gc.collect()
         self._pool_step_s = 0.0
         self.clock = Clock(cfg.get("clock", {}))
         self.stop_at = cfg.get("clock", {}).get("stop_at")
         self.state = _open_state(cfg, self.n)
+        gc.collect()
         # next_end None: the clock has never been set, so no interval can be
         # named yet; the sensor counts on, and the first sync makes one reading
         # of it all (_first_sync). _since: that reading's start.
@@ -106,6 +114,7 @@ class Meter:
         self.board = boards.select(cfg)
         # ~10 KiB of profile checks, needed once: loaded code lives in RAM.
         del sys.modules["boards"]
+        gc.collect()
         self.sensor = _make_sensor(cfg, self.board)
         ck = self.state.c.ckpt
         if ck is not None:

@@ -27,4 +27,5 @@ for name in ("readings", "readings_tq"):  # plain v1, and with the time-quality 
         out[name].append({"m": "%x" % m, "c": "%x" % c, "signed_bytes": sb.decode(),
                           "hash": h, "hash_check": binascii.hexlify(hashlib.sha256(sb).digest()).decode(),
                           "payload": json.loads(payload)})
-print(json.dumps(out))
+json.dump(out, sys.stdout)  # streamed: one 30 KB string may find no hole in a fragmented heap
+print()
