@@ -51,4 +51,5 @@ for i in range(1, cycles + 1):
     if i == 100 or i == cycles:
         marks[str(i)] = drained_free()
 micropython.qstr_info()  # the interned names: a sixth pool would cost 7 KB (docs/architecture.md)
-print(json.dumps({"marks": marks, "lowest_free": lowest, "health": m._health(), "seq": m.seq}))
+print(json.dumps({"marks": marks, "lowest_free": lowest, "health": m._health(), "seq": m.seq,
+                  "modules": sorted(sys.modules)}))
