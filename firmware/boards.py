@@ -71,13 +71,19 @@ def select(cfg):
     return b
 
 
+def _at(where, key):
+    # "gpio" and "max" -> "gpio.max". Prefixes are passed without their dot:
+    # short strings in code are interned in RAM for good, and "gpio" already is.
+    return where + "." + key if where else key
+
+
 def _need(doc, key, kinds, where):
     if key not in doc:
-        raise BoardError("missing_key", where + key)
+        raise BoardError("missing_key", _at(where, key))
     v = doc[key]
     kinds = kinds if isinstance(kinds, tuple) else (kinds,)
     if not isinstance(v, kinds) or (isinstance(v, bool) and bool not in kinds):
-        raise BoardError("bad_type", "%s%s: %r" % (where, key, v))
+        raise BoardError("bad_type", "%s: %r" % (_at(where, key), v))
     return v
 
 
@@ -107,8 +113,8 @@ def validate(doc, name=None):
     if fs is not None and fs <= 0:
         raise BoardError("bad_value", "fs_bytes: %r" % fs)
     gpio = _need(doc, "gpio", dict, "")
-    _need(gpio, "max", int, "gpio.")
-    for p in _need(gpio, "reserved", list, "gpio."):
+    _need(gpio, "max", int, "gpio")
+    for p in _need(gpio, "reserved", list, "gpio"):
         if isinstance(p, bool) or not isinstance(p, int):
             raise BoardError("bad_type", "gpio.reserved: %r" % (p,))
     used = {}  # pin -> what uses it
@@ -120,39 +126,40 @@ def validate(doc, name=None):
 
     led = _need(doc, "led", (dict, type(None)), "")
     if led is not None:
-        claim(_pin(_need(led, "pin", (int, str), "led."), gpio, "led.pin"), "led")
+        claim(_pin(_need(led, "pin", (int, str), "led"), gpio, _at("led", "pin")), "led")
     wd = _need(doc, "watchdog", (dict, type(None)), "")
     if wd is not None:
-        mx = _need(wd, "max_ms", int, "watchdog.")
-        dflt = _need(wd, "default_ms", int, "watchdog.")
+        mx = _need(wd, "max_ms", int, "watchdog")
+        dflt = _need(wd, "default_ms", int, "watchdog")
         if mx < 1000 or not 1000 <= dflt <= mx:
             raise BoardError("bad_value", "watchdog: need 1000 <= default_ms (%d) <= max_ms (%d)" % (dflt, mx))
     adc = _need(doc, "adc", (dict, type(None)), "")
     if adc is not None:
-        bits = _need(adc, "bits", int, "adc.")
+        bits = _need(adc, "bits", int, "adc")
         if not 8 <= bits <= 16:
             raise BoardError("bad_value", "adc.bits: %d" % bits)
-        vref = _need(adc, "vref", (int, float), "adc.")
+        vref = _need(adc, "vref", (int, float), "adc")
         if not 0.5 <= vref <= 5:
             raise BoardError("bad_value", "adc.vref: %r" % vref)
-        for ch, p in _need(adc, "channels", dict, "adc.").items():
+        for ch, p in _need(adc, "channels", dict, "adc").items():
             _pin(p, gpio, "adc.channels." + ch)
-        _need(adc, "die_temp", (int, type(None)), "adc.")
+        _need(adc, "die_temp", (int, type(None)), "adc")
     uarts = _need(doc, "uarts", dict, "")
     for uid, u in uarts.items():
         if not isinstance(u, dict):
             raise BoardError("bad_type", "uarts.%s" % uid)
         for end in ("tx", "rx"):
-            claim(_pin(_need(u, end, int, "uarts.%s." % uid), gpio, "uarts.%s.%s" % (uid, end)),
+            where = "uarts.%s" % uid
+            claim(_pin(_need(u, end, int, where), gpio, _at(where, end)),
                   "UART%s %s" % (uid, end))
     wiring = _need(doc, "wiring", dict, "")
     for kind, w in wiring.items():
         if kind not in _WIRING:
-            raise BoardError("unknown_key", "wiring." + kind)
+            raise BoardError("unknown_key", _at("wiring", kind))
         if not isinstance(w, dict):
-            raise BoardError("bad_type", "wiring." + kind)
+            raise BoardError("bad_type", _at("wiring", kind))
         for k, v in w.items():
-            where = "wiring.%s.%s" % (kind, k)
+            where = _at(_at("wiring", kind), k)
             if k not in _WIRING[kind]:
                 raise BoardError("unknown_key", where)
             if k == "uart":

@@ -2,6 +2,8 @@
 # Points are kept in extended coordinates (X:Y:Z:T), so no inversion is needed
 # until the final encoding; one fixed-base scalar multiplication per signature,
 # done with a comb over a 32-point table of the base point (see _mul_base).
+import gc
+
 from sha512 import sha512
 
 P = 2 ** 255 - 19
@@ -105,6 +107,10 @@ def _fill_comb():
 
 
 _fill_comb()
+# The fill leaves some 70 KB of garbage behind; whatever is allocated next (the
+# rest of this module, the meter's other modules) would land among it and stay
+# scattered over the heap once it is freed.
+gc.collect()
 
 
 def _entry(i):

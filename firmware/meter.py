@@ -80,16 +80,24 @@ class Meter:
         self.tz = cfg.get("tz_offset_s", 0)
         with open(cfg.get("key_file", self.dir + "/ed25519.key"), "rb") as f:
             self.key = ed25519.SigningKey(f.read())
+        # The boot's steps (expanding the key, parsing the Paillier key,
+        # recovering the journal, checking the board profile) leave garbage:
+        # collected after each, what the next step keeps goes beside what is
+        # already kept rather than among that garbage, whose holes would split
+        # the free heap for good (docs/architecture.md, meter memory).
+        gc.collect()
         pc = cfg["paillier"]
         self.n = int(pc["n"])
         self.kid = wire.kid_of(self.n)
         if pc.get("kid", self.kid) != self.kid:
             raise ValueError("paillier kid does not match n")
         self.pool = paillier.RhoPool(self.n, pc.get("pool", 4), pc.get("exp_bits"))
+        gc.collect()
         self._pool_step_s = 0.0
         self.clock = Clock(cfg.get("clock", {}))
         self.stop_at = cfg.get("clock", {}).get("stop_at")
         self.state = _open_state(cfg, self.n)
+        gc.collect()
         # next_end None: the clock has never been set, so no interval can be
         # named yet; the sensor counts on, and the first sync makes one reading
         # of it all (_first_sync). _since: that reading's start.
@@ -106,6 +114,7 @@ class Meter:
         self.board = boards.select(cfg)
         # ~10 KiB of profile checks, needed once: loaded code lives in RAM.
         del sys.modules["boards"]
+        gc.collect()
         self.sensor = _make_sensor(cfg, self.board)
         ck = self.state.c.ckpt
         if ck is not None:
@@ -345,18 +354,6 @@ def _open_state(cfg, n, boot=True):
     return MeterState(cfg.get("state_dir", "."), cfg["meter"], cfg.get("journal") or {}, nsq_bytes, log, boot)
 
 
-def set_register(cfg, import_wh, export_wh, by):
-    # Technician's command, with the meter's main loop stopped: align the
-    # registers with the utility meter through a signed, journaled event that
-    # the meter publishes (gl/v1/{area}/meters/{meter}/events) when it runs.
-    with open(cfg.get("key_file", cfg.get("state_dir", ".") + "/ed25519.key"), "rb") as f:
-        key = ed25519.SigningKey(f.read())
-    st = _open_state(cfg, int(cfg["paillier"]["n"]), boot=False)
-    before = (st.c.import_wh, st.c.export_wh)
-    eseq, h = st.set_register(key, import_wh, export_wh, by, Clock(cfg.get("clock", {})).now())
-    log("set_register", eseq=eseq, hash=h, before=before, after=(import_wh, export_wh), by=by)
-
-
 def main(argv=None):
     argv = argv if argv is not None else sys.argv
     path = argv[1] if len(argv) > 1 else "config.json"
@@ -364,7 +361,9 @@ def main(argv=None):
         if len(argv) > 2 and argv[2] == "set-register":
             if len(argv) != 6:
                 raise StateError("usage", "usage: main.py CONFIG set-register IMPORT_WH EXPORT_WH BY")
-            set_register(_load(path), int(argv[3]), int(argv[4]), argv[5])
+            # The technician's command (docs/journal.md): its code is loaded only for it.
+            import setreg
+            setreg.command(_load(path), int(argv[3]), int(argv[4]), argv[5])
             return
         Meter(_load(path)).run()
     except (StateError, ValueError) as e:

@@ -5,16 +5,12 @@
 # journal record newer than the counters brings them forward, so seq, the
 # chain head and the registers never go backwards, and the sensor checkpoint
 # comes forward with the registers it was counted into. docs/journal.md.
-import hashlib
-import json
 import os
+import sys
 
 import records
-import wire
 from counters import CounterStore, Counters
 from journal import KEEP_OLDEST, Journal, exists
-
-MAX_WH = (1 << 63) - 1
 
 
 class StateError(Exception):
@@ -23,15 +19,6 @@ class StateError(Exception):
     def __init__(self, reason, msg):
         super().__init__(msg)
         self.reason = reason
-
-
-def _valid_by(by):
-    if not 1 <= len(by) <= 32:
-        return False
-    for ch in by:
-        if not (ch.isalpha() or ch.isdigit() or ch in "_.@-"):
-            return False
-    return True
 
 
 class MeterState:
@@ -45,7 +32,7 @@ class MeterState:
         # where a folder named like a module hides the module from import.
         self.journal = Journal(dirname + "/unacked", jcfg.get("capacity", 2880),
                                jcfg.get("when_full", KEEP_OLDEST), jcfg.get("per_segment"))
-        self._buf = bytearray(records.READING_FIXED + nsq_bytes + 64)
+        self.buf = bytearray(records.READING_FIXED + nsq_bytes + 64)
         c = self.store.load()
         if c is None:
             if exists(self.store.paths[0]) or exists(self.store.paths[1]):
@@ -53,9 +40,15 @@ class MeterState:
                 # reuse published seqs (equivocation at the gateway).
                 raise StateError("counters_lost", "both counter slots are damaged; the meter must be re-enrolled "
                                  "or its counters restored (docs/journal.md)")
-            c = self._migrate() if exists(dirname + "/state.json") else Counters()
-        else:
-            self._drop_old_spool()
+            if exists(dirname + "/state.json"):
+                import firstcut  # once in a meter's life: dropped again below
+                c = firstcut.migrate(self)
+            else:
+                c = Counters()
+        elif exists(dirname + "/state.json") or exists(dirname + "/spool"):
+            import firstcut  # a migration cut short after the counters were written
+            firstcut.drop_old_spool(self)
+        sys.modules.pop("firstcut", None)  # loaded code is RAM
         self.journal.recover(c.floor)
         self.journal.dropped = c.dropped
         self._roll_forward(c)
@@ -130,8 +123,8 @@ class MeterState:
         c.ckpt = ckpt
         c.import_wh += imp
         c.export_wh += exp
-        n = records.pack_reading(self._buf, c, seq, t, dt, prev, kid, sig, c_int, self.nsq_bytes, tq)
-        kept = self.journal.append(memoryview(self._buf)[:n])
+        n = records.pack_reading(self.buf, c, seq, t, dt, prev, kid, sig, c_int, self.nsq_bytes, tq)
+        kept = self.journal.append(memoryview(self.buf)[:n])
         if kept:
             c.seq = seq
             c.prev = records.unhex(h)
@@ -158,78 +151,3 @@ class MeterState:
         if records.kind(p) == records.EVENT:
             return records.common(p)[3], records.event_json(p, self.meter)
         return 0, records.reading_json(p, self.meter)[0]
-
-    # Events ----------------------------------------------------------------
-
-    def set_register(self, key, import_wh, export_wh, by, at):
-        # Align the registers with the utility meter: a signed event, journaled
-        # (and so published) before the counters move; without the record
-        # nothing moves.
-        if not (isinstance(import_wh, int) and isinstance(export_wh, int)
-                and 0 <= import_wh <= MAX_WH and 0 <= export_wh <= MAX_WH):
-            raise StateError("bad_value", "register values must be whole watt-hours >= 0")
-        if not _valid_by(by):
-            raise StateError("bad_value", "by: 1-32 characters from A-Z a-z 0-9 _ . @ -")
-        c = self.c
-        imp0, exp0 = c.import_wh, c.export_wh
-        eseq = c.eseq + 1
-        sb = records.event_signed_bytes(self.meter, eseq, at, records.SET_REGISTER, c.seq, wire.hexs(c.prev),
-                                        imp0, exp0, import_wh, export_wh, by)
-        sig = key.sign(sb)
-        c.eseq, c.import_wh, c.export_wh = eseq, import_wh, export_wh
-        n = records.pack_event(self._buf, c, at, imp0, exp0, by, sig)
-        if not self.journal.append(memoryview(self._buf)[:n]):
-            c.eseq, c.import_wh, c.export_wh = eseq - 1, imp0, exp0
-            raise StateError("journal_full", "the journal cannot take the event; registers unchanged")
-        self.save()
-        return eseq, wire.hexs(hashlib.sha256(sb).digest())
-
-    # Migration from the first-cut state.json + spool/ -------------------
-
-    def _spool(self):
-        d = self.dir + "/spool"
-        return d, (sorted(int(n[:-5]) for n in os.listdir(d) if n.endswith(".json")) if exists(d) else [])
-
-    def _migrate(self):
-        # Once, from the first cut (state.json written by rename, one spool file
-        # per unacked reading). Idempotent: a power cut before the counters are
-        # written leaves state.json, and the journal is rebuilt from scratch.
-        try:
-            with open(self.dir + "/state.json") as f:
-                st = json.load(f)
-            seq, t, prev = int(st["seq"]), int(st["t"]), records.unhex(st["prev"])
-            if seq < 0 or t < 0 or len(prev) != 32:
-                raise ValueError("out of range")
-        except Exception as e:
-            raise StateError("bad_state_json", "state.json cannot be migrated (%r): restore it or re-enroll" % e)
-        self.journal.clear()  # a half-done earlier migration: start over
-        d, seqs = self._spool()
-        c = Counters()
-        c.seq, c.t, c.prev = seq, t, prev
-        c.floor = c.acked = seq
-        for s in seqs:
-            if s > seq:
-                continue  # written but never committed, so never published
-            with open("%s/%d.json" % (d, s), "rb") as f:
-                r = json.loads(f.read())
-            n = records.pack_reading(self._buf, c, r["seq"], r["t"], r["dt"], r["prev"], r["kid"],
-                                     records.unhex(r["sig"]), int(r["c"], 16), self.nsq_bytes)
-            self.journal.append(memoryview(self._buf)[:n])
-            c.floor = c.acked = min(c.floor, s - 1)
-        self.journal.floor = c.floor
-        self.c = c
-        self.save()
-        self.log("migrated", seq=seq, spooled=self.journal.live)
-        self._drop_old_spool()
-        return c
-
-    def _drop_old_spool(self):
-        d, seqs = self._spool()
-        for s in seqs:
-            os.remove("%s/%d.json" % (d, s))
-        if exists(d):
-            for n in os.listdir(d):
-                os.remove(d + "/" + n)
-            os.rmdir(d)
-        if exists(self.dir + "/state.json"):
-            os.remove(self.dir + "/state.json")

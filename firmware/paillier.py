@@ -79,15 +79,22 @@ class RhoPool:
         # heap and fragment it (the bench measures the smallest heap that works).
         self._vbytes = (2 * self._nbits + 7) // 8
         self._table = memoryview(bytearray(((1 << _TEETH) - 1) * self._vbytes))
+        # The pool too is one block, a ring of `size` slots: a value made in
+        # the loop would otherwise be a long-lived object dropped wherever the
+        # step's garbage left room, and split the free heap a little more
+        # with every refill.
+        self._ring = max(size, 1)  # a pool of 0 still holds the value take() waits for
+        self._slots = memoryview(bytearray(self._ring * self._vbytes))
+        self._head = 0  # the oldest value's slot
+        self._count = 0
         self._comb = False
         self._job = self._boot(-(y * y) % n)
-        self._pool = []
 
     def __len__(self):
-        return len(self._pool)
+        return self._count
 
     def full(self):
-        return len(self._pool) >= self.size
+        return self._count >= self.size
 
     def ready(self):
         return self._comb
@@ -143,7 +150,13 @@ class RhoPool:
                 acc = acc * self._get(j) % nsq
             if c and c % _STEP_COLS == 0:
                 yield
-        self._pool.append(acc)
+        if self._count == self._ring:
+            # refill_one on a full pool: the oldest value goes, never handed out
+            self._head = (self._head + 1) % self._ring
+            self._count -= 1
+        o = (self._head + self._count) % self._ring * self._vbytes
+        self._slots[o:o + self._vbytes] = acc.to_bytes(self._vbytes, "big")
+        self._count += 1
 
     def _advance(self):
         if self._job is None:
@@ -166,15 +179,19 @@ class RhoPool:
         # Collecting between steps, as the meter's loop does when it runs them
         # one at a time, keeps the steps' big-integer garbage from fragmenting
         # a small heap when a reading has to wait for a value.
-        have = len(self._pool)
-        while len(self._pool) == have:
+        have = self._count
+        while self._count == have:
             self._advance()
             gc.collect()
 
     def take(self):
-        if not self._pool:
+        if not self._count:
             self.refill_one()
-        return self._pool.pop(0)
+        o = self._head * self._vbytes
+        rho = int.from_bytes(self._slots[o:o + self._vbytes], "big")
+        self._head = (self._head + 1) % self._ring
+        self._count -= 1
+        return rho
 
     def encrypt(self, m):
         return encrypt_with(self.n, self.nsq, m, self.take())

@@ -20,14 +20,14 @@ V2 = 0x10
 # byte (wire.TQS index + 1) after the signature. Only V2 headers carry it.
 TQ = 0x20
 # kind, seq, t, eseq, import Wh, export Wh, prev (32 bytes), checkpoint import, export
-_COMMON = ">BIIIQQ32sQQ"
-COMMON = struct.calcsize(_COMMON)
-_V1_COMMON = _COMMON[:-2]
+COMMON_FMT = ">BIIIQQ32sQQ"
+COMMON = struct.calcsize(COMMON_FMT)
+_V1_COMMON = COMMON_FMT[:-2]
 V1_COMMON = struct.calcsize(_V1_COMMON)
 _READING = ">I8s64s"  # dt, kid, signature; the ciphertext follows
-_EVENT = ">IQQ64s"  # at, import before, export before, signature; `by` follows
+EVENT_FMT = ">IQQ64s"  # at, import before, export before, signature; `by` follows (setreg.pack)
 _READING_SIZE = struct.calcsize(_READING)
-_EVENT_SIZE = struct.calcsize(_EVENT)
+_EVENT_SIZE = struct.calcsize(EVENT_FMT)
 READING_FIXED = COMMON + _READING_SIZE
 EVENT_FIXED = COMMON + _EVENT_SIZE
 SET_REGISTER = "set_register"
@@ -47,7 +47,7 @@ def pack_reading(buf, c, seq, t, dt, prev, kid, sig, c_int, nsq_bytes, tq=None):
     # time quality or None (a plain v1 reading). Returns the length.
     ci, ce = ckpt_fields(c.ckpt)
     k = V2 | READING if tq is None else V2 | TQ | READING
-    struct.pack_into(_COMMON, buf, 0, k, seq, t, c.eseq, c.import_wh, c.export_wh, unhex(prev), ci, ce)
+    struct.pack_into(COMMON_FMT, buf, 0, k, seq, t, c.eseq, c.import_wh, c.export_wh, unhex(prev), ci, ce)
     struct.pack_into(_READING, buf, COMMON, dt, unhex(kid), sig)
     at = READING_FIXED
     if tq is not None:
@@ -55,16 +55,6 @@ def pack_reading(buf, c, seq, t, dt, prev, kid, sig, c_int, nsq_bytes, tq=None):
         at += 1
     buf[at:at + nsq_bytes] = _c_bytes(c_int, nsq_bytes)
     return at + nsq_bytes
-
-
-def pack_event(buf, c, at, import_before, export_before, by, sig):
-    by = by.encode()
-    ci, ce = ckpt_fields(c.ckpt)
-    struct.pack_into(_COMMON, buf, 0, V2 | EVENT, c.seq, c.t, c.eseq, c.import_wh, c.export_wh, c.prev, ci, ce)
-    struct.pack_into(_EVENT, buf, COMMON, at, import_before, export_before, sig)
-    end = EVENT_FIXED + len(by)
-    buf[EVENT_FIXED:end] = by
-    return end
 
 
 def kind(p):
@@ -80,7 +70,7 @@ def common(p):
     # (kind, seq, t, eseq, import Wh, export Wh, prev bytes, sensor checkpoint
     # or None), from a header of either version
     if p[0] & V2:
-        k, seq, t, eseq, imp, exp, prev, ci, ce = struct.unpack_from(_COMMON, p, 0)
+        k, seq, t, eseq, imp, exp, prev, ci, ce = struct.unpack_from(COMMON_FMT, p, 0)
         return k & 0x0F, seq, t, eseq, imp, exp, prev, ckpt_of(ci, ce)
     k, seq, t, eseq, imp, exp, prev = struct.unpack_from(_V1_COMMON, p, 0)
     return k & 0x0F, seq, t, eseq, imp, exp, prev, None
@@ -102,17 +92,10 @@ def reading_json(p, meter):
     return wire.payload(meter, seq, t, dt, prev, kid, c, wire.hexs(sig), tq), wire.hexs(hashlib.sha256(sb).digest())
 
 
-def event_signed_bytes(meter, eseq, at, kind, seq, prev, import_before, export_before, import_wh, export_wh, by):
-    # gl-event-v1 (docs/journal.md): the event is tied to the reading chain by
-    # the seq and hash of the last reading before it.
-    return "\n".join(("gl-event-v1", meter, str(eseq), str(at), kind, str(seq), prev, str(import_before),
-                      str(export_before), str(import_wh), str(export_wh), by)).encode()
-
-
 def event_json(p, meter):
     _, seq, _, eseq, imp, exp, prev, _ = common(p)
     b = _body(p)
-    at, imp0, exp0, sig = struct.unpack_from(_EVENT, p, b)
+    at, imp0, exp0, sig = struct.unpack_from(EVENT_FMT, p, b)
     by = bytes(p[b + _EVENT_SIZE:]).decode()
     return ('{"v": 1, "meter": "%s", "eseq": %d, "at": %d, "kind": "%s", "seq": %d, "prev": "%s", '
             '"import_before": %d, "export_before": %d, "import_wh": %d, "export_wh": %d, "by": "%s", "sig": "%s"}'

@@ -11,6 +11,11 @@ import socket
 import time
 from umqtt import simple
 
+# Loaded with the uplink, not at the first connect: code loaded in the loop
+# lands in whatever hole the free heap has, and splits it for good.
+import answers
+import health
+
 
 # The RP2040 watchdog cannot wait more than 8.3 s; a call that returns within
 # 5 s leaves the main loop time to feed it whatever the network does.
@@ -113,7 +118,7 @@ def _jitter(delay_ms):
 
 class Uplink:
     def __init__(self, cfg, area, meter, on_ack, log, status=None):
-        simple.socket = _SocketModule(self)
+        self._sockets = _SocketModule(self)
         self._cfg = cfg
         self._base = "gl/v1/%s/meters/%s/" % (area, meter)
         self.readings_topic = self._base + "readings"
@@ -154,7 +159,6 @@ class Uplink:
 
     def _cb(self, topic, msg):
         self._got += 1
-        import answers
         seq = answers.handle(msg, topic.endswith(b"/ack"), self._on_ack, self.alerts, self._log, self.on_event)
         if seq is not None and (self._last_acked is None or seq > self._last_acked):
             self._last_acked = seq
@@ -202,6 +206,11 @@ class Uplink:
         # later still learns the meter is gone; the health sent right after the
         # connect replaces the will of an earlier death.
         c.set_last_will(self._base + "health", self._offline, retain=True, qos=1)
+        # umqtt makes its socket in connect() from its module's `socket`: ours
+        # for that call only. Left in place, umqtt's module would hold this
+        # uplink, and through it the whole meter, after the meter is stopped
+        # (mpremote's Ctrl-C on a board, before provision's self-test).
+        simple.socket = self._sockets
         try:
             c.connect()
             c.subscribe(self._base + "ack", qos=1)
@@ -210,6 +219,8 @@ class Uplink:
             self._client = c
             self._fail("connect", e)
             return False
+        finally:
+            simple.socket = socket
         self._client = c
         self._delay_ms = BACKOFF_MIN_MS
         self._last_io = time.ticks_ms()
@@ -273,6 +284,5 @@ class Uplink:
         self._up_tick = now
 
     def _health_message(self):
-        import health
         return json.dumps(health.report(self._meter, self._status, self._log, self._up_ms,
                                         self._last_acked, self.reconnects, self.alerts))

@@ -25,10 +25,6 @@ from uplinkkit import MeterArea, start_tls_broker
 
 BASE = "gl/v1/area1/meters"
 TIMEOUT_S = 2
-# A TLS meter needs more heap than the 128 KiB a plain one fits in: the TLS
-# context (~3.5 KiB) and session on top of the journal, sensors and pool tables
-# leave too little for the pool's first table build (docs/uplink.md, "Heap").
-TLS_HEAP = "160k"
 HEALTH_FIELDS = {"v", "meter", "state", "fw", "up_s", "mem_free", "seq", "journal_depth", "journal_full", "dropped",
                  "last_acked", "reset_cause", "rssi", "clock", "reconnects", "alerts_pending", "alerts_dropped"}
 
@@ -47,8 +43,8 @@ def area(tmp_path, tls_broker, firmware_bundle):
     made = []
 
     def make(meters: list[str], **kw) -> MeterArea:
-        made.append(MeterArea(tmp_path, tls_broker.broker, firmware_bundle, meters, intervals=None, heap=TLS_HEAP,
-                              **kw))
+        # METER_HEAP (MeterArea's default), as for a plain meter: the TLS context fits (docs/uplink.md, heap)
+        made.append(MeterArea(tmp_path, tls_broker.broker, firmware_bundle, meters, intervals=None, **kw))
         return made[-1]
 
     yield make

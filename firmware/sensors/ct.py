@@ -12,6 +12,9 @@ from sensors.base import Sensor
 
 _MJ_PER_WH = 3600000  # W x ms = mJ
 
+KEYS = ("adc", "v_adc", "amps_per_volt", "ratio", "burden_ohm", "volts", "pf", "cal",
+        "volts_per_volt", "mains_hz", "cycles", "samples", "every_ms", "min_a")
+
 
 class CtClamp(Sensor):
     kind = "ct"
@@ -131,3 +134,31 @@ class CtClamp(Sensor):
 
     def power_w(self):
         return self._w if self._at is not None else None
+
+
+def make(w, log, temp):
+    # sensors.make: the clamp on an ADC channel of the board, and optionally an
+    # AC-AC adapter on another
+    hw, board = w.hw, w.board
+    adc = board["adc"]
+    if adc is None:
+        raise w.bad("board %s has no ADC" % board["id"])
+
+    def channel(key):
+        pin = adc["channels"].get(str(w.get(key)))
+        if pin is None:
+            raise w.bad("%s %r is not an ADC channel of %s" % (key, w.get(key), board["id"]))
+        a = hw.ADC(hw.Pin(pin))
+        if adc.get("atten_db") == 11:
+            a.atten(hw.ADC.ATTN_11DB)  # ESP32: about 0.15-2.45 V usable
+        return a
+
+    if w.has("amps_per_volt"):
+        apv = w.get("amps_per_volt")  # voltage-output clamp: SCT-013-030 is 30 A per volt
+    else:
+        apv = w.need("ratio") / w.need("burden_ohm")  # current output: turns ratio over burden
+    w.need("adc")
+    vin = channel("v_adc") if w.has("volts_per_volt") else None
+    return CtClamp(channel("adc"), adc["vref"], adc["bits"], apv, w.get("volts", 230.0), w.get("pf", 1.0),
+                   w.get("cal", 1.0), vin, w.get("volts_per_volt"), w.get("mains_hz", 50), w.get("cycles", 10),
+                   w.get("samples", 400), w.get("every_ms", 2000), w.get("min_a"), log, temp)

@@ -6,6 +6,8 @@ import time
 
 from sensors.base import Sensor
 
+KEYS = ("import_pin", "export_pin", "per_kwh", "debounce_ms", "active", "hw_counter")
+
 
 class PulseChannel:
     # Counts a pulse when the line goes back to idle after being active for at
@@ -122,3 +124,25 @@ class Pulse(Sensor):
             return 0
         gap = max(time.ticks_diff(ch.at, ch.before), time.ticks_diff(self._ticks(), ch.at), 1)
         return sign * (3600000000 // (self.per_kwh * gap))
+
+
+def make(w, log, temp):
+    # sensors.make: an IRQ-counted pin per direction, or on the ESP32 a
+    # hardware pulse counter each (PCNT units 0 and 1)
+    hw = w.hw
+    active = w.get("active", 0)
+    pull = hw.Pin.PULL_UP if active == 0 else hw.Pin.PULL_DOWN
+    counter = getattr(hw, "Counter", None) if w.get("hw_counter", True) else None
+
+    def channel(key, unit):
+        if w.get(key) is None:
+            return None
+        pin = hw.Pin(w.get(key), hw.Pin.IN, pull)
+        if counter is None:
+            return PulseChannel(pin, w.get("debounce_ms", 20), active)
+        # its glitch filter tops out near 12.8 us
+        edge = counter.FALLING if active == 0 else counter.RISING
+        return CounterChannel(counter(unit, pin, edge=edge, filter_ns=12000))
+
+    w.need("import_pin")
+    return Pulse(channel("import_pin", 0), channel("export_pin", 1), w.get("per_kwh", 1000), log, temp)

@@ -13,6 +13,8 @@ _NREGS = 10  # voltage, current (2), power (2), energy (2), frequency, pf, alarm
 _ANSWER = 3 + 2 * _NREGS + 2  # addr, func, byte count, registers, CRC
 _EXCEPTION = 5  # addr, func | 0x80, code, CRC
 
+KEYS = ("uart", "addr", "baud", "timeout_ms", "retries")
+
 
 def crc16(data, n=None):
     # CRC-16/MODBUS: reflected polynomial 0xA001, initial 0xFFFF, sent low byte first
@@ -120,3 +122,15 @@ class Pzem(Sensor):
                 self._failed(e)
                 return None
         return self.deci_watts / 10
+
+
+def make(w, log, temp):
+    # sensors.make: the module on the UART named by the wiring or the config
+    hw, board = w.hw, w.board
+    uid = w.need("uart")
+    pins = board["uarts"].get(str(uid))
+    if pins is None:
+        raise w.bad("board %s has no UART %r" % (board["id"], uid))
+    uart = hw.UART(uid, baudrate=w.get("baud", 9600), bits=8, parity=None, stop=1,
+                   tx=hw.Pin(pins["tx"]), rx=hw.Pin(pins["rx"]), timeout=0)
+    return Pzem(uart, w.get("addr", 1), w.get("timeout_ms", 200), w.get("retries", 2), log, temp)

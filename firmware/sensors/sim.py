@@ -5,6 +5,8 @@ from simsensor import SimSensor
 
 from sensors.base import Sensor
 
+KEYS = ("seed", "solar_wp", "tz_offset_s")
+
 
 class Sim(Sensor):
     kind = "sim"

@@ -12,6 +12,7 @@ import json
 import sys
 
 import ed25519
+import setreg
 from meterstate import MeterState
 
 with open(sys.argv[1]) as f:
@@ -35,7 +36,7 @@ for op in job.get("ops", []):
     c = st.c
     t = c.t + 900 if c.t else 1795000500
     if op["op"] == "set_register":
-        st.set_register(ed25519.SigningKey(bytes(32)), op["imp"], op["exp"], "tech-1", t)
+        setreg.apply(st, ed25519.SigningKey(bytes(32)), op["imp"], op["exp"], "tech-1", t)
         continue
     ck = tuple(op["ckpt"]) if op["ckpt"] is not None else None
     if op["op"] == "skip":

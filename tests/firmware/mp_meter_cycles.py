@@ -3,9 +3,11 @@
 # cycle, with the config in argv[1]. Prints a "cycle" line every 50 cycles (the
 # test stops and restarts the broker by them), then one JSON line with
 # gc.mem_free() after gc.collect() at cycles 100 and the last, each measured
-# once the gateway has acknowledged everything (the journal drained).
+# once the gateway has acknowledged everything (the journal drained), after
+# micropython.qstr_info()'s line.
 import gc
 import json
+import micropython
 import sys
 import time
 
@@ -48,4 +50,6 @@ for i in range(1, cycles + 1):
         print(json.dumps({"cycle": i, "free": free, "depth": j.live}))
     if i == 100 or i == cycles:
         marks[str(i)] = drained_free()
-print(json.dumps({"marks": marks, "lowest_free": lowest, "health": m._health(), "seq": m.seq}))
+micropython.qstr_info()  # the interned names: a sixth pool would cost 7 KB (docs/architecture.md)
+print(json.dumps({"marks": marks, "lowest_free": lowest, "health": m._health(), "seq": m.seq,
+                  "modules": sorted(sys.modules)}))
