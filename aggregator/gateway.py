@@ -171,6 +171,8 @@ class Gateway:
             Snapshot("gridledger_ingest_batches", "durable ingest transactions", "counter", (), {(): self.batches}),
             Snapshot("gridledger_ingest_acks_unsent", "acks not queued: MQTT was down (the meter resends)",
                      "counter", (), {(): self.unsent}),
+            Snapshot("gridledger_ingest_link_dropped", "messages the reading link dropped unread, by reason",
+                     "counter", ("reason",), {(k,): v for k, v in self.readings.dropped().items()}),
         ]
         out += self.alerts.metrics()
         out += self.events.metrics()
@@ -287,7 +289,8 @@ class Gateway:
         while True:
             await asyncio.sleep(STATUS_EVERY_S)
             chain = self.chain.status() if self.chain else {}
-            event(log, "status", queued=len(self.inbox), batches=self.batches, acks_unsent=self.unsent, **chain,
+            event(log, "status", queued=len(self.inbox), batches=self.batches, acks_unsent=self.unsent,
+                  **{f"link_{k}": v for k, v in self.readings.dropped().items() if v}, **chain,
                   **{k: v for k, v in self.counters().items() if v},
                   **{f"alert_{k}": v for k, v in self.alerts.counters().items() if v},
                   **{f"event_{k}": v for k, v in self.events.counters().items() if v})

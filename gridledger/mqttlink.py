@@ -270,6 +270,16 @@ class LinkSession:
         self.cfg, self.client_id, self.topic_filter = cfg, client_id, topic_filter
         self.on_publish, self.log, self.name = on_publish, log, name
         self.link: Link | None = None
+        self._dropped = {"oversized": 0, "undecodable": 0}  # by links that have ended
+
+    def dropped(self) -> dict[str, int]:
+        """Messages every link of this session dropped unread, by reason."""
+        live = self.link
+        return {k: v + (getattr(live, k) if live is not None else 0) for k, v in self._dropped.items()}
+
+    def _ended(self, link: Link) -> None:
+        for k in self._dropped:
+            self._dropped[k] += getattr(link, k)
 
     def publish_many(self, messages: Iterable[tuple[str, bytes]]) -> int:
         """`Link.publish_many` on the live link; 0 when there is none."""
@@ -302,10 +312,12 @@ class LinkSession:
                 stopped.cancel()
             if stop.is_set():
                 return
+            self._ended(link)
             self.link = None
             event(self.log, "mqtt_down", logging.WARNING, link=self.name, error="connection lost", retry_s=delay)
 
     async def close(self) -> None:
         if self.link is not None:
             await self.link.close()
+            self._ended(self.link)
             self.link = None

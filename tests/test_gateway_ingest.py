@@ -198,3 +198,17 @@ async def test_rejection_counters_persist(area):
         assert db.rejection_counts().get("malformed_json") == 1
     finally:
         db.close()
+
+
+async def test_a_message_too_big_for_the_link_is_dropped_counted_and_the_next_reading_acked(area):
+    """Above the link's 1 MiB packet bound a message is skipped as it streams by (never
+    buffered whole), counted by reason in the gateway's metrics, and the session goes on."""
+    from gridledger.mqttlink import MAX_PACKET
+    gw, probe, m1, _, _ = area
+    await send_raw(probe, "m1", b"x" * (MAX_PACKET + 4096))
+    good = m1.next()
+    start = await send_raw(probe, "m1", good.to_json())
+    await probe.expect(ack_topic("area1", "m1"), lambda b: b["seq"] == good.seq, start=start)
+    assert gw.readings.dropped() == {"oversized": 1, "undecodable": 0}
+    snap = {s.name: s for s in gw.metrics()}["gridledger_ingest_link_dropped"]
+    assert snap.values[("oversized",)] == 1
