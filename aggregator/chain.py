@@ -39,7 +39,7 @@ __all__ = ["AreaChain"]
 
 log = logging.getLogger("gridledger.gateway.chain")
 
-HELD_MAX = 50_000  # readings held in memory for the next blocks
+HELD_BLOCKS = 4  # blocks' worth of readings held in memory for the next blocks
 
 
 class AreaChain:
@@ -58,14 +58,16 @@ class AreaChain:
         self.more = asyncio.Event()
         self.uncertified = 0  # readings waiting for a block, as of the last block built
         # Readings the ingest just committed, by (meter, seq): the block takes them as
-        # they are instead of reading back and rebuilding each (hash and all). Bounded;
-        # what is not here (after a restart, or beyond the bound) comes from the store.
+        # they are instead of rebuilding each from its row (hash and all). Bounded to a
+        # few blocks' worth (a held reading is a few KB); what is not here (after a
+        # restart, or while the chain lags) comes from the store.
         self.held: dict[tuple[str, int], "Reading"] = {}
+        self._held_max = HELD_BLOCKS * settings.block_max
         self._db = asyncio.Lock()  # one user of self.conn at a time (threads)
 
     def committed(self, readings: list["Reading"]) -> None:
         """`readings` are durable: hold them for the block that takes them."""
-        room = HELD_MAX - len(self.held)
+        room = self._held_max - len(self.held)
         for r in readings[:max(room, 0)]:
             self.held[(r.meter, r.seq)] = r
 

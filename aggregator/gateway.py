@@ -260,9 +260,11 @@ class Gateway:
     def _on_reading(self, topic: str, payload: bytes) -> None:
         """The link's callback for each reading: queue it, nothing more."""
         inbox = self.inbox
-        if len(inbox) >= QUEUE_MAX or not self._accepting:
-            self.shed += self._accepting
-            if self._accepting and (self.shed == 1 or self.shed % 1000 == 0):
+        if not self._accepting:  # stopping: left to the meter's resend
+            return
+        if len(inbox) >= QUEUE_MAX:
+            self.shed += 1
+            if self.shed == 1 or self.shed % 1000 == 0:
                 event(log, "overload", logging.WARNING, queued=len(inbox), shed=self.shed)
             return
         inbox.append((topic, payload))

@@ -129,20 +129,11 @@ class GatewayStore:
                   held: dict[tuple[str, int], Reading] | None = None) -> tuple[list[int], list[Reading]]:
         """Readings not yet in a block, in acceptance order (so each meter's in seq order).
         `held`: readings still in memory from their ingest, by (meter, seq), taken out
-        and used as they are; only the others are read back and rebuilt."""
-        if held is None:
-            rows = conn.execute("SELECT rowid, meter, seq, t, dt, prev, kid, c, sig, tq " + self._UNBLOCKED +
-                                " ORDER BY rowid LIMIT ?", (limit,)).fetchall()
-            return [r[0] for r in rows], [_reading(r[1:]) for r in rows]
-        keys = conn.execute("SELECT rowid, meter, seq " + self._UNBLOCKED + " ORDER BY rowid LIMIT ?",
-                            (limit,)).fetchall()
-        readings = [held.pop((meter, seq), None) for _, meter, seq in keys]
-        for i, r in enumerate(readings):
-            if r is None:
-                row = conn.execute("SELECT meter, seq, t, dt, prev, kid, c, sig, tq FROM readings WHERE rowid = ?",
-                                   (keys[i][0],)).fetchone()
-                readings[i] = _reading(row)
-        return [k[0] for k in keys], readings
+        and used as they are; only the others are rebuilt from their rows."""
+        rows = conn.execute("SELECT rowid, meter, seq, t, dt, prev, kid, c, sig, tq " + self._UNBLOCKED +
+                            " ORDER BY rowid LIMIT ?", (limit,)).fetchall()
+        held = {} if held is None else held
+        return [r[0] for r in rows], [held.pop((r[1], r[2]), None) or _reading(r[1:]) for r in rows]
 
     def unblocked_equivocations(self, conn: sqlite3.Connection) -> list[tuple[int, Reading, Reading]]:
         """Equivocation evidence not yet alerted on the chain, with the stored reading it conflicts with."""
