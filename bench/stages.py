@@ -1,6 +1,6 @@
 """CPU per reading of each stage a reading goes through, in one process, without MQTT:
 the gateway's batch handling (`Gateway._process`: checks, SQLite commit, acks to a
-client that only counts them), its block building (`AreaChain._prepare`: SQL, the
+link that only counts them), its block building (`AreaChain._prepare`: SQL, the
 trusted app run, the durable proposal) and commit, and one validator's vote (the
 untrusted re-run of the block, promise, BLS signature) and commit.
 
@@ -15,17 +15,19 @@ import asyncio
 import tempfile
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
-import aiomqtt
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from types import SimpleNamespace
 
 from aggregator.gateway import BATCH_MAX, Gateway, load_gateway_config
 from aggregator.validator import build_node, load_validator_config
 from certlog.proposer import Proposer
 from gridledger.paillier import PublicKey
+from gridledger.wire import Reading
 
 from benchlib import emit, load_test_modulus, machine, median, parse_args
 from certify import AREA, FixedRhos, load_meters, meter_keys, write_area
+from ingest import crypto_floor
 
 NAME = "stages"
 METERS = 200
@@ -33,14 +35,16 @@ PER_BLOCK = 5      # readings per meter per block
 WARMUP_BLOCKS = 1
 
 
-class CountingClient:
-    """Stands in for aiomqtt.Client in `Gateway._process`: publishes are counted, not sent."""
+class CountingLink:
+    """Stands in for the gateway's reading link in `Gateway._process`: acks are counted, not sent."""
 
     def __init__(self) -> None:
         self.published = 0
 
-    async def publish(self, topic: str, payload, qos: int = 0) -> None:
-        self.published += 1
+    def publish_many(self, messages) -> int:
+        n = len(messages)
+        self.published += n
+        return n
 
 
 class Timer:
@@ -57,31 +61,30 @@ class Timer:
             self.s += time.perf_counter() - t0
 
 
-def run(wd: Path, blocks: int) -> list[dict[str, float]]:
-    """Seconds per stage for each block, on fresh roles in `wd`."""
-    n = load_test_modulus()
-    keys = meter_keys(METERS)
+def run(wd: Path, blocks: int, n: int, keys: list) -> tuple[list[dict[str, float]], list[Reading]]:
+    """Seconds per stage for each block, on fresh roles in `wd`, and the first block's readings."""
     meters = load_meters(keys, n, PER_BLOCK * blocks)
     rhos = FixedRhos(n)
     configs = write_area(wd, keys, n, SimpleNamespace(host="127.0.0.1", port=1), 4)
     gw = Gateway(load_gateway_config(wd / "gateway.toml"))
-    nodes = [build_node(load_validator_config(c)) for c in configs]
+    nodes = [build_node(load_validator_config(c))[0] for c in configs]
 
     async def publish(topic: str, payload: bytes) -> None:
         pass
 
     chain = gw.chain
     chain.proposer = Proposer(chain.replica, publish, chain._sk)
-    check = gw.ingest.check = Timer(gw.ingest.check)
-    client = CountingClient()
-    out = []
+    check = gw.ingest.check_batch = Timer(gw.ingest.check_batch)
+    client = gw.readings = CountingLink()
+    out, sample = [], []
     for _ in range(blocks):
-        msgs = [aiomqtt.Message(f"gl/v1/{AREA}/meters/{r.meter}/readings", r.to_json(), 1, False, 1, None)
-                for r in (m.next(rhos) for _ in range(PER_BLOCK) for m in meters)]
+        readings = [m.next(rhos) for _ in range(PER_BLOCK) for m in meters]
+        sample = sample or readings
+        msgs = [(f"gl/v1/{AREA}/meters/{r.meter}/readings", r.to_json()) for r in readings]
         check.s = 0.0
         t0 = time.perf_counter()
         for i in range(0, len(msgs), BATCH_MAX):
-            asyncio.run(gw._process(client, msgs[i:i + BATCH_MAX]))
+            asyncio.run(gw._process(msgs[i:i + BATCH_MAX]))
         process_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         prepared = chain._prepare()
@@ -111,19 +114,25 @@ def run(wd: Path, blocks: int) -> list[dict[str, float]]:
     chain.close()
     for node in nodes:
         node.replica.store.conn.close()
-    return out
+    return out, sample
 
 
 def main() -> None:
     args = parse_args(__doc__)
     blocks = (4 if args.quick else 12) + WARMUP_BLOCKS
+    n, keys = load_test_modulus(), meter_keys(METERS)
+    pubs = {k.meter: Ed25519PublicKey.from_public_bytes(bytes.fromhex(k.public_hex)) for k in keys}
     with tempfile.TemporaryDirectory(prefix="bench-stages-") as tmp:
-        per_block = run(Path(tmp), blocks)[WARMUP_BLOCKS:]
+        per_block, sample = run(Path(tmp), blocks, n, keys)
+    per_block = per_block[WARMUP_BLOCKS:]
+    verify_s, mulmod_s = crypto_floor(n, sample, pubs, 5)
 
     def us(key: str) -> float:
         return round(median([b[key] / b["readings"] for b in per_block]) * 1e6, 1)
 
     stages = {k: us(k) for k in ("check", "process", "prepare", "gateway_commit", "vote", "validator_commit")}
+    gateway_us = stages["process"] + stages["prepare"] + stages["gateway_commit"]
+    floor_us = (verify_s + mulmod_s) * 1e6
     emit(NAME, {
         "bench": NAME,
         "quick": args.quick,
@@ -134,7 +143,12 @@ def main() -> None:
         "modulus_bits": PublicKey(load_test_modulus()).bits,
         "us_per_reading": stages,
         # Gateway: _process (checks, SQLite, acks) + building and storing the block + its commit.
-        "gateway_us_per_reading": round(stages["process"] + stages["prepare"] + stages["gateway_commit"], 1),
+        "gateway_us_per_reading": round(gateway_us, 1),
+        # The crypto floor of bench/ingest.py (one Ed25519 verify + one modmul), same run:
+        # the share of the gateway's CPU that is the floor, i.e. its rate over the floor's.
+        "floor_us_per_reading": round(floor_us, 1),
+        "ed25519_verify_us": round(verify_s * 1e6, 1),
+        "gateway_ratio_to_floor": round(floor_us / gateway_us, 3),
         # One validator: vote (re-run, promise, sign) + commit.
         "validator_us_per_reading": round(stages["vote"] + stages["validator_commit"], 1),
         "machine": machine(),

@@ -3,9 +3,14 @@
 One block is in flight at a time. The proposal is durable before it is sent,
 and a restarted proposer re-proposes that very block (a validator that already
 signed it signs the same bytes again; one that did not cannot be asked for a
-different header at that height). Votes are checked one by one as they arrive,
-so a validator signing garbage or a different header is counted and ignored,
-and certification needs only the fastest 2f+1 honest validators.
+different header at that height). A vote's chain, height and header hash are
+checked as it arrives; its BLS signature is checked in the aggregate: once votes
+from 2f+1 validators are in, their aggregate is verified once (one pairing check
+instead of one per vote, and it is the certificate's own check). Only when that
+fails is each vote verified alone, so a validator signing garbage or a different
+header is counted and ignored, and certification needs only the fastest 2f+1
+honest validators. A vote arriving after its block is certified is still
+verified, so a faulty validator shows in the counts however slow it is.
 """
 
 from __future__ import annotations
@@ -48,7 +53,8 @@ class Proposer:
         self.last_latency_s: float | None = None
         self._want: Header | None = None
         self._last: Header | None = None  # the block just certified: late votes are still judged
-        self._votes: dict[int, Vote] = {}
+        self._votes: dict[int, Vote] = {}   # verified, one per validator
+        self._unchecked: list[Vote] = []   # for the wanted header, signature not yet checked
         self._ready = asyncio.Event()
 
     def pending(self) -> tuple[Header, list[bytes]] | None:
@@ -145,27 +151,36 @@ class Proposer:
 
     async def certify(self, header: Header, txs: list[bytes]) -> Certificate:
         """Send the proposal (again every `resend_s`) until 2f+1 valid votes certify it."""
-        self._want, self._votes = header, {}
+        self._want, self._votes, self._unchecked = header, {}, []
         self._ready.clear()
         payload = encode_block(header, txs, proposer_sig=bls.Sign(self._sk, proposal_message(header)))
         t0 = time.monotonic()
         wait = self.resend_s
+        await self.publish(self.topics.proposals, payload)
+        deadline = t0 + wait
         while True:
-            await self.publish(self.topics.proposals, payload)
             try:
-                await asyncio.wait_for(self._ready.wait(), wait)
-                break
+                await asyncio.wait_for(self._ready.wait(), max(0.0, deadline - time.monotonic()))
             except TimeoutError:
                 self.counts["proposal_resent"] += 1
-                event(log, "proposal_resent", logging.WARNING, height=header.height, votes=sorted(self._votes))
+                event(log, "proposal_resent", logging.WARNING, height=header.height,
+                      votes=sorted(self._votes), unchecked=sorted({v.validator for v in self._unchecked}))
                 wait = min(wait * 2, 10.0)
-        cert = self.replica.validators.aggregate(list(self._votes.values()))
+                await self.publish(self.topics.proposals, payload)
+                deadline = time.monotonic() + wait
+                continue
+            cert = self._certificate(header)
+            if cert is not None:
+                break  # else a bad vote was in the quorum: wait for more
+        late, self._unchecked = self._unchecked, []
         self._want, self._last = None, header
         async with self._lock:
             await asyncio.to_thread(self.replica.commit, header, txs, cert, stored=True)
         self.last_latency_s = time.monotonic() - t0
         self.counts["certified"] += 1
         await self.publish(self.topics.certs, encode_block(header, cert=cert))
+        for vote in late:  # in with the quorum but not needed for it: judged as late votes are
+            self._judge_late(vote)
         return cert
 
     def on_vote(self, payload: bytes) -> None:
@@ -183,16 +198,65 @@ class Proposer:
             self.counts["vote_conflicting_header"] += 1
             event(log, "conflicting_vote", logging.WARNING, height=vote.height, validator=vote.validator)
             return
-        if not self.replica.validators.check_vote(vote):
-            self.counts["vote_bad_signature"] += 1
-            event(log, "bad_vote", logging.WARNING, height=vote.height, validator=vote.validator)
+        vset = self.replica.validators
+        if not 0 <= vote.validator < vset.n:
+            self._bad(vote)
             return
         if want is not self._want:
-            self.counts["vote_late"] += 1  # valid, but the block is already certified
+            self._judge_late(vote)
             return
-        self._votes[vote.validator] = vote
-        if len(self._votes) >= self.replica.validators.quorum:
+        if vote.validator in self._votes:
+            return  # this validator's vote is in and verified; a second copy adds nothing
+        self._unchecked.append(vote)
+        if len(self._votes.keys() | {v.validator for v in self._unchecked}) >= vset.quorum:
             self._ready.set()
+
+    def _certificate(self, header: Header) -> Certificate | None:
+        """The certificate from 2f+1 validators' votes, or None when a vote in it was bad.
+
+        The quorum takes each validator's verified vote, else its first unchecked one,
+        and its aggregate is verified once (remembered, so the commit that follows does
+        not verify it again). If that fails, every unchecked vote is verified alone:
+        the bad ones are counted and dropped, the good ones kept; the certificate is
+        then made from verified votes only, or None until enough arrive."""
+        vset = self.replica.validators
+        chosen = dict(self._votes)
+        for v in self._unchecked:
+            chosen.setdefault(v.validator, v)
+        picked = [chosen[i] for i in sorted(chosen)[:vset.quorum]]
+        cert = vset.aggregate(picked)
+        try:
+            vset.check_certificate(cert, header, remember=True)
+        except ChainError:
+            pass
+        else:
+            used = {id(v) for v in picked}
+            self._unchecked = [v for v in self._unchecked if id(v) not in used]
+            return cert
+        for v in self._unchecked:
+            if v.validator in self._votes:
+                continue
+            if vset.check_vote(v):
+                self._votes[v.validator] = v
+            else:
+                self._bad(v)
+        self._unchecked = []
+        self._ready.clear()
+        if len(self._votes) < vset.quorum:
+            return None
+        cert = vset.aggregate(list(self._votes.values()))
+        vset.check_certificate(cert, header, remember=True)  # each vote verified: cannot fail, remembered
+        return cert
+
+    def _judge_late(self, vote: Vote) -> None:
+        if self.replica.validators.check_vote(vote):
+            self.counts["vote_late"] += 1  # valid, but the block is already certified
+        else:
+            self._bad(vote)
+
+    def _bad(self, vote: Vote) -> None:
+        self.counts["vote_bad_signature"] += 1
+        event(log, "bad_vote", logging.WARNING, height=vote.height, validator=vote.validator)
 
     async def on_sync(self, payload: bytes) -> None:
         """Serve certified blocks to a validator (by index) or a follower (by name) that fell behind."""

@@ -86,8 +86,10 @@ class Replica:
         self._checked.add(header.hash)
 
     def commit(self, header: Header, txs: Sequence[bytes], cert: Certificate, *, stored: bool = False) -> None:
-        """Check and durably append a certified block (`stored`: the proposal row exists)."""
-        self.validators.check_certificate(cert, header)
+        """Check and durably append a certified block (`stored`: the proposal row exists).
+        A certificate this node's set verified already (the proposer verifies the one it
+        aggregates) is not verified again: exactly those bytes, see `check_certificate`."""
+        self.validators.check_certificate(cert, header, remember=True)
         self.check(header, txs)
         with self.store.transaction():
             if stored:

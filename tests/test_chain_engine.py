@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 
 import pytest
@@ -219,3 +220,60 @@ def test_a_queue_of_records_is_proposed_in_order_and_a_refused_one_is_dropped(tm
     prop.commit(header, txs, cert, stored=True)   # as Proposer.certify does once 2f+1 have voted
     assert sorted(p.certify_queued("q")) == [("r0", 1), ("r2", 1), ("r3", 1)]
     assert p.prepare_queued("q", 10, counts) is None
+
+
+async def test_the_proposer_verifies_a_quorum_once_and_falls_back_vote_by_vote(tmp_path, monkeypatch):
+    """Proposer.certify: 2f+1 votes are checked as one aggregate (and the commit does not
+    check that certificate again). A garbage vote, even one claiming an honest validator's
+    index and arriving first, makes it verify vote by vote: the garbage is counted and
+    dropped, the honest votes certify, and a late vote is still judged."""
+    import asyncio
+    from certlog.net import decode_block
+    area = make_area(["m1"])
+    sks = validator_keys(4)
+    vs = voters(tmp_path, area, sks)
+    prop = replica(tmp_path / "p.db", area, validator_set(sks))
+    aggregate_checks = Counter()
+    real_aggregate, real_verify = bls.FastAggregateVerify, bls.Verify
+    monkeypatch.setattr(bls, "FastAggregateVerify", lambda *a: aggregate_checks.update(["n"]) or real_aggregate(*a))
+    monkeypatch.setattr(bls, "Verify", lambda *a: aggregate_checks.update(["one"]) or real_verify(*a))
+    sent = []
+
+    async def publish(topic, payload):
+        sent.append((topic, payload))
+
+    p = Proposer(prop, publish, bls.KeyGen(b"proposer key material, 32 bytes!"))
+
+    def vote_msg(vote):
+        return json.dumps(vote.to_dict()).encode()
+
+    async def round_(garbage_first: bool):
+        txs = txs_of([area.meters["m1"].next()])
+        header = p.prepare(txs)
+        task = asyncio.create_task(p.certify(header, txs))
+        for _ in range(100):  # until the proposal is out
+            if sent and decode_block(sent[-1][1]).header.height == header.height:
+                break
+            await asyncio.sleep(0.01)
+        votes = [v.vote(header, txs) for v in vs]
+        if garbage_first:  # "validator 0" signs garbage before the real validator 0 votes
+            p.on_vote(vote_msg(Vote(header.chain, header.height, header.hash, 0, votes[3].signature)))
+        for vote in votes:
+            p.on_vote(vote_msg(vote))
+            await asyncio.sleep(0)
+        cert = await asyncio.wait_for(task, 10)
+        checks = aggregate_checks.copy()
+        for v in vs:
+            v.replica.commit(header, txs, cert)
+        return header, cert, checks
+
+    header, cert, checks = await round_(False)
+    # One aggregate check (the proposer's, not its commit's too), one check alone: the late vote's.
+    assert checks == {"n": 1, "one": 1} and prop.height == 1
+    prop.validators.check_certificate(cert, header)          # and it is a valid certificate
+    assert p.counts["vote_bad_signature"] == 0
+    header, cert, _ = await round_(True)
+    assert prop.height == 2 and cert.signers == (0, 1, 2)
+    prop.validators.check_certificate(cert, header)
+    assert p.counts["vote_bad_signature"] == 1
+    assert p.counts["vote_late"] >= 1                        # the fourth vote, verified and counted
