@@ -6,11 +6,20 @@ import json
 from collections import Counter
 
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from certlog import bls, merkle
 from certlog.block import Certificate, ChainError, Header, Vote, cert_message
 from certlog.proposer import Proposer
 from chainkit import certify, make_area, replica, txs_of, validator_keys, validator_set, voters
+
+
+def _utf8(b: bytes) -> bool:
+    try:
+        b.decode("utf-8")
+        return True
+    except UnicodeDecodeError:
+        return False
 
 
 def test_blocks_certify_and_every_replica_agrees(tmp_path):
@@ -277,3 +286,39 @@ async def test_the_proposer_verifies_a_quorum_once_and_falls_back_vote_by_vote(t
     prop.validators.check_certificate(cert, header)
     assert p.counts["vote_bad_signature"] == 1
     assert p.counts["vote_late"] >= 1                        # the fourth vote, verified and counted
+
+
+@settings(max_examples=300, deadline=None)
+@given(txs=st.lists(st.text(max_size=40).map(str.encode) | st.binary(max_size=40).filter(_utf8), max_size=6),
+       with_cert=st.booleans(), with_sig=st.booleans(), cut=st.integers(min_value=0), flip=st.integers(min_value=0))
+def test_a_framed_block_message_round_trips_and_any_damage_is_a_typed_refusal(txs, with_cert, with_sig, cut, flip):
+    """encode_block frames the transactions after the canonical JSON of the other fields;
+    decode_block gives back exactly what was encoded (also from the JSON form proposers
+    wrote before), and a truncated or bit-flipped message is refused with a ChainError
+    (or, for a flip inside a transaction, read as that other transaction), never another
+    exception."""
+    from certlog.block import canonical
+    from certlog.net import BODY_MAGIC, decode_block, encode_block
+    header = Header("c", 1, "00" * 32, 5, "11" * 32, "22" * 32, len(txs), {"n": 1})
+    cert = Certificate("c", 1, header.hash, (0, 1, 2), b"\x07" * 96) if with_cert else None
+    sig = b"\x05" * 96 if with_sig else None
+    msg = encode_block(header, txs, cert, sig)
+    obj = {"header": header.to_dict()}
+    if cert is not None:
+        obj["cert"] = cert.to_dict()
+    if sig is not None:
+        obj["proposer_sig"] = sig.hex()
+    assert msg.startswith(BODY_MAGIC) and canonical(obj) in msg
+    back = decode_block(msg)
+    assert (back.header, back.txs, back.cert, back.proposer_sig) == (header, txs, cert, sig)
+    legacy = canonical({**obj, "txs": [t.decode("utf-8") for t in txs]})
+    assert decode_block(legacy).txs == txs
+    cut %= len(msg)
+    with pytest.raises(ChainError):
+        decode_block(msg[:cut])
+    damaged = bytearray(msg)
+    damaged[flip % len(msg)] ^= 0x41
+    try:
+        decode_block(bytes(damaged))
+    except ChainError:
+        pass
