@@ -129,11 +129,19 @@ class GatewayStore:
                   held: dict[tuple[str, int], Reading] | None = None) -> tuple[list[int], list[Reading]]:
         """Readings not yet in a block, in acceptance order (so each meter's in seq order).
         `held`: readings still in memory from their ingest, by (meter, seq), taken out
-        and used as they are; only the others are rebuilt from their rows."""
-        rows = conn.execute("SELECT rowid, meter, seq, t, dt, prev, kid, c, sig, tq " + self._UNBLOCKED +
-                            " ORDER BY rowid LIMIT ?", (limit,)).fetchall()
+        and used as they are; only the others are read back whole (1.3 KB a row), in
+        one query over their rowids' span."""
+        keys = conn.execute("SELECT rowid, meter, seq " + self._UNBLOCKED + " ORDER BY rowid LIMIT ?",
+                            (limit,)).fetchall()
         held = {} if held is None else held
-        return [r[0] for r in rows], [held.pop((r[1], r[2]), None) or _reading(r[1:]) for r in rows]
+        readings = [held.pop((m, q), None) for _, m, q in keys]
+        missed = [k[0] for k, r in zip(keys, readings) if r is None]
+        if missed:
+            rows = {row[0]: row[1:] for row in conn.execute(
+                "SELECT rowid, meter, seq, t, dt, prev, kid, c, sig, tq FROM readings WHERE rowid BETWEEN ? AND ?",
+                (missed[0], missed[-1]))}
+            readings = [r or _reading(rows[k[0]]) for k, r in zip(keys, readings)]
+        return [k[0] for k in keys], readings
 
     def unblocked_equivocations(self, conn: sqlite3.Connection) -> list[tuple[int, Reading, Reading]]:
         """Equivocation evidence not yet alerted on the chain, with the stored reading it conflicts with."""

@@ -110,6 +110,7 @@ class Reading:
     hash: str = field(init=False, repr=False, compare=False)
     _json: bytes | None = field(init=False, repr=False, compare=False)  # to_json's, once asked
     _int: int | None = field(init=False, repr=False, compare=False)    # ciphertext's, once asked
+    parsed: bool = field(init=False, repr=False, compare=False)  # made by parse_reading: well formed
 
     def __post_init__(self) -> None:
         sb = signed_bytes(self.meter, self.seq, self.t, self.dt, self.prev, self.kid, self.c, self.tq)
@@ -117,6 +118,7 @@ class Reading:
         object.__setattr__(self, "hash", hashlib.sha256(sb).hexdigest())
         object.__setattr__(self, "_json", None)
         object.__setattr__(self, "_int", None)
+        object.__setattr__(self, "parsed", False)
 
     @property
     def ciphertext(self) -> int:
@@ -208,7 +210,9 @@ def _valid_reading(obj: object) -> Reading | None:
             return None
     if not _valid_fields(v, meter, seq, t, dt, prev, kid, c, sig):
         return None
-    return Reading(meter=meter, seq=seq, t=t, dt=dt, prev=prev, kid=kid, c=c, sig=sig, tq=tq)
+    r = Reading(meter=meter, seq=seq, t=t, dt=dt, prev=prev, kid=kid, c=c, sig=sig, tq=tq)
+    object.__setattr__(r, "parsed", True)
+    return r
 
 
 def _valid_fields(v: object, meter: object, seq: object, t: object, dt: object, prev: object, kid: object,
@@ -227,8 +231,9 @@ def _valid_fields(v: object, meter: object, seq: object, t: object, dt: object, 
 
 def well_formed(r: Reading) -> bool:
     """True when `parse_reading(r.to_json())` accepts and gives back `r`: every field
-    of the right type and shape (a reading rebuilt from storage, for one)."""
-    return (_valid_fields(r.v, r.meter, r.seq, r.t, r.dt, r.prev, r.kid, r.c, r.sig)
+    of the right type and shape (a reading rebuilt from storage, for one). A reading
+    `parse_reading` made is, by construction (its fields cannot be changed)."""
+    return r.parsed or (_valid_fields(r.v, r.meter, r.seq, r.t, r.dt, r.prev, r.kid, r.c, r.sig)
             and (r.tq is None or (type(r.tq) is str and r.tq in _TQ)))
 
 
