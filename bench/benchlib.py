@@ -29,24 +29,27 @@ def load_test_modulus() -> int:
     return int(json.loads(TEST_KEY.read_text())["n"])
 
 
-def timed(fn: Callable[..., object], *args) -> float:
-    """Seconds taken by one call fn(*args)."""
-    t0 = time.perf_counter()
+def timed(fn: Callable[..., object], *args, clock: Callable[[], float] = time.perf_counter) -> float:
+    """Seconds taken by one call fn(*args), on `clock` (wall time unless told)."""
+    t0 = clock()
     fn(*args)
-    return time.perf_counter() - t0
+    return clock() - t0
 
 
-def round_robin(ops: dict[str, tuple[Callable[[], object], int]], reps: int) -> dict[str, list[float]]:
+def round_robin(ops: dict[str, tuple[Callable[[], object], int]], reps: int, *,
+                clock: Callable[[], float] = time.perf_counter) -> dict[str, list[float]]:
     """Seconds per call of each op, `reps` figures each, taking one figure of every op
     in turn so that a slow spell of the machine is shared among them. Each op is
-    (fn, calls per figure): many calls lift a fast op above the timer's resolution."""
+    (fn, calls per figure): many calls lift a fast op above the timer's resolution.
+    `clock=time.thread_time`: CPU seconds, for comparing with a process's CPU time on
+    a machine that others share."""
     def batch(fn: Callable[[], object], inner: int) -> None:
         for _ in range(inner):
             fn()
     out: dict[str, list[float]] = {name: [] for name in ops}
     for _ in range(reps):
         for name, (fn, inner) in ops.items():
-            out[name].append(timed(batch, fn, inner) / inner)
+            out[name].append(timed(batch, fn, inner, clock=clock) / inner)
     return out
 
 
