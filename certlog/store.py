@@ -51,7 +51,14 @@ def immediate(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
 
 
 class NodeDB(MutableMapping[bytes, bytes]):
-    """Trie node store: reads through a cache to SQLite, writes wait for `flush`."""
+    """Trie node store: reads through a cache to SQLite, writes wait for `flush`.
+
+    Every block adds the nodes on its accounts' paths, so a cache that kept them all
+    would grow for as long as the process runs: once written, the cache is dropped
+    when it holds more than `CACHE_MAX` nodes (a few hundred bytes each), and the
+    next reads go to SQLite. Without a connection the cache is the store."""
+
+    CACHE_MAX = 200_000
 
     def __init__(self, conn: sqlite3.Connection | None):
         self.conn = conn
@@ -95,6 +102,8 @@ class NodeDB(MutableMapping[bytes, bytes]):
             self.conn.executemany("INSERT OR IGNORE INTO trie_nodes(key, value) VALUES (?, ?)",
                                   list(self.pending.items()))
         self.pending.clear()
+        if self.conn is not None and len(self.cache) > self.CACHE_MAX:
+            self.cache.clear()
 
 
 class ChainStore:

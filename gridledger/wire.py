@@ -137,7 +137,7 @@ class Reading:
         return self._json
 
     def _encode(self) -> bytes:
-        if _plain(self):
+        if self.parsed or _plain(self):  # parse_reading's checks imply _plain's
             # What json.dumps gives for these values, without its scan of 1.2 KB for
             # characters to escape: the gateway and every validator encode each reading.
             tq = "" if self.tq is None else f'"tq":"{self.tq}",'

@@ -322,3 +322,18 @@ def test_a_framed_block_message_round_trips_and_any_damage_is_a_typed_refusal(tx
         decode_block(bytes(damaged))
     except ChainError:
         pass
+
+
+def test_the_trie_node_cache_is_bounded_and_reads_fall_back_to_sqlite(tmp_path):
+    """A long-running node's trie cache is dropped once written and over its bound; the
+    blocks after it read their nodes back from SQLite and reach the same state roots."""
+    sks = validator_keys(4)
+    area = make_area(["m1", "m2", "m3"])
+    vs = voters(tmp_path, area, sks)
+    prop = replica(tmp_path / "gw.db", area, validator_set(sks))
+    prop.store.nodes.CACHE_MAX = 3
+    for _ in range(4):
+        txs = txs_of(m.next() for m in area.meters.values())
+        certify(prop, vs, txs)
+        assert len(prop.store.nodes.cache) <= 3 and not prop.store.nodes.pending
+    assert {v.replica.state_root for v in vs} == {prop.state_root} and prop.height == 4
