@@ -104,11 +104,11 @@ class StorageNode:
         self.kind = self.store.kind() or s.kind
         # Serving reads through a connection of its own: WAL lets them run beside the
         # fill's writes instead of queueing behind them on one connection.
-        self.server = StorageServer(StorageStore(s.database), node=s.name, kind=self.kind, secret_key=self._sk,
+        self.server = StorageServer(StorageStore(s.database, writer=False), node=s.name, kind=self.kind, secret_key=self._sk,
                                     capacity=s.capacity_bytes)
         # and so do catch-up's reads (what is wanted, lacking, held), which would otherwise
         # wait behind every commit (an fsync) of the fill they plan.
-        self.reads = StorageStore(s.database)
+        self.reads = StorageStore(s.database, writer=False)
         self.chain_topics = Topics(s.chain)
         self.topics = StorageTopics(s.chain)
         self.sync_name = f"storage-{s.name}"   # our name at the proposer's sync service
@@ -335,7 +335,9 @@ class StorageNode:
             await asyncio.to_thread(out.write_text, json.dumps(profile))
 
     def status(self) -> dict:
+        stores = (self.store, self.server.store, self.reads)
         return {"headers": self.store.header_height(), **self.counts, **self.server.counts,
+                **{f"store_{k}": sum(st.counts[k] for st in stores) for k in ("corrupt", "torn", "migrated")},
                 **{f"catchup_{k}": v for k, v in self.catchup.counts.items()},
                 **{f"request_{k}": v for k, v in self.requester.counts.items()},
                 "bad_peers": dict(self.catchup.bad_peers)}
