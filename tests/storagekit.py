@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import signal
 import sqlite3
+import struct
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -144,12 +145,18 @@ def stored_txs(db: Path) -> dict[int, list[bytes]]:
         store.close()
 
 
-def flip_body_byte(db: Path, height: int, at: float = 0.5) -> int:
+def flip_body_byte(db: Path, height: int, at: float = 0.5, *, tx: int | None = None) -> int:
     """Flip one byte of the body record of `height` in a node's body file, `at` (0..1)
-    of the way into its payload (the node stopped or not); the file offset flipped."""
+    of the way into its payload, or into transaction `tx` of it (the node stopped or
+    not); the file offset flipped."""
     with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as conn:
-        off, size = conn.execute("SELECT off, len FROM storage_bodies WHERE height = ?", (height,)).fetchone()
-    pos = off + HEAD.size + min(size - 1, int(size * at))
+        off, size, toffs = conn.execute("SELECT off, len, toffs FROM storage_bodies WHERE height = ?",
+                                        (height,)).fetchone()
+    if tx is None:
+        pos = off + HEAD.size + min(size - 1, int(size * at))
+    else:
+        starts = list(struct.unpack(f">{len(toffs) // 4}I", toffs)) + [size + 4]
+        pos = off + HEAD.size + starts[tx] + int((starts[tx + 1] - 4 - starts[tx]) * at)
     with open(body_file_path(db), "r+b") as f:
         f.seek(pos)
         byte = f.read(1)
