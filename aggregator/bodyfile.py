@@ -8,7 +8,8 @@ The CRC covers the height and the payload, so a record read at the wrong place, 
 torn one or one with a flipped byte reads as nothing (`read` returns None), never as
 data. The file knows nothing of which records count: `storagestore` keeps the index
 (height -> offset, length) in SQLite and commits it only after `append` returned,
-i.e. after the fdatasync of the bytes it points to. One writer per file, held by an
+i.e. after the fdatasync of the bytes it points to; the record heads are the
+index's durable copy (`scan`). One writer per file, held by an
 exclusive `flock`, so a second process (or a read-only CLI) can never cut the tail
 the writer is appending to.
 """
@@ -118,6 +119,18 @@ class BodyFile:
         if magic != MAGIC or n != length or h != height or zlib.crc32(payload, zlib.crc32(_HEIGHT.pack(h))) != crc:
             return None
         return raw[HEAD.size:]
+
+    def scan(self, offset: int):
+        """(offset, height, payload) of each whole, valid record from `offset` on, up to
+        the first that is not (a torn tail ends the file: records are only appended)."""
+        size = self.size()
+        while offset + HEAD.size <= size:
+            magic, length, height, _ = HEAD.unpack(os.pread(self.fd, HEAD.size, offset))
+            payload = self.read(offset, length, height) if magic == MAGIC else None
+            if payload is None:
+                return
+            yield offset, height, payload
+            offset += HEAD.size + length
 
     def pread(self, offset: int, length: int) -> bytes:
         """Raw bytes (one transaction of a record, say); the caller checks them."""

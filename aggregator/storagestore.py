@@ -39,6 +39,10 @@ MIGRATE_BATCH = 64   # old-layout bodies moved per fsync + commit
 _INDEX_COLUMNS = (("off", "INTEGER"), ("len", "INTEGER"), ("hash", "TEXT"), ("toffs", "BLOB"), ("leaves", "BLOB"))
 
 
+_INSERT_BODY = ("INSERT INTO storage_bodies(height, txs, bytes, at, off, len, hash, toffs, leaves) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)")
+
+
 def body_file_path(database: Path | str) -> Path:
     return Path(f"{database}-bodies")
 
@@ -87,8 +91,11 @@ class StorageStore:
             self._migrate()
 
     def _recover(self) -> None:
-        """Drop index rows whose record is not wholly in the file (only a lying disk or a
-        hand-cut file does that), then cut the tail no row points into."""
+        """Make the index and the file agree: drop index rows whose record is not wholly
+        in the file (only a lying disk or a hand-cut file does that); index again the
+        whole, valid records after the last indexed one whose body is the held certified
+        header's (an index commit lost with the power: it is not fsynced on its own, the
+        records are); cut the rest of the tail (torn, or never committed)."""
         size = self.bodies.size()
         rows = self.conn.execute("SELECT height, off + ? + len FROM storage_bodies WHERE off IS NOT NULL",
                                  (HEAD.size,)).fetchall()
@@ -97,7 +104,25 @@ class StorageStore:
             self.counts["torn"] += len(short)
             with immediate(self.conn):
                 self.conn.executemany("DELETE FROM storage_bodies WHERE height = ?", [(h,) for h in short])
-        self.bodies.truncate(max((end for _, end in rows if end <= size), default=0))
+        end = max((end for _, end in rows if end <= size), default=0)
+        again = []
+        for off, height, payload in self.bodies.scan(end):
+            end = off + HEAD.size + len(payload)
+            held = self.header(height)
+            try:
+                txs = decode_body(payload, views=True)
+            except ChainError:
+                continue
+            leaves = merkle.leaf_hashes(txs)
+            if (held is not None and held[0].txs == len(txs) and merkle.root_of_leaves(leaves) == held[0].tx_root
+                    and not self.has_body(height)):
+                again.append((height, len(txs), sum(map(len, txs)), time.time(), off, len(payload), held[0].hash,
+                              _tx_offsets(txs), b"".join(leaves)))
+        if again:
+            self.counts["reindexed"] += len(again)
+            with immediate(self.conn):
+                self.conn.executemany(_INSERT_BODY, again)
+        self.bodies.truncate(end)
 
     def close(self) -> None:
         self.conn.close()
@@ -204,13 +229,18 @@ class StorageStore:
         start = self.bodies.end
         for row, off in zip(rows, self.bodies.append(records)):   # durable before any row points at it
             row[4] = off
+        # Not fsynced on its own (synchronous=NORMAL for this commit): the records just
+        # fsynced carry height, length and CRC, and `_recover` indexes them again if a
+        # power cut takes this commit. One fsync per group instead of two.
+        self.conn.execute("PRAGMA synchronous=NORMAL")
         try:
             with immediate(self.conn):
-                self.conn.executemany("INSERT INTO storage_bodies(height, txs, bytes, at, off, len, hash, toffs, "
-                                      "leaves) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+                self.conn.executemany(_INSERT_BODY, rows)
         except BaseException:
             self.bodies.truncate(start)   # nothing points at them: the file as it was
             raise
+        finally:
+            self.conn.execute("PRAGMA synchronous=FULL")
         return [r[0] for r in rows]
 
     def _held_bodies(self, heights: Sequence[int]) -> list[int]:

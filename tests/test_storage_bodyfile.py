@@ -8,10 +8,10 @@ import sqlite3
 
 import pytest
 
-from aggregator.bodyfile import HEAD, BodyFileLocked
+from aggregator.bodyfile import HEAD, BodyFileLocked, frame_head
 from aggregator.storageserve import StorageServer
 from aggregator.storagestore import StorageStore, body_file_path
-from aggregator.storagewire import encode_request, parse_request, parse_response
+from aggregator.storagewire import encode_body, encode_request, parse_request, parse_response
 from certlog import bls, merkle
 
 from storagekit import flip_body_byte, make_chain
@@ -63,7 +63,7 @@ def test_a_torn_last_record_at_every_byte_keeps_every_complete_record_and_return
         assert body_file_path(db).stat().st_size == len(whole)
 
 
-def test_a_tail_no_index_points_at_is_cut_on_open(chain, tmp_path):
+def test_a_torn_tail_no_index_points_at_is_cut_on_open(chain, tmp_path):
     blocks, _, _ = chain
     store = _filled(tmp_path / "s.db", blocks, upto=3)
     end = body_file_path(tmp_path / "s.db").stat().st_size
@@ -75,6 +75,28 @@ def test_a_tail_no_index_points_at_is_cut_on_open(chain, tmp_path):
     assert _reads_back(store, blocks) == {1: True, 2: True, 3: True, 4: False}
     store.put_header(blocks[3].header, blocks[3].cert)
     assert store.put_body(blocks[3].header, blocks[3].txs) and store.body(4) == blocks[3].txs
+    store.close()
+
+
+def test_records_whose_index_commit_was_lost_are_indexed_again_on_open_and_others_are_not(chain, tmp_path):
+    blocks, _, _ = chain
+    store = _filled(tmp_path / "s.db", blocks)       # the last group (body 4) its own commit
+    other = make_chain(1, 3, tx_bytes=5)[0][0]       # a whole record, but not the certified body at 1
+    store.conn.execute("DELETE FROM storage_bodies WHERE height IN (3, 4)")   # a power cut took these commits
+    store.close()
+    store = StorageStore(tmp_path / "s.db")
+    assert store.counts["reindexed"] == 2 and _reads_back(store, blocks) == {1: True, 2: True, 3: True, 4: True}
+    assert store.tx(4, 1) == blocks[3].txs[1]
+    store.conn.execute("DELETE FROM storage_bodies WHERE height = 1")
+    end = body_file_path(tmp_path / "s.db").stat().st_size
+    store.close()
+    with open(body_file_path(tmp_path / "s.db"), "ab") as f:   # a record of another body at 1, then a torn one
+        f.write(frame_head(1, encode_body(other.txs)) + encode_body(other.txs))
+        f.write(frame_head(2, encode_body(blocks[1].txs))[:-1])
+    store = StorageStore(tmp_path / "s.db")
+    assert store.counts["reindexed"] == 0 and not store.has_body(1)   # the row of 1 is gone, and 1 is not `other`
+    assert body_file_path(tmp_path / "s.db").stat().st_size == end + HEAD.size + len(encode_body(other.txs))
+    assert _reads_back(store, blocks) == {1: False, 2: True, 3: True, 4: True}
     store.close()
 
 
