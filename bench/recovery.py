@@ -419,6 +419,9 @@ def main() -> None:
         "copy_bytes": filled["bytes"], "copy_s": filled["seconds"], "copy_busy_s": filled["busy_s"],
         "copy_rate_Bps": round(copy_rate), "copy_MBps": round(copy_rate / 1e6, 2), "bulk": bulked,
         "fill_ms_per_MB": per_mb(profile.get("stages", {}), filled["bytes"]),
+        # the promoted node's CPU (all its threads) over the fill, per MB filled
+        "fill_cpu_ms_per_MB": round(filled["cpu_s"] * 1000 / (filled["bytes"] / 1e6), 2)
+        if filled.get("cpu_s") and filled["bytes"] else None,
         "fill_sampled": profile.get("own", [])[:8], "fill_profile": profile,
         "raw_rates_Bps": [round(x) for x in raws],
         # What keeping a fetched body costs at least, step by step, and the copy-rate ratio
