@@ -23,8 +23,9 @@ import sqlite3
 import struct
 import time
 from collections import Counter
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 from certlog import merkle
 from certlog.block import Certificate, ChainError, Header
@@ -229,19 +230,26 @@ class StorageStore:
         start = self.bodies.end
         for row, off in zip(rows, self.bodies.append(records)):   # durable before any row points at it
             row[4] = off
-        # Not fsynced on its own (synchronous=NORMAL for this commit): the records just
-        # fsynced carry height, length and CRC, and `_recover` indexes them again if a
-        # power cut takes this commit. One fsync per group instead of two.
-        self.conn.execute("PRAGMA synchronous=NORMAL")
+        # Not fsynced on its own: the records just fsynced carry height, length and CRC,
+        # and `_recover` indexes them again if a power cut takes this commit. One fsync
+        # per group instead of two.
         try:
-            with immediate(self.conn):
+            with self._unsynced(), immediate(self.conn):
                 self.conn.executemany(_INSERT_BODY, rows)
         except BaseException:
             self.bodies.truncate(start)   # nothing points at them: the file as it was
             raise
+        return [r[0] for r in rows]
+
+    @contextmanager
+    def _unsynced(self) -> Iterator[None]:
+        """Commits inside are durable at the next synced commit or checkpoint, not at once
+        (synchronous=NORMAL): for what is kept durably elsewhere."""
+        self.conn.execute("PRAGMA synchronous=NORMAL")
+        try:
+            yield
         finally:
             self.conn.execute("PRAGMA synchronous=FULL")
-        return [r[0] for r in rows]
 
     def _held_bodies(self, heights: Sequence[int]) -> list[int]:
         out: list[int] = []
@@ -335,9 +343,20 @@ class StorageStore:
 
     # -- placements ----------------------------------------------------------------
     def place(self, heights: Iterable[int], by: str) -> None:
+        """Record placements. Ones already recorded (the verifier re-sends a placement until
+        it has the receipt) cost a read, not a commit; new ones are not fsynced on their
+        own: one lost to a power cut is sent again, since no receipt answered it. (After
+        a promotion the verifier places every moved block on the new node one message at
+        a time: a fsynced commit each held the fill's commits up behind them.)"""
+        heights = list(heights)
+        held = {r[0] for k in range(0, len(heights), 500) for r in self.conn.execute(
+            f"SELECT height FROM storage_placements WHERE height IN ({','.join('?' * len(heights[k:k + 500]))})",
+            heights[k:k + 500])}
         now = time.time()
-        self._write([("INSERT OR IGNORE INTO storage_placements(height, by, at) VALUES (?, ?, ?)", (h, by, now))
-                     for h in heights])
+        new = [(h, by, now) for h in dict.fromkeys(heights) if h not in held]
+        if new:
+            with self._unsynced(), immediate(self.conn):
+                self.conn.executemany("INSERT OR IGNORE INTO storage_placements(height, by, at) VALUES (?, ?, ?)", new)
 
     def wanted(self, kind: str, limit: int = 100_000) -> list[int]:
         """Heights whose body this node must hold and does not: every certified header's
