@@ -19,9 +19,13 @@ __all__ = ["admit_header", "admit_body", "AdmittedBody"]
 
 
 class AdmittedBody(NamedTuple):
-    """A body that matched its certified header (made by `admit_body` only)."""
+    """A body that matched its certified header (made by `admit_body` only), with what
+    the check computed anyway: its leaf hashes (kept for serving paths) and, when it
+    came over the wire, its transfer bytes (written as they are)."""
     header: Header
     txs: Sequence[bytes]
+    leaves: Sequence[bytes] = ()
+    raw: bytes | None = None
 
 
 def admit_header(validators: ValidatorSet, chain: str, header: Header, cert: Certificate | None) -> None:
@@ -33,11 +37,13 @@ def admit_header(validators: ValidatorSet, chain: str, header: Header, cert: Cer
     validators.check_certificate(cert, header, remember=True)
 
 
-def admit_body(header: Header, txs: Sequence[bytes]) -> AdmittedBody:
-    """The body, admitted; `ChainError` unless `txs` is what the (certified) `header` commits to."""
+def admit_body(header: Header, txs: Sequence[bytes], raw: bytes | None = None) -> AdmittedBody:
+    """The body, admitted; `ChainError` unless `txs` is what the (certified) `header` commits to.
+    `raw`: the transfer bytes `txs` were decoded from, if they were."""
     if len(txs) != header.txs:
         raise ChainError("tx_count_mismatch", f"header says {header.txs}, body has {len(txs)}",
                          height=header.height)
-    if merkle.root(txs) != header.tx_root:
+    leaves = merkle.leaf_hashes(txs)
+    if merkle.root_of_leaves(leaves) != header.tx_root:
         raise ChainError("tx_root_mismatch", "body does not hash to the certified tx_root", height=header.height)
-    return AdmittedBody(header, txs)
+    return AdmittedBody(header, txs, leaves, raw)

@@ -8,7 +8,8 @@ node's signed answer with data or path that does not verify), `late` (right, but
 after `audit_deadline_s`) or `missing` (nothing within deadline + `audit_late_s`,
 a refusal, or an answer that is not the node's to this question). Each result is
 one R-chain record, with the node's CRE after it (`cre_after`). A certified
-`wrong`, or a heavy or light node's CRE below `cre_floor`, makes the verifier
+`wrong` (or `missing` because the node said its copy is `corrupt`), or a heavy or
+light node's CRE below `cre_floor`, makes the verifier
 re-place that block (or all the node's blocks) with P-chain `replace` records
 naming the R-chain height as evidence.
 
@@ -143,17 +144,20 @@ class Auditor:
         outcome, answer, reason = await asyncio.to_thread(judge, q, meta, time.monotonic() - t0,
                                                           self.deadline_s, pk)
         at = max(int(time.time() * 1000), asked)
-        await self.record(q, outcome, answer, asked, at, kind)
+        # A node saying its copy is corrupt (its store's CRC or leaf check failed) has lost
+        # the block as surely as one answering wrong: `missing` (nothing signed proves it),
+        # and the block re-placed as after `wrong`.
+        await self.record(q, outcome, answer, asked, at, kind, lost=why == "corrupt")
         self.counts[f"audit_{outcome}"] += 1
         event(log, "audit", node=node, height=q.header.height, index=q.index, outcome=outcome,
               reason=why or reason, cre=self.cre[node], ms=at - asked)
         return outcome
 
     async def record(self, q: Question, outcome: str, answer: AuditAnswer | None, asked: int, at: int,
-                     kind: str) -> None:
+                     kind: str, *, lost: bool = False) -> None:
         async with self.lock:
             cre = self.cre.record(q.node, outcome)
-            action = "block" if outcome == "wrong" else ""
+            action = "block" if outcome == "wrong" or lost else ""
             self.silent[q.node] = self.silent[q.node] + 1 if outcome == "missing" else 0
             if cre < self.cre_floor and kind != "full":    # a full node is replaced whole, by promotion
                 action = "all"

@@ -310,9 +310,9 @@ class CatchUp:
                     for h, raw in got:
                         try:
                             with self.stages("decode"):
-                                txs = decode_body(raw)
+                                txs = decode_body(raw, views=True)
                             with self.stages("admit"):   # the Merkle root against the certified header
-                                good.append(admit_body(headers[h], txs))
+                                good.append(admit_body(headers[h], txs, raw))
                         except ChainError as exc:
                             self._refused(peer, exc.reason, exc.detail, height=h, bad=exc.reason in BAD_DATA)
                             later[h] = _others(plan[h], peer)
@@ -333,14 +333,15 @@ class CatchUp:
         """Fetch and keep one body (in chunks) from the first of `peers` that serves it right."""
         for peer in peers:
             try:
-                body = admit_body(header, await self._download(peer, header))
+                raw = await self._download(peer, header)
+                body = admit_body(header, decode_body(raw, views=True), raw)
             except ChainError as exc:
                 self._refused(peer, exc.reason, exc.detail, height=header.height, bad=exc.reason in BAD_DATA)
                 continue
             return peer if await self.keeper.keep_bodies([body], peer) else None
         return None
 
-    async def _download(self, peer: str, header: Header) -> list[bytes]:
+    async def _download(self, peer: str, header: Header) -> bytes:
         ask = lambda chunk: self.req.ask(peer, "body", height=header.height, hash=header.hash,  # noqa: E731
                                          chunk=chunk, chunk_size=self.chunk_size)
         meta, data = await ask(0)
@@ -361,7 +362,7 @@ class CatchUp:
         for r in results:
             if isinstance(r, BaseException):
                 raise r
-        return decode_body(body.data())
+        return body.data()
 
     def _refused(self, peer: str, reason: str, detail: str, *, height: int | None = None, bad: bool = False) -> None:
         self.counts[reason] += 1

@@ -25,7 +25,7 @@ from .storagewire import KINDS, NODE_RE, NONCE_RE
 
 __all__ = ["StorageReceipt", "receipt_message", "sign_receipt", "verify_receipt", "ReceiptBatch", "batch_message",
            "sign_receipts", "verify_receipts", "load_receipt", "AuditAnswer",
-           "audit_message", "answer_audit", "check_audit", "audit_outcome", "AUDIT_OUTCOMES"]
+           "audit_message", "answer_audit", "answer_audit_proof", "check_audit", "audit_outcome", "AUDIT_OUTCOMES"]
 
 RECEIPT_TAG = "gl-storage-receipt-v1"
 BATCH_TAG = "gl-storage-receipts-v1"
@@ -236,8 +236,14 @@ class AuditAnswer:
 
 def answer_audit(sk: int, node: str, header: Header, txs: Sequence[bytes], index: int, nonce: str) -> AuditAnswer:
     """The signed answer to an audit of transaction `index` of this block (IndexError if none)."""
-    path = tuple(merkle.path(txs, index))
-    a = AuditAnswer(header.chain, header.height, index, nonce, bytes(txs[index]), path, node, b"")
+    return answer_audit_proof(sk, node, header, txs[index], merkle.path(txs, index), index, nonce)
+
+
+def answer_audit_proof(sk: int, node: str, header: Header, tx: bytes, path: Sequence[str], index: int,
+                       nonce: str) -> AuditAnswer:
+    """The same from the transaction and its path (a store serves those without the body)."""
+    path = tuple(path)
+    a = AuditAnswer(header.chain, header.height, index, nonce, bytes(tx), path, node, b"")
     return AuditAnswer(a.chain, a.height, index, nonce, a.tx, path, node, bls.Sign(sk, a.message()))
 
 

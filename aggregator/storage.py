@@ -29,6 +29,7 @@ from gridledger.config import MqttConfig, mqtt_section, read_toml, section
 from gridledger.errors import ConfigError
 from gridledger.logs import event
 from gridledger.mqtt import keep_connected, until_stopped
+from gridledger.mqttlink import LinkSession
 
 from .admission import AdmittedBody, admit_body, admit_header
 from .catchup import CatchUp, Requester
@@ -104,11 +105,11 @@ class StorageNode:
         self.kind = self.store.kind() or s.kind
         # Serving reads through a connection of its own: WAL lets them run beside the
         # fill's writes instead of queueing behind them on one connection.
-        self.server = StorageServer(StorageStore(s.database), node=s.name, kind=self.kind, secret_key=self._sk,
+        self.server = StorageServer(StorageStore(s.database, writer=False), node=s.name, kind=self.kind, secret_key=self._sk,
                                     capacity=s.capacity_bytes)
         # and so do catch-up's reads (what is wanted, lacking, held), which would otherwise
         # wait behind every commit (an fsync) of the fill they plan.
-        self.reads = StorageStore(s.database)
+        self.reads = StorageStore(s.database, writer=False)
         self.chain_topics = Topics(s.chain)
         self.topics = StorageTopics(s.chain)
         self.sync_name = f"storage-{s.name}"   # our name at the proposer's sync service
@@ -119,6 +120,7 @@ class StorageNode:
         self._commit_lock = asyncio.Lock()     # one group commit at a time (keep_bodies)
         self._to_commit: list = []             # (bodies, source, future) waiting for the next one
         self._client: aiomqtt.Client | None = None
+        self._inbox: LinkSession | None = None   # the responses' link (`run`)
         self.stages = Stages()                 # seconds per stage of the hot paths (the fill's figures)
         self.requester = Requester(self._publish_qos0, s.name, self.topics, timeout_s=s.timeout_s, window=s.window,
                                    stages=self.stages)
@@ -220,6 +222,10 @@ class StorageNode:
     def _check_and_put(self, batches: list[list[AdmittedBody]]) -> tuple[list[ChainError | None], set[int]]:
         """(In the store's thread.) Refuse each batch holding a body whose header is not
         the certified one held at its height; keep the others' bodies in one transaction."""
+        with self.stages("commit_in_thread"):   # `commit` minus this: getting to the thread and back
+            return self._check_and_put_here(batches)
+
+    def _check_and_put_here(self, batches: list[list[AdmittedBody]]) -> tuple[list[ChainError | None], set[int]]:
         held = self.store.header_hashes([b.header.height for bodies in batches for b in bodies])
         refusals = [next((ChainError("unknown_header", "no such certified header held", height=b.header.height)
                           for b in bodies if held.get(b.header.height) != b.header.hash), None)
@@ -258,7 +264,10 @@ class StorageNode:
         # Subscribed whatever the kind: a heavy node promoted later needs the proposer's
         # blocks at once (when both full nodes are promoted ones, nobody else fetches them).
         sync = self.settings.proposer_sync
-        topics = [self.chain_topics.certs, self.topics.requests(self.name), self.topics.responses(self.name),
+        # Responses to our requests (the fill's bulk bytes) come on a lean link of their own
+        # (`mqttlink`: a clean QoS 0 session that parses packets straight out of the socket's
+        # reads; paho costs several times its CPU per message), not on the aiomqtt session.
+        topics = [self.chain_topics.certs, self.topics.requests(self.name),
                   self.topics.store(self.name), self.topics.alive("+")]
         topics += [self.chain_topics.blocks(self.sync_name)] if sync else []
         # Liveness: "alive" retained on every connect, and the broker publishes the
@@ -283,9 +292,16 @@ class StorageNode:
             finally:
                 self._client = None
 
+        client_id = f"storage-{self.chain}-{self.name}"
+        self._inbox = LinkSession(self.mqtt, f"{self.mqtt.client_id or client_id}-resp",
+                                  self.topics.responses(self.name), self._on_link_response, log, name="responses")
+        inbox = asyncio.create_task(self._inbox.run(stop))
         try:
-            await keep_connected(self.mqtt, f"storage-{self.chain}-{self.name}", topics, stop, serve, log, will=will)
+            await keep_connected(self.mqtt, client_id, topics, stop, serve, log, will=will)
         finally:
+            stop.set()
+            await asyncio.gather(inbox, return_exceptions=True)
+            await self._inbox.close()
             event(log, "stop", **self.status())
             self.close()
 
@@ -309,7 +325,7 @@ class StorageNode:
         self.server.kind = kind
         if kind == "full":
             self._filling = {"t0": time.monotonic(), "at": time.time(), "bytes": 0, "bodies": 0, "busy": 0.0,
-                             "stages": self.stages.mark(),
+                             "stages": self.stages.mark(), "cpu": time.process_time(),
                              "sampler": Sampler().start() if os.environ.get(FILL_PROFILE_ENV) else None}
         event(log, "kind_changed", old=old, kind=kind, by=by)
         await self._say_alive()
@@ -325,17 +341,22 @@ class StorageNode:
         # `busy_s`: the catch-up rounds that fetched something; `seconds` also counts the
         # waits between rounds while new blocks kept arriving under load.
         stages = self.stages.since(f["stages"])
+        # The process's CPU seconds (every thread) over the fill: on a shared machine a
+        # steadier per-MB cost than wall seconds, which other processes stretch.
+        cpu_s = round(time.process_time() - f["cpu"], 3)
         event(log, "filled", seconds=round(seconds, 3), busy_s=round(f["busy"], 3), bytes=f["bytes"],
               bodies=f["bodies"], since=f["at"], rate=round(f["bytes"] / f["busy"]) if f["busy"] > 0 else 0,
-              stages=stages)
+              cpu_s=cpu_s, stages=stages)
         if f["sampler"] is not None:
-            profile = {"node": self.name, "bytes": f["bytes"], "busy_s": f["busy"], "stages": stages,
+            profile = {"node": self.name, "bytes": f["bytes"], "busy_s": f["busy"], "cpu_s": cpu_s, "stages": stages,
                        **f["sampler"].stop().report()}
             out = Path(os.environ[FILL_PROFILE_ENV]) / f"{self.name}.json"
             await asyncio.to_thread(out.write_text, json.dumps(profile))
 
     def status(self) -> dict:
+        stores = (self.store, self.server.store, self.reads)
         return {"headers": self.store.header_height(), **self.counts, **self.server.counts,
+                **{f"store_{k}": sum(st.counts[k] for st in stores) for k in ("corrupt", "torn", "migrated")},
                 **{f"catchup_{k}": v for k, v in self.catchup.counts.items()},
                 **{f"request_{k}": v for k, v in self.requester.counts.items()},
                 "bad_peers": dict(self.catchup.bad_peers)}
@@ -453,9 +474,16 @@ class StorageNode:
         except (StorageError, aiomqtt.MqttError):
             self.counts["reply_lost"] += 1
 
+    def _on_link_response(self, topic: str, payload: bytes) -> None:
+        self.requester.on_response(payload)
+
     async def _catch_up_loop(self) -> None:
         if not self.settings.peers:
             return await asyncio.Event().wait()
+        for _ in range(100):   # no request before the responses' link is up (its answers would be lost)
+            if self._inbox is None or self._inbox.link is not None:
+                break
+            await asyncio.sleep(0.05)
         while True:
             t0 = time.monotonic()
             try:

@@ -2,9 +2,13 @@
 
 No MQTT here: `StorageServer.answer` takes a parsed request and returns the
 response bytes (`storagewire` framing). Every refusal is a typed error response
-(`{"ok": false, "error": reason}`), never an exception. Bodies being sent in
-chunks are kept encoded in a small cache, so a body of n chunks is read from
-SQLite once, not n times.
+(`{"ok": false, "error": reason}`), never an exception. Bodies go out as the
+store keeps them (their transfer bytes, CRC checked on read: no decoding, no
+re-encoding); a body being sent in chunks is kept in a small cache, so a body of n
+chunks is read once, not n times. A transaction is one read and its path comes from
+the indexed leaf hashes; every answer is checked against the certified tx root
+before it leaves. A body that fails a check is answered `corrupt` (and dropped by
+the store, so the node fetches it again).
 """
 
 from __future__ import annotations
@@ -15,9 +19,9 @@ from collections import Counter, OrderedDict
 from certlog import merkle
 from certlog.block import ChainError
 
-from .receipts import answer_audit
+from .receipts import answer_audit_proof
 from .storagestore import StorageStore
-from .storagewire import RANGES_MAX, Request, chunk_count, chunk_of, encode_body, encode_response
+from .storagewire import RANGES_MAX, Request, chunk_count, chunk_of, encode_response
 
 __all__ = ["StorageServer", "error_response"]
 
@@ -35,7 +39,7 @@ class StorageServer:
         self.capacity = capacity  # bytes offered for bodies (0: not limited); reported for RV's CP
         self._sk = secret_key
         self.counts: Counter[str] = Counter()
-        self._cache: OrderedDict[tuple[int, str], tuple[list[bytes], bytes]] = OrderedDict()
+        self._cache: OrderedDict[tuple[int, str], bytes] = OrderedDict()
         self._cached = 0
 
     def answer(self, req: Request) -> bytes:
@@ -59,7 +63,7 @@ class StorageServer:
         return {"headers": [{"header": json.loads(h), "cert": json.loads(c)} for h, c in rows]}, b""
 
     def _body(self, height: int, hash: str, chunk: int, chunk_size: int) -> tuple[dict, bytes]:
-        _, data = self._held(height, hash)
+        data = self._held(height, hash)
         meta = {"height": height, "hash": hash, "chunk": chunk, "chunks": chunk_count(len(data), chunk_size),
                 "size": len(data), "chunk_size": chunk_size}
         return meta, chunk_of(data, chunk, chunk_size)
@@ -71,7 +75,7 @@ class StorageServer:
         listed, parts, missing, large, used = [], [], [], [], 0
         for height, header_hash in want:
             try:
-                _, data = self._held(height, header_hash)
+                data = self._held(height, header_hash)
             except ChainError:
                 missing.append(height)
                 continue
@@ -87,18 +91,14 @@ class StorageServer:
 
     def _tx(self, height: int, index: int) -> tuple[dict, bytes]:
         header, cert = self._header(height)
-        txs, _ = self._held(height, header.hash)
-        if index >= len(txs):
-            raise ChainError("no_such_tx", f"block {height} has {len(txs)} transactions", height=height)
-        return {"height": height, "index": index, "tx": txs[index].hex(), "path": merkle.path(txs, index),
+        tx, path = self._proof(header, index)
+        return {"height": height, "index": index, "tx": tx.hex(), "path": path,
                 "header": header.to_dict(), "cert": cert.to_dict()}, b""
 
     def _audit(self, height: int, index: int, nonce: str) -> tuple[dict, bytes]:
         header, _ = self._header(height)
-        txs, _ = self._held(height, header.hash)
-        if index >= len(txs):
-            raise ChainError("no_such_tx", f"block {height} has {len(txs)} transactions", height=height)
-        return {"answer": answer_audit(self._sk, self.node, header, txs, index, nonce).to_dict()}, b""
+        tx, path = self._proof(header, index)
+        return {"answer": answer_audit_proof(self._sk, self.node, header, tx, path, index, nonce).to_dict()}, b""
 
     # -- reading the store ---------------------------------------------------------------
     def _header(self, height: int):
@@ -107,8 +107,24 @@ class StorageServer:
             raise ChainError("unknown_height", f"no certified header at {height}", height=height)
         return held
 
-    def _held(self, height: int, header_hash: str) -> tuple[list[bytes], bytes]:
-        """The body at `height` (its txs and transfer bytes), if it is the one of `header_hash`."""
+    def _proof(self, header, index: int) -> tuple[bytes, list[str]]:
+        """Transaction `index` of the held body of `header` and its path, checked against
+        the certified tx root."""
+        height = header.height
+        n = self.store.tx_count(height)
+        if n is None:
+            raise ChainError("not_held", f"body {height} is not kept here", height=height)
+        if index >= n:
+            raise ChainError("no_such_tx", f"block {height} has {n} transactions", height=height)
+        proof = self.store.tx_proof(height, index)
+        if proof is None or not merkle.verify_path(header.tx_root, proof[0], index, header.txs, proof[1]):
+            if proof is not None:   # bytes and leaf agree, but not with the header: the index itself is off
+                self.store.forget_corrupt(height, None)
+            raise ChainError("corrupt", f"transaction {index} of body {height} does not read back", height=height)
+        return proof
+
+    def _held(self, height: int, header_hash: str) -> bytes:
+        """The transfer bytes of the body at `height`, if it is the one of `header_hash`."""
         key = (height, header_hash)
         hit = self._cache.get(key)
         if hit is not None:
@@ -117,13 +133,12 @@ class StorageServer:
         held = self.store.header(height)
         if held is None or held[0].hash != header_hash:
             raise ChainError("not_held", f"no header {header_hash[:16]}… at {height}", height=height)
-        txs = self.store.body(height)
-        if txs is None:
+        data = self.store.body_bytes(height)
+        if data is None:
             raise ChainError("not_held", f"body {height} is not kept here", height=height)
-        entry = (txs, encode_body(txs))
-        self._cache[key] = entry
-        self._cached += len(entry[1])
+        self._cache[key] = data
+        self._cached += len(data)
         while self._cached > CACHE_BYTES and len(self._cache) > 1:
-            _, (_, old) = self._cache.popitem(last=False)
+            _, old = self._cache.popitem(last=False)
             self._cached -= len(old)
-        return entry
+        return data

@@ -216,7 +216,9 @@ def encode_body(txs: Sequence[bytes]) -> bytes:
     return b"".join(parts)
 
 
-def decode_body(data: bytes) -> list[bytes]:
+def decode_body(data: bytes, *, views: bool = False) -> list[bytes]:
+    """The transactions of a body's transfer bytes; `views`: as memoryviews into `data`
+    (no copy per transaction: the fill hashes them and writes `data` as it is)."""
     view = memoryview(data)
     if len(view) < 4:
         raise StorageError("body_format", "shorter than its count")
@@ -231,11 +233,11 @@ def decode_body(data: bytes) -> list[bytes]:
         off += 4
         if off + size > len(view):
             raise StorageError("body_format", "truncated transaction")
-        txs.append(bytes(view[off:off + size]))
+        txs.append(view[off:off + size])
         off += size
     if off != len(view):
         raise StorageError("body_format", f"{len(view) - off} bytes after the last transaction")
-    return txs
+    return txs if views else [bytes(t) for t in txs]
 
 
 def split_bodies(listed: Any, data: bytes, asked: Collection[int]) -> list[tuple[int, bytes]]:

@@ -57,7 +57,7 @@ from .pchainapp import (Roles, block_key, decode_block_leaf, placement_tx, promo
                         readmit_tx, receipt_tx, receipts_tx, replace_tx, replacement)
 from .receipts import ReceiptBatch, StorageReceipt, load_receipt, verify_receipt, verify_receipts
 from .reliability import Credibility, Measure, cp_from_report, np_from_rtts, place
-from .storagewire import NODE_RE, StorageError, StorageTopics, encode_placement, parse_liveness
+from .storagewire import HEADERS_MAX, NODE_RE, StorageError, StorageTopics, encode_placement, parse_liveness
 
 __all__ = ["VerifierSettings", "VerifierConfig", "Verifier", "load_verifier_config"]
 
@@ -170,6 +170,8 @@ class Verifier:
         self.proposer: Proposer | None = None
         self._db = asyncio.Lock()
         self._client: aiomqtt.Client | None = None
+        self._gaps: asyncio.Future | None = None   # fill_gaps under way
+        self._gap_top = 0                           # the highest certificate seen: gaps below it are filled
         self.requester = Requester(self._publish_qos0, s.name, self.topics, timeout_s=s.timeout_s, window=2,
                                    retries=0)
         self.auditor: Auditor | None = None
@@ -214,13 +216,56 @@ class Verifier:
     # -- area certificates -> placements -------------------------------------------------
     async def on_cert(self, payload: bytes) -> None:
         msg = decode_block(payload)
-        header, cert = msg.header, msg.cert
+        await self.place_certified(msg.header, msg.cert)
+        self._gap_top = max(self._gap_top, msg.header.height)
+        if self._gaps is None or self._gaps.done():   # not awaited here: its answers arrive through `_read`
+            self._gaps = asyncio.ensure_future(self._fill_gaps_below_top())
+
+    async def _fill_gaps_below_top(self) -> None:
+        checked = 0
+        while self._gap_top > checked:   # certificates that came meanwhile move the top
+            checked = self._gap_top
+            await self.fill_gaps(checked)
+
+    async def fill_gaps(self, height: int) -> int:
+        """Place the certified area blocks below `height` that were never placed, their
+        headers and certificates asked of a full node and checked like any other: a
+        certificate the broker delivered just before a kill -9 is gone (paho acknowledges
+        a QoS 1 message on receipt, before it is read), and nothing else would place it.
+        The heights placed."""
+        (count,) = self.conn.execute("SELECT COUNT(*) FROM p_placed WHERE height < ?", (height,)).fetchone()
+        if count >= height - 1:
+            return 0
+        placed = {r[0] for r in self.conn.execute("SELECT height FROM p_placed WHERE height < ?", (height,))}
+        gaps = [h for h in range(1, height) if h not in placed][:HEADERS_MAX]
+        done = 0
+        for node in self.roles.full:
+            try:
+                meta, _ = await self.requester.ask(node, "headers", lo=gaps[0], hi=gaps[-1])
+            except StorageError as exc:
+                event(log, "gap_fill_failed", logging.WARNING, node=node, reason=exc.reason)
+                continue
+            for item in meta.get("headers") if isinstance(meta.get("headers"), list) else []:
+                try:
+                    header, cert = Header.from_dict(item["header"]), Certificate.from_dict(item["cert"])
+                    if header.height in gaps and await self.place_certified(header, cert):
+                        done += 1
+                except (ChainError, TypeError, KeyError) as exc:   # judged like any certificate: refused
+                    reason = getattr(exc, "reason", "gap_bad_header")
+                    self.counts[reason] += 1
+                    event(log, "refused", logging.WARNING, topic="gap_fill", node=node, reason=reason)
+            break
+        self.counts["gaps_placed"] += done
+        return done
+
+    async def place_certified(self, header: Header, cert: Certificate | None) -> bool:
+        """Place a certified area block (once); True if placed now."""
         if header.chain != self.settings.area or cert is None:
             raise ChainError("wrong_chain", header.chain)
         self.area_validators.check_certificate(cert, header)
         async with self._db:
             if self.conn.execute("SELECT 1 FROM p_placed WHERE height = ?", (header.height,)).fetchone():
-                return
+                return False
             snap = self.snapshot()
             nodes = place(header.hash, self.roles.full, snap, self.genesis.replicas)
             with self.replica.store.transaction():
@@ -239,6 +284,7 @@ class Verifier:
         await self._send(header.height, [n for n in nodes if n not in self.roles.full])
         for r in self.early.pop(header.height, []):
             await self._take_receipt(r, [header.height])
+        return True
 
     async def _send(self, height: int, nodes: list[str]) -> None:
         if self._client is None:

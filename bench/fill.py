@@ -94,6 +94,7 @@ def run_case(wd: Path, broker, per_block: int, megabytes: int) -> dict:
     # the promotion to the last body kept (busy_s, the rounds that fetched, is beside it).
     return {"txs_per_block": per_block, "blocks": len(blocks), "bytes": f["bytes"], "busy_s": f["busy_s"],
             "seconds": f["seconds"], "rate_Bps": round(f["bytes"] / f["seconds"]),
+            "cpu_ms_per_MB": round(f["cpu_s"] * 1000 / (f["bytes"] / 1e6), 2) if f.get("cpu_s") and f["bytes"] else None,
             "ms_per_MB": per_mb(f.get("stages", {}), f["bytes"])}
 
 

@@ -11,13 +11,28 @@ from __future__ import annotations
 import hashlib
 from typing import Sequence
 
-__all__ = ["EMPTY_ROOT", "leaf_hash", "root", "path", "verify_path"]
+__all__ = ["EMPTY_ROOT", "leaf_hash", "leaf_hashes", "root", "root_of_leaves", "path", "path_of_leaves",
+           "verify_path"]
 
 EMPTY_ROOT = hashlib.sha256(b"").hexdigest()
+_LEAF = hashlib.sha256(b"\x00")
 
 
 def leaf_hash(data: bytes) -> bytes:
-    return hashlib.sha256(b"\x00" + data).digest()
+    h = _LEAF.copy()   # the prefix hashed once: no concatenated copy of the leaf
+    h.update(data)
+    return h.digest()
+
+
+def leaf_hashes(txs: Sequence[bytes]) -> list[bytes]:
+    """Every leaf's hash; a body is hashed once, then its root and any path come from these."""
+    copy = _LEAF.copy
+    out = []
+    for t in txs:
+        h = copy()
+        h.update(t)
+        out.append(h.digest())
+    return out
 
 
 def _node(left: bytes, right: bytes) -> bytes:
@@ -36,17 +51,25 @@ def _root(hashes: Sequence[bytes]) -> bytes:
 
 def root(txs: Sequence[bytes]) -> str:
     """Hex root of the transactions; `EMPTY_ROOT` for an empty block."""
-    if not txs:
-        return EMPTY_ROOT
-    return _root([leaf_hash(t) for t in txs]).hex()
+    return root_of_leaves(leaf_hashes(txs))
+
+
+def root_of_leaves(leaves: Sequence[bytes]) -> str:
+    return _root(leaves).hex() if leaves else EMPTY_ROOT
 
 
 def path(txs: Sequence[bytes], index: int) -> list[str]:
     """Audit path of transaction `index`: sibling hashes from the leaf upwards."""
     if not 0 <= index < len(txs):
         raise IndexError(f"transaction {index} not in a block of {len(txs)}")
+    return path_of_leaves(leaf_hashes(txs), index)
+
+
+def path_of_leaves(leaves: Sequence[bytes], index: int) -> list[str]:
+    if not 0 <= index < len(leaves):
+        raise IndexError(f"transaction {index} not in a block of {len(leaves)}")
     out: list[str] = []
-    level = [leaf_hash(t) for t in txs]
+    level = list(leaves)
     i = index
     while len(level) > 1:
         sib = i ^ 1

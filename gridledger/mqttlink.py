@@ -1,7 +1,8 @@
 """A lean MQTT 3.1.1 session for one hot path: subscribe to one topic filter at
 QoS 0, hand every PUBLISH's (topic, payload) to a callback, and write QoS 0
 publishes a batch per socket write. The gateway's readings and acks travel on
-it; every other role and topic speaks aiomqtt.
+it, and so do the responses a storage node's requests get (the bulk bytes of a
+fill); every other role and topic speaks aiomqtt.
 
 Why not paho (through aiomqtt) for this path: on this machine a 1.3 KB QoS 0
 message costs the receiving process about 30 µs of CPU through paho's callback

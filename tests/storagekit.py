@@ -7,11 +7,14 @@ from __future__ import annotations
 import json
 import signal
 import sqlite3
+import struct
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from aggregator.bodyfile import HEAD
+from aggregator.storagestore import StorageStore, body_file_path
 from certlog import bls, merkle
 from certlog.block import ZERO_HASH, Certificate, Header, cert_message
 from certlog.validators import ValidatorSet, read_secret_key
@@ -88,7 +91,7 @@ class StorageNodes:
         return _rows(self.db(name), "SELECT height, hash FROM storage_headers ORDER BY height")
 
     def txs(self, name: str) -> dict[int, list[bytes]]:
-        return _txs(self.db(name), "storage_txs")
+        return stored_txs(self.db(name))
 
     def inventory(self, name: str) -> str:
         """`gridledger storage inventory` of a node: its JSON line."""
@@ -130,6 +133,36 @@ def _rows(db: Path, sql: str) -> dict:
             return dict(conn.execute(sql).fetchall())
     except sqlite3.OperationalError:
         return {}
+
+
+def stored_txs(db: Path) -> dict[int, list[bytes]]:
+    """height -> transactions of every body a storage node holds and reads back whole
+    (read-only: the node may be running)."""
+    store = StorageStore(conn=sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5))
+    try:
+        return {h: txs for h in store.body_heights() if (txs := store.body(h)) is not None}
+    finally:
+        store.close()
+
+
+def flip_body_byte(db: Path, height: int, at: float = 0.5, *, tx: int | None = None) -> int:
+    """Flip one byte of the body record of `height` in a node's body file, `at` (0..1)
+    of the way into its payload, or into transaction `tx` of it (the node stopped or
+    not); the file offset flipped."""
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as conn:
+        off, size, toffs = conn.execute("SELECT off, len, toffs FROM storage_bodies WHERE height = ?",
+                                        (height,)).fetchone()
+    if tx is None:
+        pos = off + HEAD.size + min(size - 1, int(size * at))
+    else:
+        starts = list(struct.unpack(f">{len(toffs) // 4}I", toffs)) + [size + 4]
+        pos = off + HEAD.size + starts[tx] + int((starts[tx + 1] - 4 - starts[tx]) * at)
+    with open(body_file_path(db), "r+b") as f:
+        f.seek(pos)
+        byte = f.read(1)
+        f.seek(pos)
+        f.write(bytes([byte[0] ^ 0x01]))
+    return pos
 
 
 def _txs(db: Path, table: str) -> dict[int, list[bytes]]:

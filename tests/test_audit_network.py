@@ -4,6 +4,7 @@ two heavy and one light storage node and the verifier auditing them every ~0.5 s
 
 from __future__ import annotations
 
+import json
 import signal
 import sqlite3
 
@@ -16,7 +17,7 @@ from gridledger.testbed import verifier_process, wait_up, write_pchain
 from chainkit import CHAIN, ChainBed
 from conftest import MqttProbe
 from helpers import wait_until
-from storagekit import StorageNodes
+from storagekit import StorageNodes, flip_body_byte
 from test_pchain_network import KINDS, p_state
 from test_storage_network import Load, _settled, _start_chain
 
@@ -82,7 +83,7 @@ class AuditBed:
         self.bed.cleanup()
 
 
-async def test_a_node_with_a_corrupted_body_is_caught_by_audit_its_cre_drops_and_the_block_is_re_placed(
+async def test_a_node_with_a_flipped_byte_in_its_body_file_is_caught_by_audit_its_cre_drops_and_the_block_is_re_placed(
         tmp_path, broker):
     ab = AuditBed(tmp_path, broker)
     try:
@@ -91,16 +92,17 @@ async def test_a_node_with_a_corrupted_body_is_caught_by_audit_its_cre_drops_and
         wait_until(lambda: r_state(ab.r_db).get("h1", {}).get("ok", 0) >= 1, 20, "a certified ok audit of h1")
         bad = min(h for h, leaf in ab.leaves().items() if "h1" in leaf["receipted"])
         nodes.stop("h1")
-        with sqlite3.connect(nodes.db("h1")) as conn:       # a flipped byte in every tx of one body h1 holds
-            n = conn.execute("UPDATE storage_txs SET data = CAST(REPLACE(CAST(data AS TEXT), '\"seq\":', "
-                             "'\"seq\": ') AS BLOB) WHERE height = ?", (bad,)).rowcount
-        assert n >= 1
+        flip_body_byte(nodes.db("h1"), bad)                   # one flipped byte in h1's body file, in that body
         nodes.start("h1", "heavy", ["s1", "s2"])
 
-        wait_until(lambda: r_state(ab.r_db).get("h1", {}).get("wrong", 0) >= 1, 30,
-                   "a certified `wrong` audit of h1")
+        def corrupt_audit():   # h1's store fails the record's CRC and says so: `missing`, the block re-placed
+            return [e for e in _events(ab.bed.tmp / "verifier.log", "audit")
+                    if e["node"] == "h1" and e["height"] == bad and e["reason"] == "corrupt"]
+
+        wait_until(corrupt_audit, 30, f"an audit of h1's block {bad} answered `corrupt`")
+        assert corrupt_audit()[0]["outcome"] == "missing"
         h1 = r_state(ab.r_db)["h1"]
-        assert h1["cre"] <= 600 and h1["ok"] >= 1, h1              # 1000, then at least one wrong: -400
+        assert h1["ok"] >= 1 and h1.get("missing", 0) >= 1 and h1.get("wrong", 0) == 0, h1   # it served nothing wrong
 
         def re_placed():
             leaf = ab.leaves()[bad]
@@ -113,8 +115,9 @@ async def test_a_node_with_a_corrupted_body_is_caught_by_audit_its_cre_drops_and
         assert len(leaf["nodes"]) == 4 and len(set(leaf["nodes"])) == 4 and leaf["nodes"][:2] == ["s1", "s2"]
         for other in ("s1", "s2", "h2", "l1"):                    # honest nodes are never judged wrong
             assert r_state(ab.r_db).get(other, {}).get("wrong", 0) == 0, other
+        assert r_state(ab.r_db)["h1"]["cre"] < 1000             # missing: -100, ok audits since give back a little
         v3 = tmp_path / "validators" / "v3-r.db"
-        wait_until(lambda: r_state(v3).get("h1", {}).get("wrong", 0) >= 1, 20, "v3's R replica to agree")
+        wait_until(lambda: r_state(v3).get("h1", {}).get("missing", 0) >= 1, 20, "v3's R replica to agree")
     finally:
         ab.cleanup()
 
@@ -141,3 +144,9 @@ async def test_a_killed_node_gets_missing_outcomes_and_below_the_floor_its_block
         assert r_state(ab.r_db)["l1"]["cre"] < AUDITS["cre_floor"]
     finally:
         ab.cleanup()
+
+
+def _events(log, ev: str) -> list[dict]:
+    if not log.exists():
+        return []
+    return [json.loads(line) for line in log.read_text().splitlines() if f'"ev": "{ev}"' in line]

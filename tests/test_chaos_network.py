@@ -19,7 +19,7 @@ from gridledger.testbed import storage_process, verifier_process, wait_up
 from chainkit import CHAIN
 from conftest import MqttProbe
 from helpers import wait_until
-from storagekit import _rows, _txs, certified, certified_txs
+from storagekit import _rows, certified, certified_txs, stored_txs
 from test_pchain_network import p_state
 from test_promotion_network import Bed, p_roles, read_loop
 from test_storage_network import _settled
@@ -146,7 +146,7 @@ async def test_random_kill_9_of_storage_nodes_and_the_verifier_under_load_heals_
         _, leaves = p_state(b.p_db, chain)
         txs = certified_txs(b.bed)
         for n in {n for leaf in leaves.values() for n in leaf["nodes"]}:   # each holder's copy verifies
-            mine = _txs(b.bed.tmp / "storage" / f"{n}.db", "storage_txs")
+            mine = stored_txs(b.bed.tmp / "storage" / f"{n}.db")
             assert all(mine[h] == txs[h] for h, leaf in leaves.items() if n in leaf["nodes"]), n
         assert results and not [r for r in results if r[0] == "WRONG"], (seed, results)
         assert sum(r[0] == "ok" for r in results) >= 10, (seed, Counter(results))

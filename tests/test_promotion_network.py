@@ -24,7 +24,7 @@ from gridledger.storagebed import seed000_nodes, start_storage_layout, write_sto
 from chainkit import CHAIN, ChainBed
 from conftest import MqttProbe
 from helpers import wait_until
-from storagekit import certified_txs
+from storagekit import certified_txs, flip_body_byte
 from test_pchain_network import p_state
 from test_storage_network import Load, _settled, _start_chain
 
@@ -161,9 +161,7 @@ async def test_a_reader_facing_a_corrupted_replica_falls_back_and_returns_verifi
         p = b.procs.pop(best)
         p.send_signal(signal.SIGTERM)
         p.wait(20)
-        with sqlite3.connect(tmp_path / "storage" / f"{best}.db") as conn:    # a flipped byte in every tx
-            conn.execute("UPDATE storage_txs SET data = CAST(REPLACE(CAST(data AS TEXT), '\"seq\":', "
-                         "'\"seq\": ') AS BLOB) WHERE height = ?", (h,))
+        flip_body_byte(tmp_path / "storage" / f"{best}.db", h, tx=0)   # a flipped byte in the tx read
         from gridledger.testbed import storage_process, wait_up
         log = tmp_path / f"storage-{best}-2.log"
         b.procs[best] = storage_process(b.layout.configs[best], log)
@@ -175,8 +173,9 @@ async def test_a_reader_facing_a_corrupted_replica_falls_back_and_returns_verifi
         got = json.loads(out.stdout.strip().splitlines()[-1])
         assert bytes.fromhex(got["tx"]) == certified_txs(b.bed)[h][0]
         # The corrupted replica is never the source; when the reader tried it first, it fell
-        # back for the bad path. After the restart the P chain may rank another replica first
-        # (fresh-ci saw it once), and then the reader need not try it at all.
-        assert got["node"] != best and got["fell_back"] in ([[best, "read_bad_path"]], []), got
+        # back: the replica's store found the flipped byte (`corrupt`). After the restart the
+        # P chain may rank another replica first (fresh-ci saw it once), and then the reader
+        # need not try it at all.
+        assert got["node"] != best and got["fell_back"] in ([[best, "corrupt"]], []), got
     finally:
         b.cleanup()

@@ -121,6 +121,11 @@ def test_inventory_ranges_and_what_each_kind_wants(chain, store):
     store.place([3, 4, 9], by="verifier")
     assert store.wanted("heavy") == [3, 9]
     assert store.missing_headers(6) == [5, 6]
+    changes = store.conn.total_changes
+    store.place([9, 3], by="verifier")                 # sent again until receipted: a read, no write
+    assert store.conn.total_changes == changes
+    store.place([9, 10, 10], by="verifier")
+    assert store.conn.total_changes == changes + 1 and store.wanted("heavy") == [3, 9, 10]
 
 
 # -- receipts and audit answers --------------------------------------------------

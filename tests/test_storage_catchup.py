@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sqlite3
 
 import pytest
 
@@ -20,7 +19,7 @@ from certlog.net import encode_block
 from certlog.validators import dump_validator_set, info_for, read_secret_key
 from gridledger.testbed import write_storage_node
 
-from storagekit import make_chain
+from storagekit import flip_body_byte, make_chain
 
 
 class Client:
@@ -139,15 +138,31 @@ async def test_a_peer_serving_a_corrupt_body_is_named_and_the_body_fetched_elsew
     s1, s2 = node("s1"), node("s2")
     await _fill(s1, blocks)
     await _fill(s2, blocks)
-    with sqlite3.connect(tmp / "storage" / "s2.db") as conn:  # s2's disk flips bytes in every body
-        conn.execute("UPDATE storage_txs SET data = CAST(REPLACE(CAST(data AS TEXT), 'xxxx', 'xxxy') AS BLOB) "
-                     "WHERE idx = 7")
+    read = s2.server.store.body_bytes   # s2 serves a flipped byte in every body (its CRC cannot see it)
+    s2.server.store.body_bytes = lambda h: (b := bytearray(read(h)), b.__setitem__(-7, b[-7] ^ 1), bytes(b))[2]
     s3 = node("s3", peers=["s1", "s2"])
     summary = await asyncio.wait_for(s3.catchup.round(), 30)
     assert summary["fetched"] == 6 and summary["by_source"] == {"s1": 6}
     assert s3.catchup.bad_peers == {"s2": 3}              # s2 was first choice for every other height
     assert s3.catchup.counts["tx_root_mismatch"] == 3
     assert all(s3.store.body(b.header.height) == b.txs for b in blocks)
+
+
+async def test_a_flipped_byte_in_a_peers_body_file_reads_as_missing_there_and_it_heals_itself(bed):
+    blocks, fabric, node, tmp = bed
+    s1, s2 = node("s1"), node("s2", peers=["s1"])
+    await _fill(s1, blocks)
+    await _fill(s2, blocks)
+    for h in (2, 4):                                      # s2 is the first choice for 2, 4 and 6
+        flip_body_byte(tmp / "storage" / "s2.db", h)
+    s3 = node("s3", peers=["s1", "s2"])
+    summary = await asyncio.wait_for(s3.catchup.round(), 30)
+    assert summary["fetched"] == 6 and summary["by_source"] == {"s1": 5, "s2": 1}, summary
+    assert not s3.catchup.bad_peers and all(s3.store.body(b.header.height) == b.txs for b in blocks)
+    assert s2.server.store.counts["corrupt"] == 2 and s2.status()["store_corrupt"] == 2
+    assert s2.store.body_heights() == [1, 3, 5, 6]       # not held any more: wanted again
+    await asyncio.wait_for(s2.catchup.round(), 30)
+    assert all(s2.store.body(b.header.height) == b.txs for b in blocks)
 
 
 async def test_a_light_node_keeps_every_header_and_only_the_bodies_placed_on_it(bed):

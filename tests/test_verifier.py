@@ -72,3 +72,32 @@ async def test_a_node_saying_alive_with_a_kind_the_verifier_did_not_give_it_is_t
         assert v._client.sent == [(v.topics.store("h1"), {"by": "verifier", "role": "full"})]
     finally:
         v.conn.close()
+
+
+async def test_a_certificate_lost_to_a_kill_is_placed_from_a_full_nodes_headers_and_a_forged_one_is_not(tmp_path):
+    """Block 2's certificate never reached the verifier (acknowledged by paho, then the
+    process killed): block 3's arrival makes it ask a full node for the headers it lacks,
+    check their certificates and place block 2; a header whose certificate is another
+    block's is refused and left unplaced."""
+    v = verifier(tmp_path, {"f1": "full", "f2": "full", "h1": "heavy", "l1": "light"})
+    sks = [read_secret_key(tmp_path / "validators" / f"v{i}.bls.key") for i in range(4)]
+    blocks, _, _ = make_chain(4, sks=sks)
+    asked = []
+
+    async def ask(node, op, **args):
+        asked.append((node, op, args))
+        forged = {"header": blocks[2].header.to_dict(), "cert": blocks[1].cert.to_dict()}   # 3's header, 2's cert
+        return {"ok": True, "headers": [{"header": blocks[1].header.to_dict(), "cert": blocks[1].cert.to_dict()},
+                                        forged]}, b""
+
+    v.requester.ask = ask
+    try:
+        await v.on_cert(encode_block(blocks[0].header, None, blocks[0].cert))
+        assert await v.fill_gaps(1) == 0 and not asked                       # nothing below 1
+        await v.on_cert(encode_block(blocks[3].header, None, blocks[3].cert))
+        await v._gaps
+        assert asked == [("f1", "headers", {"lo": 2, "hi": 3})]
+        placed = [h for (h,) in v.conn.execute("SELECT height FROM p_placed ORDER BY height")]
+        assert placed == [1, 2, 4] and v.counts["gaps_placed"] == 1           # 3: its certificate is 2's
+    finally:
+        v.conn.close()
