@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Collection, Sequence
 
 from certlog.block import ChainError, canonical
+from certlog.net import decode_block
 
 __all__ = ["StorageError", "StorageTopics", "NODE_RE", "KINDS", "OPS", "Request", "parse_request",
            "encode_request", "encode_response", "parse_response", "encode_body", "decode_body", "chunk_of",
@@ -333,8 +334,10 @@ def encode_placement(*, heights: Sequence[int] = (), block: bytes | None = None,
         obj["role"] = role
     if heights:
         obj["heights"] = list(heights)
-    if block is not None:
-        obj["block"] = json.loads(block)
+    if block is not None:  # carried as the JSON form of a block message (decode_block reads both)
+        m = decode_block(block)
+        obj["block"] = {"header": m.header.to_dict(), **({"txs": [t.decode() for t in m.txs]} if m.txs is not None else {}),
+                        **({"cert": m.cert.to_dict()} if m.cert is not None else {})}
     return canonical(obj)
 
 
