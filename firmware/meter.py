@@ -94,6 +94,9 @@ class Meter:
         self.pool = paillier.RhoPool(self.n, pc.get("pool", 4), pc.get("exp_bits"))
         gc.collect()
         self._pool_step_s = 0.0
+        # The newest reading's (seed, ciphertext): its first send needs no
+        # second exponentiation; a resend computes it again from the journal.
+        self._fresh = None
         self.clock = Clock(cfg.get("clock", {}))
         self.stop_at = cfg.get("clock", {}).get("stop_at")
         self.state = _open_state(cfg, self.n)
@@ -202,6 +205,11 @@ class Meter:
     def take_reading(self, t_end):
         # The interval ending at t_end; or, after an unsynced boot, the span
         # since _since, of no better-known time.
+        st = self.state
+        if st.head_pos is not None:
+            # A power cut came between the last reading's journal write and its
+            # counters write: its seq and hash come first, whatever it costs.
+            st.settle_head(self.kid, self._cipher_now)
         t0, tq = t_end - self.interval, self.clock.quality
         if self._since is not None:
             t0, tq, self._since = self._since, "unsynced", None
@@ -211,13 +219,13 @@ class Meter:
             self.alerts.evaluate(t_end, dt, imp, exp)
         band = self._band(t0)
         slots = {wire.slot(band, 0): imp, wire.slot(band, 1): exp}
-        st = self.state
         if not st.room():
             # Full, keeping the oldest: loudly, and the registers still count.
             st.skip_reading(t_end, imp, exp, self.sensor.checkpoint())
             log("journal_full", t=t_end, dropped=st.journal.dropped, spooled=st.journal.live)
             return
-        c = self.pool.encrypt(wire.pack(slots))
+        m = wire.pack(slots)
+        c, seed = self.pool.encrypt(m)
         seq = st.c.seq + 1
         prev = wire.hexs(st.c.prev)
         ch = "%x" % c
@@ -229,13 +237,26 @@ class Meter:
                 f.write(json.dumps({"seq": seq, "t": t_end, "dt": dt, "band": band,
                                     "import_wh": imp, "export_wh": exp}) + "\n")
         dropped = st.journal.dropped
-        if not st.commit_reading(seq, t_end, dt, prev, self.kid, sig, c, h, imp, exp,
+        if not st.commit_reading(seq, t_end, dt, prev, sig, h, m, seed, self.pool.exp_bits, imp, exp,
                                  self.sensor.checkpoint(), tq):
             log("journal_write_failed", seq=seq, t=t_end, dropped=st.journal.dropped)
             return
+        self._fresh = (seed, c)
         if st.journal.dropped != dropped:
             log("journal_full", seq=seq, dropped=st.journal.dropped, kept="newest")
         log("reading", seq=seq, t=t_end, dt=dt, tq=tq, spooled=st.journal.live)
+
+    def _cipher(self, m, seed, exp_bits):
+        # A journaled reading's ciphertext: the newest from RAM, any other
+        # computed again from its seed in the pool's bounded steps (None
+        # meanwhile: the send loop waits there, keeping its order).
+        f = self._fresh
+        if f is not None and f[0] == seed:
+            return f[1]
+        return self.pool.encrypt_again(m, seed, exp_bits)
+
+    def _cipher_now(self, m, seed, exp_bits):
+        return self.pool.encrypt_again(m, seed, exp_bits, True)
 
     def _rewind(self):
         self._cursor = None
@@ -247,6 +268,8 @@ class Meter:
         now = time.ticks_ms()
         if self._held and not self._hold(now):
             return
+        if st.head_pos is not None:
+            return  # acks for the unsettled reading would look too new (step settles it)
         if self._sent_seq > j.floor and time.ticks_diff(now, self._progress_ms) >= self._resend_ms:
             self._rewind()  # no ack for resend_s: the readings or their acks were lost
         while budget:
@@ -256,7 +279,9 @@ class Meter:
             key = j.key(pos)  # before publishing: an ack may delete its segment meanwhile
             if key > j.floor + WINDOW:
                 return
-            msg = st.message(pos)
+            msg = st.message(pos, self.kid, self._cipher)
+            if msg is False:
+                return  # its ciphertext is being computed again (step's idle work)
             if msg is None:
                 log("journal_damaged", key=key)
             elif msg[0]:
@@ -310,6 +335,8 @@ class Meter:
         # readings, so acks drain the journal and the broker never times it out.
         self.sensor.poll()
         self.clock.sync(log)
+        if self.state.head_pos is not None:
+            self.state.settle_head(self.kid, self._cipher)
         if self.next_end is None:
             if self.clock.synced():
                 self._first_sync()
@@ -321,10 +348,13 @@ class Meter:
         self.uplink.poll()
         self.watchdog.feed()  # a completed loop; the idle work below is bounded
         gc.collect()
-        # Idle work: precompute encryption randomness, one bounded step of the
-        # pool at a time, and only while the next interval is further away than
-        # twice the longest step seen, so the pool never makes a reading late.
-        if self.next_end is None or self.clock.real_until(self.next_end) > 0.3 + 2 * self._pool_step_s:
+        # Idle work: precompute encryption randomness (or a resend's ciphertext),
+        # one bounded step of the pool at a time, and only while the next
+        # interval is further away than twice the longest step seen (or no
+        # reading is due any more), so the pool never makes a reading late.
+        ne = self.next_end
+        if ne is None or (self.stop_at is not None and ne > self.stop_at) or \
+                self.clock.real_until(ne) > 0.3 + 2 * self._pool_step_s:
             t0 = time.ticks_ms()
             if self.pool.step():
                 self._pool_step_s = max(self._pool_step_s, time.ticks_diff(time.ticks_ms(), t0) / 1000)

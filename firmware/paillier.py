@@ -1,7 +1,11 @@
 # Paillier encryption with g = n + 1: c = (1 + m*n) * rho mod n^2, rho = r^n.
 # Computing rho is the whole cost (a 2n-bit modulus, an n-bit exponent), so it
 # is done ahead of time into a pool and the encryption itself is one multiply.
+# Each rho comes from a short random seed that the journal keeps instead of the
+# ciphertext, so a resend computes the same c again (docs/journal.md, "Compact
+# readings").
 import gc
+import hashlib
 import os
 
 
@@ -10,12 +14,40 @@ def bits(n):
     return len(bin(n)) - 2
 
 
-def _rand_below(n):
-    nbytes = (bits(n) + 7) // 8
+def _expand(tag, data, k):
+    # k bytes of SHA-256(tag | data | counter byte) blocks: a PRF of data.
+    out = bytearray()
+    i = 0
+    while len(out) < k:
+        out.extend(hashlib.sha256(tag + data + bytes((i,))).digest())
+        i += 1
+    return bytes(out[:k])
+
+
+def seed_bytes(exp_bits):
+    # A seed holds the exponent's entropy: 128 bits up to a 512-bit exponent
+    # (at least the 112/128-bit level of a 2048/3072-bit n), a quarter of the
+    # exponent beyond. Guessing the seed costs more than attacking the modulus.
+    return max(16, (exp_bits + 31) // 32)
+
+
+def exponent(seed, exp_bits):
+    # The DJN short exponent a seed stands for (odd, exp_bits rounded up to
+    # bytes, as it was drawn before seeds).
+    return int.from_bytes(_expand(b"gl-djn-a", seed, (exp_bits + 7) // 8), "big") | 1
+
+
+def base_root(n):
+    # x with h = -x^2 mod n the pool's generator: a hash of n, the same on every
+    # boot and every meter of the key, and nothing up the sleeve. DJN publish
+    # h^n with the key; what stays secret is each value's exponent.
+    nb = (bits(n) + 7) // 8 + 16
+    i = 0
     while True:
-        r = int.from_bytes(os.urandom(nbytes), "big") % n
-        if r > 1:
-            return r
+        x = int.from_bytes(_expand(b"gl-djn-h", str(n).encode() + bytes((i,)), nb), "big") % n
+        if x > 1:
+            return x
+        i += 1
 
 
 def encrypt_with(n, nsq, m, rho):
@@ -54,11 +86,13 @@ _STEP_WINDOWS = 16  # 3-bit exponent windows per boot step
 
 
 class RhoPool:
-    # Damgard-Jurik-Nielsen randomness: rho = (h^n)^a = (h^a)^n mod n^2 for a
-    # random h in Z*_n fixed at start and a fresh short exponent a per value.
-    # Each rho is still an n-th residue, so ciphertexts are ordinary Paillier;
-    # the cost drops from |n| squarings to exp_bits. Values are handed out at
-    # most once and never written to flash, so a reboot cannot replay one.
+    # Damgard-Jurik-Nielsen randomness: rho = (h^n)^a = (h^a)^n mod n^2 for
+    # h = -x^2, x = base_root(n), and a fresh short exponent a per value, drawn
+    # as a seed from os.urandom (exponent(seed)). Each rho is still an n-th
+    # residue, so ciphertexts are ordinary Paillier; the cost drops from |n|
+    # squarings to exp_bits. A value is handed out at most once, and a fresh
+    # seed is drawn for each, so no reboot can replay one; the seed is written
+    # to flash only inside the journal record of the reading that used it.
     #
     # h^n is fixed, so each refill raises a fixed base: a Lim-Lee comb of
     # _TEETH teeth over precomputed powers of h^n costs exp_bits/_TEETH
@@ -73,7 +107,7 @@ class RhoPool:
         self.exp_bits = exp_bits or default_exp_bits(self._nbits)
         self._ebytes = (self.exp_bits + 7) // 8
         self._cols = -(-8 * self._ebytes // _TEETH)
-        y = _rand_below(n)
+        self.seed_bytes = seed_bytes(self.exp_bits)
         # The comb's table lives in one block allocated before any of the boot's
         # garbage exists: separate big integers would be scattered through the
         # heap and fragment it (the bench measures the smallest heap that works).
@@ -85,10 +119,17 @@ class RhoPool:
         # with every refill.
         self._ring = max(size, 1)  # a pool of 0 still holds the value take() waits for
         self._slots = memoryview(bytearray(self._ring * self._vbytes))
+        self._seeds = bytearray(self._ring * self.seed_bytes)
         self._head = 0  # the oldest value's slot
         self._count = 0
         self._comb = False
-        self._job = self._boot(-(y * y) % n)
+        # A resend's rho, computed again from its seed: (seed, exp_bits) asked
+        # for, its job, and the value once done.
+        self._want = None
+        self._rjob = None
+        self._rval = None
+        x = base_root(n)
+        self._job = self._boot(-(x * x) % n)
 
     def __len__(self):
         return self._count
@@ -137,8 +178,8 @@ class RhoPool:
             yield
         self._comb = True
 
-    def _refill(self):
-        a = int.from_bytes(os.urandom(self._ebytes), "big") | 1
+    def _pow(self, a):
+        # (h^n)^a by the comb, in steps: yields None while working, then the value.
         cols, nsq = self._cols, self.nsq
         acc = 1
         for c in range(cols - 1, -1, -1):
@@ -149,13 +190,23 @@ class RhoPool:
             if j:
                 acc = acc * self._get(j) % nsq
             if c and c % _STEP_COLS == 0:
+                yield None
+        yield acc
+
+    def _refill(self):
+        seed = os.urandom(self.seed_bytes)
+        for acc in self._pow(exponent(seed, self.exp_bits)):
+            if acc is None:
                 yield
         if self._count == self._ring:
             # refill_one on a full pool: the oldest value goes, never handed out
             self._head = (self._head + 1) % self._ring
             self._count -= 1
-        o = (self._head + self._count) % self._ring * self._vbytes
+        i = (self._head + self._count) % self._ring
+        o = i * self._vbytes
         self._slots[o:o + self._vbytes] = acc.to_bytes(self._vbytes, "big")
+        o = i * self.seed_bytes
+        self._seeds[o:o + self.seed_bytes] = seed
         self._count += 1
 
     def _advance(self):
@@ -167,12 +218,45 @@ class RhoPool:
             self._job = None
 
     def step(self):
-        # One bounded piece of the boot or of a refill; False when there is
-        # nothing to do (booted and full).
+        # One bounded piece of the boot, of a resend's rho (before refills
+        # while the pool is at least half full, so the next readings never
+        # wait for a value) or of a refill; False when there is nothing to do.
+        if self._comb and self._want is not None and self._rval is None and 2 * self._count >= self.size:
+            seed, eb = self._want
+            if eb != self.exp_bits:
+                # Written under another configured exponent length: the comb's
+                # columns do not fit it, so one plain pow (rare: a config change).
+                self._rval = pow(self._get(1), exponent(seed, eb), self.nsq)
+                return True
+            if self._rjob is None:
+                self._rjob = self._pow(exponent(seed, eb))
+            v = next(self._rjob)
+            if v is not None:
+                self._rval, self._rjob = v, None
+            return True
         if self._job is None and self.full():
             return False
         self._advance()
         return True
+
+    def rebuilt(self, seed, exp_bits):
+        # The rho of an earlier value, from its seed: None until step() has
+        # computed it (once the boot's comb is ready). The same seed asked for
+        # again is answered from the last result.
+        w = (bytes(seed), exp_bits)
+        if w != self._want:
+            self._want, self._rjob, self._rval = w, None, None
+        return self._rval
+
+    def encrypt_again(self, m, seed, exp_bits, wait=False):
+        # The ciphertext of m under an earlier value's seed (a resend); None
+        # until step() has computed it, unless wait: then computed now.
+        rho = self.rebuilt(seed, exp_bits)
+        while rho is None and wait:
+            self.step()
+            gc.collect()
+            rho = self.rebuilt(seed, exp_bits)
+        return None if rho is None else encrypt_with(self.n, self.nsq, m, rho)
 
     def refill_one(self):
         # One more value now (finishing the boot first if it is still due).
@@ -185,13 +269,18 @@ class RhoPool:
             gc.collect()
 
     def take(self):
+        # (rho, seed): the oldest value and the seed that computes it again.
         if not self._count:
             self.refill_one()
         o = self._head * self._vbytes
         rho = int.from_bytes(self._slots[o:o + self._vbytes], "big")
+        o = self._head * self.seed_bytes
+        seed = bytes(self._seeds[o:o + self.seed_bytes])
         self._head = (self._head + 1) % self._ring
         self._count -= 1
-        return rho
+        return rho, seed
 
     def encrypt(self, m):
-        return encrypt_with(self.n, self.nsq, m, self.take())
+        # (c, seed)
+        rho, seed = self.take()
+        return encrypt_with(self.n, self.nsq, m, rho), seed
