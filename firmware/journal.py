@@ -213,18 +213,13 @@ class Journal:
             return None
         return mv[HEAD:HEAD + n]
 
-    def last_pos(self):
+    def last(self):
         # Position of the newest record above the floor, or None.
         for i in range(len(self._segs) - 1, -1, -1):
             seg = self._segs[i]
             if seg.pending():
                 return (seg.num, seg.count() - 1)
         return None
-
-    def last(self):
-        # The newest intact record above the floor (its payload), or None.
-        pos = self.last_pos()
-        return None if pos is None else self.read(pos)
 
     # Writing --------------------------------------------------------------
 

@@ -94,9 +94,6 @@ class Meter:
         self.pool = paillier.RhoPool(self.n, pc.get("pool", 4), pc.get("exp_bits"))
         gc.collect()
         self._pool_step_s = 0.0
-        # The newest reading's (seed, ciphertext): its first send needs no
-        # second exponentiation; a resend computes it again from the journal.
-        self._fresh = None
         self.clock = Clock(cfg.get("clock", {}))
         self.stop_at = cfg.get("clock", {}).get("stop_at")
         self.state = _open_state(cfg, self.n)
@@ -209,7 +206,7 @@ class Meter:
         if st.head_pos is not None:
             # A power cut came between the last reading's journal write and its
             # counters write: its seq and hash come first, whatever it costs.
-            st.settle_head(self.kid, self._cipher_now)
+            st.settle_head(self.kid, lambda m, seed, exp_bits: self.pool.encrypt_again(m, seed, exp_bits, True))
         t0, tq = t_end - self.interval, self.clock.quality
         if self._since is not None:
             t0, tq, self._since = self._since, "unsynced", None
@@ -241,22 +238,9 @@ class Meter:
                                  self.sensor.checkpoint(), tq):
             log("journal_write_failed", seq=seq, t=t_end, dropped=st.journal.dropped)
             return
-        self._fresh = (seed, c)
         if st.journal.dropped != dropped:
             log("journal_full", seq=seq, dropped=st.journal.dropped, kept="newest")
         log("reading", seq=seq, t=t_end, dt=dt, tq=tq, spooled=st.journal.live)
-
-    def _cipher(self, m, seed, exp_bits):
-        # A journaled reading's ciphertext: the newest from RAM, any other
-        # computed again from its seed in the pool's bounded steps (None
-        # meanwhile: the send loop waits there, keeping its order).
-        f = self._fresh
-        if f is not None and f[0] == seed:
-            return f[1]
-        return self.pool.encrypt_again(m, seed, exp_bits)
-
-    def _cipher_now(self, m, seed, exp_bits):
-        return self.pool.encrypt_again(m, seed, exp_bits, True)
 
     def _rewind(self):
         self._cursor = None
@@ -279,9 +263,12 @@ class Meter:
             key = j.key(pos)  # before publishing: an ack may delete its segment meanwhile
             if key > j.floor + WINDOW:
                 return
-            msg = st.message(pos, self.kid, self._cipher)
+            # A compact reading's ciphertext: the newest one's from RAM, any
+            # other computed again from its seed in the pool's bounded steps
+            # (step's idle work); meanwhile the send loop waits, in order.
+            msg = st.message(pos, self.kid, self.pool.encrypt_again)
             if msg is False:
-                return  # its ciphertext is being computed again (step's idle work)
+                return
             if msg is None:
                 log("journal_damaged", key=key)
             elif msg[0]:
@@ -336,7 +323,7 @@ class Meter:
         self.sensor.poll()
         self.clock.sync(log)
         if self.state.head_pos is not None:
-            self.state.settle_head(self.kid, self._cipher)
+            self.state.settle_head(self.kid, self.pool.encrypt_again)
         if self.next_end is None:
             if self.clock.synced():
                 self._first_sync()

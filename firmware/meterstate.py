@@ -66,7 +66,9 @@ class MeterState:
     def _check_room(self):
         # A capacity the filesystem cannot hold fails only when the network has
         # been down for days: say so at boot instead (docs/journal.md, budget).
-        rec = 8 + records.COMPACT_FIXED + 8 + 16  # two slot values of 4 bytes, a 16-byte seed
+        # A compact reading: frame 8, header, dt and signature, time quality,
+        # check, exponent length, mask, two slot values of 4 bytes, the seed.
+        rec = 8 + records.COMMON + 68 + 1 + 4 + 1 + 2 + 8 + 16
         try:
             st = os.statvfs(self.dir)
             free = st[0] * st[4]
@@ -76,43 +78,45 @@ class MeterState:
         if fits < self.journal.capacity:
             self.log("journal_capacity", capacity=self.journal.capacity, fits=fits, record_bytes=rec)
 
-    def _roll_forward(self, c):
-        p = self.journal.last()
+    def _roll_forward(self, c, h=None):
+        # At boot (h None) and from settle_head (h: the compact reading's hash).
+        pos = self.journal.last()
+        p = None if pos is None else self.journal.read(pos)
         if p is None:
             return
         kind, seq, t, eseq, imp, exp, prev, ckpt = records.common(p)
         if (seq, eseq) <= (c.seq, c.eseq):
             return
         if kind == records.READING:
-            if records.compact(p):
-                # Its hash needs its ciphertext, and that the pool: until then
-                # the counters stay as written (a power cut meanwhile finds the
-                # same case again) and the meter makes no reading.
-                self.head_pos = self.journal.last_pos()
-                return
-            prev = records.unhex(records.reading_json(p, self.meter)[1])  # this reading's hash
-        self._roll(c, p, prev)
-
-    def _roll(self, c, p, prev):
-        _, seq, t, eseq, imp, exp, _, ckpt = records.common(p)
+            if h is None:
+                r = records.reading_json(p, self.meter)
+                if r is None:
+                    # A compact reading: its hash needs its ciphertext, and that
+                    # the pool. Until then the counters stay as written (a power
+                    # cut meanwhile finds the same case again), the meter makes
+                    # no reading and sends nothing.
+                    self.head_pos = pos
+                    return
+                h = r[1]
+            prev = records.unhex(h)  # this reading's hash
         c.seq, c.t, c.eseq, c.import_wh, c.export_wh, c.prev = seq, t, eseq, imp, exp, prev
         c.ckpt = ckpt
         self.log("rolled_forward", seq=seq, eseq=eseq)
 
-    def settle_head(self, kid, cipher):
+    def settle_head(self, kid, fn):
         # Roll the counters forward to the compact reading at head_pos once
-        # cipher (records.reading_json) gives its ciphertext: True when done
+        # fn (records.reading_json) gives its ciphertext: True when done
         # (or nothing to do), False while it is being computed.
         if self.head_pos is None:
             return True
         p = self.journal.read(self.head_pos)
         if p is None:
             raise StateError("journal_damaged", "the newest journal record changed on flash since boot")
-        r = records.reading_json(p, self.meter, kid, cipher)
+        r = records.reading_json(p, self.meter, kid, fn)
         if r is None:
             return False
-        self._roll(self.c, p, records.unhex(r[1]))
         self.head_pos = None
+        self._roll_forward(self.c, r[1])
         self.save()
         return True
 
@@ -156,7 +160,7 @@ class MeterState:
         c.ckpt = ckpt
         c.import_wh += imp
         c.export_wh += exp
-        n = records.pack_compact(self.buf, c, seq, t, dt, prev, sig, h, m, seed, exp_bits, tq)
+        n = records.pack_reading(self.buf, c, seq, t, dt, prev, sig, h, m, seed, exp_bits, tq)
         kept = self.journal.append(memoryview(self.buf)[:n])
         if kept:
             c.seq = seq
@@ -175,19 +179,18 @@ class MeterState:
         self.journal.advance(seq)
         return True
 
-    def message(self, pos, kid=None, cipher=None):
+    def message(self, pos, kid=None, fn=None):
         # (eseq, wire JSON) of the journal record at pos, eseq 0 for a reading;
         # None if damaged (or a compact reading that does not rebuild to what
         # was signed); False while a compact reading's ciphertext is being
-        # computed (kid, cipher: records.reading_json).
+        # computed (kid, fn: records.reading_json).
         p = self.journal.read(pos)
         if p is None:
             return None
         if records.kind(p) == records.EVENT:
             return records.common(p)[3], records.event_json(p, self.meter)
         try:
-            r = records.reading_json(p, self.meter, kid, cipher)
+            r = records.reading_json(p, self.meter, kid, fn)
         except ValueError:
-            self.log("journal_rebuild_mismatch", seq=records.common(p)[1])
-            return None
+            return None  # rebuilt, it is not what was signed: as damaged
         return False if r is None else (0, r[0])

@@ -14,40 +14,20 @@ def bits(n):
     return len(bin(n)) - 2
 
 
-def _expand(tag, data, k):
-    # k bytes of SHA-256(tag | data | counter byte) blocks: a PRF of data.
+def _expand(key, data, k):
+    # k bytes of SHA-256(key | data | counter byte) blocks: a PRF of data.
     out = bytearray()
     i = 0
     while len(out) < k:
-        out.extend(hashlib.sha256(tag + data + bytes((i,))).digest())
+        out.extend(hashlib.sha256(key + data + bytes((i,))).digest())
         i += 1
     return bytes(out[:k])
 
 
-def seed_bytes(exp_bits):
-    # A seed holds the exponent's entropy: 128 bits up to a 512-bit exponent
-    # (at least the 112/128-bit level of a 2048/3072-bit n), a quarter of the
-    # exponent beyond. Guessing the seed costs more than attacking the modulus.
-    return max(16, (exp_bits + 31) // 32)
-
-
-def exponent(seed, exp_bits):
-    # The DJN short exponent a seed stands for (odd, exp_bits rounded up to
-    # bytes, as it was drawn before seeds).
+def _exponent(seed, exp_bits):
+    # The DJN short exponent a seed stands for: the seed expanded by SHA-256,
+    # odd, exp_bits rounded up to bytes (as it was drawn before seeds).
     return int.from_bytes(_expand(b"gl-djn-a", seed, (exp_bits + 7) // 8), "big") | 1
-
-
-def base_root(n):
-    # x with h = -x^2 mod n the pool's generator: a hash of n, the same on every
-    # boot and every meter of the key, and nothing up the sleeve. DJN publish
-    # h^n with the key; what stays secret is each value's exponent.
-    nb = (bits(n) + 7) // 8 + 16
-    i = 0
-    while True:
-        x = int.from_bytes(_expand(b"gl-djn-h", str(n).encode() + bytes((i,)), nb), "big") % n
-        if x > 1:
-            return x
-        i += 1
 
 
 def encrypt_with(n, nsq, m, rho):
@@ -107,28 +87,41 @@ class RhoPool:
         self.exp_bits = exp_bits or default_exp_bits(self._nbits)
         self._ebytes = (self.exp_bits + 7) // 8
         self._cols = -(-8 * self._ebytes // _TEETH)
-        self.seed_bytes = seed_bytes(self.exp_bits)
+        # A seed holds the exponent's entropy: 128 bits up to a 512-bit
+        # exponent (at least the 112/128-bit level of a 2048/3072-bit n), a
+        # quarter of the exponent beyond: guessing a seed costs more than
+        # attacking the modulus. The exponent is the seed expanded by
+        # SHA-256 (_refill).
+        self.seed_bytes = max(16, (self.exp_bits + 31) // 32)
         # The comb's table lives in one block allocated before any of the boot's
         # garbage exists: separate big integers would be scattered through the
         # heap and fragment it (the bench measures the smallest heap that works).
         self._vbytes = (2 * self._nbits + 7) // 8
         self._table = memoryview(bytearray(((1 << _TEETH) - 1) * self._vbytes))
-        # The pool too is one block, a ring of `size` slots: a value made in
-        # the loop would otherwise be a long-lived object dropped wherever the
-        # step's garbage left room, and split the free heap a little more
-        # with every refill.
+        # The pool too is one block, a ring of `size` slots (each value, then
+        # its seed): a value made in the loop would otherwise be a long-lived
+        # object dropped wherever the step's garbage left room, and split the
+        # free heap a little more with every refill.
         self._ring = max(size, 1)  # a pool of 0 still holds the value take() waits for
-        self._slots = memoryview(bytearray(self._ring * self._vbytes))
-        self._seeds = bytearray(self._ring * self.seed_bytes)
+        self._slots = memoryview(bytearray(self._ring * (self._vbytes + self.seed_bytes)))
         self._head = 0  # the oldest value's slot
         self._count = 0
         self._comb = False
-        # A resend's rho, computed again from its seed: (seed, exp_bits) asked
-        # for, its job, and the value once done.
-        self._want = None
-        self._rjob = None
-        self._rval = None
-        x = base_root(n)
+        # A resend's value computed again from its seed: [state (0 none, 1
+        # asked for, 2 ready), the job computing it, one block of seed and
+        # value]. A block, like the ring: a big integer kept across loop steps
+        # would fragment the heap.
+        self._re = [0, None, memoryview(bytearray(self.seed_bytes + self._vbytes))]
+        # h = -x^2 mod n with x a hash of n: the same on every boot and every
+        # meter of the key, nothing up the sleeve (DJN publish h^n with the
+        # key; what stays secret is each value's exponent).
+        nb = (self._nbits + 7) // 8 + 16
+        i = 0
+        while True:
+            x = int.from_bytes(_expand(b"gl-djn-h", str(n).encode() + bytes((i,)), nb), "big") % n
+            if x > 1:
+                break
+            i += 1
         self._job = self._boot(-(x * x) % n)
 
     def __len__(self):
@@ -178,8 +171,13 @@ class RhoPool:
             yield
         self._comb = True
 
-    def _pow(self, a):
-        # (h^n)^a by the comb, in steps: yields None while working, then the value.
+    def _refill(self, seed=None):
+        # A fresh value into the ring; given a seed, an earlier value (a
+        # resend's) into _re instead. (h^n)^a by the comb.
+        new = seed is None
+        if new:
+            seed = os.urandom(self.seed_bytes)
+        a = _exponent(seed, self.exp_bits)
         cols, nsq = self._cols, self.nsq
         acc = 1
         for c in range(cols - 1, -1, -1):
@@ -190,23 +188,20 @@ class RhoPool:
             if j:
                 acc = acc * self._get(j) % nsq
             if c and c % _STEP_COLS == 0:
-                yield None
-        yield acc
-
-    def _refill(self):
-        seed = os.urandom(self.seed_bytes)
-        for acc in self._pow(exponent(seed, self.exp_bits)):
-            if acc is None:
                 yield
+        vb = self._vbytes
+        if not new:
+            re = self._re
+            re[2][self.seed_bytes:] = acc.to_bytes(vb, "big")
+            re[0] = 2
+            return
         if self._count == self._ring:
             # refill_one on a full pool: the oldest value goes, never handed out
             self._head = (self._head + 1) % self._ring
             self._count -= 1
-        i = (self._head + self._count) % self._ring
-        o = i * self._vbytes
-        self._slots[o:o + self._vbytes] = acc.to_bytes(self._vbytes, "big")
-        o = i * self.seed_bytes
-        self._seeds[o:o + self.seed_bytes] = seed
+        o = (self._head + self._count) % self._ring * (vb + self.seed_bytes)
+        self._slots[o:o + vb] = acc.to_bytes(vb, "big")
+        self._slots[o + vb:o + vb + self.seed_bytes] = seed
         self._count += 1
 
     def _advance(self):
@@ -221,42 +216,52 @@ class RhoPool:
         # One bounded piece of the boot, of a resend's rho (before refills
         # while the pool is at least half full, so the next readings never
         # wait for a value) or of a refill; False when there is nothing to do.
-        if self._comb and self._want is not None and self._rval is None and 2 * self._count >= self.size:
-            seed, eb = self._want
-            if eb != self.exp_bits:
-                # Written under another configured exponent length: the comb's
-                # columns do not fit it, so one plain pow (rare: a config change).
-                self._rval = pow(self._get(1), exponent(seed, eb), self.nsq)
-                return True
-            if self._rjob is None:
-                self._rjob = self._pow(exponent(seed, eb))
-            v = next(self._rjob)
-            if v is not None:
-                self._rval, self._rjob = v, None
+        re = self._re
+        # One job at a time (each holds numbers of n^2 size): a resend's
+        # starts between refills.
+        if self._comb and re[0] == 1 and (re[1] is not None or self._job is None and 2 * self._count >= self.size):
+            if re[1] is None:
+                re[1] = self._refill(bytes(re[2][:self.seed_bytes]))
+            try:
+                next(re[1])
+            except StopIteration:
+                re[1] = None
             return True
         if self._job is None and self.full():
             return False
         self._advance()
         return True
 
-    def rebuilt(self, seed, exp_bits):
-        # The rho of an earlier value, from its seed: None until step() has
-        # computed it (once the boot's comb is ready). The same seed asked for
-        # again is answered from the last result.
-        w = (bytes(seed), exp_bits)
-        if w != self._want:
-            self._want, self._rjob, self._rval = w, None, None
-        return self._rval
-
-    def encrypt_again(self, m, seed, exp_bits, wait=False):
-        # The ciphertext of m under an earlier value's seed (a resend); None
-        # until step() has computed it, unless wait: then computed now.
-        rho = self.rebuilt(seed, exp_bits)
-        while rho is None and wait:
+    def encrypt_again(self, m, seed, exp_bits, now=False):
+        # The ciphertext of m under an earlier value's seed (a resend): None
+        # until step() has computed its rho (once the boot's comb is ready),
+        # unless now: then computed at once. The value last handed out, or
+        # asked for, is answered from RAM.
+        re, sb, vb = self._re, self.seed_bytes, self._vbytes
+        for i in range(self._ring):
+            # A value handed out stays in its ring slot, beside its seed, until
+            # a refill writes there: a new reading's first send finds it.
+            o = i * (vb + sb)
+            if bytes(self._slots[o + vb:o + vb + sb]) == seed:
+                return encrypt_with(self.n, self.nsq, m, int.from_bytes(self._slots[o:o + vb], "big"))
+        if exp_bits != self.exp_bits or len(seed) != sb:
+            # Written under another configured exponent length: the comb's
+            # columns do not fit it, so one plain pow, at once and not kept
+            # (rare: a config change while readings waited).
+            while not self._comb and now:
+                self.step()
+            if not self._comb:
+                return None
+            return encrypt_with(self.n, self.nsq, m, pow(self._get(1), _exponent(seed, exp_bits), self.nsq))
+        if not re[0] or bytes(re[2][:sb]) != seed:
+            re[2][:sb] = seed
+            re[0], re[1] = 1, None
+        while re[0] != 2 and now:
             self.step()
             gc.collect()
-            rho = self.rebuilt(seed, exp_bits)
-        return None if rho is None else encrypt_with(self.n, self.nsq, m, rho)
+        if re[0] != 2:
+            return None
+        return encrypt_with(self.n, self.nsq, m, int.from_bytes(re[2][sb:], "big"))
 
     def refill_one(self):
         # One more value now (finishing the boot first if it is still due).
@@ -272,10 +277,10 @@ class RhoPool:
         # (rho, seed): the oldest value and the seed that computes it again.
         if not self._count:
             self.refill_one()
-        o = self._head * self._vbytes
-        rho = int.from_bytes(self._slots[o:o + self._vbytes], "big")
-        o = self._head * self.seed_bytes
-        seed = bytes(self._seeds[o:o + self.seed_bytes])
+        vb, sb = self._vbytes, self.seed_bytes
+        o = self._head * (vb + sb)
+        rho = int.from_bytes(self._slots[o:o + vb], "big")
+        seed = bytes(self._slots[o + vb:o + vb + sb])
         self._head = (self._head + 1) % self._ring
         self._count -= 1
         return rho, seed

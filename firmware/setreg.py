@@ -81,7 +81,7 @@ def command(cfg, import_wh, export_wh, by):
         # two writes): its hash needs its ciphertext computed again.
         import paillier
         pool = paillier.RhoPool(n, 0, cfg["paillier"].get("exp_bits"))
-        st.settle_head(wire.kid_of(n), lambda m, seed, eb: pool.encrypt_again(m, seed, eb, True))
+        st.settle_head(wire.kid_of(n), lambda m, seed, exp_bits: pool.encrypt_again(m, seed, exp_bits, True))
     before = (st.c.import_wh, st.c.export_wh)
     eseq, h = apply(st, key, import_wh, export_wh, by, Clock(cfg.get("clock", {})).now())
     meter.log("set_register", eseq=eseq, hash=h, before=before, after=(import_wh, export_wh), by=by)
