@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from collections import defaultdict
 
 from aggregator.store import GatewayStore, stored_counts
@@ -30,10 +29,11 @@ async def until(pred, timeout: float, what: str) -> None:
 
 
 def test_resends_after_a_broker_outage_are_byte_identical_and_stored_once(tmp_path, broker, firmware_bundle):
-    """With no gateway, every reading is published and then published again (go-back-N):
-    equal bytes each time, including readings many intervals old (their ciphertext computed
-    again from the journal). Broker stopped and restarted on its port, the gateway started:
-    every reading stored once, chained, decrypting to the truth; no equivocation, no gap."""
+    """With no gateway, readings are published and, unacknowledged, published again
+    (go-back-N); the broker is stopped and restarted on its port and the gateway started:
+    every copy of a seq is the same bytes, including the first readings sent again after the
+    outage, many intervals later (their ciphertext computed again from the journal); every
+    reading stored once, chained, decrypting to the truth; no equivocation, no gap."""
     area = Area(tmp_path, broker, firmware_bundle, [METER], intervals=60)
     recent_past(area, METER)
     topic = readings_topic("area1", METER)
@@ -49,16 +49,16 @@ def test_resends_after_a_broker_outage_are_byte_identical_and_stored_once(tmp_pa
         nonlocal again
         async with MqttProbe(broker, topic) as probe:
             area.start_meter(METER)
-            # Published and, unacknowledged for resend_s (2 s), published again from the oldest.
-            def twice():
-                seqs = [parse_reading(p).seq for _, p in probe.received]
-                return len(set(seqs)) >= 3 and len(seqs) > len(set(seqs))
-            await until(twice, 60, "readings published twice with no gateway")
+            # First sends. Unacknowledged for resend_s (2 s), the meter goes back to the oldest,
+            # whose ciphertext it computes again in its idle steps: on this 1,800x clock there
+            # are few until the last interval, so the copies mostly come after the outage.
+            await until(lambda: len({parse_reading(p).seq for _, p in probe.received}) >= 4, 60,
+                        "first readings published with no gateway")
             note(probe, 0)
         first_phase = max(seen)
         broker.stop()
         made = max(area.truth(METER))
-        await until(lambda: max(area.truth(METER)) >= made + 6, 60, "readings made with the broker down")
+        await until(lambda: max(area.truth(METER)) >= made + 6, 30, "readings made with the broker down")
         again = start_mosquitto(tmp_path / "broker-again", port=broker.port)
         async with MqttProbe(again, topic) as probe:
             area.start_gateway()
@@ -81,8 +81,8 @@ def test_resends_after_a_broker_outage_are_byte_identical_and_stored_once(tmp_pa
     assert all(len(set(copies)) == 1 for copies in seen.values()), {s: len(set(c)) for s, c in seen.items()}
     repeated = sorted(s for s, copies in seen.items() if len(copies) >= 2)
     # Readings of the first phase sent again after the outage, when the meter had made at least
-    # six newer ones: far older than anything its pool's ring still held, so rebuilt.
-    assert 1 in repeated and len(repeated) >= 3, repeated
+    # six newer ones: far older than anything its pool's ring (4 values) still held, so rebuilt.
+    assert set(range(1, 5)) <= set(repeated), repeated
     assert made >= first_phase
     store = GatewayStore(tmp_path / "gateway.db")
     try:
@@ -97,4 +97,4 @@ def test_resends_after_a_broker_outage_are_byte_identical_and_stored_once(tmp_pa
         if r.seq in seen:
             assert parse_reading(seen[r.seq][0]).signed_bytes == r.signed_bytes and parse_reading(seen[r.seq][0]).sig == r.sig
     print("resend:", json.dumps({"readings": len(rows), "published": sum(map(len, seen.values())),
-                                 "repeated": len(repeated), "rejected": rejected, "at": time.time()}))
+                                 "repeated": len(repeated), "rejected": rejected}))
