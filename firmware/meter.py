@@ -268,6 +268,11 @@ class Meter:
             # (step's idle work); meanwhile the send loop waits, in order.
             msg = st.message(pos, self.kid, self.pool.encrypt_again)
             if msg is False:
+                if self._sent_seq > j.floor:
+                    # The resend clock stops meanwhile: a window that takes
+                    # longer than resend_s to compute must not be rewound
+                    # before it has all been sent.
+                    self._progress_ms = now
                 return
             if msg is None:
                 log("journal_damaged", key=key)
@@ -303,10 +308,15 @@ class Meter:
         if self._eseq_done >= self._held:
             self._held = 0
             return True
+        if self._held_ms is None:
+            return True  # sending again up to it, over as many steps as that takes
         if time.ticks_diff(now, self._held_ms) < self._resend_ms:
             return False
         if self._held_sends < EVENT_SENDS:
-            self._rewind()  # sent again, with anything unacknowledged before it
+            # Sent again, with anything unacknowledged before it: until it is
+            # published again (held_ms), no new wait and no new rewind.
+            self._rewind()
+            self._held_ms = None
             return True
         log("event_unanswered", eseq=self._held, sends=self._held_sends)
         self._eseq_done, self._held = self._held, 0
@@ -338,12 +348,15 @@ class Meter:
         # Idle work: precompute encryption randomness (or a resend's ciphertext),
         # one bounded step of the pool at a time, and only while the next
         # interval is further away than twice the longest step seen (or no
-        # reading is due any more), so the pool never makes a reading late.
+        # reading is due any more), so the pool never makes a reading late;
+        # or when the meter is behind (readings overdue, one per step): then a
+        # step between readings keeps resends going while it catches up.
         ne = self.next_end
-        if ne is None or (self.stop_at is not None and ne > self.stop_at) or \
-                self.clock.real_until(ne) > 0.3 + 2 * self._pool_step_s:
+        wait = None if ne is None else self.clock.real_until(ne)
+        if wait is None or (self.stop_at is not None and ne > self.stop_at) or wait < 0 or \
+                wait > 0.3 + 2 * self._pool_step_s:
             t0 = time.ticks_ms()
-            if self.pool.step():
+            if self.pool.step(wait is not None and wait < 0):
                 self._pool_step_s = max(self._pool_step_s, time.ticks_diff(time.ticks_ms(), t0) / 1000)
                 return
         time.sleep_ms(20)

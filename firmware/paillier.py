@@ -212,14 +212,17 @@ class RhoPool:
         except StopIteration:
             self._job = None
 
-    def step(self):
+    def step(self, now=False):
         # One bounded piece of the boot, of a resend's rho (before refills
         # while the pool is at least half full, so the next readings never
-        # wait for a value) or of a refill; False when there is nothing to do.
+        # wait for a value; or now: the meter is behind, and its readings
+        # wait for values anyway) or of a refill; False when there is nothing
+        # to do.
         re = self._re
         # One job at a time (each holds numbers of n^2 size): a resend's
         # starts between refills.
-        if self._comb and re[0] == 1 and (re[1] is not None or self._job is None and 2 * self._count >= self.size):
+        if self._comb and re[0] == 1 and (re[1] is not None or self._job is None and
+                                          (now or 2 * self._count >= self.size)):
             if re[1] is None:
                 re[1] = self._refill(bytes(re[2][:self.seed_bytes]))
             try:
