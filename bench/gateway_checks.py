@@ -7,11 +7,10 @@ import hashlib
 import time
 from functools import partial
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from aggregator.ingest import Ingest
 from aggregator.registry import MeterEntry, Registry
-from gridledger.meterkeys import MeterKey
+from gridledger.meterkeys import MeterKey, verifier
 from gridledger.paillier import PublicKey, encrypt_raw, in_ciphertext_space
 from gridledger.wire import ZERO_HASH, Reading, kid_of, make_reading, pack_slots
 
@@ -54,7 +53,7 @@ def main() -> None:
     registry = Registry([MeterEntry(k.meter, f"acct-{k.meter}", k.public_hex) for k in keys])
     payloads = [(r.meter, r.to_json()) for r in readings]
     # Public keys are parsed once per meter, as the registry does.
-    pubs = {k.meter: Ed25519PublicKey.from_public_bytes(bytes.fromhex(k.public_hex)) for k in keys}
+    pubs = {k.meter: verifier(k.public_hex) for k in keys}
     triples = [(pubs[r.meter], bytes.fromhex(r.sig), r.signed_bytes) for r in readings]
     cints = [r.ciphertext for r in readings]
     last_t = float(max(r.t for r in readings))
@@ -66,7 +65,7 @@ def main() -> None:
 
     def verify(lo: int, hi: int) -> None:
         for pub, sig, msg in triples[lo:hi]:
-            pub.verify(sig, msg)
+            pub(msg, sig)
 
     def range_check(lo: int, hi: int) -> None:
         for c in cints[lo:hi]:

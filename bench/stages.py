@@ -18,12 +18,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from types import SimpleNamespace
 
 from aggregator.gateway import BATCH_MAX, Gateway, load_gateway_config
 from aggregator.validator import build_node, load_validator_config
 from certlog.proposer import Proposer
+from gridledger.meterkeys import verifier
 from gridledger.paillier import PublicKey
 from gridledger.wire import Reading
 
@@ -123,7 +123,7 @@ def main() -> None:
     args = parse_args(__doc__)
     blocks = (4 if args.quick else 12) + WARMUP_BLOCKS
     n, keys = load_test_modulus(), meter_keys(METERS)
-    pubs = {k.meter: Ed25519PublicKey.from_public_bytes(bytes.fromhex(k.public_hex)) for k in keys}
+    pubs = {k.meter: verifier(k.public_hex) for k in keys}
     with tempfile.TemporaryDirectory(prefix="bench-stages-") as tmp:
         per_block, sample = run(Path(tmp), blocks, n, keys)
     per_block = per_block[WARMUP_BLOCKS:]
