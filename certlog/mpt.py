@@ -315,4 +315,7 @@ class Trie:
             return [_hex_prefix(node.path, True), node.value]
         if isinstance(node, _Extension):
             return [_hex_prefix(node.path, False), self._ref(node.child)]
-        return [self._ref(c) for c in node.children] + [node.value]  # type: ignore[attr-defined]
+        # Most children are references already (a hash, b"" or an inline list): only a
+        # node read into memory needs `_ref`, so the others cost no call.
+        ref = self._ref
+        return [ref(c) if isinstance(c, _Node) else c for c in node.children] + [node.value]  # type: ignore[attr-defined]
