@@ -202,6 +202,11 @@ class Meter:
     def take_reading(self, t_end):
         # The interval ending at t_end; or, after an unsynced boot, the span
         # since _since, of no better-known time.
+        st = self.state
+        if st.head_pos is not None:
+            # A power cut came between the last reading's journal write and its
+            # counters write: its seq and hash come first, whatever it costs.
+            st.settle_head(self.kid, lambda m, seed, exp_bits: self.pool.encrypt_again(m, seed, exp_bits, True))
         t0, tq = t_end - self.interval, self.clock.quality
         if self._since is not None:
             t0, tq, self._since = self._since, "unsynced", None
@@ -211,13 +216,13 @@ class Meter:
             self.alerts.evaluate(t_end, dt, imp, exp)
         band = self._band(t0)
         slots = {wire.slot(band, 0): imp, wire.slot(band, 1): exp}
-        st = self.state
         if not st.room():
             # Full, keeping the oldest: loudly, and the registers still count.
             st.skip_reading(t_end, imp, exp, self.sensor.checkpoint())
             log("journal_full", t=t_end, dropped=st.journal.dropped, spooled=st.journal.live)
             return
-        c = self.pool.encrypt(wire.pack(slots))
+        m = wire.pack(slots)
+        c, seed = self.pool.encrypt(m)
         seq = st.c.seq + 1
         prev = wire.hexs(st.c.prev)
         ch = "%x" % c
@@ -229,7 +234,7 @@ class Meter:
                 f.write(json.dumps({"seq": seq, "t": t_end, "dt": dt, "band": band,
                                     "import_wh": imp, "export_wh": exp}) + "\n")
         dropped = st.journal.dropped
-        if not st.commit_reading(seq, t_end, dt, prev, self.kid, sig, c, h, imp, exp,
+        if not st.commit_reading(seq, t_end, dt, prev, sig, h, m, seed, self.pool.exp_bits, imp, exp,
                                  self.sensor.checkpoint(), tq):
             log("journal_write_failed", seq=seq, t=t_end, dropped=st.journal.dropped)
             return
@@ -247,6 +252,8 @@ class Meter:
         now = time.ticks_ms()
         if self._held and not self._hold(now):
             return
+        if st.head_pos is not None:
+            return  # acks for the unsettled reading would look too new (step settles it)
         if self._sent_seq > j.floor and time.ticks_diff(now, self._progress_ms) >= self._resend_ms:
             self._rewind()  # no ack for resend_s: the readings or their acks were lost
         while budget:
@@ -256,7 +263,17 @@ class Meter:
             key = j.key(pos)  # before publishing: an ack may delete its segment meanwhile
             if key > j.floor + WINDOW:
                 return
-            msg = st.message(pos)
+            # A compact reading's ciphertext: the newest one's from RAM, any
+            # other computed again from its seed in the pool's bounded steps
+            # (step's idle work); meanwhile the send loop waits, in order.
+            msg = st.message(pos, self.kid, self.pool.encrypt_again)
+            if msg is False:
+                if self._sent_seq > j.floor:
+                    # The resend clock stops meanwhile: a window that takes
+                    # longer than resend_s to compute must not be rewound
+                    # before it has all been sent.
+                    self._progress_ms = now
+                return
             if msg is None:
                 log("journal_damaged", key=key)
             elif msg[0]:
@@ -291,10 +308,15 @@ class Meter:
         if self._eseq_done >= self._held:
             self._held = 0
             return True
+        if self._held_ms is None:
+            return True  # sending again up to it, over as many steps as that takes
         if time.ticks_diff(now, self._held_ms) < self._resend_ms:
             return False
         if self._held_sends < EVENT_SENDS:
-            self._rewind()  # sent again, with anything unacknowledged before it
+            # Sent again, with anything unacknowledged before it: until it is
+            # published again (held_ms), no new wait and no new rewind.
+            self._rewind()
+            self._held_ms = None
             return True
         log("event_unanswered", eseq=self._held, sends=self._held_sends)
         self._eseq_done, self._held = self._held, 0
@@ -310,6 +332,8 @@ class Meter:
         # readings, so acks drain the journal and the broker never times it out.
         self.sensor.poll()
         self.clock.sync(log)
+        if self.state.head_pos is not None:
+            self.state.settle_head(self.kid, self.pool.encrypt_again)
         if self.next_end is None:
             if self.clock.synced():
                 self._first_sync()
@@ -321,12 +345,18 @@ class Meter:
         self.uplink.poll()
         self.watchdog.feed()  # a completed loop; the idle work below is bounded
         gc.collect()
-        # Idle work: precompute encryption randomness, one bounded step of the
-        # pool at a time, and only while the next interval is further away than
-        # twice the longest step seen, so the pool never makes a reading late.
-        if self.next_end is None or self.clock.real_until(self.next_end) > 0.3 + 2 * self._pool_step_s:
+        # Idle work: precompute encryption randomness (or a resend's ciphertext),
+        # one bounded step of the pool at a time, and only while the next
+        # interval is further away than twice the longest step seen (or no
+        # reading is due any more), so the pool never makes a reading late;
+        # or when the meter is behind (readings overdue, one per step): then a
+        # step between readings keeps resends going while it catches up.
+        ne = self.next_end
+        wait = None if ne is None else self.clock.real_until(ne)
+        if wait is None or (self.stop_at is not None and ne > self.stop_at) or wait < 0 or \
+                wait > 0.3 + 2 * self._pool_step_s:
             t0 = time.ticks_ms()
-            if self.pool.step():
+            if self.pool.step(wait is not None and wait < 0):
                 self._pool_step_s = max(self._pool_step_s, time.ticks_diff(time.ticks_ms(), t0) / 1000)
                 return
         time.sleep_ms(20)

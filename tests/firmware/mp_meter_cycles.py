@@ -24,6 +24,7 @@ def service():
     m.uplink.poll()
     m._send_pending()
     m.uplink.poll()
+    m.pool.step()  # the loop's idle work: a refill, or a resend's ciphertext computed again
 
 
 def drained_free():

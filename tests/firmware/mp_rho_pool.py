@@ -33,7 +33,7 @@ for case in job["cases"]:
         pool.refill_one()
     rho, c = [], []
     for mh in case["m"]:
-        r = pool.take()
+        r = pool.take()[0]
         rho.append("%x" % r)
         c.append("%x" % paillier.encrypt_with(n, nsq, int(mh, 16), r))
     # The same draws again, driven only by the meter's bounded step(): the
@@ -48,6 +48,6 @@ for case in job["cases"]:
     while stepped.step():
         steps += 1
     out.append({"exp_bits": pool.exp_bits, "rho": rho, "c": c, "used": stream.at,
-                "stepped": ["%x" % stepped.take() for _ in case["m"]],
+                "stepped": ["%x" % stepped.take()[0] for _ in case["m"]],
                 "boot_steps": boot_steps, "refill_steps": steps})
 print(json.dumps(out))
