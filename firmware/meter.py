@@ -347,17 +347,21 @@ class Meter:
         gc.collect()
         # Idle work: precompute encryption randomness (or a resend's ciphertext),
         # one bounded step of the pool at a time, and only while the next
-        # interval is further away than twice the longest step seen (or no
+        # interval is further away than twice a recent long step (or no
         # reading is due any more), so the pool never makes a reading late;
         # or when the meter is behind (readings overdue, one per step): then a
         # step between readings keeps resends going while it catches up.
+        # The margin never exceeds half the interval: one slow step (a loaded
+        # host, a flash stall) must not stop the idle work, and with it every
+        # resend, for good (an accelerated test clock's interval is 0.5 s).
         ne = self.next_end
         wait = None if ne is None else self.clock.real_until(ne)
         if wait is None or (self.stop_at is not None and ne > self.stop_at) or wait < 0 or \
-                wait > 0.3 + 2 * self._pool_step_s:
+                wait > min(0.3 + 2 * self._pool_step_s, self.interval / self.clock.scale / 2):
             t0 = time.ticks_ms()
             if self.pool.step(wait is not None and wait < 0):
-                self._pool_step_s = max(self._pool_step_s, time.ticks_diff(time.ticks_ms(), t0) / 1000)
+                # the longest recent step: one slow step's weight fades
+                self._pool_step_s = max(0.9 * self._pool_step_s, time.ticks_diff(time.ticks_ms(), t0) / 1000)
                 return
         time.sleep_ms(20)
 
