@@ -33,14 +33,15 @@ def migrate(st):
     c = Counters()
     c.seq, c.t, c.prev = seq, t, prev
     c.floor = c.acked = seq
+    buf = bytearray(records.READING_FIXED + st.nsq_bytes)  # a full record: the meter's own buffer is smaller
     for s in seqs:
         if s > seq:
             continue  # written but never committed, so never published
         with open("%s/%d.json" % (d, s), "rb") as f:
             r = json.loads(f.read())
-        n = _pack_full(st.buf, c, r["seq"], r["t"], r["dt"], r["prev"], r["kid"],
+        n = _pack_full(buf, c, r["seq"], r["t"], r["dt"], r["prev"], r["kid"],
                        records.unhex(r["sig"]), int(r["c"], 16), st.nsq_bytes)
-        st.journal.append(memoryview(st.buf)[:n])
+        st.journal.append(memoryview(buf)[:n])
         c.floor = c.acked = min(c.floor, s - 1)
     st.journal.floor = c.floor
     st.c = c

@@ -226,6 +226,8 @@ class Meter:
         seq = st.c.seq + 1
         prev = wire.hexs(st.c.prev)
         ch = "%x" % c
+        c = None  # its 512 bytes, and the pool's garbage, are not needed to sign
+        gc.collect()
         sig, h = wire.sign(self.key, self.meter, seq, t_end, dt, prev, self.kid, ch, tq)
         if self.truth_path:
             # Written first: a crash before the journal write reuses this seq,
@@ -347,21 +349,34 @@ class Meter:
         gc.collect()
         # Idle work: precompute encryption randomness (or a resend's ciphertext),
         # one bounded step of the pool at a time, and only while the next
-        # interval is further away than twice a recent long step (or no
-        # reading is due any more), so the pool never makes a reading late;
-        # or when the meter is behind (readings overdue, one per step): then a
-        # step between readings keeps resends going while it catches up.
-        # The margin never exceeds half the interval: one slow step (a loaded
-        # host, a flash stall) must not stop the idle work, and with it every
-        # resend, for good (an accelerated test clock's interval is 0.5 s).
+        # interval is further away than twice a recent long step and a little
+        # more (or no reading is due any more), so the pool never makes a
+        # reading late; or when the meter is behind (readings overdue, one per
+        # step): then a step between readings keeps resends going while it
+        # catches up. The margin never exceeds half the interval: one slow step
+        # (a loaded host, a flash stall) must not stop the idle work, and with
+        # it every resend, for good; and on an accelerated test clock (0.5 s
+        # intervals) the fixed part shrinks with the interval, or a resend
+        # backlog, each resend a refill's work, could never drain.
+        # Steps run back to back for up to 50 ms, each only while the margin
+        # still holds: on a loaded host the loop's polls and collection cost
+        # more than a step, and one step per loop left resends (each a refill's
+        # work) starved behind the refills (a board's step alone takes longer).
         ne = self.next_end
         wait = None if ne is None else self.clock.real_until(ne)
-        if wait is None or (self.stop_at is not None and ne > self.stop_at) or wait < 0 or \
-                wait > min(0.3 + 2 * self._pool_step_s, self.interval / self.clock.scale / 2):
-            t0 = time.ticks_ms()
-            if self.pool.step(wait is not None and wait < 0):
+        behind = wait is not None and wait < 0
+        iv = self.interval / self.clock.scale  # the interval in real seconds
+        margin = min(2 * self._pool_step_s + min(0.3, iv / 10), iv / 2)
+        if wait is None or (self.stop_at is not None and ne > self.stop_at) or behind or wait > margin:
+            t0 = t = time.ticks_ms()
+            while self.pool.step(behind):
+                t1 = time.ticks_ms()
                 # the longest recent step: one slow step's weight fades
-                self._pool_step_s = max(0.9 * self._pool_step_s, time.ticks_diff(time.ticks_ms(), t0) / 1000)
+                self._pool_step_s = max(0.9 * self._pool_step_s, time.ticks_diff(t1, t) / 1000)
+                t, el = t1, time.ticks_diff(t1, t0)
+                if behind or el >= 50 or (wait is not None and wait - el / 1000 <= margin):
+                    return
+            if t != t0:
                 return
         time.sleep_ms(20)
 

@@ -34,7 +34,10 @@ class MeterState:
         # where a folder named like a module hides the module from import.
         self.journal = Journal(dirname + "/unacked", jcfg.get("capacity", 2880),
                                jcfg.get("when_full", KEEP_OLDEST), jcfg.get("per_segment"))
-        self.buf = bytearray(records.READING_FIXED + nsq_bytes + 64)
+        # The record buffer: a compact reading (297 bytes at most: 16 slots of
+        # 7 bytes, a 32-byte seed) or an event (193); a full-format record,
+        # which only the first cut's migration writes, gets its own there.
+        self.buf = bytearray(320)
         # The newest record's position when it is a compact reading newer
         # than the counters: they move to it in settle_head.
         self.head_pos = None

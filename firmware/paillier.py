@@ -178,7 +178,20 @@ class RhoPool:
         if new:
             seed = os.urandom(self.seed_bytes)
         a = _exponent(seed, self.exp_bits)
-        cols, nsq = self._cols, self.nsq
+        cols, nsq, vb = self._cols, self.nsq, self._vbytes
+        # Between steps the running product waits in a block (the resend's
+        # value block, or the ring slot the new value goes to: free until it
+        # is written, the same slot however many values are taken meanwhile),
+        # not as a big integer: one kept across steps sits wherever the step's
+        # garbage left room, and with two jobs (a refill and a resend) split
+        # the free heap until a reading's 1.4 KB payload found no hole.
+        if new:
+            o = (self._head + self._count) % self._ring * (vb + self.seed_bytes)
+            blk = self._slots[o:o + vb]
+            # its old seed goes: the slot no longer holds that seed's value
+            self._slots[o + vb:o + vb + self.seed_bytes] = bytes(self.seed_bytes)
+        else:
+            blk = self._re[2][self.seed_bytes:]
         acc = 1
         for c in range(cols - 1, -1, -1):
             acc = acc * acc % nsq
@@ -188,12 +201,13 @@ class RhoPool:
             if j:
                 acc = acc * self._get(j) % nsq
             if c and c % _STEP_COLS == 0:
+                blk[:] = acc.to_bytes(vb, "big")
+                acc = None
                 yield
-        vb = self._vbytes
+                acc = int.from_bytes(blk, "big")
         if not new:
-            re = self._re
-            re[2][self.seed_bytes:] = acc.to_bytes(vb, "big")
-            re[0] = 2
+            blk[:] = acc.to_bytes(vb, "big")
+            self._re[0] = 2
             return
         if self._count == self._ring:
             # refill_one on a full pool: the oldest value goes, never handed out
@@ -219,10 +233,11 @@ class RhoPool:
         # wait for values anyway) or of a refill; False when there is nothing
         # to do.
         re = self._re
-        # One job at a time (each holds numbers of n^2 size): a resend's
-        # starts between refills.
-        if self._comb and re[0] == 1 and (re[1] is not None or self._job is None and
-                                          (now or 2 * self._count >= self.size)):
+        # A resend's job goes ahead of a refill already under way: between
+        # steps each job's running product waits in its own block (_refill),
+        # so the two hold no big integer at once, and a send loop waiting on
+        # a resend is not held up by a refill whose value nobody needs yet.
+        if self._comb and re[0] == 1 and (re[1] is not None or now or 2 * self._count >= self.size):
             if re[1] is None:
                 re[1] = self._refill(bytes(re[2][:self.seed_bytes]))
             try:

@@ -151,6 +151,7 @@ def reading_json(p, meter, kid=None, fn=None):
             at += 1
         c_int = int.from_bytes(bytes(p[at:]), "big")
     c = "%x" % c_int
+    c_int = None  # not kept while the 1.2 KB signed bytes and the payload are built
     prev = wire.hexs(prev)
     sb = wire.signed_bytes(meter, seq, t, dt, prev, kid, c, tq)
     h = hashlib.sha256(sb).digest()
