@@ -186,10 +186,13 @@ class RhoPool:
         # garbage left room, and with two jobs (a refill and a resend) split
         # the free heap until a reading's 1.4 KB payload found no hole.
         if new:
+            if self._count == self._ring:
+                # refill_one on a full pool: the oldest value goes, never
+                # handed out (now, so its slot is free from the first step)
+                self._head = (self._head + 1) % self._ring
+                self._count -= 1
             o = (self._head + self._count) % self._ring * (vb + self.seed_bytes)
             blk = self._slots[o:o + vb]
-            # its old seed goes: the slot no longer holds that seed's value
-            self._slots[o + vb:o + vb + self.seed_bytes] = bytes(self.seed_bytes)
         else:
             blk = self._re[2][self.seed_bytes:]
         acc = 1
@@ -205,16 +208,10 @@ class RhoPool:
                 acc = None
                 yield
                 acc = int.from_bytes(blk, "big")
+        blk[:] = acc.to_bytes(vb, "big")
         if not new:
-            blk[:] = acc.to_bytes(vb, "big")
             self._re[0] = 2
             return
-        if self._count == self._ring:
-            # refill_one on a full pool: the oldest value goes, never handed out
-            self._head = (self._head + 1) % self._ring
-            self._count -= 1
-        o = (self._head + self._count) % self._ring * (vb + self.seed_bytes)
-        self._slots[o:o + vb] = acc.to_bytes(vb, "big")
         self._slots[o + vb:o + vb + self.seed_bytes] = seed
         self._count += 1
 
@@ -256,9 +253,13 @@ class RhoPool:
         # unless now: then computed at once. The value last handed out, or
         # asked for, is answered from RAM.
         re, sb, vb = self._re, self.seed_bytes, self._vbytes
+        # the slot a refill under way parks its running product in (_refill)
+        tail = -1 if self._job is None else (self._head + self._count) % self._ring
         for i in range(self._ring):
             # A value handed out stays in its ring slot, beside its seed, until
-            # a refill writes there: a new reading's first send finds it.
+            # a refill starts there: a new reading's first send finds it.
+            if i == tail:
+                continue
             o = i * (vb + sb)
             if bytes(self._slots[o + vb:o + vb + sb]) == seed:
                 return encrypt_with(self.n, self.nsq, m, int.from_bytes(self._slots[o:o + vb], "big"))
