@@ -98,6 +98,19 @@ class Meter:
         self.stop_at = cfg.get("clock", {}).get("stop_at")
         self.state = _open_state(cfg, self.n)
         gc.collect()
+        if self.state.head_pos is not None:
+            # A power cut came between the newest reading's journal write and
+            # its counters write, and that reading is compact: the counters
+            # roll forward to it once its ciphertext is computed again (the
+            # pool's boot and one exponentiation: about a second here, 7-70 s
+            # on a board, before the watchdog starts). Here, at boot, because
+            # what follows counts from them: the next interval (_align) and
+            # the sensor's checkpoint (resume). Settled later, the next reading
+            # repeated the unsettled one's interval (the gateway refused it as
+            # clock_skew, and every reading after it as seq_gap) and counted
+            # its energy twice. Found by tests/test_meter_crash.py.
+            self.state.settle_head(self.kid, lambda m, seed, exp_bits: self.pool.encrypt_again(m, seed, exp_bits, True))
+            gc.collect()
         # next_end None: the clock has never been set, so no interval can be
         # named yet; the sensor counts on, and the first sync makes one reading
         # of it all (_first_sync). _since: that reading's start.
@@ -203,10 +216,6 @@ class Meter:
         # The interval ending at t_end; or, after an unsynced boot, the span
         # since _since, of no better-known time.
         st = self.state
-        if st.head_pos is not None:
-            # A power cut came between the last reading's journal write and its
-            # counters write: its seq and hash come first, whatever it costs.
-            st.settle_head(self.kid, lambda m, seed, exp_bits: self.pool.encrypt_again(m, seed, exp_bits, True))
         t0, tq = t_end - self.interval, self.clock.quality
         if self._since is not None:
             t0, tq, self._since = self._since, "unsynced", None
@@ -254,8 +263,6 @@ class Meter:
         now = time.ticks_ms()
         if self._held and not self._hold(now):
             return
-        if st.head_pos is not None:
-            return  # acks for the unsettled reading would look too new (step settles it)
         if self._sent_seq > j.floor and time.ticks_diff(now, self._progress_ms) >= self._resend_ms:
             self._rewind()  # no ack for resend_s: the readings or their acks were lost
         while budget:
@@ -334,8 +341,6 @@ class Meter:
         # readings, so acks drain the journal and the broker never times it out.
         self.sensor.poll()
         self.clock.sync(log)
-        if self.state.head_pos is not None:
-            self.state.settle_head(self.kid, self.pool.encrypt_again)
         if self.next_end is None:
             if self.clock.synced():
                 self._first_sync()
