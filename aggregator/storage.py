@@ -105,8 +105,8 @@ class StorageNode:
         self.kind = self.store.kind() or s.kind
         # Serving reads through a connection of its own: WAL lets them run beside the
         # fill's writes instead of queueing behind them on one connection.
-        self.server = StorageServer(StorageStore(s.database, writer=False), node=s.name, kind=self.kind, secret_key=self._sk,
-                                    capacity=s.capacity_bytes)
+        self.server = StorageServer(StorageStore(s.database, writer=False), node=s.name, kind=self.kind,
+                                    secret_key=self._sk, capacity=s.capacity_bytes)
         # and so do catch-up's reads (what is wanted, lacking, held), which would otherwise
         # wait behind every commit (an fsync) of the fill they plan.
         self.reads = StorageStore(s.database, writer=False)

@@ -142,11 +142,12 @@ class StorageStore:
                                                        (h,))]
                 row = self.conn.execute("SELECT hash FROM storage_headers WHERE height = ?", (h,)).fetchone()
                 bodies.append((h, row[0] if row else "", txs))
-            offsets = self.bodies.append([(h, encode_body(txs)) for h, _, txs in bodies])
+            raws = [encode_body(txs) for _, _, txs in bodies]
+            offsets = self.bodies.append([(h, raw) for (h, _, _), raw in zip(bodies, raws)])
             with immediate(self.conn):
-                for (h, header_hash, txs), off in zip(bodies, offsets):
+                for (h, header_hash, txs), raw, off in zip(bodies, raws, offsets):
                     self.conn.execute("UPDATE storage_bodies SET off = ?, len = ?, hash = ?, toffs = ?, leaves = ? "
-                                      "WHERE height = ?", (off, len(encode_body(txs)), header_hash, _tx_offsets(txs),
+                                      "WHERE height = ?", (off, len(raw), header_hash, _tx_offsets(txs),
                                                            b"".join(merkle.leaf_hashes(txs)), h))
                 self.conn.execute(f"DELETE FROM storage_txs WHERE height IN ({','.join('?' * len(todo))})", todo)
             self.counts["migrated"] += len(todo)
@@ -365,4 +366,3 @@ class StorageStore:
         return [r[0] for r in self.conn.execute(
             f"SELECT height FROM {table} WHERE height NOT IN (SELECT height FROM storage_bodies) "
             "ORDER BY height LIMIT ?", (limit,))]
-

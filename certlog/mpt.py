@@ -318,4 +318,5 @@ class Trie:
         # Most children are references already (a hash, b"" or an inline list): only a
         # node read into memory needs `_ref`, so the others cost no call.
         ref = self._ref
-        return [ref(c) if isinstance(c, _Node) else c for c in node.children] + [node.value]  # type: ignore[attr-defined]
+        children = node.children  # type: ignore[attr-defined]
+        return [ref(c) if isinstance(c, _Node) else c for c in children] + [node.value]  # type: ignore[attr-defined]

@@ -209,7 +209,7 @@ def retire_record(*, target: str, ident: str, reason: str, signer: str, time: in
 
 def _ed25519(hexkey: str) -> Callable[[bytes, bytes], bool] | None:
     """The key's verifier (meterkeys': one Ed25519 rule for every signature the
-    system checks), or None when it is not a usable public key."""
+    system checks), or None when it is not 32 bytes of hex."""
     try:
         return verifier(hexkey)
     except ConfigError:

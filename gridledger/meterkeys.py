@@ -62,8 +62,8 @@ def verifier(public_key_hex: str):
     Every Ed25519 check of a meter's signature (gateway, validators, light clients,
     `chain verify`) goes through here, so all of them apply one rule: libsodium's
     (`crypto_sign_verify_detached`, via PyNaCl). It refuses a non-canonical S,
-    a small-order R and a public key that is not a point of the prime-order
-    subgroup; an honest RFC 8032 signature (the firmware's, OpenSSL's) always
+    a small-order R and a small-order or non-canonically encoded public key,
+    which OpenSSL's accepts (tests/test_meterkeys.py); an honest RFC 8032 signature (the firmware's, OpenSSL's) always
     passes. It is chosen for speed: 70-75 us a verify on the bench machine where
     OpenSSL's (through `cryptography`) takes 120-145 us, and this check is most of
     a gateway's work per reading (docs/performance.md).
