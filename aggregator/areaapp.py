@@ -247,7 +247,7 @@ class AreaApp:
             raise InvalidBlock("tx_unknown_meter", r.meter, index=i)
         if r.kid != self._kid:
             raise InvalidBlock("tx_unknown_key_id", r.kid, index=i)
-        c = gmpy2.mpz(r.ciphertext)
+        c = r.ciphertext_mpz
         if not 0 < c < self._nsq:
             raise InvalidBlock("tx_ciphertext_range", "c is not a unit below n^2", index=i)
         return c

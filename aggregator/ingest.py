@@ -187,12 +187,12 @@ class Ingest:
             raise Rejected("unknown_meter", r.meter, seq=r.seq)
         if r.kid != self.paillier.kid:
             raise Rejected("unknown_key_id", f"kid {r.kid}, area key {self.paillier.kid}", seq=r.seq)
-        c = r.ciphertext
+        c = r.ciphertext_mpz
         if batch is None:
             ok = self.paillier.in_ciphertext_space(c)
         else:  # the gcd is deferred to the batch's end (check_batch); multiples of n, which anyone can write, are not
             residue = c % self.paillier._n
-            ok = 0 < c < self.paillier.nsquare and residue != 0
+            ok = 0 < c < self.paillier._nsq and residue != 0
             if ok:
                 batch[0].append(residue)
         if not ok:

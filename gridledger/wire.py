@@ -13,6 +13,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
+import gmpy2
+
 from .errors import Rejected
 
 __all__ = [
@@ -110,6 +112,7 @@ class Reading:
     hash: str = field(init=False, repr=False, compare=False)
     _json: bytes | None = field(init=False, repr=False, compare=False)  # to_json's, once asked
     _int: int | None = field(init=False, repr=False, compare=False)    # ciphertext's, once asked
+    _mpz: gmpy2.mpz | None = field(init=False, repr=False, compare=False)  # ciphertext_mpz's, once asked
     parsed: bool = field(init=False, repr=False, compare=False)  # made by parse_reading: well formed
 
     def __post_init__(self) -> None:
@@ -118,6 +121,7 @@ class Reading:
         object.__setattr__(self, "hash", hashlib.sha256(sb).hexdigest())
         object.__setattr__(self, "_json", None)
         object.__setattr__(self, "_int", None)
+        object.__setattr__(self, "_mpz", None)
         object.__setattr__(self, "parsed", False)
 
     @property
@@ -128,6 +132,15 @@ class Reading:
             c = self.c
             object.__setattr__(self, "_int", int.from_bytes(bytes.fromhex(c if not len(c) & 1 else "0" + c), "big"))
         return self._int
+
+    @property
+    def ciphertext_mpz(self) -> gmpy2.mpz:
+        """c as a gmpy2 number, parsed once: the gateway's range check and the block's
+        product take it as it is, where an int would be converted for each."""
+        if self._mpz is None:
+            c = self.c
+            object.__setattr__(self, "_mpz", gmpy2.mpz.from_bytes(bytes.fromhex(c if not len(c) & 1 else "0" + c)))
+        return self._mpz
 
     def to_json(self) -> bytes:
         """Canonical JSON: the fields in wire order (tq, when present, before sig), no
