@@ -2,7 +2,7 @@
 
 The meter speaks serial framing v1 (`gridledger.serialframe`, docs/serial.md). The
 bridge learns the meter's id from its hello, publishes each reading (and signed
-alert) to that meter's topic with QoS 1 exactly as an MQTT meter would, and writes
+alert or event) to that meter's topic with QoS 1 exactly as an MQTT meter would, and writes
 the gateway's acks and nacks back down the line. It keeps no state of its own: a reading leaves
 the meter's spool only on the gateway's ack, which the gateway sends only once the
 reading is durable, so a bridge killed or a cable pulled at any moment costs a
@@ -32,6 +32,7 @@ from gridledger.serialframe import Decoder, Frame, FrameType, encode
 from gridledger.wire import METER_ID_RE, ack_topic, nack_topic, readings_topic
 
 from .alerts import alerts_topic
+from .events import events_topic
 from .gateway import GatewayConfig
 
 __all__ = ["PROTO", "BRIDGE_REASONS", "SerialBridge"]
@@ -222,6 +223,8 @@ class SerialBridge:
             self._on_log(item.payload)
         elif item.type == FrameType.ALERT:
             self._on_alert(item.payload)
+        elif item.type == FrameType.EVENT:
+            self._on_event(item.payload)
         else:  # a bridge-to-meter type coming up the line: an echoing tty, or two bridges wired together
             self._reject("unexpected_type", f"{chr(item.type)} from the meter's side")
 
@@ -261,8 +264,12 @@ class SerialBridge:
         self.counts["alerts"] += 1
         self._forward(alerts_topic, payload)
 
+    def _on_event(self, payload: bytes) -> None:
+        self.counts["events"] += 1
+        self._forward(events_topic, payload)
+
     def _forward(self, topic: Callable[[str, str], str], payload: bytes) -> None:
-        """Queue a reading or an alert for the broker, on the topic of the meter on the line."""
+        """Queue a reading, an alert or an event for the broker, on the topic of the meter on the line."""
         loop = asyncio.get_running_loop()
         if self.meter is None:
             self.dropped["no_hello"] += 1
@@ -330,7 +337,7 @@ class SerialBridge:
                 self.dropped["mqtt_down"] += 1
 
     def _acks_of(self, meter: str) -> tuple[str, str]:
-        """What the gateway answers a meter on (readings and alerts alike): ack, nack."""
+        """What the gateway answers a meter on (readings, alerts and events alike): ack, nack."""
         return ack_topic(self.area, meter), nack_topic(self.area, meter)
 
     async def _subscribe(self, client: aiomqtt.Client) -> None:

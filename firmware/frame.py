@@ -17,7 +17,8 @@ ACK = 0x41      # A bridge -> meter: the gateway's ack body, verbatim
 NACK = 0x4E     # N bridge -> meter: the gateway's nack body, verbatim
 QUERY = 0x51    # Q bridge -> meter: say hello now (the bridge restarted)
 ALERT = 0x45    # E meter -> bridge: a signed alert (docs/alerts.md), the exact MQTT payload
-TYPES = b"HRSLWANQE"
+EVENT = 0x56    # V meter -> bridge: a signed meter event (docs/journal.md), the exact MQTT payload
+TYPES = b"HRSLWANQEV"
 
 REASONS = ("oversized", "bad_cobs", "too_short", "bad_crc", "unknown_type")
 

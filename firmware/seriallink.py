@@ -160,6 +160,7 @@ class SerialUplink:
         self._in_log = False
         self.rejected = {}  # reason -> count, reported in health frames
         self.alerts = None  # the meter's Alerts, if it has any: sent and acked here
+        self.on_event = None  # the meter's answer handler for its signed events
         # With the console as the link, print() would put log lines on the wire
         # between frames: the meter sends them as LOG frames instead.
         self.log_sink = self._log_frame if not ("device" in cfg or "uart" in cfg) else None
@@ -228,6 +229,13 @@ class SerialUplink:
             return False
         return self._send(frame.READING, payload, "publish")
 
+    def publish_event(self, payload):
+        # A signed meter event (a set-register, docs/journal.md): the bridge publishes it
+        # on the meter's events topic; its answer comes back as an ack or nack frame.
+        if not self.ensure() or not self.connected():
+            return False
+        return self._send(frame.EVENT, payload, "event")
+
     def poll(self):
         # Handle every frame already waiting, then keep the link alive; never blocks.
         now = time.ticks_ms()
@@ -278,7 +286,7 @@ class SerialUplink:
             self._log("link_reject", reason=payload)
         elif ftype == frame.ACK or ftype == frame.NACK:
             import answers
-            seq = answers.handle(payload, ftype == frame.ACK, self._on_ack, self.alerts, self._log)
+            seq = answers.handle(payload, ftype == frame.ACK, self._on_ack, self.alerts, self._log, self.on_event)
             if seq is not None and (self._last_acked is None or seq > self._last_acked):
                 self._last_acked = seq
         elif ftype == frame.WELCOME:

@@ -30,6 +30,7 @@ class FrameType(IntEnum):
     NACK = 0x4E     # N bridge -> meter: the gateway's nack body, verbatim
     QUERY = 0x51    # Q bridge -> meter: say hello now (the bridge does not know who is there)
     ALERT = 0x45    # E meter -> bridge: a signed alert (docs/alerts.md), the exact MQTT payload
+    EVENT = 0x56    # V meter -> bridge: a signed meter event (docs/journal.md), the exact MQTT payload
 
 
 # Why a run of bytes between delimiters is not a frame, in the order they are checked.

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import signal
+import sqlite3
 import subprocess
 import time
 import zlib
@@ -29,6 +30,7 @@ from gridledger.testbed import bridge_process, wait_up
 
 from helpers import wait_until
 from test_end_to_end import Area
+from test_meter_state import run_firmware
 
 METER = "w1"
 
@@ -147,6 +149,32 @@ def test_wired_meter_keeps_every_reading_until_the_bridge_delivers_it(wired):
     assert final["acks"] >= 1 and final["hellos"] >= 1
     assert any(e["ev"] == "uplink_up" and e.get("link") == "serial"
                for e in map(json.loads, w.meter_log.read_text().splitlines()) if e.get("ev"))
+
+
+def test_set_register_event_goes_up_the_line_before_the_readings_after_it(wired, firmware_bundle):
+    """A technician's set-register on a wired meter: the signed event goes up the line in
+    an EVENT frame, the bridge publishes it on the meter's events topic, the gateway
+    verifies and stores it, and its ack comes back down the line; only then does the
+    meter send the readings after it, each stored once."""
+    w = wired(intervals=8)
+    done = run_firmware(firmware_bundle, w.tmp / METER / "config.json", "set-register", "123456", "789", "tech-7")
+    assert done.returncode == 0, done.stdout + done.stderr
+    w.start_gateway()
+    w.start_bridge()
+    w.start_meter()
+    w.area.wait_meters_done(60)
+    final = w.stop_bridge()
+    assert w.area.stop_gateway() == 0
+    w.area.assert_complete_and_true()
+    with sqlite3.connect(w.tmp / "gateway.db") as db:
+        stored = db.execute("SELECT eseq, seq, import_wh, export_wh, by, received_at FROM events").fetchall()
+        [(first_reading_at,)] = db.execute("SELECT MIN(received_at) FROM readings").fetchall()
+    [(eseq, seq, imp, exp, by, stored_at)] = stored
+    assert (eseq, seq, imp, exp, by) == (1, 0, 123456, 789, "tech-7")
+    assert stored_at < first_reading_at, "the meter waits for the event's ack before its next reading"
+    assert final["events"] >= 1 and final["rejected"] == {}
+    trouble = {"events_not_sent", "event_unanswered", "event_refused"}
+    assert not [e for e in map(json.loads, w.meter_log.read_text().splitlines()) if e.get("ev") in trouble]
 
 
 def test_meter_whose_console_is_the_link(wired):

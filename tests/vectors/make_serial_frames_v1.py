@@ -12,7 +12,9 @@ import json
 import zlib
 from pathlib import Path
 
+from aggregator.events import make_event
 from gridledger.errors import Rejected
+from gridledger.meterkeys import MeterKey
 from gridledger.serialframe import Decoder, FrameType as T, cobs_encode, encode
 
 HERE = Path(__file__).parent
@@ -26,6 +28,13 @@ def reading_payload() -> bytes:
 
 def alert_payload() -> bytes:
     return json.loads((HERE / "alerts_v1.json").read_text())["alerts"][0]["payload"].encode()
+
+
+def event_payload() -> bytes:
+    """A set-register event signed by a fixed key (Ed25519 is deterministic)."""
+    key = MeterKey("m01", bytes(range(32)))
+    return make_event(meter="m01", eseq=1, at=1795000000, seq=12, prev="ab" * 32, import_before=1000,
+                      export_before=0, import_wh=123456, export_wh=789, by="tech-7", sign=key.sign).to_json()
 
 
 def raw_frame(body: bytes, crc: int | None = None) -> bytes:
@@ -52,6 +61,8 @@ def frames() -> list[dict]:
         (T.READING, reading_payload(), "wire-v1 vector reading 1 (readings_v1.json)"),
         (T.ALERT, alert_payload(), "alert vector 1 (alerts_v1.json)"),
         (T.ACK, b'{"alert_seq": 3}', "an alert's ack: on the ack topic, verbatim like every ack"),
+        (T.EVENT, event_payload(), "a signed set-register event (docs/journal.md)"),
+        (T.ACK, b'{"eseq": 1}', "an event's ack: on the ack topic, verbatim like every ack"),
     ]
     return [{"about": about, "type": chr(t), "payload": p.hex(), "wire": encode(t, p).hex()}
             for t, p, about in cases]
