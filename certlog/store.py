@@ -2,9 +2,10 @@
 
 Tables live beside a role's own tables in its database, so a gateway can mark
 readings as proposed in the same transaction that stores the proposal.
-`trie_nodes` is content-addressed: nodes written while executing a block that is
-never certified are harmless garbage; what is authoritative is the certified
-header's state root.
+Trie nodes are content-addressed (`NodeDB`: an append-only log, found by hash
+through an index file beside the database): nodes written while executing a block
+that is never certified are harmless garbage; what is authoritative is the
+certified header's state root.
 """
 
 from __future__ import annotations
@@ -51,29 +52,57 @@ def immediate(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
 
 
 class NodeDB(MutableMapping[bytes, bytes]):
-    """Trie node store: reads through a cache to SQLite, writes wait for `flush`.
+    """Trie node store: reads through a cache, writes wait for `flush`.
+
+    Nodes are appended to `trie_log` in the chain's own database, in the transaction
+    of the block that made them, and found by hash through an index in a file of its
+    own (`_NodeIndex`). A table keyed by the nodes' hashes, as this was, put every
+    node a block makes on a random page of one B-tree: each dirtied a whole 8 KiB
+    page, and once the table outgrew the cache, a 1,000-account block rewrote 20-45
+    MB for 0.65 MB of nodes (bench/writes.py), a Raspberry Pi's SD card's wear.
+    Appended, the nodes fill pages in order; the index's random inserts dirty
+    512-byte pages. Nodes stored before (`trie_nodes`) are still read.
 
     Every block adds the nodes on its accounts' paths, so a cache that kept them all
     would grow for as long as the process runs: once written, the cache is dropped
     when it holds more than `CACHE_MAX` nodes (a few hundred bytes each), and the
-    next reads go to SQLite. Without a connection the cache is the store."""
+    next reads go to SQLite. Without a connection the cache is the store.
+
+    `writer`: this is the chain's store (`ChainStore`), which keeps the index; any
+    other NodeDB on the file only reads it."""
 
     CACHE_MAX = 200_000
 
-    def __init__(self, conn: sqlite3.Connection | None):
+    def __init__(self, conn: sqlite3.Connection | None, *, writer: bool = False):
         self.conn = conn
         self.cache: dict[bytes, bytes] = {}
         self.pending: dict[bytes, bytes] = {}
+        self._logged: list[tuple[int, bytes]] = []  # (log id, key) flushed, not yet committed
+        self.index = None if conn is None else _NodeIndex(conn, writer=writer)
 
     def __getitem__(self, key: bytes) -> bytes:
         v = self.cache.get(key)
         if v is None:
-            row = None if self.conn is None else self.conn.execute(
-                "SELECT value FROM trie_nodes WHERE key = ?", (key,)).fetchone()
-            if row is None:
-                raise KeyError(key)
-            v = self.cache[key] = row[0]
+            v = self.cache[key] = self.read(key)
         return v
+
+    def read(self, key: bytes) -> bytes:
+        """The node stored under `key`, from SQLite (KeyError if none), bypassing the cache."""
+        if self.conn is None:
+            raise KeyError(key)
+        i = self.index.find(key)
+        if i is not None:
+            row = self.conn.execute("SELECT key, value FROM trie_log WHERE id = ?", (i,)).fetchone()
+            if row is not None and row[0] == key:
+                return row[1]
+            self.index.stale(key)  # a log replaced under its index (a restored copy): rebuilt, or scanned
+            row = self.conn.execute("SELECT value FROM trie_log WHERE key = ?", (key,)).fetchone()
+            if row is not None:
+                return row[0]
+        row = self.conn.execute("SELECT value FROM trie_nodes WHERE key = ?", (key,)).fetchone()
+        if row is None:
+            raise KeyError(key)
+        return row[0]
 
     def __setitem__(self, key: bytes, value: bytes) -> None:
         if key not in self.cache:
@@ -97,15 +126,174 @@ class NodeDB(MutableMapping[bytes, bytes]):
         return len(self.cache)
 
     def flush(self) -> None:
-        """Write pending nodes; call inside the caller's transaction. In key order: a
-        block's nodes land on random pages of the B-tree, and visiting them in order
-        costs a quarter less CPU than in the order they were made (measured)."""
+        """Append pending nodes to the log; call inside the caller's transaction, and
+        `committed()` or `rolled_back()` after it. Ids follow key order, so the index
+        takes each block's keys in order (a quarter less CPU than in the order they
+        were made, measured on the keyed table this replaced)."""
         if self.pending and self.conn is not None:
-            self.conn.executemany("INSERT OR IGNORE INTO trie_nodes(key, value) VALUES (?, ?)",
-                                  sorted(self.pending.items()))
+            first = self.conn.execute("SELECT COALESCE(MAX(id), 0) + 1 FROM trie_log").fetchone()[0]
+            rows = [(first + i, k, v) for i, (k, v) in enumerate(sorted(self.pending.items()))]
+            self.conn.executemany("INSERT INTO trie_log(id, key, value) VALUES (?, ?, ?)", rows)
+            self._logged += [(i, k) for i, k, _ in rows]
         self.pending.clear()
         if self.conn is not None and len(self.cache) > self.CACHE_MAX:
             self.cache.clear()
+
+    def committed(self) -> None:
+        """The transaction that flushed is durable: index its nodes."""
+        logged, self._logged = self._logged, []
+        if logged:
+            self.index.add(logged)
+
+    def rolled_back(self) -> None:
+        """The transaction that flushed was undone: its nodes are not stored, so they
+        leave the cache too (made again, they are written again)."""
+        for _, k in self._logged:
+            self.cache.pop(k, None)
+        self._logged = []
+
+
+def _main_path(conn: sqlite3.Connection) -> str:
+    """The main database's file ("" in memory)."""
+    return next((r[2] for r in conn.execute("PRAGMA database_list") if r[1] == "main"), "") or ""
+
+
+class _NodeIndex:
+    """Log id by node hash, in `<database>.nodeindex` beside the chain's database.
+
+    Derived data: the chain's store brings it up to date from the log when it opens
+    (`high` is the last log id it holds with every one before it), so a crash
+    between a block's commit and its index's, a lost index file or a database
+    restored from a copy costs a rebuild, never a node. Pages of 512 bytes: the
+    keys are random, so each insert dirties a page, and the smallest pages are the
+    fewest bytes. Its own fsyncs are left to checkpoints (synchronous=NORMAL), as
+    what it loses in a power cut is rebuilt from the log. A reader (another
+    connection, perhaps read-only) looks up what the index holds and scans the log
+    beyond `high` for the rest; with no index file at all, it indexes the log in
+    memory once."""
+
+    SUFFIX = ".nodeindex"
+    PAGE_SIZE = 512
+
+    def __init__(self, main: sqlite3.Connection, *, writer: bool):
+        self.main = main
+        self.writer = writer
+        self.mem: dict[bytes, int] | None = None  # in memory: the main database is, or no index file
+        self.db: sqlite3.Connection | None = None
+        self.high = 0
+        path = _main_path(main)
+        if path and writer:
+            try:
+                self.db = self._open(path + self.SUFFIX)
+            except sqlite3.OperationalError:  # a store opened where it cannot write: read as readers do
+                self.writer = False
+        if path and self.db is None and Path(path + self.SUFFIX).exists():
+            try:
+                self.db = sqlite3.connect(Path(path + self.SUFFIX).resolve().as_uri() + "?mode=ro", uri=True,
+                                          check_same_thread=False, timeout=10)
+            except sqlite3.OperationalError:
+                self.db = None
+        if self.db is None:  # in memory, or no index file to read
+            self.mem = {}
+        if self.writer:
+            self.catch_up()
+
+    def _open(self, path: str) -> sqlite3.Connection:
+        db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=10)
+        try:
+            db.execute("PRAGMA busy_timeout=5000")
+            db.execute(f"PRAGMA page_size={self.PAGE_SIZE}")
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.executescript("""
+                CREATE TABLE IF NOT EXISTS node_index (key BLOB PRIMARY KEY, id INTEGER NOT NULL) WITHOUT ROWID;
+                CREATE TABLE IF NOT EXISTS node_index_high (one INTEGER PRIMARY KEY CHECK (one = 1),
+                                                            high INTEGER NOT NULL);
+            """)
+        except sqlite3.OperationalError:
+            db.close()
+            raise
+        return db
+
+    def _stored_high(self) -> int:
+        if self.db is None:
+            return self.high
+        try:
+            row = self.db.execute("SELECT high FROM node_index_high").fetchone()
+        except sqlite3.OperationalError:  # a reader before the writer made the tables
+            return 0
+        return row[0] if row else 0
+
+    def catch_up(self) -> None:
+        """Index the log beyond what the index holds; start over if the log is behind
+        the index (a database restored from an older copy)."""
+        high = self._stored_high()
+        try:
+            last = self.main.execute("SELECT COALESCE(MAX(id), 0) FROM trie_log").fetchone()[0]
+        except sqlite3.OperationalError:  # a reader of a database that has no log yet
+            return
+        if last < high:
+            self.rebuild()
+            return
+        self.high = high
+        while True:
+            rows = self.main.execute("SELECT id, key FROM trie_log WHERE id > ? ORDER BY id LIMIT 50000",
+                                     (self.high,)).fetchall()
+            if not rows:
+                return
+            self.add(rows)
+
+    def rebuild(self) -> None:
+        if self.mem is not None:
+            self.mem.clear()
+        elif self.db is not None:
+            with immediate(self.db):
+                self.db.execute("DELETE FROM node_index")
+                self.db.execute("DELETE FROM node_index_high")
+        self.high = 0
+        self.catch_up()
+
+    def add(self, rows: list[tuple[int, bytes]]) -> None:
+        """Index (id, key) rows, ids contiguous and ascending."""
+        contiguous = rows[0][0] == self.high + 1
+        if self.mem is not None:
+            self.mem.update((k, i) for i, k in rows)
+        else:
+            with immediate(self.db):
+                self.db.executemany("INSERT OR REPLACE INTO node_index(key, id) VALUES (?, ?)",
+                                    sorted((k, i) for i, k in rows))
+                if contiguous:
+                    self.db.execute("INSERT OR REPLACE INTO node_index_high(one, high) VALUES (1, ?)", (rows[-1][0],))
+        if contiguous:
+            self.high = rows[-1][0]
+
+    def find(self, key: bytes) -> int | None:
+        if self.mem is not None:
+            if not self.writer and not self.mem and self.high == 0:
+                self.catch_up()  # a reader without an index file: the log, indexed once
+            i = self.mem.get(key)
+            if i is not None:
+                return i
+        elif self.db is not None:
+            try:
+                row = self.db.execute("SELECT id FROM node_index WHERE key = ?", (key,)).fetchone()
+            except sqlite3.OperationalError:
+                row = None
+            if row is not None:
+                return row[0]
+        # Not indexed (yet): a block committed a moment ago, or a writer that stopped
+        # before indexing it. The log's tail is short; without a log there is none.
+        high = self.high if self.writer else self._stored_high()
+        try:
+            row = self.main.execute("SELECT id FROM trie_log WHERE id > ? AND key = ?", (high, key)).fetchone()
+        except sqlite3.OperationalError:
+            return None
+        return row[0] if row else None
+
+    def stale(self, key: bytes) -> None:
+        """The index sent `key` to a log row holding another node."""
+        if self.writer:
+            self.rebuild()
 
 
 class ChainStore:
@@ -124,13 +312,23 @@ class ChainStore:
                 height INTEGER PRIMARY KEY, hash TEXT NOT NULL, at REAL NOT NULL);
             CREATE TABLE IF NOT EXISTS trie_nodes (key BLOB PRIMARY KEY, value BLOB NOT NULL) WITHOUT ROWID;
         """)
-        self.nodes = NodeDB(conn)
+        try:
+            conn.execute("CREATE TABLE IF NOT EXISTS trie_log (id INTEGER PRIMARY KEY, key BLOB NOT NULL, "
+                         "value BLOB NOT NULL)")
+        except sqlite3.OperationalError:  # read-only, on a database from before the log: its nodes are all old
+            pass
+        self.nodes = NodeDB(conn, writer=True)
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
-        with immediate(self.conn):
-            yield self.conn
-            self.nodes.flush()
+        try:
+            with immediate(self.conn):
+                yield self.conn
+                self.nodes.flush()
+        except BaseException:
+            self.nodes.rolled_back()
+            raise
+        self.nodes.committed()
 
     # -- blocks ---------------------------------------------------------------
     def put_block(self, header: Header, txs: list[bytes], cert: Certificate | None) -> None:

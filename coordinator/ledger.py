@@ -88,10 +88,7 @@ class _TrieReader(NodeDB):
     a long-running coordinator must not keep every node it ever proved)."""
 
     def __getitem__(self, key: bytes) -> bytes:
-        row = self.conn.execute("SELECT value FROM trie_nodes WHERE key = ?", (key,)).fetchone()
-        if row is None:
-            raise KeyError(key)
-        return row[0]
+        return self.read(key)
 
 
 def _drop_old_layout(conn: sqlite3.Connection) -> None:
