@@ -214,11 +214,11 @@ class Journal:
         return mv[HEAD:HEAD + n]
 
     def last(self):
-        # The newest intact record above the floor (its payload), or None.
+        # Position of the newest record above the floor, or None.
         for i in range(len(self._segs) - 1, -1, -1):
             seg = self._segs[i]
             if seg.pending():
-                return self.read((seg.num, seg.count() - 1))
+                return (seg.num, seg.count() - 1)
         return None
 
     # Writing --------------------------------------------------------------
