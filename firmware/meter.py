@@ -111,6 +111,18 @@ class Meter:
             # its energy twice. Found by tests/test_meter_crash.py.
             self.state.settle_head(self.kid, lambda m, seed, exp_bits: self.pool.encrypt_again(m, seed, exp_bits, True))
             gc.collect()
+        pos = self.state.journal.first()
+        if pos is not None:
+            # The oldest unacknowledged record goes first, and a compact
+            # reading's ciphertext needs the pool's boot and an exponentiation:
+            # done here (the pool keeps the value), so the first loop step sends
+            # it. Left to the loop, it came 0.6-1 s after the boot's first
+            # reading here (the pool's steps shared with the readings a boot
+            # is behind by), and a meter whose power failed sooner than that
+            # after each boot never sent anything again: every reading after
+            # the oldest waits for it (tests/test_meter_crash.py).
+            self.state.message(pos, self.kid, lambda m, seed, exp_bits: self.pool.encrypt_again(m, seed, exp_bits, True))
+            gc.collect()
         # next_end None: the clock has never been set, so no interval can be
         # named yet; the sensor counts on, and the first sync makes one reading
         # of it all (_first_sync). _since: that reading's start.
@@ -357,14 +369,17 @@ class Meter:
         # interval is further away than twice a recent long step and a little
         # more (or no reading is due any more), so the pool never makes a
         # reading late; or when the meter is behind (readings overdue, one per
-        # step): then a step between readings keeps resends going while it
-        # catches up. The margin never exceeds half the interval: one slow step
+        # step): then steps between readings, the resend's first, keep resends
+        # going while it catches up (one step a reading, as before, took ten
+        # readings for one resend here: after a boot the meter is behind by
+        # however long the boot took, and a short-lived boot sent nothing).
+        # The margin never exceeds half the interval: one slow step
         # (a loaded host, a flash stall) must not stop the idle work, and with
         # it every resend, for good; and on an accelerated test clock (0.5 s
         # intervals) the fixed part shrinks with the interval, or a resend
         # backlog, each resend a refill's work, could never drain.
         # Steps run back to back for up to 50 ms, each only while the margin
-        # still holds: on a loaded host the loop's polls and collection cost
+        # still holds (or the meter is behind): on a loaded host the loop's polls and collection cost
         # more than a step, and one step per loop left resends (each a refill's
         # work) starved behind the refills (a board's step alone takes longer).
         ne = self.next_end
@@ -379,7 +394,7 @@ class Meter:
                 # the longest recent step: one slow step's weight fades
                 self._pool_step_s = max(0.9 * self._pool_step_s, time.ticks_diff(t1, t) / 1000)
                 t, el = t1, time.ticks_diff(t1, t0)
-                if behind or el >= 50 or (wait is not None and wait - el / 1000 <= margin):
+                if el >= 50 or (not behind and wait is not None and wait - el / 1000 <= margin):
                     return
             if t != t0:
                 return
