@@ -5,9 +5,10 @@
 #   the meter's ack handler, then the power fails (nothing else is written).
 #   Prints one JSON line: each reading as first published, and the counters
 #   slot on flash after the ack.
-# boot: meter.Meter boots on that state with its real uplink and runs loop
-#   steps until the gateway has acknowledged reading 3 (at most 400). Prints
-#   the meter's log lines, then one JSON line: what it published at which step.
+# boot (argv[3]: most steps, 400 if absent): meter.Meter boots on that state
+#   with its real uplink and runs loop steps until the gateway has acknowledged
+#   reading 3. Prints the meter's log lines, then one JSON line: what it
+#   published at which step.
 import json
 import sys
 
@@ -53,7 +54,8 @@ else:
         return publish(payload, topic)
 
     m.uplink.publish = counted
-    while m.state.c.acked < 3 and step[0] < 400:
+    most = int(sys.argv[3]) if len(sys.argv) > 3 else 400
+    while m.state.c.acked < 3 and step[0] < most:
         step[0] += 1
         m.step()
     m.state.save()
