@@ -276,7 +276,7 @@ class RhoPool:
             re[2][:sb] = seed
             re[0], re[1] = 1, None
         while re[0] != 2 and now:
-            self.step()
+            self.step(True)  # this value first: not after refills up to half the pool
             gc.collect()
         if re[0] != 2:
             return None
