@@ -21,7 +21,7 @@ while not pool.full():
     pool.refill_one()
 prev = wire.ZERO_HASH
 for seq in range(1, job["cycles"] + 1):
-    c = pool.encrypt(wire.pack({0: 800 + seq, 1: seq}))
+    c = pool.encrypt(wire.pack({0: 800 + seq, 1: seq}))[0]
     payload, prev = wire.reading(key, "bench-meter", seq, 1795160700 + 900 * seq, 900, prev, kid, c)
     pool.refill_one()
     gc.collect()

@@ -38,7 +38,7 @@ while not pool.full():
     steps.append(time.ticks_diff(time.ticks_us(), s0) / 1000)
 boot_ms = time.ticks_diff(time.ticks_us(), t0) / 1000
 m = wire.pack({0: 812, 1: 0})
-rho = pool.take()
+rho = pool.take()[0]
 a_bytes = (pool.exp_bits + 7) // 8
 c = paillier.encrypt_with(n, nsq, m, rho)
 sb = wire.signed_bytes(meter, seq, t, 900, prev, kid, "%x" % c)

@@ -4,6 +4,7 @@
 # only when those files are there, and drops it again.
 import json
 import os
+import struct
 
 import records
 from counters import Counters
@@ -32,14 +33,15 @@ def migrate(st):
     c = Counters()
     c.seq, c.t, c.prev = seq, t, prev
     c.floor = c.acked = seq
+    buf = bytearray(records.READING_FIXED + st.nsq_bytes)  # a full record: the meter's own buffer is smaller
     for s in seqs:
         if s > seq:
             continue  # written but never committed, so never published
         with open("%s/%d.json" % (d, s), "rb") as f:
             r = json.loads(f.read())
-        n = records.pack_reading(st.buf, c, r["seq"], r["t"], r["dt"], r["prev"], r["kid"],
-                                 records.unhex(r["sig"]), int(r["c"], 16), st.nsq_bytes)
-        st.journal.append(memoryview(st.buf)[:n])
+        n = _pack_full(buf, c, r["seq"], r["t"], r["dt"], r["prev"], r["kid"],
+                       records.unhex(r["sig"]), int(r["c"], 16), st.nsq_bytes)
+        st.journal.append(memoryview(buf)[:n])
         c.floor = c.acked = min(c.floor, s - 1)
     st.journal.floor = c.floor
     st.c = c
@@ -47,6 +49,19 @@ def migrate(st):
     st.log("migrated", seq=seq, spooled=st.journal.live)
     drop_old_spool(st)
     return c
+
+
+def _pack_full(buf, c, seq, t, dt, prev, kid, sig, c_int, nsq_bytes):
+    # A first-cut reading as a full-format record (kind 0x11: header, dt, kid,
+    # signature, the ciphertext; records.py reads it): it has no seed, so it
+    # keeps its ciphertext. Returns the length.
+    ci, ce = records.ckpt_fields(c.ckpt)
+    struct.pack_into(records.COMMON_FMT, buf, 0, records.V2 | records.READING, seq, t, c.eseq, c.import_wh,
+                     c.export_wh, records.unhex(prev), ci, ce)
+    struct.pack_into(">I8s64s", buf, records.COMMON, dt, records.unhex(kid), sig)
+    at = records.READING_FIXED
+    buf[at:at + nsq_bytes] = c_int.to_bytes(nsq_bytes, "big")
+    return at + nsq_bytes
 
 
 def drop_old_spool(st):

@@ -62,7 +62,7 @@ class _Segment:
         self.base = 0
         self.start = 0  # positions before it are acknowledged or dropped
         self.end = 0  # where the next record goes
-        self.sealed = False  # torn tail or failed write: never appended to again
+        self.sealed = False  # damaged at recovery or a failed write: never appended to again
 
     def count(self):
         return self.base + len(self.keys)
@@ -121,11 +121,16 @@ class Journal:
         self.live = 0
         for num in nums:
             seg = _Segment(num)
+            damaged = self.damaged
             self._scan(seg)
+            # Appended to again only when every byte of it is an intact frame:
+            # never after a torn tail or garbage. Sealed after every restart,
+            # a meter whose power failed often with readings waiting made a
+            # file per boot (each a 4 KiB block on littlefs, of the Pico W's 4
+            # to spare, and 264 bytes of heap for its index).
+            seg.sealed = self.damaged != damaged
             self._segs.append(seg)
             self.live += len(seg.keys)
-        if self._segs:
-            self._segs[-1].sealed = True  # append to a fresh file after any restart
         self._release()
 
     def _scan(self, seg):
@@ -214,11 +219,11 @@ class Journal:
         return mv[HEAD:HEAD + n]
 
     def last(self):
-        # The newest intact record above the floor (its payload), or None.
+        # Position of the newest record above the floor, or None.
         for i in range(len(self._segs) - 1, -1, -1):
             seg = self._segs[i]
             if seg.pending():
-                return self.read((seg.num, seg.count() - 1))
+                return (seg.num, seg.count() - 1)
         return None
 
     # Writing --------------------------------------------------------------

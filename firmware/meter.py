@@ -98,6 +98,31 @@ class Meter:
         self.stop_at = cfg.get("clock", {}).get("stop_at")
         self.state = _open_state(cfg, self.n)
         gc.collect()
+        if self.state.head_pos is not None:
+            # A power cut came between the newest reading's journal write and
+            # its counters write, and that reading is compact: the counters
+            # roll forward to it once its ciphertext is computed again (the
+            # pool's boot and one exponentiation: about a second here, 7-70 s
+            # on a board, before the watchdog starts). Here, at boot, because
+            # what follows counts from them: the next interval (_align) and
+            # the sensor's checkpoint (resume). Settled later, the next reading
+            # repeated the unsettled one's interval (the gateway refused it as
+            # clock_skew, and every reading after it as seq_gap) and counted
+            # its energy twice. Found by tests/test_meter_crash.py.
+            self.state.settle_head(self.kid, lambda m, seed, exp_bits: self.pool.encrypt_again(m, seed, exp_bits, True))
+            gc.collect()
+        pos = self.state.journal.first()
+        if pos is not None:
+            # The oldest unacknowledged record goes first, and a compact
+            # reading's ciphertext needs the pool's boot and an exponentiation:
+            # done here (the pool keeps the value), so the first loop step sends
+            # it. Left to the loop, it came 0.6-1 s after the boot's first
+            # reading here (the pool's steps shared with the readings a boot
+            # is behind by), and a meter whose power failed sooner than that
+            # after each boot never sent anything again: every reading after
+            # the oldest waits for it (tests/test_meter_crash.py).
+            self.state.message(pos, self.kid, lambda m, seed, exp_bits: self.pool.encrypt_again(m, seed, exp_bits, True))
+            gc.collect()
         # next_end None: the clock has never been set, so no interval can be
         # named yet; the sensor counts on, and the first sync makes one reading
         # of it all (_first_sync). _since: that reading's start.
@@ -202,6 +227,7 @@ class Meter:
     def take_reading(self, t_end):
         # The interval ending at t_end; or, after an unsynced boot, the span
         # since _since, of no better-known time.
+        st = self.state
         t0, tq = t_end - self.interval, self.clock.quality
         if self._since is not None:
             t0, tq, self._since = self._since, "unsynced", None
@@ -211,16 +237,18 @@ class Meter:
             self.alerts.evaluate(t_end, dt, imp, exp)
         band = self._band(t0)
         slots = {wire.slot(band, 0): imp, wire.slot(band, 1): exp}
-        st = self.state
         if not st.room():
             # Full, keeping the oldest: loudly, and the registers still count.
             st.skip_reading(t_end, imp, exp, self.sensor.checkpoint())
             log("journal_full", t=t_end, dropped=st.journal.dropped, spooled=st.journal.live)
             return
-        c = self.pool.encrypt(wire.pack(slots))
+        m = wire.pack(slots)
+        c, seed = self.pool.encrypt(m)
         seq = st.c.seq + 1
         prev = wire.hexs(st.c.prev)
         ch = "%x" % c
+        c = None  # its 512 bytes, and the pool's garbage, are not needed to sign
+        gc.collect()
         sig, h = wire.sign(self.key, self.meter, seq, t_end, dt, prev, self.kid, ch, tq)
         if self.truth_path:
             # Written first: a crash before the journal write reuses this seq,
@@ -229,7 +257,7 @@ class Meter:
                 f.write(json.dumps({"seq": seq, "t": t_end, "dt": dt, "band": band,
                                     "import_wh": imp, "export_wh": exp}) + "\n")
         dropped = st.journal.dropped
-        if not st.commit_reading(seq, t_end, dt, prev, self.kid, sig, c, h, imp, exp,
+        if not st.commit_reading(seq, t_end, dt, prev, sig, h, m, seed, self.pool.exp_bits, imp, exp,
                                  self.sensor.checkpoint(), tq):
             log("journal_write_failed", seq=seq, t=t_end, dropped=st.journal.dropped)
             return
@@ -256,7 +284,17 @@ class Meter:
             key = j.key(pos)  # before publishing: an ack may delete its segment meanwhile
             if key > j.floor + WINDOW:
                 return
-            msg = st.message(pos)
+            # A compact reading's ciphertext: the newest one's from RAM, any
+            # other computed again from its seed in the pool's bounded steps
+            # (step's idle work); meanwhile the send loop waits, in order.
+            msg = st.message(pos, self.kid, self.pool.encrypt_again)
+            if msg is False:
+                if self._sent_seq > j.floor:
+                    # The resend clock stops meanwhile: a window that takes
+                    # longer than resend_s to compute must not be rewound
+                    # before it has all been sent.
+                    self._progress_ms = now
+                return
             if msg is None:
                 log("journal_damaged", key=key)
             elif msg[0]:
@@ -291,10 +329,15 @@ class Meter:
         if self._eseq_done >= self._held:
             self._held = 0
             return True
+        if self._held_ms is None:
+            return True  # sending again up to it, over as many steps as that takes
         if time.ticks_diff(now, self._held_ms) < self._resend_ms:
             return False
         if self._held_sends < EVENT_SENDS:
-            self._rewind()  # sent again, with anything unacknowledged before it
+            # Sent again, with anything unacknowledged before it: until it is
+            # published again (held_ms), no new wait and no new rewind.
+            self._rewind()
+            self._held_ms = None
             return True
         log("event_unanswered", eseq=self._held, sends=self._held_sends)
         self._eseq_done, self._held = self._held, 0
@@ -321,13 +364,39 @@ class Meter:
         self.uplink.poll()
         self.watchdog.feed()  # a completed loop; the idle work below is bounded
         gc.collect()
-        # Idle work: precompute encryption randomness, one bounded step of the
-        # pool at a time, and only while the next interval is further away than
-        # twice the longest step seen, so the pool never makes a reading late.
-        if self.next_end is None or self.clock.real_until(self.next_end) > 0.3 + 2 * self._pool_step_s:
-            t0 = time.ticks_ms()
-            if self.pool.step():
-                self._pool_step_s = max(self._pool_step_s, time.ticks_diff(time.ticks_ms(), t0) / 1000)
+        # Idle work: precompute encryption randomness (or a resend's ciphertext),
+        # one bounded step of the pool at a time, and only while the next
+        # interval is further away than twice a recent long step and a little
+        # more (or no reading is due any more), so the pool never makes a
+        # reading late; or when the meter is behind (readings overdue, one per
+        # step): then steps between readings, the resend's first, keep resends
+        # going while it catches up (one step a reading, as before, took ten
+        # readings for one resend here: after a boot the meter is behind by
+        # however long the boot took, and a short-lived boot sent nothing).
+        # The margin never exceeds half the interval: one slow step
+        # (a loaded host, a flash stall) must not stop the idle work, and with
+        # it every resend, for good; and on an accelerated test clock (0.5 s
+        # intervals) the fixed part shrinks with the interval, or a resend
+        # backlog, each resend a refill's work, could never drain.
+        # Steps run back to back for up to 50 ms, each only while the margin
+        # still holds (or the meter is behind): on a loaded host the loop's polls and collection cost
+        # more than a step, and one step per loop left resends (each a refill's
+        # work) starved behind the refills (a board's step alone takes longer).
+        ne = self.next_end
+        wait = None if ne is None else self.clock.real_until(ne)
+        behind = wait is not None and wait < 0
+        iv = self.interval / self.clock.scale  # the interval in real seconds
+        margin = min(2 * self._pool_step_s + min(0.3, iv / 10), iv / 2)
+        if wait is None or (self.stop_at is not None and ne > self.stop_at) or behind or wait > margin:
+            t0 = t = time.ticks_ms()
+            while self.pool.step(behind):
+                t1 = time.ticks_ms()
+                # the longest recent step: one slow step's weight fades
+                self._pool_step_s = max(0.9 * self._pool_step_s, time.ticks_diff(t1, t) / 1000)
+                t, el = t1, time.ticks_diff(t1, t0)
+                if el >= 50 or (not behind and wait is not None and wait - el / 1000 <= margin):
+                    return
+            if t != t0:
                 return
         time.sleep_ms(20)
 

@@ -4,7 +4,9 @@
 # before the counters are written, and published only after both; on boot a
 # journal record newer than the counters brings them forward, so seq, the
 # chain head and the registers never go backwards, and the sensor checkpoint
-# comes forward with the registers it was counted into. docs/journal.md.
+# comes forward with the registers it was counted into. A compact reading
+# (records.py) names its own hash only once its ciphertext is computed again:
+# rolling forward from one waits for that (settle_head). docs/journal.md.
 import os
 import sys
 
@@ -32,7 +34,13 @@ class MeterState:
         # where a folder named like a module hides the module from import.
         self.journal = Journal(dirname + "/unacked", jcfg.get("capacity", 2880),
                                jcfg.get("when_full", KEEP_OLDEST), jcfg.get("per_segment"))
-        self.buf = bytearray(records.READING_FIXED + nsq_bytes + 64)
+        # The record buffer: a compact reading (297 bytes at most: 16 slots of
+        # 7 bytes, a 32-byte seed) or an event (193); a full-format record,
+        # which only the first cut's migration writes, gets its own there.
+        self.buf = bytearray(320)
+        # The newest record's position when it is a compact reading newer
+        # than the counters: they move to it in settle_head.
+        self.head_pos = None
         c = self.store.load()
         if c is None:
             if exists(self.store.paths[0]) or exists(self.store.paths[1]):
@@ -61,7 +69,9 @@ class MeterState:
     def _check_room(self):
         # A capacity the filesystem cannot hold fails only when the network has
         # been down for days: say so at boot instead (docs/journal.md, budget).
-        rec = 8 + records.READING_FIXED + self.nsq_bytes
+        # A compact reading: frame 8, header, dt and signature, time quality,
+        # check, exponent length, mask, two slot values of 4 bytes, the seed.
+        rec = 8 + records.COMMON + 68 + 1 + 4 + 1 + 2 + 8 + 16
         try:
             st = os.statvfs(self.dir)
             free = st[0] * st[4]
@@ -71,18 +81,47 @@ class MeterState:
         if fits < self.journal.capacity:
             self.log("journal_capacity", capacity=self.journal.capacity, fits=fits, record_bytes=rec)
 
-    def _roll_forward(self, c):
-        p = self.journal.last()
+    def _roll_forward(self, c, h=None):
+        # At boot (h None) and from settle_head (h: the compact reading's hash).
+        pos = self.journal.last()
+        p = None if pos is None else self.journal.read(pos)
         if p is None:
             return
         kind, seq, t, eseq, imp, exp, prev, ckpt = records.common(p)
         if (seq, eseq) <= (c.seq, c.eseq):
             return
         if kind == records.READING:
-            prev = records.unhex(records.reading_json(p, self.meter)[1])  # this reading's hash
+            if h is None:
+                r = records.reading_json(p, self.meter)
+                if r is None:
+                    # A compact reading: its hash needs its ciphertext, and that
+                    # the pool. Until then the counters stay as written (a power
+                    # cut meanwhile finds the same case again), the meter makes
+                    # no reading and sends nothing.
+                    self.head_pos = pos
+                    return
+                h = r[1]
+            prev = records.unhex(h)  # this reading's hash
         c.seq, c.t, c.eseq, c.import_wh, c.export_wh, c.prev = seq, t, eseq, imp, exp, prev
         c.ckpt = ckpt
         self.log("rolled_forward", seq=seq, eseq=eseq)
+
+    def settle_head(self, kid, fn):
+        # Roll the counters forward to the compact reading at head_pos once
+        # fn (records.reading_json) gives its ciphertext: True when done
+        # (or nothing to do), False while it is being computed.
+        if self.head_pos is None:
+            return True
+        p = self.journal.read(self.head_pos)
+        if p is None:
+            raise StateError("journal_damaged", "the newest journal record changed on flash since boot")
+        r = records.reading_json(p, self.meter, kid, fn)
+        if r is None:
+            return False
+        self.head_pos = None
+        self._roll_forward(self.c, r[1])
+        self.save()
+        return True
 
     def save(self):
         c = self.c
@@ -113,17 +152,18 @@ class MeterState:
         self.journal.dropped += 1
         self.save()
 
-    def commit_reading(self, seq, t, dt, prev, kid, sig, c_int, h, imp, exp, ckpt=None, tq=None):
-        # Journal the signed reading (with its time quality tq, if any), then
-        # the counters, both with ckpt (the sensor totals imp and exp were
-        # counted up to). False when the journal did not keep it (a failed
-        # write): its seq is used by the next one.
+    def commit_reading(self, seq, t, dt, prev, sig, h, m, seed, exp_bits, imp, exp, ckpt=None, tq=None):
+        # Journal the signed reading as a compact record (its plaintext m and
+        # the seed of its randomness; its time quality tq, if any), then the
+        # counters, both with ckpt (the sensor totals imp and exp were counted
+        # up to). h: the reading's hash (hex). False when the journal did not
+        # keep it (a failed write): its seq is used by the next one.
         c = self.c
         c.t = t
         c.ckpt = ckpt
         c.import_wh += imp
         c.export_wh += exp
-        n = records.pack_reading(self.buf, c, seq, t, dt, prev, kid, sig, c_int, self.nsq_bytes, tq)
+        n = records.pack_reading(self.buf, c, seq, t, dt, prev, sig, h, m, seed, exp_bits, tq)
         kept = self.journal.append(memoryview(self.buf)[:n])
         if kept:
             c.seq = seq
@@ -132,22 +172,35 @@ class MeterState:
         return kept
 
     def acked(self, seq):
-        # The gateway holds every reading up to seq. Persisted with the next
-        # counters write: a power cut before it only means resending a few.
+        # The gateway holds every reading up to seq. Persisted at once when it
+        # moves the floor: an acknowledged compact reading left above the
+        # floor on flash must be computed again (the pool's boot, then an
+        # exponentiation) and resent before anything after it at the next
+        # boot, and a meter whose boots were shorter than that never got past
+        # it (tests/test_meter_crash.py; docs/journal.md).
         c = self.c
         if seq > c.seq:
             return False
         if seq > c.acked:
             c.acked = seq
+        floor = self.journal.floor
         self.journal.advance(seq)
+        if self.journal.floor != floor:
+            self.save()
         return True
 
-    def message(self, pos):
+    def message(self, pos, kid=None, fn=None):
         # (eseq, wire JSON) of the journal record at pos, eseq 0 for a reading;
-        # None if damaged.
+        # None if damaged (or a compact reading that does not rebuild to what
+        # was signed); False while a compact reading's ciphertext is being
+        # computed (kid, fn: records.reading_json).
         p = self.journal.read(pos)
         if p is None:
             return None
         if records.kind(p) == records.EVENT:
             return records.common(p)[3], records.event_json(p, self.meter)
-        return 0, records.reading_json(p, self.meter)[0]
+        try:
+            r = records.reading_json(p, self.meter, kid, fn)
+        except ValueError:
+            return None  # rebuilt, it is not what was signed: as damaged
+        return False if r is None else (0, r[0])

@@ -1,7 +1,11 @@
 # Paillier encryption with g = n + 1: c = (1 + m*n) * rho mod n^2, rho = r^n.
 # Computing rho is the whole cost (a 2n-bit modulus, an n-bit exponent), so it
 # is done ahead of time into a pool and the encryption itself is one multiply.
+# Each rho comes from a short random seed that the journal keeps instead of the
+# ciphertext, so a resend computes the same c again (docs/journal.md, "Compact
+# readings").
 import gc
+import hashlib
 import os
 
 
@@ -10,12 +14,20 @@ def bits(n):
     return len(bin(n)) - 2
 
 
-def _rand_below(n):
-    nbytes = (bits(n) + 7) // 8
-    while True:
-        r = int.from_bytes(os.urandom(nbytes), "big") % n
-        if r > 1:
-            return r
+def _expand(key, data, k):
+    # k bytes of SHA-256(key | data | counter byte) blocks: a PRF of data.
+    out = bytearray()
+    i = 0
+    while len(out) < k:
+        out.extend(hashlib.sha256(key + data + bytes((i,))).digest())
+        i += 1
+    return bytes(out[:k])
+
+
+def _exponent(seed, exp_bits):
+    # The DJN short exponent a seed stands for: the seed expanded by SHA-256,
+    # odd, exp_bits rounded up to bytes (as it was drawn before seeds).
+    return int.from_bytes(_expand(b"gl-djn-a", seed, (exp_bits + 7) // 8), "big") | 1
 
 
 def encrypt_with(n, nsq, m, rho):
@@ -54,11 +66,13 @@ _STEP_WINDOWS = 16  # 3-bit exponent windows per boot step
 
 
 class RhoPool:
-    # Damgard-Jurik-Nielsen randomness: rho = (h^n)^a = (h^a)^n mod n^2 for a
-    # random h in Z*_n fixed at start and a fresh short exponent a per value.
-    # Each rho is still an n-th residue, so ciphertexts are ordinary Paillier;
-    # the cost drops from |n| squarings to exp_bits. Values are handed out at
-    # most once and never written to flash, so a reboot cannot replay one.
+    # Damgard-Jurik-Nielsen randomness: rho = (h^n)^a = (h^a)^n mod n^2 for
+    # h = -x^2, x = base_root(n), and a fresh short exponent a per value, drawn
+    # as a seed from os.urandom (exponent(seed)). Each rho is still an n-th
+    # residue, so ciphertexts are ordinary Paillier; the cost drops from |n|
+    # squarings to exp_bits. A value is handed out at most once, and a fresh
+    # seed is drawn for each, so no reboot can replay one; the seed is written
+    # to flash only inside the journal record of the reading that used it.
     #
     # h^n is fixed, so each refill raises a fixed base: a Lim-Lee comb of
     # _TEETH teeth over precomputed powers of h^n costs exp_bits/_TEETH
@@ -73,22 +87,42 @@ class RhoPool:
         self.exp_bits = exp_bits or default_exp_bits(self._nbits)
         self._ebytes = (self.exp_bits + 7) // 8
         self._cols = -(-8 * self._ebytes // _TEETH)
-        y = _rand_below(n)
+        # A seed holds the exponent's entropy: 128 bits up to a 512-bit
+        # exponent (at least the 112/128-bit level of a 2048/3072-bit n), a
+        # quarter of the exponent beyond: guessing a seed costs more than
+        # attacking the modulus. The exponent is the seed expanded by
+        # SHA-256 (_refill).
+        self.seed_bytes = max(16, (self.exp_bits + 31) // 32)
         # The comb's table lives in one block allocated before any of the boot's
         # garbage exists: separate big integers would be scattered through the
         # heap and fragment it (the bench measures the smallest heap that works).
         self._vbytes = (2 * self._nbits + 7) // 8
         self._table = memoryview(bytearray(((1 << _TEETH) - 1) * self._vbytes))
-        # The pool too is one block, a ring of `size` slots: a value made in
-        # the loop would otherwise be a long-lived object dropped wherever the
-        # step's garbage left room, and split the free heap a little more
-        # with every refill.
+        # The pool too is one block, a ring of `size` slots (each value, then
+        # its seed): a value made in the loop would otherwise be a long-lived
+        # object dropped wherever the step's garbage left room, and split the
+        # free heap a little more with every refill.
         self._ring = max(size, 1)  # a pool of 0 still holds the value take() waits for
-        self._slots = memoryview(bytearray(self._ring * self._vbytes))
+        self._slots = memoryview(bytearray(self._ring * (self._vbytes + self.seed_bytes)))
         self._head = 0  # the oldest value's slot
         self._count = 0
         self._comb = False
-        self._job = self._boot(-(y * y) % n)
+        # A resend's value computed again from its seed: [state (0 none, 1
+        # asked for, 2 ready), the job computing it, one block of seed and
+        # value]. A block, like the ring: a big integer kept across loop steps
+        # would fragment the heap.
+        self._re = [0, None, memoryview(bytearray(self.seed_bytes + self._vbytes))]
+        # h = -x^2 mod n with x a hash of n: the same on every boot and every
+        # meter of the key, nothing up the sleeve (DJN publish h^n with the
+        # key; what stays secret is each value's exponent).
+        nb = (self._nbits + 7) // 8 + 16
+        i = 0
+        while True:
+            x = int.from_bytes(_expand(b"gl-djn-h", str(n).encode() + bytes((i,)), nb), "big") % n
+            if x > 1:
+                break
+            i += 1
+        self._job = self._boot(-(x * x) % n)
 
     def __len__(self):
         return self._count
@@ -137,9 +171,30 @@ class RhoPool:
             yield
         self._comb = True
 
-    def _refill(self):
-        a = int.from_bytes(os.urandom(self._ebytes), "big") | 1
-        cols, nsq = self._cols, self.nsq
+    def _refill(self, seed=None):
+        # A fresh value into the ring; given a seed, an earlier value (a
+        # resend's) into _re instead. (h^n)^a by the comb.
+        new = seed is None
+        if new:
+            seed = os.urandom(self.seed_bytes)
+        a = _exponent(seed, self.exp_bits)
+        cols, nsq, vb = self._cols, self.nsq, self._vbytes
+        # Between steps the running product waits in a block (the resend's
+        # value block, or the ring slot the new value goes to: free until it
+        # is written, the same slot however many values are taken meanwhile),
+        # not as a big integer: one kept across steps sits wherever the step's
+        # garbage left room, and with two jobs (a refill and a resend) split
+        # the free heap until a reading's 1.4 KB payload found no hole.
+        if new:
+            if self._count == self._ring:
+                # refill_one on a full pool: the oldest value goes, never
+                # handed out (now, so its slot is free from the first step)
+                self._head = (self._head + 1) % self._ring
+                self._count -= 1
+            o = (self._head + self._count) % self._ring * (vb + self.seed_bytes)
+            blk = self._slots[o:o + vb]
+        else:
+            blk = self._re[2][self.seed_bytes:]
         acc = 1
         for c in range(cols - 1, -1, -1):
             acc = acc * acc % nsq
@@ -149,13 +204,15 @@ class RhoPool:
             if j:
                 acc = acc * self._get(j) % nsq
             if c and c % _STEP_COLS == 0:
+                blk[:] = acc.to_bytes(vb, "big")
+                acc = None
                 yield
-        if self._count == self._ring:
-            # refill_one on a full pool: the oldest value goes, never handed out
-            self._head = (self._head + 1) % self._ring
-            self._count -= 1
-        o = (self._head + self._count) % self._ring * self._vbytes
-        self._slots[o:o + self._vbytes] = acc.to_bytes(self._vbytes, "big")
+                acc = int.from_bytes(blk, "big")
+        blk[:] = acc.to_bytes(vb, "big")
+        if not new:
+            self._re[0] = 2
+            return
+        self._slots[o + vb:o + vb + self.seed_bytes] = seed
         self._count += 1
 
     def _advance(self):
@@ -166,13 +223,64 @@ class RhoPool:
         except StopIteration:
             self._job = None
 
-    def step(self):
-        # One bounded piece of the boot or of a refill; False when there is
-        # nothing to do (booted and full).
+    def step(self, now=False):
+        # One bounded piece of the boot, of a resend's rho (before refills
+        # while the pool is at least half full, so the next readings never
+        # wait for a value; or now: the meter is behind, and its readings
+        # wait for values anyway) or of a refill; False when there is nothing
+        # to do.
+        re = self._re
+        # A resend's job goes ahead of a refill already under way: between
+        # steps each job's running product waits in its own block (_refill),
+        # so the two hold no big integer at once, and a send loop waiting on
+        # a resend is not held up by a refill whose value nobody needs yet.
+        if self._comb and re[0] == 1 and (re[1] is not None or now or 2 * self._count >= self.size):
+            if re[1] is None:
+                re[1] = self._refill(bytes(re[2][:self.seed_bytes]))
+            try:
+                next(re[1])
+            except StopIteration:
+                re[1] = None
+            return True
         if self._job is None and self.full():
             return False
         self._advance()
         return True
+
+    def encrypt_again(self, m, seed, exp_bits, now=False):
+        # The ciphertext of m under an earlier value's seed (a resend): None
+        # until step() has computed its rho (once the boot's comb is ready),
+        # unless now: then computed at once. The value last handed out, or
+        # asked for, is answered from RAM.
+        re, sb, vb = self._re, self.seed_bytes, self._vbytes
+        # the slot a refill under way parks its running product in (_refill)
+        tail = -1 if self._job is None else (self._head + self._count) % self._ring
+        for i in range(self._ring):
+            # A value handed out stays in its ring slot, beside its seed, until
+            # a refill starts there: a new reading's first send finds it.
+            if i == tail:
+                continue
+            o = i * (vb + sb)
+            if bytes(self._slots[o + vb:o + vb + sb]) == seed:
+                return encrypt_with(self.n, self.nsq, m, int.from_bytes(self._slots[o:o + vb], "big"))
+        if exp_bits != self.exp_bits or len(seed) != sb:
+            # Written under another configured exponent length: the comb's
+            # columns do not fit it, so one plain pow, at once and not kept
+            # (rare: a config change while readings waited).
+            while not self._comb and now:
+                self.step()
+            if not self._comb:
+                return None
+            return encrypt_with(self.n, self.nsq, m, pow(self._get(1), _exponent(seed, exp_bits), self.nsq))
+        if not re[0] or bytes(re[2][:sb]) != seed:
+            re[2][:sb] = seed
+            re[0], re[1] = 1, None
+        while re[0] != 2 and now:
+            self.step(True)  # this value first: not after refills up to half the pool
+            gc.collect()
+        if re[0] != 2:
+            return None
+        return encrypt_with(self.n, self.nsq, m, int.from_bytes(re[2][sb:], "big"))
 
     def refill_one(self):
         # One more value now (finishing the boot first if it is still due).
@@ -185,13 +293,18 @@ class RhoPool:
             gc.collect()
 
     def take(self):
+        # (rho, seed): the oldest value and the seed that computes it again.
         if not self._count:
             self.refill_one()
-        o = self._head * self._vbytes
-        rho = int.from_bytes(self._slots[o:o + self._vbytes], "big")
+        vb, sb = self._vbytes, self.seed_bytes
+        o = self._head * (vb + sb)
+        rho = int.from_bytes(self._slots[o:o + vb], "big")
+        seed = bytes(self._slots[o + vb:o + vb + sb])
         self._head = (self._head + 1) % self._ring
         self._count -= 1
-        return rho
+        return rho, seed
 
     def encrypt(self, m):
-        return encrypt_with(self.n, self.nsq, m, self.take())
+        # (c, seed)
+        rho, seed = self.take()
+        return encrypt_with(self.n, self.nsq, m, rho), seed

@@ -130,7 +130,7 @@ def _encrypt(n, m):
     import paillier
     pool = paillier.RhoPool(int(n), 1)
     t0 = time.ticks_ms()
-    c = pool.encrypt(m)
+    c, _ = pool.encrypt(m)
     return {"c": "%x" % c, "ms": time.ticks_diff(time.ticks_ms(), t0)}
 
 

@@ -49,6 +49,8 @@ def apply(st, key, import_wh, export_wh, by, at):
         raise StateError("bad_value", "register values must be whole watt-hours >= 0")
     if not _valid_by(by):
         raise StateError("bad_value", "by: 1-32 characters from A-Z a-z 0-9 _ . @ -")
+    if st.head_pos is not None:
+        raise StateError("head_unsettled", "the newest reading's counters are not settled (settle_head first)")
     c = st.c
     imp0, exp0 = c.import_wh, c.export_wh
     eseq = c.eseq + 1
@@ -72,7 +74,14 @@ def command(cfg, import_wh, export_wh, by):
     from clock import Clock
     with open(cfg.get("key_file", cfg.get("state_dir", ".") + "/ed25519.key"), "rb") as f:
         key = ed25519.SigningKey(f.read())
-    st = meter._open_state(cfg, int(cfg["paillier"]["n"]), boot=False)
+    n = int(cfg["paillier"]["n"])
+    st = meter._open_state(cfg, n, boot=False)
+    if st.head_pos is not None:
+        # The last reading is newer than the counters (a power cut between the
+        # two writes): its hash needs its ciphertext computed again.
+        import paillier
+        pool = paillier.RhoPool(n, 0, cfg["paillier"].get("exp_bits"))
+        st.settle_head(wire.kid_of(n), lambda m, seed, exp_bits: pool.encrypt_again(m, seed, exp_bits, True))
     before = (st.c.import_wh, st.c.export_wh)
     eseq, h = apply(st, key, import_wh, export_wh, by, Clock(cfg.get("clock", {})).now())
     meter.log("set_register", eseq=eseq, hash=h, before=before, after=(import_wh, export_wh), by=by)

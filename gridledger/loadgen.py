@@ -25,7 +25,7 @@ from .errors import ConfigError, GridledgerError
 from .config import MqttConfig
 from .meterkeys import MeterKey, new_meter_key
 from .mqttlink import Link, LinkError, open_link
-from .paillier import PublicKey, load_public
+from .paillier import PublicKey, djn_exponent, djn_hn, djn_seed_bytes, load_public
 from .wire import METER_ID_RE, ZERO_HASH, Reading, make_reading, pack_slots, readings_topic
 
 __all__ = ["LoadError", "RhoPool", "encrypt_with", "LoadMeter", "Outgoing", "LoadArea", "LoadResult",
@@ -63,8 +63,9 @@ def default_exp_bits(nbits: int) -> int:
 
 class RhoPool:
     """The CPython twin of firmware/paillier.py RhoPool (Damgard-Jurik-Nielsen
-    short-exponent randomness): same h, same exponent size and the same bytes
-    drawn from `randbytes`, so a shared byte stream yields the same values."""
+    short-exponent randomness): same h (a hash of n), same exponent size and the
+    same seed bytes drawn from `randbytes`, so a shared byte stream yields the
+    same values."""
 
     def __init__(self, n: int, size: int = 4, exp_bits: int | None = None, *,
                  randbytes: Callable[[int], bytes] = os.urandom):
@@ -72,17 +73,10 @@ class RhoPool:
         self.nsq = gmpy2.mpz(n) * n
         self.size = size
         self.exp_bits = exp_bits or default_exp_bits(n.bit_length())
+        self.seed_bytes = djn_seed_bytes(self.exp_bits)
         self._randbytes = randbytes
-        y = self._below(n)
-        self._hn = gmpy2.powmod(-(y * y) % n, n, self.nsq)
+        self._hn = gmpy2.mpz(djn_hn(n))
         self._pool: deque[int] = deque()
-
-    def _below(self, n: int) -> int:
-        nbytes = (n.bit_length() + 7) // 8
-        while True:
-            r = int.from_bytes(self._randbytes(nbytes), "big") % n
-            if r > 1:
-                return r
 
     def __len__(self) -> int:
         return len(self._pool)
@@ -91,8 +85,8 @@ class RhoPool:
         return len(self._pool) >= self.size
 
     def refill_one(self) -> None:
-        a = int.from_bytes(self._randbytes((self.exp_bits + 7) // 8), "big")
-        self._pool.append(int(gmpy2.powmod(self._hn, a | 1, self.nsq)))
+        a = djn_exponent(self._randbytes(self.seed_bytes), self.exp_bits)
+        self._pool.append(int(gmpy2.powmod(self._hn, a, self.nsq)))
 
     def take(self) -> int:
         if not self._pool:

@@ -11,6 +11,8 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
+from .paillier import djn_rho
+
 __all__ = ["MeterCounters", "JournalRecord", "read_counters", "read_journal", "journal_records", "pending_seqs"]
 
 COUNTERS_MAGIC = b"GLC2"
@@ -21,6 +23,7 @@ FRAME_MAGIC = b"\xa7J"
 MAX_PAYLOAD = 2048
 V2 = 0x10  # kind byte's high nibble: the header ends with the sensor checkpoint
 TQ = 0x20  # and this flag: a reading's time quality, one byte after its signature
+COMPACT = 0x40  # and this one: a compact reading (plaintext and randomness seed, no ciphertext)
 TIME_QUALITIES = ("ntp", "rtc", "host", "unsynced")  # the byte is the index + 1 (firmware/wire.py TQS)
 _COMMON = struct.Struct(">BIIIQQ32sQQ")
 _V1_COMMON = struct.Struct(">BIIIQQ32s")
@@ -63,7 +66,14 @@ class JournalRecord:
     version: int = 2  # 1: written before the header carried the sensor checkpoint
 
     @property
+    def compact(self) -> bool:
+        """A reading journaled as its plaintext and randomness seed (firmware/records.py COMPACT)."""
+        return self.kind == READING and bool(self.payload[0] & COMPACT)
+
+    @property
     def _after_signature(self) -> int:
+        if self.compact:
+            return _COMMON.size + 4 + 64  # dt, signature: no kid
         return (_COMMON.size if self.version == 2 else _V1_COMMON.size) + 4 + 8 + 64
 
     @property
@@ -75,9 +85,43 @@ class JournalRecord:
 
     @property
     def ciphertext(self) -> int:
-        """A reading's Paillier ciphertext (after the header, dt, kid, signature and time quality)."""
+        """A full-format reading's Paillier ciphertext (after the header, dt, kid, signature and
+        time quality); a compact reading has none stored: `ciphertext_for(n)`."""
+        if self.compact:
+            raise ValueError("a compact journal record stores no ciphertext: use ciphertext_for(n)")
         at = self._after_signature + (1 if self.payload[0] & TQ else 0)
         return int.from_bytes(self.payload[at:], "big")
+
+    @property
+    def compact_fields(self) -> tuple[bytes, int, int, bytes]:
+        """A compact reading's (hash check: first 4 bytes of its hash, DJN exponent bits,
+        plaintext m, seed)."""
+        p = self.payload
+        at = self._after_signature + (1 if p[0] & TQ else 0)
+        check, ebits, mask = p[at:at + 4], 8 * p[at + 4], int.from_bytes(p[at + 5:at + 7], "big")
+        at += 7
+        m = 0
+        for s in range(16):
+            if mask >> s & 1:
+                v = sh = 0
+                while True:
+                    b = p[at]
+                    at += 1
+                    v |= (b & 0x7F) << sh
+                    sh += 7
+                    if b < 0x80:
+                        break
+                m |= v << (48 * s)
+        return check, ebits, m, p[at:]
+
+    def ciphertext_for(self, n: int) -> int:
+        """The reading's ciphertext under Paillier modulus n: stored, or computed again
+        from a compact record's plaintext and seed exactly as the meter does."""
+        if not self.compact:
+            return self.ciphertext
+        _, ebits, m, seed = self.compact_fields
+        nsq = n * n
+        return (1 + m * n) * djn_rho(n, seed, ebits) % nsq
 
     @property
     def key(self) -> int:

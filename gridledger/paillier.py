@@ -6,6 +6,8 @@ whole here: a testbed shortcut that threshold trustees replace.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import os
 import secrets
@@ -20,7 +22,8 @@ from .errors import ConfigError
 from .wire import kid_of
 
 __all__ = ["PublicKey", "generate", "load_public", "load_private", "save_keypair",
-           "encrypt_raw", "add_ciphertexts", "in_ciphertext_space"]
+           "encrypt_raw", "add_ciphertexts", "in_ciphertext_space",
+           "djn_seed_bytes", "djn_exponent", "djn_base_root", "djn_hn", "djn_rho"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +67,46 @@ def encrypt_raw(n: int, m: int, r: int | None = None) -> int:
             if r > 1 and gmpy2.gcd(r, n) == 1:
                 break
     return int((1 + gmpy2.mpz(m) * n) * gmpy2.powmod(r, n, nsq) % nsq)
+
+
+# Damgard-Jurik-Nielsen randomness as the meter derives it (firmware/paillier.py,
+# the same rules byte for byte): rho = (h^n)^a mod n^2 with h = -x^2 mod n,
+# x a hash of n, and a short exponent a expanded from a random seed that the
+# meter's journal keeps so a resend computes the same ciphertext again.
+
+def _expand(tag: bytes, data: bytes, k: int) -> bytes:
+    out = b"".join(hashlib.sha256(tag + data + bytes((i,))).digest() for i in range((k + 31) // 32))
+    return out[:k]
+
+
+def djn_seed_bytes(exp_bits: int) -> int:
+    """Seed length for an exp_bits exponent: 128 bits up to 512, a quarter of the exponent beyond."""
+    return max(16, (exp_bits + 31) // 32)
+
+
+def djn_exponent(seed: bytes, exp_bits: int) -> int:
+    return int.from_bytes(_expand(b"gl-djn-a", seed, (exp_bits + 7) // 8), "big") | 1
+
+
+def djn_base_root(n: int) -> int:
+    nb = (n.bit_length() + 7) // 8 + 16
+    i = 0
+    while True:
+        x = int.from_bytes(_expand(b"gl-djn-h", str(n).encode() + bytes((i,)), nb), "big") % n
+        if x > 1:
+            return x
+        i += 1
+
+
+@functools.lru_cache(maxsize=8)
+def djn_hn(n: int) -> int:
+    """h^n mod n^2, the fixed base every meter value of key n is a power of."""
+    x = djn_base_root(n)
+    return int(gmpy2.powmod(-(x * x) % n, n, gmpy2.mpz(n) * n))
+
+
+def djn_rho(n: int, seed: bytes, exp_bits: int) -> int:
+    return int(gmpy2.powmod(djn_hn(n), djn_exponent(seed, exp_bits), gmpy2.mpz(n) * n))
 
 
 def in_ciphertext_space(n: int, c: int) -> bool:

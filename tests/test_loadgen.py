@@ -21,7 +21,7 @@ from gridledger.cli import main
 from gridledger.loadgen import (LoadArea, LoadError, LoadMeter, Outgoing, RhoPool, _Flight, default_exp_bits, encrypt_with,
                                 generate_area, precompute, run_load)
 from gridledger.meterkeys import MeterKey
-from gridledger.paillier import PublicKey, add_ciphertexts
+from gridledger.paillier import PublicKey, add_ciphertexts, djn_rho
 from gridledger.testbed import gateway_process
 from gridledger.wire import SLOTS, ZERO_HASH, pack_slots, parse_reading, unpack_slots
 
@@ -69,7 +69,7 @@ def stream(label: str, size: int, zeros: int = 0) -> bytes:
     return out[:size]
 
 
-# The first case opens with |n| zero bytes: y = 0 is refused and drawn again.
+# The first case opens with zero bytes: an all-zero seed is as good as any other.
 POOL_CASES = [
     {"stream": stream("pool-a", 3 * NBYTES + 3 * 128, zeros=NBYTES), "exp_bits": None,
      "m": [0, pack_slots({0: 812, 1: 3}), N - 1]},
@@ -95,8 +95,9 @@ def cpython_draws(case: dict) -> tuple[RhoPool, list[int], int]:
 
 
 def test_rho_pool_matches_the_firmware_pool_draw_for_draw(firmware_pool):
-    """Fed the same bytes, RhoPool and firmware/paillier.py under micropython draw the same h and
-    exponents: equal exponent size, rho values, ciphertexts and bytes consumed."""
+    """Fed the same bytes, RhoPool and firmware/paillier.py under micropython derive the same h
+    (from n) and exponents (from seeds): equal exponent size, rho values, ciphertexts and bytes
+    consumed."""
     for case, fw in zip(POOL_CASES, firmware_pool, strict=True):
         pool, rhos, used = cpython_draws(case)
         assert pool.exp_bits == fw["exp_bits"] == (case["exp_bits"] or default_exp_bits(N.bit_length()))
@@ -107,7 +108,14 @@ def test_rho_pool_matches_the_firmware_pool_draw_for_draw(firmware_pool):
         # the work really is cut up: the boot in windows of 48 exponent bits, each refill in ~10 steps
         assert fw["boot_steps"] >= N.bit_length() // 48
         assert fw["refill_steps"] >= len(case["m"]) * (pool.exp_bits // 48)
-    assert firmware_pool[0]["used"] == 2 * NBYTES + 3 * ((firmware_pool[0]["exp_bits"] + 7) // 8)  # zero y drawn again
+        # a resend computed again with a refill under way, steps interleaved: both values exact
+        mixed = fw["mixed"]
+        assert mixed["under_way"] and mixed["turns"] >= 2, mixed
+        rho0 = djn_rho(N, bytes.fromhex(mixed["resend_seed"]), pool.exp_bits)
+        assert int(mixed["resend_c"], 16) == encrypt_with(N, case["m"][0], rho0)
+        assert int(mixed["refill_rho"], 16) == djn_rho(N, bytes.fromhex(mixed["refill_seed"]), pool.exp_bits)
+    # h is a hash of n, not drawn: the stream gives each value's 16-byte seed, nothing else
+    assert [fw["used"] for fw in firmware_pool] == [3 * 16, 2 * 16]
     assert len(set(firmware_pool[1]["c"])) == 2  # equal plaintexts, different ciphertexts
 
 

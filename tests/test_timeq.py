@@ -30,6 +30,7 @@ from gridledger.wire import nack_topic, readings_topic, unpack_slots
 import chainkit
 from conftest import MP_SCRIPTS, MqttProbe
 from helpers import N, PRIV, log_events, make_area, wait_until
+from test_meter_ckpt import SMALL_N
 
 METER = "tq1"
 INTERVAL = 900
@@ -44,13 +45,14 @@ def test_journal_records_keep_the_time_quality_and_rebuild_the_same_reading(mp_s
     d.mkdir()
     job = tmp_path / "job.json"
     ops = [{"op": "commit", "ckpt": [100, 0], "imp": 100, "exp": 0, "tq": tq} for tq in ("unsynced", "ntp", None)]
-    job.write_text(json.dumps({"dir": str(d), "nsq_bytes": 32, "ops": ops}))
+    job.write_text(json.dumps({"dir": str(d), "n": str(SMALL_N), "ops": ops}))
     out = mp_source.run_json(MP_SCRIPTS / "mp_meter_ckpt.py", job, heap="128k")
     assert [r.get("tq") for r in out["records"]] == ["unsynced", "ntp", None]
     recs = journal_records(d)
-    assert [(r.time_quality, r.ciphertext) for r in recs] == [("unsynced", 1001), ("ntp", 1002), (None, 1003)]
+    assert [(r.time_quality, r.ciphertext_for(SMALL_N)) for r in recs] == [
+        (r["tq"] if "tq" in r else None, int(r["c"], 16)) for r in out["records"]]
     assert len(recs[0].payload) == len(recs[2].payload) + 1  # one byte more
-    job.write_text(json.dumps({"dir": str(d), "nsq_bytes": 32, "ops": []}))
+    job.write_text(json.dumps({"dir": str(d), "n": str(SMALL_N), "ops": []}))
     assert mp_source.run_json(MP_SCRIPTS / "mp_meter_ckpt.py", job, heap="128k")["records"] == out["records"]
 
 

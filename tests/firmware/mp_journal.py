@@ -7,6 +7,8 @@
 #   full:      capacity behaviour for one when_full policy
 #   cursor:    the send loop's position across a restart whose recovered
 #              segments are all acknowledged and deleted, then new appends
+#   reopen:    restarts on an intact last segment and on a torn one: where
+#              the next record goes
 #   counters:  save job["saves"] times; or load each case's slot bytes (a
 #              line per case), then save once more
 import binascii
@@ -111,6 +113,8 @@ elif mode == "cursor":
     wipe(job["dir"])
     j = journal.Journal(job["dir"], 64)
     j.append(ps[0])                       # reading 1, unacked at the "power cut"
+    with open(j._file(1), "ab") as f:
+        f.write(journal.MAGIC + b"\x00\xc8")  # and the torn start of the next record
     j = journal.Journal(job["dir"], 64)
     j.recover(0)                          # a restart: reading 1 in a sealed segment
     cursor = j.first()                    # the send loop published it
@@ -123,6 +127,26 @@ elif mode == "cursor":
         got.append(j.key(nxt))
         nxt = j.after(nxt)
     print(json.dumps({"after_cursor": got}))
+elif mode == "reopen":
+    # Restarts on an intact last segment, then on one with a torn tail: the
+    # files after each restart's append, and every record read back.
+    ps = [binascii.unhexlify(p) for p in job["payloads"]]
+    wipe(job["dir"])
+    j = journal.Journal(job["dir"], 64)
+    j.append(ps[0])
+    j = journal.Journal(job["dir"], 64)
+    j.recover(0)
+    j.append(ps[1])
+    intact = sorted(os.listdir(job["dir"]))
+    with open(j._file(1), "ab") as f:
+        f.write(journal.MAGIC + b"\x00\xc8" + ps[2][:20])  # a record cut short
+    j = journal.Journal(job["dir"], 64)
+    j.recover(0)
+    j.append(ps[3])
+    torn = sorted(os.listdir(job["dir"]))
+    j = journal.Journal(job["dir"], 64)
+    j.recover(0)
+    print(json.dumps({"intact": intact, "torn": torn, "records": listing(j), "damaged": j.damaged}))
 elif mode == "counters":
     store = counters.CounterStore(job["dir"] + "/counters")
     if "saves" in job:

@@ -19,7 +19,7 @@ for i, slots in enumerate(job["slots"]):
     s = {}
     for k in slots:
         s[int(k)] = slots[k]
-    c = pool.encrypt(wire.pack(s))
+    c = pool.encrypt(wire.pack(s))[0]
     payload, prev = wire.reading(key, "mp-meter", i + 1, 1795160700 + 900 * i, 900, prev, wire.kid_of(n), c)
     out.append(payload.decode())
 print(json.dumps(out))

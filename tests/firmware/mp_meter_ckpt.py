@@ -5,14 +5,17 @@
 #   {"op": "set_register", "imp": Wh, "exp": Wh}  (a signed event; no reading)
 # An op with "crash": true has its counters write fail like a power cut right
 # after the journal append, and is the last one. Prints one JSON line: the
-# counters after the ops, every record still to send, and the log.
+# counters after the ops, every record still to send, and the log. Readings are
+# real compact records (encrypted under job["n"], signed with a fixed key), and a
+# boot settles a compact reading newer than the counters the way the meter does.
 import binascii
-import hashlib
 import json
 import sys
 
 import ed25519
+import paillier
 import setreg
+import wire
 from meterstate import MeterState
 
 with open(sys.argv[1]) as f:
@@ -29,28 +32,41 @@ def power_cut(c):
     raise OSError("power cut before the counters write")
 
 
-st = MeterState(job["dir"], "ck1", {}, job["nsq_bytes"], log, job.get("boot", True))
+n = int(job["n"])
+kid = wire.kid_of(n)
+key = ed25519.SigningKey(bytes(32))
+pool = paillier.RhoPool(n, 1)
+
+
+def cipher(m, seed, exp_bits):
+    return pool.encrypt_again(m, seed, exp_bits, True)
+
+
+st = MeterState(job["dir"], "ck1", {}, (paillier.bits(n * n) + 7) // 8, log, job.get("boot", True))
+st.settle_head(kid, cipher)
 for op in job.get("ops", []):
     if op.get("crash"):
         st.store.save = power_cut
     c = st.c
     t = c.t + 900 if c.t else 1795000500
     if op["op"] == "set_register":
-        setreg.apply(st, ed25519.SigningKey(bytes(32)), op["imp"], op["exp"], "tech-1", t)
+        setreg.apply(st, key, op["imp"], op["exp"], "tech-1", t)
         continue
     ck = tuple(op["ckpt"]) if op["ckpt"] is not None else None
     if op["op"] == "skip":
         st.skip_reading(t, op["imp"], op["exp"], ck)
         continue
     seq = c.seq + 1
-    h = binascii.hexlify(hashlib.sha256(b"reading %d" % seq).digest()).decode()
-    ok = st.commit_reading(seq, t, 900, binascii.hexlify(c.prev).decode(), "00" * 8, bytes([seq]) * 64,
-                           1000 + seq, h, op["imp"], op["exp"], ck, op.get("tq"))
+    prev = binascii.hexlify(c.prev).decode()
+    m = wire.pack({0: op["imp"], 1: op["exp"]})
+    ct, seed = pool.encrypt(m)
+    sig, h = wire.sign(key, "ck1", seq, t, 900, prev, kid, "%x" % ct, op.get("tq"))
+    ok = st.commit_reading(seq, t, 900, prev, sig, h, m, seed, pool.exp_bits, op["imp"], op["exp"], ck, op.get("tq"))
     assert ok
 out = []
 pos = st.journal.first()
 while pos is not None:
-    out.append(json.loads(st.message(pos)[1]))
+    out.append(json.loads(st.message(pos, kid, cipher)[1]))
     pos = st.journal.after(pos)
 c = st.c
 print(json.dumps({"seq": c.seq, "t": c.t, "import_wh": c.import_wh, "export_wh": c.export_wh,
