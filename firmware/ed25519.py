@@ -5,6 +5,7 @@
 import gc
 
 from sha512 import sha512
+from micropython import const
 
 P = 2 ** 255 - 19
 L = 2 ** 252 + 27742317777372353535851937790883648493
@@ -75,8 +76,8 @@ def _niels(p):
 # skipped for a zero bit. The 32 points (3 integers each) are packed into one
 # 3 KiB block: built at import amid the garbage of their own computation, 96
 # separate integers would be scattered over the heap and fragment it.
-_TEETH = 5
-_COLS = 51
+_TEETH = const(5)
+_COLS = const(51)
 
 
 # The block is allocated before the table is computed, while the heap is still

@@ -108,18 +108,18 @@ c = alerts.Alerts(cfg, state, "m1", key, EnergyOnly(), log)
 out["after_ack"] = {"acked_to": acked_to, "refused": refused, "pending": [x[0] for x in c.pending], "seq": c.seq}
 # A flash that cannot be written: no alert is taken (its seq would not survive a
 # reboot), the failure is logged, and measuring goes on.
-save = alerts._save_atomic
+save = alerts.save
 
 
-def broken(path, obj):
+def broken(path, state):
     raise OSError(28)  # ENOSPC
 
 
-alerts._save_atomic = broken
+alerts.save = broken
 before = (c.seq, len(c.pending))
 t += 900
 c.evaluate(t, 900, 2000, 0)  # 8000 W: would raise power_high
-alerts._save_atomic = save
+alerts.save = save
 out["flash_full"] = {"before": before, "after": (c.seq, len(c.pending), sorted(c.active)),
                      "logged": [x["ev"] for x in logged[-1:]]}
 # A corrupt alerts.json: no crash; the seq goes on from the clock's seconds,
