@@ -34,10 +34,12 @@ def encode(meter, seq, t, kind, value, threshold, state, sig):
 
 
 def save(path, state):
-    # Atomic: after a power cut the old file or the new one, whole.
+    # Atomic: after a power cut the old file or the new one, whole. Written
+    # as a stream: json.dumps of a full outbox is one 8-10 KB string, a hole
+    # a 128 KiB heap with pending alerts scattered in it does not have.
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
-        f.write(json.dumps(state))
+        json.dump(state, f)
     os.rename(tmp, path)
 
 
