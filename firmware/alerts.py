@@ -4,6 +4,7 @@
 # signed clear; they stay in alerts.json until the gateway acks them
 # (docs/alerts.md has the format and the rules).
 import binascii
+import gc
 import json
 import os
 import time
@@ -25,12 +26,17 @@ def signed_bytes(meter, seq, t, kind, value, threshold, state):
                       str(threshold), state)).encode()
 
 
-def encode(meter, seq, t, kind, value, threshold, state, sig):
+def payload(meter, seq, t, kind, value, threshold, state, sig):
     # Canonical JSON: keys sorted, no spaces. meter and kind come from restricted
-    # alphabets and sig is hex, so nothing needs escaping.
+    # alphabets and sig is hex, so nothing needs escaping. A str: the outbox
+    # keeps it, and alerts.json holds it as a JSON string.
     return ('{"kind":"%s","meter":"%s","seq":%d,"sig":"%s","state":"%s","t":%d,'
             '"threshold":%d,"v":%d,"value":%d}' % (kind, meter, seq, sig, state, t, threshold,
-                                                   VERSION, value)).encode()
+                                                   VERSION, value))
+
+
+def encode(meter, seq, t, kind, value, threshold, state, sig):
+    return payload(meter, seq, t, kind, value, threshold, state, sig).encode()
 
 
 def save(path, state):
@@ -92,13 +98,32 @@ class Alerts:
             log("alerts_state_lost", error=repr(e), seq=seq)
         self.seq = seq
         self.active = st.get("active", {})
-        self.pending = st.get("pending", [])  # [[seq, payload str]], oldest first
+        # The outbox: the seqs of the alerts not yet acked, oldest first. Their
+        # payloads (about 260 bytes each) stay on flash, in alerts.json, and
+        # are read when sent: 32 of them in RAM took 8-10 KB of a 128 KiB heap,
+        # scattered among the loop's buffers (docs/alerts.md, "Heap").
+        self.pending = [p[0] for p in st.get("pending", [])]
         self.dropped = st.get("dropped", 0)
-        self._last = {}  # seq -> ticks_ms of the last send (RAM only: a reboot resends)
+        # Sent so far (RAM only: a reboot resends): every seq up to _sent_seq,
+        # the last time at _last. Two ints, not a time per alert: a dict grown
+        # in the loop is a long-lived block dropped among the loop's garbage.
+        self._sent_seq = 0
+        self._last = time.ticks_ms()
 
-    def save(self):
-        save(self._file, {"seq": self.seq, "active": self.active,
-                          "pending": self.pending, "dropped": self.dropped})
+    def save(self, items):
+        # items: the outbox's [seq, payload] pairs
+        save(self._file, {"seq": self.seq, "active": self.active, "pending": items, "dropped": self.dropped})
+
+    def _load(self, now=False):
+        # The outbox's [seq, payload] pairs, oldest first, from alerts.json
+        # (now: even with nothing pending in RAM any more).
+        if not (self.pending or now):
+            return []
+        try:
+            with open(self._file) as f:
+                return json.load(f)["pending"]
+        except Exception:
+            return []  # lost with the file: those alerts cannot be sent
 
     def evaluate(self, t, dt, imp, exp):
         # Called once per reading, after the interval's energy is read. An alert
@@ -116,11 +141,15 @@ class Alerts:
             p = None if p is None else round(p)
             c = None if c is None else round(c * 10)
             off, on = "cleared raised".split()
-            seq, active, pending, dropped = self.seq, dict(self.active), list(self.pending), self.dropped
-            made = []
+            # Judged and signed first (a signature leaves kilobytes of
+            # garbage), then collected, and only then is what is kept made
+            # (payloads, the new outbox and excursions): side by side at the
+            # bottom of the heap, not among that garbage, whose holes would
+            # split the free heap for good (docs/architecture.md, meter memory).
+            seq, made = self.seq, []
             for kind, limit, hyst, above, temp in self._table:
                 value = c if temp else p
-                was = active.get(kind, False)
+                was = kind in self.active
                 # Entered strictly past the limit, left only once back by more
                 # than hyst, so noise at the limit cannot chatter.
                 if value is None:
@@ -131,18 +160,20 @@ class Alerts:
                     now = value <= limit + hyst if was else value < limit
                 if now == was:
                     continue
-                if now:
+                seq += 1
+                state = on if now else off
+                made.append((seq, kind, state, value, limit, binascii.hexlify(
+                    self.key.sign(signed_bytes(self._meter, seq, t, kind, value, limit, state))).decode()))
+            if not made:
+                return
+            gc.collect()
+            active, pending, dropped = dict(self.active), self._load(), self.dropped
+            for s, kind, state, value, limit, sig in made:
+                if state == on:
                     active[kind] = True
                 else:
                     del active[kind]
-                seq += 1
-                state = on if now else off
-                sig = binascii.hexlify(self.key.sign(signed_bytes(self._meter, seq, t, kind, value, limit,
-                                                                  state))).decode()
-                pending.append([seq, encode(self._meter, seq, t, kind, value, limit, state, sig).decode()])
-                made.append((seq, kind, state, value, limit))
-            if not made:
-                return
+                pending.append([s, payload(self._meter, s, t, kind, value, limit, state, sig)])
             lost = []
             while len(pending) > self.capacity:
                 lost.append(pending.pop(0)[0])
@@ -151,44 +182,51 @@ class Alerts:
         except Exception as e:
             self._log("alert_failed", error=repr(e))
             return
-        self.seq, self.active, self.pending, self.dropped = seq, active, pending, dropped
+        # The payloads are on flash: dropped from RAM, and collected before
+        # the outbox's list grows, so that it grows beside what is kept.
+        pending = None
+        gc.collect()
+        self.seq, self.active, self.dropped = seq, active, dropped
+        self.pending.extend(m[0] for m in made)
+        del self.pending[:len(lost)]
         for s in lost:
             self._log("alert_dropped", seq=s, dropped=dropped)
-        for s, kind, state, value, limit in made:
+        for s, kind, state, value, limit, sig in made:
             self._log("alert", seq=s, kind=kind, state=state, value=value, threshold=limit)
 
     def due(self):
-        # Pending alerts not sent within resend_s, oldest first.
-        now = time.ticks_ms()
-        out = []
-        for seq, payload in self.pending:
-            sent = self._last.get(seq)
-            if sent is None or time.ticks_diff(now, sent) >= self._resend_ms:
-                out.append((seq, payload.encode()))
-        return out
+        # Pending alerts to send, oldest first: those never sent, and all of
+        # them once resend_s has passed since the last send without an ack.
+        if not self.pending:
+            return []
+        again = time.ticks_diff(time.ticks_ms(), self._last) >= self._resend_ms
+        if not again and self.pending[-1] <= self._sent_seq:
+            return []
+        items = self._load()
+        if len(items) != len(self.pending):
+            # alerts.json lost them (see _load): not waited for again
+            self.pending = [p[0] for p in items]
+        return [(p[0], p[1].encode()) for p in items if again or p[0] > self._sent_seq]
 
     def sent(self, seq):
-        self._last[seq] = time.ticks_ms()
+        self._sent_seq = max(self._sent_seq, seq)
+        self._last = time.ticks_ms()
 
     def unsent(self):
         # The link went down: send everything again once it is back.
-        self._last = {}
+        self._sent_seq = 0
 
     def acked(self, seq):
-        # The gateway stored every alert up to seq.
-        keep = [p for p in self.pending if p[0] > seq]
-        if len(keep) != len(self.pending):
-            self.pending = keep
-            for s in list(self._last):
-                if s <= seq:
-                    del self._last[s]
-            self.save()
+        # The gateway stored every alert up to seq. The list shrinks in place
+        # (no new long-lived block) before the file is read and written.
+        if self.pending and self.pending[0] <= seq:
+            while self.pending and self.pending[0] <= seq:
+                self.pending.pop(0)
+            self.save([p for p in self._load(True) if p[0] > seq])
 
     def refused(self, seq, reason):
         # The gateway refused it for good (its checks are deterministic): stop resending.
         self._log("alert_nack", seq=seq, reason=reason)
-        keep = [p for p in self.pending if p[0] != seq]
-        if len(keep) != len(self.pending):
-            self.pending = keep
-            self._last.pop(seq, None)
-            self.save()
+        if seq in self.pending:
+            self.pending.remove(seq)
+            self.save([p for p in self._load(True) if p[0] != seq])

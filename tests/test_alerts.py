@@ -103,6 +103,7 @@ def test_thresholds_hysteresis_and_persistence_in_micropython(mp_source, tmp_pat
     ans = got["answers"]  # reading ack, reading nack, alert ack, alert nack, garbage
     assert ans["returned"] == [41, None, None, None, None] and ans["reading_acks"] == [41]
     assert len(ans["pending_before"]) == 3 and ans["pending_after"] == ans["pending_before"][1:2]
+    assert ans["file_after"] == ans["pending_after"]  # the outbox's payloads on flash, its seqs in RAM
     assert ans["logged"] == ["nack", "alert_nack", "bad_ack"]
     assert got["tmp_left"] == []
 
