@@ -199,14 +199,20 @@ class Alerts:
         # them once resend_s has passed since the last send without an ack.
         if not self.pending:
             return []
-        again = time.ticks_diff(time.ticks_ms(), self._last) >= self._resend_ms
-        if not again and self.pending[-1] <= self._sent_seq:
+        if time.ticks_diff(time.ticks_ms(), self._last) >= self._resend_ms:
+            self._sent_seq = 0  # no ack for resend_s: a new round from the oldest
+        if self.pending[-1] <= self._sent_seq:
             return []
         items = self._load()
         if len(items) != len(self.pending):
             # alerts.json lost them (see _load): not waited for again
             self.pending = [p[0] for p in items]
-        return [(p[0], p[1].encode()) for p in items if again or p[0] > self._sent_seq]
+        # At most 4 at a time: after an outage 32 payloads at once (their
+        # bytes kept while the uplink publishes them) took 10 KB of the heap
+        # just as the readings held back by the outage were being resent.
+        out = [p for p in items if p[0] > self._sent_seq][:4]
+        items = None
+        return [(p[0], p[1].encode()) for p in out]
 
     def sent(self, seq):
         self._sent_seq = max(self._sent_seq, seq)

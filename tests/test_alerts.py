@@ -93,6 +93,7 @@ def test_thresholds_hysteresis_and_persistence_in_micropython(mp_source, tmp_pat
         assert a.meter == "m1" and key.private.public_key().verify(bytes.fromhex(a.sig), a.signed_bytes) is None
     pending = list(range(3, 15))
     assert got["due"] == [pending, [], pending, pending]
+    assert got["batch_most"] == 4  # a burst of pending alerts is handed to the uplink a few at a time
     after = got["after_ack"]
     assert after["acked_to"] == 5 and after["refused"] == 14
     assert after["pending"] == list(range(6, 14)) and after["seq"] == 14

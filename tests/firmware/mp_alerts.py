@@ -94,17 +94,31 @@ out["pending"] = [p for _, p in outbox()]
 out["dropped"] = b.dropped
 out["dropped_logged"] = [x["seq"] for x in logged if x["ev"] == "alert_dropped"]
 
-# Resending: every pending alert is due, not again until resend_s, then again.
-due0 = [x[0] for x in b.due()]
-for seq in due0:
-    b.sent(seq)
-due1 = [x[0] for x in b.due()]
+# Resending: every pending alert is due, not again until resend_s, then again;
+# handed out at most 4 at a time (the uplink sends each batch before asking again).
+
+
+def send_due(a, mark=True):
+    got, batches = [], []
+    while True:
+        batch = [x[0] for x in a.due()]
+        if not batch:
+            return got, max(batches or [0])
+        batches.append(len(batch))
+        got += batch
+        if not mark:
+            return got, max(batches)
+        for seq in batch:
+            a.sent(seq)
+
+
+due0, most = send_due(b)
+due1, _ = send_due(b)
 time.sleep_ms(1050)
-due2 = [x[0] for x in b.due()]
-for seq in due2:
-    b.sent(seq)
+due2, _ = send_due(b)
 b.unsent()
-due3 = [x[0] for x in b.due()]
+due3, _ = send_due(b)
+out["batch_most"] = most
 out["due"] = [due0, due1, due2, due3]
 # Acks are cumulative; a nack drops that one alert; both persist.
 acked_to = b.pending[2]
