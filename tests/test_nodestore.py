@@ -241,3 +241,27 @@ def test_a_reader_finds_a_block_committed_before_its_index(tmp_path):
     ro = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
     assert_state(NodeDB(ro), 2)
     ro.close()
+
+
+def test_an_index_that_fails_does_not_fail_the_block(tmp_path):
+    """The index cannot take a block's nodes (here: its write raises): the block is
+    stored all the same, its nodes are found past the index's end, and the next open
+    indexes them."""
+    db = tmp_path / "chain.db"
+    store = fresh(db)
+    root = write_blocks(store, 1, 1, None)
+    trie = Trie(store.nodes, root)
+    for k, v in ops(2):
+        trie.set(k, v)
+
+    def full_disk(rows) -> None:
+        raise sqlite3.OperationalError("database or disk is full")
+
+    store.nodes.index.add = full_disk
+    with store.transaction():
+        trie.commit()
+    assert_state(NodeDB(store.conn), 2)
+    store.conn.close()
+    store = fresh(db)
+    assert store.nodes.index.high == store.conn.execute("SELECT MAX(id) FROM trie_log").fetchone()[0]
+    assert_state(NodeDB(store.conn), 2)
