@@ -100,7 +100,7 @@ class NodeDB(MutableMapping[bytes, bytes]):
             row = self.conn.execute("SELECT key, value FROM trie_log WHERE id = ?", (i,)).fetchone()
             if row is not None and row[0] == key:
                 return row[1]
-            self.index.stale(key)  # a log replaced under its index (a restored copy): rebuilt, or scanned
+            self.index.stale()  # a log replaced under its index (a restored copy): rebuilt, or scanned
             row = self.conn.execute("SELECT value FROM trie_log WHERE key = ?", (key,)).fetchone()
             if row is not None:
                 return row[0]
@@ -301,8 +301,8 @@ class _NodeIndex:
             return None
         return row[0] if row else None
 
-    def stale(self, key: bytes) -> None:
-        """The index sent `key` to a log row holding another node."""
+    def stale(self) -> None:
+        """The index sent a key to a log row holding another node."""
         if self.writer:
             self.rebuild()
 
