@@ -7,7 +7,6 @@ import hashlib
 import time
 from functools import partial
 
-
 from aggregator.ingest import Ingest
 from aggregator.registry import MeterEntry, Registry
 from gridledger.meterkeys import MeterKey, verifier

@@ -11,15 +11,20 @@ certified header's state root.
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, MutableMapping
 
+from gridledger.logs import event
+
 from .block import Certificate, Header
 
 __all__ = ["NodeDB", "ChainStore", "connect", "immediate"]
+
+log = logging.getLogger("gridledger.chain")
 
 
 def connect(path: Path | str) -> sqlite3.Connection:
@@ -95,7 +100,7 @@ class NodeDB(MutableMapping[bytes, bytes]):
             row = self.conn.execute("SELECT key, value FROM trie_log WHERE id = ?", (i,)).fetchone()
             if row is not None and row[0] == key:
                 return row[1]
-            self.index.stale(key)  # a log replaced under its index (a restored copy): rebuilt, or scanned
+            self.index.stale()  # a log replaced under its index (a restored copy): rebuilt, or scanned
             row = self.conn.execute("SELECT value FROM trie_log WHERE key = ?", (key,)).fetchone()
             if row is not None:
                 return row[0]
@@ -140,10 +145,16 @@ class NodeDB(MutableMapping[bytes, bytes]):
             self.cache.clear()
 
     def committed(self) -> None:
-        """The transaction that flushed is durable: index its nodes."""
+        """The transaction that flushed is durable: index its nodes. An index that
+        cannot take them (its file locked too long, a full disk) must not fail the
+        block that is already stored: the nodes are still found past the index's
+        end, and the next open indexes them."""
         logged, self._logged = self._logged, []
         if logged:
-            self.index.add(logged)
+            try:
+                self.index.add(logged)
+            except sqlite3.Error as exc:
+                event(log, "node_index_behind", logging.WARNING, nodes=len(logged), error=str(exc)[:160])
 
     def rolled_back(self) -> None:
         """The transaction that flushed was undone: its nodes are not stored, so they
@@ -290,8 +301,8 @@ class _NodeIndex:
             return None
         return row[0] if row else None
 
-    def stale(self, key: bytes) -> None:
-        """The index sent `key` to a log row holding another node."""
+    def stale(self) -> None:
+        """The index sent a key to a log row holding another node."""
         if self.writer:
             self.rebuild()
 

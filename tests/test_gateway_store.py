@@ -6,6 +6,7 @@ from before (a `height` column in readings) is carried over."""
 from __future__ import annotations
 
 import sqlite3
+from dataclasses import replace
 
 import pytest
 
@@ -91,3 +92,43 @@ def test_held_readings_are_used_as_they_are_and_the_rest_read_back(tmp_path):
     assert all(readings[i] is sent[i] for i in (1, 2, 3)) and readings[0] is not sent[0]
     assert held == {}  # taken out: a reading is held for one block only
     assert store.unblocked(conn, 5) == (rowids, sent[:5])
+
+
+def test_hex_fields_are_stored_as_bytes_and_read_back_exactly(tmp_path):
+    """prev, c, sig and hash are stored as the bytes they spell (half the size), and a
+    reading read back equals the one stored, its ciphertext's hex digit for digit
+    whether it has an odd or even number of digits; heads and stored hashes are hex."""
+    store, conn, sent = filled(tmp_path, 4)
+    extra = []
+    r = sent[-1]
+    for parity in (0, 1):  # both parities, whatever the meter's ciphertexts have: digits cut at the end
+        c = r.c if len(r.c) & 1 == parity else r.c[:-1]
+        extra.append(replace(r, seq=r.seq + len(extra) + 1, prev=(extra[-1] if extra else r).hash, c=c))
+    store.commit(extra, [], {})
+    sent += extra
+    assert {len(r.c) & 1 for r in sent} == {0, 1}
+    assert store.readings("m1") == sent
+    assert store.unblocked(conn, 100)[1] == sent
+    assert all(type(x) is bytes for x in conn.execute("SELECT prev, c, sig, hash FROM readings").fetchone())
+    assert [n for (n,) in conn.execute("SELECT length(c) FROM readings ORDER BY rowid")] == [
+        (len(r.c) + 1) // 2 for r in sent]
+    assert store.heads()["m1"].hash == sent[-1].hash
+    assert store.stored_hash("m1", 2) == sent[1].hash
+
+
+def test_rows_an_older_gateway_wrote_in_hex_are_read_as_they_are(tmp_path):
+    path = tmp_path / "gw.db"
+    store, conn, sent = filled(tmp_path, 3)
+    with conn:  # rewrite the rows as an older gateway stored them: hex text
+        conn.execute("BEGIN")
+        for r in sent:
+            conn.execute("UPDATE readings SET prev = ?, c = ?, sig = ?, hash = ? WHERE seq = ?",
+                         (r.prev, r.c, r.sig, r.hash, r.seq))
+        conn.execute("COMMIT")
+    store.close()
+    store = GatewayStore(path)
+    m = SimMeter(meter_keys(["m1"])["m1"])
+    later = [m.next() for _ in range(5)][3:]  # the same meter's readings 4 and 5, stored as bytes
+    store.commit(later, [], {})
+    assert store.readings("m1") == sent + later
+    assert store.heads()["m1"].hash == later[-1].hash and store.stored_hash("m1", 1) == sent[0].hash

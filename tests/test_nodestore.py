@@ -227,17 +227,29 @@ def test_nodes_in_the_old_layout_are_read_and_built_on(tmp_path):
     assert store.conn.execute("SELECT COUNT(*) FROM trie_log").fetchone()[0] > 0
 
 
-def test_a_reader_finds_a_block_committed_before_its_index(tmp_path):
-    """Between a block's commit and its index's, a read-only reader scans the log's tail."""
+def test_a_block_the_index_misses_is_read_past_its_end_and_indexed_at_the_next_open(tmp_path):
+    """The index cannot take a block's nodes (its write raises, as on a full disk; a
+    writer killed between the two commits leaves the same state): the block is stored
+    all the same, the writer and a read-only reader find its nodes by scanning the log
+    past the index's end, and the next open indexes them."""
     db = tmp_path / "chain.db"
     store = fresh(db)
     root = write_blocks(store, 1, 1, None)
     trie = Trie(store.nodes, root)
     for k, v in ops(2):
         trie.set(k, v)
-    store.nodes.index.add = lambda rows: None  # the writer stops before indexing block 2
+
+    def full_disk(rows) -> None:
+        raise sqlite3.OperationalError("database or disk is full")
+
+    store.nodes.index.add = full_disk
     with store.transaction():
         trie.commit()
+    assert_state(NodeDB(store.conn), 2)
     ro = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
     assert_state(NodeDB(ro), 2)
     ro.close()
+    store.conn.close()
+    store = fresh(db)
+    assert store.nodes.index.high == store.conn.execute("SELECT MAX(id) FROM trie_log").fetchone()[0]
+    assert_state(NodeDB(store.conn), 2)
