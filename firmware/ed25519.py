@@ -140,7 +140,9 @@ def _encode(p):
 
 
 def _h_int(*parts):
-    return int.from_bytes(sha512(b"".join(parts)), "little")
+    # parts: bytes, and last a tuple of the message's pieces (unpacked, not
+    # joined: a reading's 1.2 KB of signed bytes are hashed where they are).
+    return int.from_bytes(sha512(*(parts[:-1] + parts[-1])), "little")
 
 
 def _expand(seed):
@@ -160,6 +162,10 @@ class SigningKey:
         self.public = _encode(_mul_base(self._a))
 
     def sign(self, msg):
+        # msg: bytes, or a tuple of pieces signed as their concatenation
+        # (wire.signed_bytes: the ciphertext's hex is one, as a str).
+        if not isinstance(msg, tuple):
+            msg = (msg,)
         r = _h_int(self._prefix, msg) % L
         big_r = _encode(_mul_base(r))
         k = _h_int(big_r, self.public, msg) % L
