@@ -170,13 +170,21 @@ def _broker(cfg, timeout_s):
 def selftest(nonce_hex, n, m, timeout_s=3):
     # Every check runs, whatever the others do; the host judges signature and
     # ciphertext (it holds the public key and the throw-away Paillier key).
+    # The encryption runs first and each check after a collection: the pool's
+    # boot wants 1 KB blocks, and a heap that an interactive session and the
+    # checks before it have left in small pieces could refuse one with 20 KB
+    # free (it did, once in a CI run, on a 128 KiB virtual board).
     gc.collect()
-    checks = {"config": _check(_config)}
+    checks = {"encrypt": _check(_encrypt, n, m)}
+    gc.collect()
+    checks["config"] = _check(_config)
     cfg = _read_json(CONFIG) if checks["config"]["ok"] else {}
+    gc.collect()
     checks["sign"] = _check(_sign, nonce_hex)
-    checks["encrypt"] = _check(_encrypt, n, m)
+    gc.collect()
     checks["sensor"] = _check(_sensor, cfg)
     checks["clock"] = {"ok": True, "time": time.time()}
+    gc.collect()
     checks["broker"] = _check(_broker, cfg, timeout_s) if cfg else {"ok": False, "error": "no config"}
     gc.collect()
     checks["memory"] = {"ok": True, "free": gc.mem_free()}
