@@ -53,6 +53,21 @@ def test_comb_base_multiplication_matches_double_and_add(mp_source, tmp_path):
         assert comb == plain
 
 
+def test_firmware_encryption_is_the_textbook_paillier_product(mp_source, tmp_path):
+    """encrypt_with computes rho + n*(m*rho mod n) mod n^2 (no 6-8 kbit product): the same
+    ciphertext as (1 + m*n)*rho mod n^2 for edge plaintexts and pool values, random ones, and
+    rho values that are not reduced mod n^2."""
+    rnd = random.Random(2048)
+    nsq = N * N
+    cases = [(m, r) for m in (0, 1, N - 1, pack_slots({0: 812, 1: 3})) for r in (1, nsq - 1, rnd.randrange(nsq))]
+    cases += [(rnd.randrange(N) >> rnd.randrange(2048), rnd.randrange(nsq)) for _ in range(40)]
+    cases += [(rnd.randrange(N), nsq + rnd.randrange(nsq)), (5, 3 * nsq)]  # rho above n^2: still reduced
+    job = tmp_path / "encrypt.json"
+    job.write_text(json.dumps({"n": format(N, "x"), "cases": [[format(m, "x"), format(r, "x")] for m, r in cases]}))
+    got = mp_source.run_json(MP_SCRIPTS / "mp_encrypt_with.py", job, heap="1m")
+    assert got == [format((1 + m * N) * r % nsq, "x") for m, r in cases]
+
+
 @pytest.mark.parametrize("form", ["readings", "readings_tq"])
 def test_reading_vectors_in_micropython(mp_source, form):
     """Firmware rebuilds each wire-v1 vector byte for byte, plain and with the time-quality
