@@ -12,6 +12,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from gridledger.firmware_build import FIRMWARE_SRC, mpy_cross
 from gridledger.meterkeys import MeterKey
+from gridledger.loadgen import encrypt_with
 from gridledger.paillier import encrypt_raw
 from gridledger.wire import kid_of, make_reading, pack_slots, parse_reading, unpack_slots
 
@@ -54,9 +55,9 @@ def test_comb_base_multiplication_matches_double_and_add(mp_source, tmp_path):
 
 
 def test_firmware_encryption_is_the_textbook_paillier_product(mp_source, tmp_path):
-    """encrypt_with computes rho + n*(m*rho mod n) mod n^2 (no 6-8 kbit product): the same
-    ciphertext as (1 + m*n)*rho mod n^2 for edge plaintexts and pool values, random ones, and
-    rho values that are not reduced mod n^2."""
+    """The firmware's encrypt_with computes rho + n*(m*rho mod n) mod n^2 (no 6-8 kbit product):
+    the same ciphertext as the load generator's (1 + m*n)*rho mod n^2 for edge plaintexts and
+    pool values, random ones, and rho values that are not reduced mod n^2."""
     rnd = random.Random(2048)
     nsq = N * N
     cases = [(m, r) for m in (0, 1, N - 1, pack_slots({0: 812, 1: 3})) for r in (1, nsq - 1, rnd.randrange(nsq))]
@@ -65,7 +66,7 @@ def test_firmware_encryption_is_the_textbook_paillier_product(mp_source, tmp_pat
     job = tmp_path / "encrypt.json"
     job.write_text(json.dumps({"n": format(N, "x"), "cases": [[format(m, "x"), format(r, "x")] for m, r in cases]}))
     got = mp_source.run_json(MP_SCRIPTS / "mp_encrypt_with.py", job, heap="1m")
-    assert got == [format((1 + m * N) * r % nsq, "x") for m, r in cases]
+    assert got == [format(encrypt_with(N, m, r), "x") for m, r in cases]
 
 
 @pytest.mark.parametrize("form", ["readings", "readings_tq"])
