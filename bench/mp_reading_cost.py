@@ -74,7 +74,7 @@ for i in range(-1, max(reps.values())):
                 pool.take()
 print(json.dumps({
     "impl": "%s %s" % (sys.implementation.name, ".".join(str(x) for x in sys.implementation.version)),
-    "signed_bytes_len": len(sb),
+    "signed_bytes_len": sum(len(x) for x in sb),  # its pieces (wire.signed_bytes)
     "boot_ms": boot_ms,
     "boot_steps": len(steps),
     "step_max_ms": max(steps),

@@ -3,6 +3,7 @@
 # clock has been set at least once (docs/journal.md, "Before the first sync").
 import sys
 import time
+from micropython import const
 
 # 2024-01-01: a board clock that reads earlier has never been set.
 CLOCK_SET = 1704067200
@@ -11,8 +12,8 @@ CLOCK_SET = 1704067200
 EPOCH = 946684800 if time.gmtime(0)[0] == 2000 else 0
 # NTP: once synced, again daily (an RTC drifts seconds a day); until then, a
 # try a minute. A try blocks for at most ntptime's socket time-out (1 s).
-NTP_EVERY_S = 86400
-NTP_RETRY_S = 60
+_NTP_EVERY_S = const(86400)
+_NTP_RETRY_S = const(60)
 
 
 def _ntp(n):
@@ -52,8 +53,8 @@ class Clock:
             self._set = None
         else:
             self._set = ntp if ntp is not None else _ntp(n)
-            self._every_ms = int(n.get("every_s", NTP_EVERY_S) * 1000)
-            self._retry_ms = int(n.get("retry_s", NTP_RETRY_S) * 1000)
+            self._every_ms = int(n.get("every_s", _NTP_EVERY_S) * 1000)
+            self._retry_ms = int(n.get("retry_s", _NTP_RETRY_S) * 1000)
         if host:
             self.quality = "host"
         else:

@@ -5,6 +5,7 @@
 import gc
 
 from sha512 import sha512
+from micropython import const
 
 P = 2 ** 255 - 19
 L = 2 ** 252 + 27742317777372353535851937790883648493
@@ -75,8 +76,8 @@ def _niels(p):
 # skipped for a zero bit. The 32 points (3 integers each) are packed into one
 # 3 KiB block: built at import amid the garbage of their own computation, 96
 # separate integers would be scattered over the heap and fragment it.
-_TEETH = 5
-_COLS = 51
+_TEETH = const(5)
+_COLS = const(51)
 
 
 # The block is allocated before the table is computed, while the heap is still
@@ -139,7 +140,9 @@ def _encode(p):
 
 
 def _h_int(*parts):
-    return int.from_bytes(sha512(b"".join(parts)), "little")
+    # parts: bytes, and last a tuple of the message's pieces (unpacked, not
+    # joined: a reading's 1.2 KB of signed bytes are hashed where they are).
+    return int.from_bytes(sha512(*(parts[:-1] + parts[-1])), "little")
 
 
 def _expand(seed):
@@ -159,6 +162,10 @@ class SigningKey:
         self.public = _encode(_mul_base(self._a))
 
     def sign(self, msg):
+        # msg: bytes, or a tuple of pieces signed as their concatenation
+        # (wire.signed_bytes: the ciphertext's hex is one, as a str).
+        if not isinstance(msg, tuple):
+            msg = (msg,)
         r = _h_int(self._prefix, msg) % L
         big_r = _encode(_mul_base(r))
         k = _h_int(big_r, self.public, msg) % L

@@ -11,6 +11,7 @@ import wire
 from clock import Clock
 from meterstate import MeterState, StateError
 from watchdog import Watchdog
+from micropython import const
 
 # Readings published and not yet acknowledged at most: the gateway acks in
 # batches, and a window keeps a backlog from flooding a slow link.
@@ -19,7 +20,7 @@ WINDOW = 16
 # or refuses it, so the reading ack that drops it from the journal comes only
 # once the gateway has stored it; unanswered, it is sent again every resend_s,
 # and after this many sends the meter goes on (a gateway without events).
-EVENT_SENDS = 3
+_EVENT_SENDS = const(3)
 
 # Where log lines go instead of stdout (a serial uplink on the USB console
 # sends them as frames); None: print.
@@ -333,7 +334,7 @@ class Meter:
             return True  # sending again up to it, over as many steps as that takes
         if time.ticks_diff(now, self._held_ms) < self._resend_ms:
             return False
-        if self._held_sends < EVENT_SENDS:
+        if self._held_sends < _EVENT_SENDS:
             # Sent again, with anything unacknowledged before it: until it is
             # published again (held_ms), no new wait and no new rewind.
             self._rewind()

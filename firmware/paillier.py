@@ -7,6 +7,7 @@
 import gc
 import hashlib
 import os
+from micropython import const
 
 
 def bits(n):
@@ -63,9 +64,9 @@ def default_exp_bits(nbits):
 # Three teeth: 7 table values of n^2 size, 3.5 KiB at 2048 bits. Four would
 # cut a refill's work by a further quarter but need 7.5 KiB, and the smallest
 # heap that runs the meter's crypto grows from 50 to 65 KiB (bench/meter.py).
-_TEETH = 3
-_STEP_COLS = 16     # comb columns per refill step: a 448-bit refill is 10 steps
-_STEP_WINDOWS = 16  # 3-bit exponent windows per boot step
+_TEETH = const(3)
+_STEP_COLS = const(16)     # comb columns per refill step: a 448-bit refill is 10 steps
+_STEP_WINDOWS = const(16)  # 3-bit exponent windows per boot step
 
 
 class RhoPool:

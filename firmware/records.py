@@ -8,7 +8,6 @@
 # record written just before a power cut brings the counters forward on boot.
 # Layouts: docs/journal.md.
 import binascii
-import hashlib
 import struct
 
 import wire
@@ -151,10 +150,9 @@ def reading_json(p, meter, kid=None, fn=None):
             at += 1
         c_int = int.from_bytes(bytes(p[at:]), "big")
     c = "%x" % c_int
-    c_int = None  # not kept while the 1.2 KB signed bytes and the payload are built
+    c_int = None  # not kept while the signed bytes are hashed and the payload built
     prev = wire.hexs(prev)
-    sb = wire.signed_bytes(meter, seq, t, dt, prev, kid, c, tq)
-    h = hashlib.sha256(sb).digest()
+    h = wire.digest(wire.signed_bytes(meter, seq, t, dt, prev, kid, c, tq))
     if p[0] & _COMPACT and h[:4] != check:
         raise ValueError("rebuild_mismatch")
     return wire.payload(meter, seq, t, dt, prev, kid, c, wire.hexs(sig), tq), wire.hexs(h)

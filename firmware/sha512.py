@@ -75,26 +75,50 @@ def _compress(h, block, w):
     h[7] = (h[7] + hh) & M
 
 
-def _soft(data):
+def _soft(parts):
+    # The digest of parts' concatenation, fed through one 128-byte block: a
+    # reading's 1.2 KB of signed bytes (and Ed25519's prefix, R and A before
+    # them) are never joined into one more block, the allocation that failed
+    # in a fragmented 128 KiB heap (docs/alerts.md, "Heap").
     h = list(_H0)
     w = [0] * 80
-    n = len(data)
-    full = n - n % 128
-    mv = memoryview(data)
-    for off in range(0, full, 128):
-        _compress(h, mv[off:off + 128], w)
+    blk = bytearray(128)
+    n = 0  # bytes so far
+    for p in parts:
+        mv = memoryview(p)
+        k = len(mv)
+        i = 0
+        fill = n % 128
+        n += k
+        if fill:
+            i = min(128 - fill, k)
+            blk[fill:fill + i] = mv[:i]
+            if fill + i < 128:
+                continue
+            _compress(h, blk, w)
+        while k - i >= 128:
+            _compress(h, mv[i:i + 128], w)
+            i += 128
+        blk[:k - i] = mv[i:]
     # Padding: 0x80, zeros, then the 128-bit big-endian bit length.
-    tail = bytearray(256 if n % 128 >= 112 else 128)
-    rest = n - full
-    tail[:rest] = mv[full:]
-    tail[rest] = 0x80
-    struct.pack_into(">QQ", tail, len(tail) - 16, (n >> 61), (n << 3) & _M)
-    for off in range(0, len(tail), 128):
-        _compress(h, tail[off:off + 128], w)
+    rest = n % 128
+    blk[rest] = 0x80
+    blk[rest + 1:] = bytes(127 - rest)
+    if rest >= 112:
+        _compress(h, blk, w)
+        blk[:112] = bytes(112)
+    struct.pack_into(">QQ", blk, 112, (n >> 61), (n << 3) & _M)
+    _compress(h, blk, w)
     return struct.pack(">8Q", *h)
 
 
-def sha512(data):
-    if _native is not None:
-        return _native(data).digest()
-    return _soft(data)
+def sha512(*parts):
+    # The digest of parts' concatenation (bytes-like, or str: MicroPython
+    # hashes a str's bytes), hashed piece by piece: with the port's hashlib
+    # when it has SHA-512.
+    if _native is None:
+        return _soft(parts)
+    h = _native()
+    for p in parts:
+        h.update(p)
+    return h.digest()

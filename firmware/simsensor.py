@@ -2,8 +2,9 @@
 # (base load, fridge cycle, morning and evening peaks, random appliances) and an
 # optional rooftop-solar profile. The same seed and times give the same energy.
 import math
+from micropython import const
 
-_STEP = 60  # seconds between power samples
+_STEP = const(60)  # seconds between power samples
 
 
 def _mix(a, b):

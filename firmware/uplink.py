@@ -15,17 +15,18 @@ from umqtt import simple
 # lands in whatever hole the free heap has, and splits it for good.
 import answers
 import health
+from micropython import const
 
 
 # The RP2040 watchdog cannot wait more than 8.3 s; a call that returns within
 # 5 s leaves the main loop time to feed it whatever the network does.
-MAX_TIMEOUT_S = 5
-# Back-off before reconnecting: doubles from BACKOFF_MIN_MS after every failure
+_MAX_TIMEOUT_S = const(5)
+# Back-off before reconnecting: doubles from _BACKOFF_MIN_MS after every failure
 # up to backoff_max_s (config), and the wait is drawn in [d/2, d] ("equal
 # jitter") so that meters cut off together do not come back together.
-BACKOFF_MIN_MS = 500
-BACKOFF_MAX_S = 60
-HEALTH_S = 300
+_BACKOFF_MIN_MS = const(500)
+_BACKOFF_MAX_S = const(60)
+_HEALTH_S = const(300)
 ETIMEDOUT = 110
 
 
@@ -128,9 +129,9 @@ class Uplink:
         self._status = status
         self.alerts = None  # the meter's Alerts, if it has any: sent and acked here
         self.on_event = None  # the meter's answer handler for its signed events
-        self._timeout_ms = int(min(cfg.get("timeout_s", MAX_TIMEOUT_S), MAX_TIMEOUT_S) * 1000)
-        self._max_backoff_ms = int(cfg.get("backoff_max_s", BACKOFF_MAX_S) * 1000)
-        self._health_ms = int(cfg.get("health_s", HEALTH_S) * 1000)
+        self._timeout_ms = int(min(cfg.get("timeout_s", _MAX_TIMEOUT_S), _MAX_TIMEOUT_S) * 1000)
+        self._max_backoff_ms = int(cfg.get("backoff_max_s", _BACKOFF_MAX_S) * 1000)
+        self._health_ms = int(cfg.get("health_s", _HEALTH_S) * 1000)
         self._keepalive_ms = cfg.get("keepalive", 60) * 1000
         # The TLS context is made at the first connect, not at boot (the heap's
         # tightest moment), and kept.
@@ -140,7 +141,7 @@ class Uplink:
         self.deadline = 0
         self._client = None
         self._next_try = 0
-        self._delay_ms = BACKOFF_MIN_MS
+        self._delay_ms = _BACKOFF_MIN_MS
         self._last_io = 0
         self._next_health = 0
         self._got = 0
@@ -222,7 +223,7 @@ class Uplink:
         finally:
             simple.socket = socket
         self._client = c
-        self._delay_ms = BACKOFF_MIN_MS
+        self._delay_ms = _BACKOFF_MIN_MS
         self._last_io = time.ticks_ms()
         self._next_health = self._last_io  # health goes out at once
         self.reconnects += 1

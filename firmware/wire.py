@@ -37,12 +37,23 @@ def pack(values):
 
 
 def signed_bytes(meter, seq, t, dt, prev, kid, c, tq=None):
-    # With a time quality, one more line "tq=<value>": a v1 reading's bytes
-    # are unchanged, and no v1 reading has nine lines.
-    f = ["gl-reading-v1", meter, str(seq), str(t), str(dt), prev, kid, c]
-    if tq is not None:
-        f.append("tq=" + tq)
-    return "\n".join(f).encode()
+    # The signed bytes as three pieces, c (the ciphertext's hex, as a str:
+    # MicroPython hashes a str's bytes as they are) whole in the middle. A
+    # meter hashes the pieces and never joins them: joined, they were a
+    # 1.2 KB block, and Ed25519 joined them twice more, the allocations that
+    # failed in a fragmented 128 KiB heap (docs/alerts.md, "Heap"). With a
+    # time quality, one more line "tq=<value>": a v1 reading's bytes are
+    # unchanged, and no v1 reading has nine lines.
+    return (("gl-reading-v1\n%s\n%d\n%d\n%d\n%s\n%s\n" % (meter, seq, t, dt, prev, kid)).encode(),
+            c, b"" if tq is None else ("\ntq=" + tq).encode())
+
+
+def digest(msg):
+    # SHA-256 of the signed bytes' pieces: the reading's hash.
+    h = hashlib.sha256()
+    for p in msg:
+        h.update(p)
+    return h.digest()
 
 
 def payload(meter, seq, t, dt, prev, kid, c, sig, tq=None):
@@ -56,9 +67,9 @@ def payload(meter, seq, t, dt, prev, kid, c, sig, tq=None):
 
 
 def sign(key, meter, seq, t, dt, prev, kid, c, tq=None):
-    # (signature bytes, reading hash hex); c is the ciphertext's hex.
-    sb = signed_bytes(meter, seq, t, dt, prev, kid, c, tq)
-    return key.sign(sb), hexs(hashlib.sha256(sb).digest())
+    # (signature bytes, reading hash hex); c is the ciphertext's hex (str).
+    msg = signed_bytes(meter, seq, t, dt, prev, kid, c, tq)
+    return key.sign(msg), hexs(digest(msg))
 
 
 def reading(key, meter, seq, t, dt, prev, kid, c_int, tq=None):

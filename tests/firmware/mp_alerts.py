@@ -46,8 +46,15 @@ def log(ev, **kw):
     logged.append(kw)
 
 
+def outbox():
+    # The outbox's payloads live in alerts.json (the meter keeps only their seqs in RAM).
+    with open(state + "/alerts.json") as f:
+        return json.load(f)["pending"]
+
+
 def events(a, since):
-    return [[json.loads(p)["kind"], json.loads(p)["state"], json.loads(p)["value"]] for s, p in a.pending if s > since]
+    assert a.pending == [s for s, _ in outbox()]
+    return [[json.loads(p)["kind"], json.loads(p)["state"], json.loads(p)["value"]] for s, p in outbox() if s > since]
 
 
 cfg = {"power_high_w": 3000, "power_low_w": 100, "power_hyst_w": 100, "temp_high_c": 70, "temp_hyst_c": 2,
@@ -76,50 +83,64 @@ out["seq_before_reboot"] = a.seq
 # A reboot: the same state folder. The seq continues, the temperature
 # excursion under way is not raised again, unacked alerts are still pending.
 b = alerts.Alerts(cfg, state, "m1", key, EnergyOnly(), log)
-out["after_reboot"] = {"seq": b.seq, "active": sorted(b.active), "pending": [x[0] for x in b.pending]}
+out["after_reboot"] = {"seq": b.seq, "active": sorted(b.active), "pending": list(b.pending)}
 # Energy only: average power over the interval, import minus export.
 last = b.seq
 for imp, exp in [(1000, 0), (0, 500), (10, 0)]:
     t += 900
     b.evaluate(t, 900, imp, exp)
 out["energy"] = events(b, last)
-out["pending"] = [p for _, p in b.pending]
+out["pending"] = [p for _, p in outbox()]
 out["dropped"] = b.dropped
 out["dropped_logged"] = [x["seq"] for x in logged if x["ev"] == "alert_dropped"]
 
-# Resending: every pending alert is due, not again until resend_s, then again.
-due0 = [x[0] for x in b.due()]
-for seq in due0:
-    b.sent(seq)
-due1 = [x[0] for x in b.due()]
+# Resending: every pending alert is due, not again until resend_s, then again;
+# handed out at most 4 at a time (the uplink sends each batch before asking again).
+
+
+def send_due(a, mark=True):
+    got, batches = [], []
+    while True:
+        batch = [x[0] for x in a.due()]
+        if not batch:
+            return got, max(batches or [0])
+        batches.append(len(batch))
+        got += batch
+        if not mark:
+            return got, max(batches)
+        for seq in batch:
+            a.sent(seq)
+
+
+due0, most = send_due(b)
+due1, _ = send_due(b)
 time.sleep_ms(1050)
-due2 = [x[0] for x in b.due()]
-for seq in due2:
-    b.sent(seq)
+due2, _ = send_due(b)
 b.unsent()
-due3 = [x[0] for x in b.due()]
+due3, _ = send_due(b)
+out["batch_most"] = most
 out["due"] = [due0, due1, due2, due3]
 # Acks are cumulative; a nack drops that one alert; both persist.
-acked_to = b.pending[2][0]
+acked_to = b.pending[2]
 b.acked(acked_to)
-refused = b.pending[-1][0]
+refused = b.pending[-1]
 b.refused(refused, "bad_signature")
 c = alerts.Alerts(cfg, state, "m1", key, EnergyOnly(), log)
-out["after_ack"] = {"acked_to": acked_to, "refused": refused, "pending": [x[0] for x in c.pending], "seq": c.seq}
+out["after_ack"] = {"acked_to": acked_to, "refused": refused, "pending": list(c.pending), "seq": c.seq}
 # A flash that cannot be written: no alert is taken (its seq would not survive a
 # reboot), the failure is logged, and measuring goes on.
-save = alerts._save_atomic
+save = alerts.save
 
 
-def broken(path, obj):
+def broken(path, state):
     raise OSError(28)  # ENOSPC
 
 
-alerts._save_atomic = broken
+alerts.save = broken
 before = (c.seq, len(c.pending))
 t += 900
 c.evaluate(t, 900, 2000, 0)  # 8000 W: would raise power_high
-alerts._save_atomic = save
+alerts.save = save
 out["flash_full"] = {"before": before, "after": (c.seq, len(c.pending), sorted(c.active)),
                      "logged": [x["ev"] for x in logged[-1:]]}
 # A corrupt alerts.json: no crash; the seq goes on from the clock's seconds,
@@ -136,7 +157,7 @@ e = alerts.Alerts(cfg, state, "m1", key, EnergyOnly(), log)
 for imp in (2000, 0):  # 8000 W, then 0 W: three alerts pending
     t += 900
     e.evaluate(t, 900, imp, 0)
-pend = [x[0] for x in e.pending]
+pend = list(e.pending)
 got = [answers.handle(b'{"seq": 41}', True, acked.append, e, log),
        answers.handle(b'{"seq": 42, "reason": "seq_gap"}', False, acked.append, e, log),
        answers.handle(('{"alert_seq": %d}' % pend[0]).encode(), True, acked.append, e, log),
@@ -144,6 +165,7 @@ got = [answers.handle(b'{"seq": 41}', True, acked.append, e, log),
                       log),
        answers.handle(b"not json", True, acked.append, e, log)]
 out["answers"] = {"returned": got, "reading_acks": acked, "pending_before": pend,
-                  "pending_after": [x[0] for x in e.pending], "logged": [x["ev"] for x in logged[-3:]]}
+                  "pending_after": list(e.pending), "logged": [x["ev"] for x in logged[-3:]],
+                  "file_after": [s for s, _ in outbox()]}
 out["tmp_left"] = [n for n in os.listdir(state) if n.endswith(".tmp")]
 print(json.dumps(out))

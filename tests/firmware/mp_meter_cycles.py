@@ -4,7 +4,8 @@
 # test stops and restarts the broker by them), then one JSON line with
 # gc.mem_free() after gc.collect() at cycles 100 and the last, each measured
 # once the gateway has acknowledged everything (the journal drained), after
-# micropython.qstr_info()'s line.
+# micropython.qstr_info()'s line. A config with an "alerts" table makes a meter
+# with device alerts: the marks then also wait for its outbox to empty.
 import gc
 import json
 import micropython
@@ -30,11 +31,11 @@ def service():
 
 def drained_free():
     deadline = time.ticks_add(time.ticks_ms(), 60000)
-    while j.live and time.ticks_diff(deadline, time.ticks_ms()) > 0:
+    while (j.live or m.alerts is not None and m.alerts.pending) and time.ticks_diff(deadline, time.ticks_ms()) > 0:
         service()
         time.sleep_ms(20)
     gc.collect()
-    return gc.mem_free(), j.live
+    return gc.mem_free(), j.live + (len(m.alerts.pending) if m.alerts is not None else 0)
 
 
 marks = {}
@@ -60,4 +61,6 @@ for i in range(1, cycles + 1):
         marks[str(i)] = drained_free()
 micropython.qstr_info()  # the interned names: a sixth pool would cost 7 KB (docs/architecture.md)
 print(json.dumps({"marks": marks, "lowest_free": lowest, "health": m._health(), "seq": m.seq,
-                  "modules": sorted(sys.modules)}))
+                  "modules": sorted(sys.modules),
+                  "alerts": None if m.alerts is None else {"seq": m.alerts.seq, "dropped": m.alerts.dropped,
+                                                           "pending": len(m.alerts.pending)}}))

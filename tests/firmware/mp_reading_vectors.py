@@ -26,7 +26,9 @@ for v in vectors:
     c = paillier.encrypt_with(n, nsq, m, rho)
     tq = v.get("tq")
     payload, h = wire.reading(key, v["meter"], v["seq"], v["t"], v["dt"], v["prev"], out["kid"], c, tq)
-    sb = wire.signed_bytes(v["meter"], v["seq"], v["t"], v["dt"], v["prev"], out["kid"], "%x" % c, tq)
+    # the signed bytes' pieces (a meter hashes and signs them unjoined: wire.reading), joined
+    sb = b"".join(x.encode() if isinstance(x, str) else x
+                  for x in wire.signed_bytes(v["meter"], v["seq"], v["t"], v["dt"], v["prev"], out["kid"], "%x" % c, tq))
     out[name].append({"m": "%x" % m, "c": "%x" % c, "signed_bytes": sb.decode(),
                       "hash": h, "hash_check": binascii.hexlify(hashlib.sha256(sb).digest()).decode(),
                       "payload": json.loads(payload)})
