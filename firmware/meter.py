@@ -278,6 +278,12 @@ class Meter:
             return
         if self._sent_seq > j.floor and time.ticks_diff(now, self._progress_ms) >= self._resend_ms:
             self._rewind()  # no ack for resend_s: the readings or their acks were lost
+        if not self.uplink.connected():
+            # Not rebuilt only to fail: each resend's payload is 1-1.4 KB
+            # blocks, which the outage's every cycle allocated and dropped.
+            # poll() reconnects; from there the send goes on in order.
+            self._rewind()
+            return
         while budget:
             pos = j.first() if self._cursor is None else j.after(self._cursor)
             if pos is None:

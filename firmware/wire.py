@@ -61,9 +61,11 @@ def payload(meter, seq, t, dt, prev, kid, c, sig, tq=None):
     # Built by hand, not json.dumps: a reading rebuilt from the journal must
     # come out the same every time, and none of these values needs escaping
     # (meter ids are [A-Za-z0-9_-]).
+    # Formatted as bytes (MicroPython takes str arguments for %s): no
+    # .encode() copy, a third 1.2-1.4 KB block alive at once.
     q = "" if tq is None else '"tq": "%s", ' % tq
-    return ('{"v": %d, "meter": "%s", "seq": %d, "t": %d, "dt": %d, "prev": "%s", "kid": "%s", '
-            '"c": "%s", %s"sig": "%s"}' % (VERSION, meter, seq, t, dt, prev, kid, c, q, sig)).encode()
+    return (b'{"v": %d, "meter": "%s", "seq": %d, "t": %d, "dt": %d, "prev": "%s", "kid": "%s", '
+            b'"c": "%s", %s"sig": "%s"}' % (VERSION, meter, seq, t, dt, prev, kid, c, q, sig))
 
 
 def sign(key, meter, seq, t, dt, prev, kid, c, tq=None):
