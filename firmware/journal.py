@@ -55,7 +55,7 @@ class _Segment:
     def __init__(self, num):
         self.num = num
         # Offset and key of each indexed record; position i is offs[i - base]:
-        # an open segment whose records are all acknowledged drops its index
+        # a segment drops the acknowledged front of its index (Journal.advance)
         # and keeps counting, so the RAM it takes does not grow with uptime.
         self.offs = array.array("I")
         self.keys = array.array("I")
@@ -279,9 +279,10 @@ class Journal:
                 seg.start += 1
                 self.live -= 1
             k = seg.start - seg.base
-            if k >= 8 and seg.pending():
-                # The acked front goes: between drains the index would grow
-                # with every reading, reallocated 8 entries at a time.
+            if k >= 8 or k and not seg.pending():
+                # The acknowledged front goes (all of it once nothing is
+                # pending): between drains the index would grow with every
+                # reading, reallocated 8 entries at a time.
                 seg.offs = seg.offs[k:]
                 seg.keys = seg.keys[k:]
                 seg.base = seg.start
@@ -302,11 +303,7 @@ class Journal:
             if seg.pending():
                 keep.append(seg)
             elif seg is self._segs[-1] and not seg.sealed and seg.count() < self.per_segment:
-                if seg.keys:
-                    seg.base = seg.start  # the open segment still takes records
-                    seg.offs = array.array("I")
-                    seg.keys = array.array("I")
-                keep.append(seg)
+                keep.append(seg)  # the open segment still takes records
             else:
                 try:
                     os.remove(self._file(seg.num))
