@@ -52,6 +52,10 @@ class Registry:
     def verify(self, meter: str, msg: bytes, sig: bytes) -> bool:
         return self._verifiers[meter](msg, sig)
 
+    def verifier(self, meter: str) -> Callable[[bytes, bytes], bool] | None:
+        """`verify` for one meter as a function of (msg, sig); None when it is not registered."""
+        return self._verifiers.get(meter)
+
 
 def load_registry(path: Path) -> Registry:
     try:

@@ -50,6 +50,7 @@ import re
 import threading
 import tomllib
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Callable, Iterator, MutableMapping, Sequence
 
@@ -546,3 +547,8 @@ class RegistryView:
     def verify(self, meter: str, msg: bytes, sig: bytes) -> bool:
         e = self.get(meter)
         return e is not None and self.history._verify(e, msg, sig)
+
+    def verifier(self, meter: str) -> Callable[[bytes, bytes], bool] | None:
+        """`verify` for one meter as a function of (msg, sig); None when it is not a member."""
+        e = self.get(meter)
+        return None if e is None else partial(self.history._verify, e)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
 import gmpy2
+import orjson
 
 from .errors import Rejected
 
@@ -172,6 +173,37 @@ def _plain(r: Reading) -> bool:
             and (r.tq is None or (type(r.tq) is str and r.tq in _TQ)))
 
 
+# The frozen dataclass's setters, one per slot: `_parsed` fills a new Reading through
+# them, where its __init__ and __post_init__ go through object.__setattr__ fifteen times.
+(_set_meter, _set_seq, _set_t, _set_dt, _set_prev, _set_kid, _set_c, _set_sig, _set_v, _set_tq, _set_sb,
+ _set_hash, _set_json, _set_mpz, _set_parsed) = (
+    getattr(Reading, name).__set__ for name in ("meter", "seq", "t", "dt", "prev", "kid", "c", "sig", "v", "tq",
+                                               "signed_bytes", "hash", "_json", "_mpz", "parsed"))
+
+
+def _parsed(meter: str, seq: int, t: int, dt: int, prev: str, kid: str, c: str, sig: str, tq: str | None) -> Reading:
+    """`Reading(...)` with `parsed` set, for values `_valid_fields` passed: the same
+    object in a third less time (the gateway and every validator make one per reading)."""
+    sb = signed_bytes(meter, seq, t, dt, prev, kid, c, tq)
+    r = object.__new__(Reading)
+    _set_meter(r, meter)
+    _set_seq(r, seq)
+    _set_t(r, t)
+    _set_dt(r, dt)
+    _set_prev(r, prev)
+    _set_kid(r, kid)
+    _set_c(r, c)
+    _set_sig(r, sig)
+    _set_v(r, VERSION)
+    _set_tq(r, tq)
+    _set_sb(r, sb)
+    _set_hash(r, hashlib.sha256(sb).hexdigest())
+    _set_json(r, None)
+    _set_mpz(r, None)
+    _set_parsed(r, True)
+    return r
+
+
 def make_reading(*, meter: str, seq: int, t: int, dt: int, prev: str, kid: str, c: int,
                  sign: Callable[[bytes], bytes], tq: str | None = None) -> Reading:
     ch = format(c, "x")
@@ -188,6 +220,11 @@ def parse_reading(payload: bytes, *, max_size: int = MAX_PAYLOAD) -> Reading:
     """
     if len(payload) > max_size:
         raise Rejected("oversized", f"{len(payload)} bytes > {max_size}")
+    obj = _flat_object(payload)
+    if obj is not None:
+        r = _valid_reading(obj)
+        if r is not None:
+            return r
     try:
         # Decoded as UTF-8 here: json.loads would also take UTF-16/32 and a BOM.
         obj = json.loads(payload.decode("utf-8"))
@@ -195,6 +232,22 @@ def parse_reading(payload: bytes, *, max_size: int = MAX_PAYLOAD) -> Reading:
         raise Rejected("malformed_json", str(exc)[:120]) from None
     r = _valid_reading(obj)
     return r if r is not None else _checked_reading(obj)
+
+
+def _flat_object(payload: bytes) -> dict | None:
+    """What json.loads gives for an ASCII payload holding one flat JSON object, by
+    orjson (a quarter of the time for a reading); None for anything else, which
+    json.loads then decides. On such payloads the two agree: orjson refuses what
+    json.loads would also refuse or would read differently (NaN, Infinity, lone
+    surrogates, integers beyond 64 bits come back as floats, which no reading field
+    takes), and without a nested array or object neither reaches a depth limit."""
+    if not payload.isascii() or payload.count(b"{") != 1 or b"[" in payload:
+        return None
+    try:
+        obj = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        return None
+    return obj if type(obj) is dict else None
 
 
 def _valid_reading(obj: object) -> Reading | None:
@@ -219,9 +272,7 @@ def _valid_reading(obj: object) -> Reading | None:
             return None
     if not _valid_fields(v, meter, seq, t, dt, prev, kid, c, sig):
         return None
-    r = Reading(meter=meter, seq=seq, t=t, dt=dt, prev=prev, kid=kid, c=c, sig=sig, tq=tq)
-    object.__setattr__(r, "parsed", True)
-    return r
+    return _parsed(meter, seq, t, dt, prev, kid, c, sig, tq)
 
 
 def _valid_fields(v: object, meter: object, seq: object, t: object, dt: object, prev: object, kid: object,

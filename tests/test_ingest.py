@@ -193,10 +193,10 @@ def test_failing_adapters_give_verdicts_not_exceptions(gate):
     v = ingest.check("m1", a[0].to_json())
     assert v.reason == "replayed_seq" and "disk gone" in v.detail
 
-    def exploding(meter, msg, sig):
+    def exploding(msg, sig):
         raise RuntimeError("verifier bug")
 
-    ingest.registry.verify = exploding
+    ingest.registry.verifier = lambda meter: exploding
     assert ingest.check("m1", a[2].to_json()).reason == "bad_signature"
     assert ingest.heads["m1"].seq == 2
 

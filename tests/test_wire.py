@@ -175,3 +175,78 @@ def test_well_formed_is_exactly_a_reading_that_round_trips(changes):
     except (Rejected, ValueError):
         back = False
     assert well_formed(r) == back
+
+
+# --- orjson reads a flat payload as json.loads does -----------------------------------------
+
+_JSON_SCALARS = st.one_of(st.none(), st.booleans(), st.integers(), st.integers(-2**70, 2**70),
+                          st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=6),
+                          st.sampled_from(["\ud800", "\x00", "é", "{", "["]))
+_JSON_VALUES = st.recursive(_JSON_SCALARS, lambda inner: st.lists(inner, max_size=2)
+                            | st.dictionaries(st.text(max_size=3), inner, max_size=2), max_leaves=4)
+
+
+def _slow_parse(payload: bytes) -> Reading | str:
+    """parse_reading without its orjson path: json.loads, then the same checks (or the reason)."""
+    try:
+        obj = json.loads(payload.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return "malformed_json"
+    try:
+        r = wire._valid_reading(obj)
+        return r if r is not None else wire._checked_reading(obj)
+    except Rejected as exc:
+        return exc.reason
+
+
+def _typed(obj):
+    return {k: (type(v), v) for k, v in obj.items()} if isinstance(obj, dict) else obj
+
+
+@_PROPS
+@given(st.dictionaries(st.sampled_from(_FIELDS + ("x", "zz")), _JSON_VALUES, max_size=4),
+       st.sampled_from(["none", "dup", "flip", "cut", "space"]), st.integers(0, 10**6), st.integers(0, 255))
+def test_the_orjson_path_reads_what_json_loads_reads(changes, edit, at, byte):
+    """`_flat_object` returns None or exactly json.loads' object (types included), and
+    parse_reading gives the reading or the reason the json.loads path gives, whatever
+    the bytes: big integers, NaN, lone surrogates, duplicate keys, nesting, bad bytes."""
+    payload = json.dumps(_GOOD | changes).encode()
+    if edit == "dup":  # a key given twice: json.loads keeps the last
+        payload = payload[:-1] + b', "seq": ' + str(at).encode() + b"}"
+    elif edit == "flip":
+        i = at % len(payload)
+        payload = payload[:i] + bytes([byte]) + payload[i + 1:]
+    elif edit == "cut":
+        payload = payload[:at % len(payload)]
+    elif edit == "space":
+        payload = b" \n" + payload.replace(b":", b" : ", 2) + b"\t"
+    fast = wire._flat_object(payload)
+    if fast is not None:
+        assert _typed(fast) == _typed(json.loads(payload.decode("utf-8")))
+    try:
+        got = parse_reading(payload)
+    except Rejected as exc:
+        got = exc.reason
+    assert got == _slow_parse(payload)
+
+
+@pytest.mark.parametrize("payload", [
+    b'{"t": NaN}', b'{"t": 1E400}', b'{"meter": "\\ud800"}', b'{"a": [1]}', b'{"a": {"b": 1}}',
+    "{\"meter\": \"\u00e9\"}".encode(),
+], ids=["nan", "inf", "lone_surrogate", "nested_list", "nested_object", "utf8"])
+def test_payloads_the_orjson_path_leaves_to_json_loads(payload):
+    assert wire._flat_object(payload) is None
+
+
+@pytest.mark.parametrize("big", [2**64, -2**63 - 1, 10**30])
+def test_an_integer_beyond_64_bits_is_read_by_json_loads(big):
+    """orjson gives a float for it, which no reading field takes: json.loads reads it exactly."""
+    body = _GOOD | {"seq": big}
+    payload = json.dumps(body).encode()
+    assert type(wire._flat_object(payload)["seq"]) is float
+    if big > 0:
+        assert parse_reading(payload) == _slow_parse(payload) == Reading(**{k: body[k] for k in _FIELDS if k in body})
+    else:
+        with pytest.raises(Rejected) as exc:
+            parse_reading(payload)
+        assert exc.value.reason == _slow_parse(payload) == "bad_value"
