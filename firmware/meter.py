@@ -247,7 +247,7 @@ class Meter:
         c, seed = self.pool.encrypt(m)
         seq = st.c.seq + 1
         prev = wire.hexs(st.c.prev)
-        ch = "%x" % c
+        ch = b"%x" % c
         c = None  # its 512 bytes, and the pool's garbage, are not needed to sign
         gc.collect()
         sig, h = wire.sign(self.key, self.meter, seq, t_end, dt, prev, self.kid, ch, tq)

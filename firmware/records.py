@@ -149,7 +149,7 @@ def reading_json(p, meter, kid=None, fn=None):
             tq = wire.TQS[p[at] - 1]
             at += 1
         c_int = int.from_bytes(bytes(p[at:]), "big")
-    c = "%x" % c_int
+    c = b"%x" % c_int
     c_int = None  # not kept while the signed bytes are hashed and the payload built
     prev = wire.hexs(prev)
     h = wire.digest(wire.signed_bytes(meter, seq, t, dt, prev, kid, c, tq))

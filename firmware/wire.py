@@ -37,8 +37,8 @@ def pack(values):
 
 
 def signed_bytes(meter, seq, t, dt, prev, kid, c, tq=None):
-    # The signed bytes as three pieces, c (the ciphertext's hex, as a str:
-    # MicroPython hashes a str's bytes as they are) whole in the middle. A
+    # The signed bytes as three pieces, c (the ciphertext's hex, bytes or
+    # str: MicroPython hashes a str's bytes as they are) whole in between. A
     # meter hashes the pieces and never joins them: joined, they were a
     # 1.2 KB block, and Ed25519 joined them twice more, the allocations that
     # failed in a fragmented 128 KiB heap (docs/alerts.md, "Heap"). With a
@@ -60,22 +60,24 @@ def payload(meter, seq, t, dt, prev, kid, c, sig, tq=None):
     # The JSON reading, fields in wire order (tq, when present, before sig).
     # Built by hand, not json.dumps: a reading rebuilt from the journal must
     # come out the same every time, and none of these values needs escaping
-    # (meter ids are [A-Za-z0-9_-]).
-    # Formatted as bytes (MicroPython takes str arguments for %s): no
-    # .encode() copy, a third 1.2-1.4 KB block alive at once.
+    # (meter ids are [A-Za-z0-9_-]). c: the ciphertext's hex as bytes.
+    # Joined, not %-formatted around c: a join sizes its result first and
+    # allocates it once, where formatting grew the 1.2-1.4 KB buffer a step
+    # at a time, two such blocks alive at once (docs/alerts.md, "Heap").
     q = "" if tq is None else '"tq": "%s", ' % tq
-    return (b'{"v": %d, "meter": "%s", "seq": %d, "t": %d, "dt": %d, "prev": "%s", "kid": "%s", '
-            b'"c": "%s", %s"sig": "%s"}' % (VERSION, meter, seq, t, dt, prev, kid, c, q, sig))
+    return b"".join((b'{"v": %d, "meter": "%s", "seq": %d, "t": %d, "dt": %d, "prev": "%s", "kid": "%s", '
+                     b'"c": "' % (VERSION, meter, seq, t, dt, prev, kid), c,
+                     b'", %s"sig": "%s"}' % (q, sig)))
 
 
 def sign(key, meter, seq, t, dt, prev, kid, c, tq=None):
-    # (signature bytes, reading hash hex); c is the ciphertext's hex (str).
+    # (signature bytes, reading hash hex); c is the ciphertext's hex (bytes).
     msg = signed_bytes(meter, seq, t, dt, prev, kid, c, tq)
     return key.sign(msg), hexs(digest(msg))
 
 
 def reading(key, meter, seq, t, dt, prev, kid, c_int, tq=None):
     # Returns (json payload bytes, reading hash hex). The hash chains readings.
-    c = "%x" % c_int
+    c = b"%x" % c_int
     sig, h = sign(key, meter, seq, t, dt, prev, kid, c, tq)
     return payload(meter, seq, t, dt, prev, kid, c, hexs(sig), tq), h

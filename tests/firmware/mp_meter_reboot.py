@@ -35,7 +35,7 @@ if sys.argv[2] == "make":
         prev = wire.hexs(st.c.prev)
         m = wire.pack({0: 100 + i, 1: i})
         ct, seed = pool.encrypt(m)
-        c = "%x" % ct
+        c = b"%x" % ct  # the ciphertext's hex as the meter makes it (wire.payload joins bytes)
         sig, h = wire.sign(key, cfg["meter"], seq, t, 900, prev, kid, c, "host")
         assert st.commit_reading(seq, t, 900, prev, sig, h, m, seed, pool.exp_bits, 100 + i, i,
                                  (1000 * (i + 1), i), "host")
