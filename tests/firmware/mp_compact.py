@@ -53,7 +53,7 @@ def commit(st, i, fail_counters=False):
     imp, exp = 100 + 37 * i, (i * 5000) % 3
     m = wire.pack({wire.slot(i % 2, 0): imp, wire.slot(i % 2, 1): exp})  # bands 0-1: m < a small test n
     ct, seed = pool.encrypt(m)
-    ch = "%x" % ct
+    ch = b"%x" % ct  # the hex as the meter makes it: wire.payload joins bytes
     sig, h = wire.sign(key, job["meter"], seq, t, 900, prev, kid, ch, "host")
     if fail_counters:
         def cut(c):
