@@ -217,7 +217,7 @@ class Gateway:
                  asyncio.create_task(self.alerts.run(client), name="alerts"),
                  asyncio.create_task(self.events.run(client), name="events")}
         if self.chain is not None:
-            tasks.add(asyncio.create_task(self.chain.run(client), name="chain"))
+            tasks.add(asyncio.create_task(self.chain.run(client, self.readings), name="chain"))
         stopper = asyncio.create_task(stop.wait())
         try:
             done, _ = await asyncio.wait(tasks | {stopper}, return_when=asyncio.FIRST_COMPLETED)

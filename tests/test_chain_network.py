@@ -187,3 +187,38 @@ async def test_a_reading_the_chain_refuses_is_set_aside_not_retried_for_ever(tmp
         assert report["ok"] and report["txs"] == 3, report  # m1#2 set aside; m2 took the account over
     finally:
         bed.cleanup()
+
+
+class _Lean:
+    """The reading link as the proposer sees it: up (it writes) or down (it writes nothing)."""
+
+    def __init__(self, up: bool):
+        self.up, self.sent = up, []
+
+    def publish_many(self, messages) -> int:
+        messages = list(messages)
+        if not self.up:
+            return 0
+        self.sent += messages
+        return len(messages)
+
+
+class _Paho:
+    def __init__(self):
+        self.sent = []
+
+    async def publish(self, topic, payload, qos=0):
+        self.sent.append((topic, payload, qos))
+
+
+@pytest.mark.parametrize("lean_up", [True, False, None], ids=["lean-up", "lean-down", "no-lean"])
+async def test_proposals_go_on_the_reading_link_while_it_is_up_else_at_qos_1(lean_up):
+    from aggregator.chain import AreaChain
+    lean, paho = (None if lean_up is None else _Lean(lean_up)), _Paho()
+    publish = AreaChain.publisher(paho, lean)
+    await publish(TOPICS.proposals, b"block")
+    if lean_up:
+        assert lean.sent == [(TOPICS.proposals, b"block")] and paho.sent == []
+    else:
+        assert paho.sent == [(TOPICS.proposals, b"block", 1)]
+        assert lean is None or lean.sent == []
