@@ -212,3 +212,34 @@ async def test_a_message_too_big_for_the_link_is_dropped_counted_and_the_next_re
     assert gw.readings.dropped() == {"oversized": 1, "undecodable": 0}
     snap = {s.name: s for s in gw.metrics()}["gridledger_ingest_link_dropped"]
     assert snap.values[("oversized",)] == 1
+
+
+async def test_a_batch_goes_when_the_inflow_pauses_not_at_the_end_of_its_wait(tmp_path, monkeypatch):
+    """Group commit: a burst is taken as soon as nothing more comes for BATCH_GAP_S;
+    a steady inflow (arrivals closer than that) keeps filling the batch to BATCH_MAX."""
+    import aggregator.gateway as gateway
+    monkeypatch.setattr(gateway, "BATCH_WAIT_S", 30.0)
+    monkeypatch.setattr(gateway, "BATCH_GAP_S", 0.2)
+    monkeypatch.setattr(gateway, "BATCH_MAX", 40)
+    cfg_path, _ = make_area(tmp_path, ["m1"], host="127.0.0.1", port=1)
+    gw = Gateway(load_gateway_config(cfg_path))
+    topic = readings_topic("area1", "m1")
+
+    for i in range(10):  # a burst, then silence
+        gw._on_reading(topic, b"%d" % i)
+    t0 = time.monotonic()
+    batch = await asyncio.wait_for(gw._next_batch(), 10)
+    assert [p for _, p in batch] == [b"%d" % i for i in range(10)]
+    assert time.monotonic() - t0 < 5  # the gap, not BATCH_WAIT_S (30 s)
+
+    async def steady() -> None:  # one every 20 ms: ten times closer than the gap
+        for i in range(60):
+            gw._on_reading(topic, b"s%d" % i)
+            await asyncio.sleep(0.02)
+
+    feeder = asyncio.create_task(steady())
+    batch = await asyncio.wait_for(gw._next_batch(), 10)
+    assert [p for _, p in batch] == [b"s%d" % i for i in range(40)]  # full: the inflow never paused
+    await feeder
+    assert [p for _, p in await gw._next_batch()] == [b"s%d" % i for i in range(40, 60)]
+    gw.store.close()
