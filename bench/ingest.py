@@ -157,6 +157,7 @@ def run_pass(base: Path, validators: int, payloads: list[Outgoing], keys, n: int
         "block_cert_ms_p99": percentile([(b[3] - b[2]) * 1000 for b in blocks], 99),
         "gateway_counts": {k: v for k, v in gw_stop.items()
                            if k not in ("ts", "level", "role", "ev", "height", "cert_latency_ms", "batches") and v},
+        "link_reads": gw_stop.get("link_reads"),
         # Readings per checked-and-committed batch: each batch costs a transaction (an fsync),
         # a worker-thread hop and a socket write of its acks, whatever its size.
         "batch_mean": round(readings / gw_stop["batches"], 1) if gw_stop.get("batches") else None,

@@ -16,7 +16,9 @@ username and password, TLS through `ssl` with the operator's CA; one SUBSCRIBE;
 PUBLISH in both directions at QoS 0 (a broker never delivers above the granted
 QoS, and a QoS 1 PUBLISH that came anyway is answered with its PUBACK);
 PINGREQ/PINGRESP for the keepalive, which also detects a silent broker; and
-DISCONNECT. What it leaves out, by design: sessions (the reading path keeps no
+DISCONNECT. On request (`coalesce_s`) it coalesces reads: after a short read it
+leaves the socket alone a moment, so a trickle of messages is read in groups
+rather than one wake-up each (the gateway's reading link). What it leaves out, by design: sessions (the reading path keeps no
 broker-side state: meters resend what was not acked), QoS 1/2 publishing, wills
 and MQTT 5. Every refusal is a `LinkError` with the broker's reason.
 """
@@ -39,6 +41,10 @@ __all__ = ["Link", "LinkError", "LinkSession", "open_link", "publish_frame", "MA
 # A packet longer than this is skipped as it streams by, never buffered whole.
 MAX_PACKET = 1 << 20
 CONNECT_TIMEOUT_S = 10.0
+# With `coalesce_s`, a read shorter than this pauses reading for `coalesce_s`: the
+# inflow is a trickle, and a wake-up per message or two costs more than its parsing.
+# A longer read means the data is flowing: reading goes on at once.
+COALESCE_BELOW = 64 * 1024
 
 _CONNACK_REASONS = {1: "unacceptable protocol version", 2: "client id rejected", 3: "server unavailable",
                     4: "bad user name or password", 5: "not authorized"}
@@ -90,8 +96,10 @@ def _subscribe_packet(packet_id: int, topic_filters: tuple[str, ...]) -> bytes:
 class Link(asyncio.Protocol):
     """One connection. Build it with `open_link`; `closed` completes when it ends."""
 
-    def __init__(self, on_publish: Callable[[str, bytes], None]):
+    def __init__(self, on_publish: Callable[[str, bytes], None], coalesce_s: float = 0.0):
         self.on_publish = on_publish
+        self.coalesce_s = coalesce_s  # 0: read as soon as data arrives (see COALESCE_BELOW)
+        self.reads = 0                # data_received calls
         self.transport: asyncio.Transport | None = None
         self._buf = bytearray()
         self._skip = 0            # bytes still to discard of an oversized packet
@@ -117,6 +125,10 @@ class Link(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.last_heard = time.monotonic()
+        self.reads += 1
+        if self.coalesce_s and len(data) < COALESCE_BELOW and self.transport is not None:
+            self.transport.pause_reading()
+            asyncio.get_running_loop().call_later(self.coalesce_s, self._resume)
         if self._skip:
             cut = min(self._skip, len(data))
             self._skip -= cut
@@ -155,6 +167,10 @@ class Link(asyncio.Protocol):
                 self._control(kind, bytes(buf[i:end]))
             pos = end
         del buf[:pos]
+
+    def _resume(self) -> None:
+        if self.transport is not None:
+            self.transport.resume_reading()
 
     # -- packets -------------------------------------------------------------
 
@@ -235,14 +251,15 @@ class Link(asyncio.Protocol):
 
 
 async def open_link(cfg: MqttConfig, client_id: str, topic_filter: str | tuple[str, ...],
-                    on_publish: Callable[[str, bytes], None], *, timeout: float = CONNECT_TIMEOUT_S) -> Link:
+                    on_publish: Callable[[str, bytes], None], *, timeout: float = CONNECT_TIMEOUT_S,
+                    coalesce_s: float = 0.0) -> Link:
     """Connect, log in and subscribe to `topic_filter` (one, or a tuple) at QoS 0;
     raises `LinkError` (refused), `OSError` (unreachable) or `TimeoutError`."""
     filters = (topic_filter,) if isinstance(topic_filter, str) else tuple(topic_filter)
     loop = asyncio.get_running_loop()
     tls = ssl.create_default_context(cafile=str(cfg.tls_ca)) if cfg.tls_ca else None
     _, link = await asyncio.wait_for(
-        loop.create_connection(lambda: Link(on_publish), cfg.host, cfg.port, ssl=tls), timeout)
+        loop.create_connection(lambda: Link(on_publish, coalesce_s), cfg.host, cfg.port, ssl=tls), timeout)
     try:
         sock = link.transport.get_extra_info("socket")
         if sock is not None:
@@ -267,20 +284,28 @@ class LinkSession:
 
     def __init__(self, cfg: MqttConfig, client_id: str, topic_filter: str | tuple[str, ...],
                  on_publish: Callable[[str, bytes], None],
-                 log: logging.Logger, *, name: str):
+                 log: logging.Logger, *, name: str, coalesce_s: float = 0.0):
         self.cfg, self.client_id, self.topic_filter = cfg, client_id, topic_filter
+        self.coalesce_s = coalesce_s
         self.on_publish, self.log, self.name = on_publish, log, name
         self.link: Link | None = None
         self._dropped = {"oversized": 0, "undecodable": 0}  # by links that have ended
+        self._io = {"reads": 0, "received": 0}
 
     def dropped(self) -> dict[str, int]:
         """Messages every link of this session dropped unread, by reason."""
         live = self.link
         return {k: v + (getattr(live, k) if live is not None else 0) for k, v in self._dropped.items()}
 
+    def io(self) -> dict[str, int]:
+        """Socket reads and PUBLISH packets received, over every link of this session."""
+        live = self.link
+        return {k: v + (getattr(live, k) if live is not None else 0) for k, v in self._io.items()}
+
     def _ended(self, link: Link) -> None:
-        for k in self._dropped:
-            self._dropped[k] += getattr(link, k)
+        for counts in (self._dropped, self._io):
+            for k in counts:
+                counts[k] += getattr(link, k)
 
     def publish_many(self, messages: Iterable[tuple[str, bytes]]) -> int:
         """`Link.publish_many` on the live link; 0 when there is none."""
@@ -291,7 +316,8 @@ class LinkSession:
         cfg, delay = self.cfg, 0.5
         while not stop.is_set():
             try:
-                link = await open_link(cfg, self.client_id, self.topic_filter, self.on_publish)
+                link = await open_link(cfg, self.client_id, self.topic_filter, self.on_publish,
+                                       coalesce_s=self.coalesce_s)
             except (OSError, LinkError, TimeoutError) as exc:
                 event(self.log, "mqtt_down", logging.WARNING, link=self.name, error=str(exc) or type(exc).__name__,
                       retry_s=delay)

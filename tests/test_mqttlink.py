@@ -101,10 +101,12 @@ async def test_malformed_input_aborts_without_raising():
     assert got == [("y", b"2")] and link.undecodable == 1 and not wire.aborted  # a non-UTF-8 topic is dropped
 
 
-async def test_a_session_receives_and_sends_everything_in_order(broker):
+@pytest.mark.parametrize("coalesce_s", [0.0, 0.002], ids=["at-once", "coalesced"])
+async def test_a_session_receives_and_sends_everything_in_order(broker, coalesce_s):
     got: list[tuple[str, bytes]] = []
     cfg = MqttConfig(host=broker.host, port=broker.port)
-    link = await open_link(cfg, "link-test", "gl/v1/t/meters/+/readings", lambda t, p: got.append((t, p)))
+    link = await open_link(cfg, "link-test", "gl/v1/t/meters/+/readings", lambda t, p: got.append((t, p)),
+                           coalesce_s=coalesce_s)
     sent = [(f"gl/v1/t/meters/m{i % 7}/readings", os.urandom(i % 1500)) for i in range(300)]
     sent += [("gl/v1/t/meters/µ-ü/readings", b"utf-8 topic"), ("gl/v1/t/meters/big/readings", os.urandom(100_000))]
     acks = [(f"gl/v1/t/meters/m{i}/ack", b'{"seq": %d}' % i) for i in range(200)]
@@ -123,6 +125,8 @@ async def test_a_session_receives_and_sends_everything_in_order(broker):
                 if len(heard) == len(acks):
                     break
     assert got == sent and heard == acks
+    if coalesce_s:  # one publish at a time, each awaiting its PUBACK: a trickle, read in groups
+        assert link.reads < len(sent) / 2, link.reads
     await link.close()
     assert not link.is_open and link.publish_many(acks) == 0
 
