@@ -156,7 +156,8 @@ def run_pass(base: Path, validators: int, payloads: list[Outgoing], keys, n: int
         "block_cert_ms_p50": median([(b[3] - b[2]) * 1000 for b in blocks]),
         "block_cert_ms_p99": percentile([(b[3] - b[2]) * 1000 for b in blocks], 99),
         "gateway_counts": {k: v for k, v in gw_stop.items()
-                           if k not in ("ts", "level", "role", "ev", "height", "cert_latency_ms", "batches") and v},
+                           if k not in ("ts", "level", "role", "ev", "height", "cert_latency_ms", "batches")
+                           and not k.startswith("link_") and v},
         "link_reads": gw_stop.get("link_reads"),
         # Readings per checked-and-committed batch: each batch costs a transaction (an fsync),
         # a worker-thread hop and a socket write of its acks, whatever its size.
