@@ -7,10 +7,8 @@
 # no damaged one. Frame and payload formats: docs/journal.md.
 import array
 import binascii
-import gc
 import os
 import struct
-from micropython import const
 
 MAGIC = b"\xa7J"
 HEAD = 4  # magic, payload length (u16)
@@ -19,9 +17,6 @@ MAX_PAYLOAD = 2048
 KEEP_OLDEST = "keep_oldest"
 KEEP_NEWEST = "keep_newest"
 EVENT_KIND = 2
-# Index entries per chunk: a chunk is array("I") of offset, key pairs, 128
-# bytes allocated once and never grown or moved.
-_CHUNK = const(16)
 
 
 def exists(path):
@@ -59,42 +54,21 @@ class JournalError(Exception):
 class _Segment:
     def __init__(self, num):
         self.num = num
-        # Offset and key of each indexed record, in chunks of _CHUNK: position
-        # i is in offs[(i - base) // _CHUNK]. A chunk is allocated once, at its
-        # full size, and never grown: an index grown by reallocation (8
-        # entries at a time, up to 700 bytes a segment during an outage)
-        # split the meter's largest free run, and a chunk fits the small holes
-        # (docs/alerts.md, "Heap"). A segment drops its chunks wholly
-        # acknowledged (Journal.advance) and keeps counting, so the RAM it
-        # takes does not grow with uptime.
-        self.offs = []
+        # Offset and key of each indexed record; position i is offs[i - base]:
+        # a segment drops the acknowledged front of its index (Journal.advance)
+        # and keeps counting, so the RAM it takes does not grow with uptime.
+        self.offs = array.array("I")
+        self.keys = array.array("I")
         self.base = 0
-        self.count = 0  # positions indexed, acknowledged ones included
         self.start = 0  # positions before it are acknowledged or dropped
         self.end = 0  # where the next record goes
         self.sealed = False  # damaged at recovery or a failed write: never appended to again
 
+    def count(self):
+        return self.base + len(self.keys)
+
     def pending(self):
-        return self.start < self.count
-
-    def get(self, i, k):
-        # Position i's offset (k 0) or key (k 1).
-        i -= self.base
-        return self.offs[i // _CHUNK][2 * (i % _CHUNK) + k]
-
-    def add(self, off, key):
-        i = self.count - self.base
-        if i % _CHUNK == 0:
-            # Collected first: the new chunk (and the list, when it grows)
-            # goes into the lowest hole it fits, not above the garbage of the
-            # reading just signed, in the free run the big blocks need.
-            gc.collect()
-            self.offs.append(array.array("I", range(2 * _CHUNK)))
-        c = self.offs[i // _CHUNK]
-        i = 2 * (i % _CHUNK)
-        c[i] = off
-        c[i + 1] = key
-        self.count += 1
+        return self.start < self.base + len(self.keys)
 
 
 class Journal:
@@ -156,7 +130,7 @@ class Journal:
             # to spare, and 264 bytes of heap for its index).
             seg.sealed = self.damaged != damaged
             self._segs.append(seg)
-            self.live += seg.count
+            self.live += len(seg.keys)
         self._release()
 
     def _scan(self, seg):
@@ -177,7 +151,8 @@ class Journal:
                 if n:
                     key = key_of(mv[HEAD:HEAD + n])
                     if key > self.floor:
-                        seg.add(pos, key)
+                        seg.offs.append(pos)
+                        seg.keys.append(key)
                     pos += HEAD + n + TAIL
                     seg.end = pos
                 else:
@@ -211,7 +186,7 @@ class Journal:
         for seg in self._segs:
             if seg.num == pos[0]:
                 found = True
-                if pos[1] + 1 < seg.count:
+                if pos[1] + 1 < seg.count():
                     return (seg.num, max(pos[1] + 1, seg.start))
             elif found and seg.pending():
                 return (seg.num, seg.start)
@@ -224,13 +199,14 @@ class Journal:
         return None
 
     def key(self, pos):
-        return self._seg(pos[0]).get(pos[1], 1)
+        seg = self._seg(pos[0])
+        return seg.keys[pos[1] - seg.base]
 
     def read(self, pos):
         # The payload at pos as a memoryview, valid until the next read or
         # append; None when it no longer checks (the flash changed under it).
         seg = self._seg(pos[0])
-        off = seg.get(pos[1], 0)
+        off = seg.offs[pos[1] - seg.base]
         buf, mv = self._buf, self._mv
         with open(self._file(seg.num), "rb") as f:
             f.seek(off)
@@ -247,7 +223,7 @@ class Journal:
         for i in range(len(self._segs) - 1, -1, -1):
             seg = self._segs[i]
             if seg.pending():
-                return (seg.num, seg.count - 1)
+                return (seg.num, seg.count() - 1)
         return None
 
     # Writing --------------------------------------------------------------
@@ -264,7 +240,7 @@ class Journal:
                 return False
             self._drop_oldest()
         seg = self._segs[-1] if self._segs else None
-        if seg is None or seg.sealed or seg.count >= self.per_segment:
+        if seg is None or seg.sealed or seg.count() >= self.per_segment:
             seg = _Segment(self._next_num)
             self._next_num += 1
             self._segs.append(seg)
@@ -281,7 +257,8 @@ class Journal:
             self.dropped += 1
             self._release()
             return False
-        seg.add(seg.end, key_of(payload))
+        seg.offs.append(seg.end)
+        seg.keys.append(key_of(payload))
         seg.end += HEAD + n + TAIL
         self.live += 1
         return True
@@ -298,14 +275,17 @@ class Journal:
         if floor > self.floor:
             self.floor = floor
         for seg in self._segs:
-            while seg.pending() and seg.get(seg.start, 1) <= self.floor:
+            while seg.pending() and seg.keys[seg.start - seg.base] <= self.floor:
                 seg.start += 1
                 self.live -= 1
-            while seg.start - seg.base >= _CHUNK:
-                # A chunk wholly acknowledged goes: between drains the index
-                # would grow with every reading.
-                seg.offs.pop(0)
-                seg.base += _CHUNK
+            k = seg.start - seg.base
+            if k >= 8 or k and not seg.pending():
+                # The acknowledged front goes (all of it once nothing is
+                # pending): between drains the index would grow with every
+                # reading, reallocated 8 entries at a time.
+                seg.offs = seg.offs[k:]
+                seg.keys = seg.keys[k:]
+                seg.base = seg.start
         self._release()
 
     def clear(self):
@@ -322,7 +302,7 @@ class Journal:
         for seg in self._segs:
             if seg.pending():
                 keep.append(seg)
-            elif seg is self._segs[-1] and not seg.sealed and seg.count < self.per_segment:
+            elif seg is self._segs[-1] and not seg.sealed and seg.count() < self.per_segment:
                 keep.append(seg)  # the open segment still takes records
             else:
                 try:

@@ -23,11 +23,10 @@ from test_end_to_end import Area
 
 CYCLES = 1000
 # Free heap with the journal drained, cycle 100 against cycle 1000. Nothing the loop keeps
-# grows with the number of readings (a drained journal keeps at most one 128-byte chunk of
-# its index; buffers are allocated once), so what is left is the allocator: 64 of
-# MicroPython's 16-byte GC blocks for fragmentation and a resized dict or two. Measured:
-# 128 bytes apart. One byte kept per reading would already be 900 bytes; one small object
-# per reading (>= 16 bytes) 14 KB.
+# grows with the number of readings (a drained journal drops its index; buffers are
+# allocated once), so what is left is the allocator: 64 of MicroPython's 16-byte GC blocks
+# for fragmentation and a resized dict or two. Measured: 128 bytes apart. One byte kept per
+# reading would already be 900 bytes; one small object per reading (>= 16 bytes) 14 KB.
 FLAT_BYTES = 1024
 NOT_KEPT = {"boards", "firstcut", "setreg", "provision", "alerts", "seriallink", "frame", "sensors.wiring",
             "sensors.pzem", "sensors.pulse", "sensors.ct"}
