@@ -2,7 +2,7 @@
 real Mosquitto and the real gateway, with the broker stopped for a hundred cycles (publishes
 fail, the journal grows) and started again: no MemoryError, the heap stays flat, and the
 health report carries the journal's figures. Once for a plain meter, once for a meter with
-device alerts configured (not reliable yet, so an xfail; docs/alerts.md, "Heap")."""
+device alerts configured (docs/alerts.md, "Heap")."""
 
 from __future__ import annotations
 
@@ -33,20 +33,9 @@ NOT_KEPT = {"boards", "firstcut", "setreg", "provision", "alerts", "seriallink",
 # Thresholds the simulator's household crosses both ways many times in 1,000 intervals
 # (tests/test_alerts.py uses the same pair); resent every second while unacked.
 ALERTS = {"power_high_w": 400, "power_low_w": 200, "power_hyst_w": 50, "resend_s": 1}
-# Not reliable yet: the alert meter boots and runs in 128k, but in 3 of 4 runs (and in 1 of 2 at
-# 136k with the other core busy) a reading's 1.2 KB payload or signed bytes found no hole somewhere
-# between cycle 100 and the resends after the outage, with 20-33 KB free (docs/alerts.md, "Heap").
-# Since the signed bytes are hashed in pieces, the payload (1.2-1.37 KB) or a smaller block finds
-# none instead (7 runs of 8 with the other core busy; --runxfail shows where). With no rebuild
-# while the link is down and the journal index's acknowledged front dropped: 8 runs of 12. With the
-# payload joined (one allocation, no %-formatting growing it): 10 runs of 12, the two failures a
-# payload (1,353 bytes, after the outage) and the pool's products (1,026, during it).
-# Run, not skipped: an XPASS shows in the summary (-ra) and the figures with -s.
-ALERTS_FLAKY = pytest.mark.xfail(strict=False, reason="alert meter: a reading's payload (1.2-1.37 KB) or a smaller "
-                                 "block finds no hole in the 1,000-cycle loop (docs/alerts.md, Heap)")
 
 
-@pytest.mark.parametrize("alerts", [None, pytest.param(ALERTS, marks=ALERTS_FLAKY)], ids=["plain", "alerts"])
+@pytest.mark.parametrize("alerts", [None, ALERTS], ids=["plain", "alerts"])
 def test_thousand_cycles_with_a_flat_heap(tmp_path, broker, firmware_bundle, alerts):
     """Measure, encrypt, sign, journal, publish (or fail to), ack (and judge, sign, send and
     take acks for alerts when configured): 1,000 times in the meter's heap (METER_HEAP,
