@@ -185,6 +185,9 @@ class Gateway:
                      "counter", (), {(): self.unsent}),
             Snapshot("gridledger_ingest_link_dropped", "messages the reading link dropped unread, by reason",
                      "counter", ("reason",), {(k,): v for k, v in self.readings.dropped().items()}),
+            Snapshot("gridledger_ingest_link_io", "the reading link's socket reads and messages received "
+                     "(their ratio: messages per wake-up, see READ_COALESCE_S)",
+                     "counter", ("kind",), {(k,): v for k, v in self.readings.io().items()}),
         ]
         out += self.alerts.metrics()
         out += self.events.metrics()

@@ -36,6 +36,9 @@ async def test_gateway_and_validator_export_ingest_and_chain_metrics(tmp_path, b
         assert g['gridledger_ingest_readings_total{result="duplicate"}'] == 1
         assert g['gridledger_ingest_readings_total{result="malformed_json"}'] == 1
         assert g['gridledger_ingest_rejections_by_class_total{class="schema"}'] == 1
+        assert g['gridledger_ingest_link_io_total{kind="received"}'] == 8  # 6 readings, the bad one, the duplicate
+        assert 1 <= g['gridledger_ingest_link_io_total{kind="reads"}'] <= 8 + 4  # + CONNACK, SUBACK, PINGRESPs
+        assert g["gridledger_ingest_batches_total"] >= 1
         assert g['gridledger_chain_events_total{event="certified"}'] == g["gridledger_chain_height"] >= 2
         assert g["gridledger_chain_cert_latency_seconds"] > 0
         v = wait_until(lambda: (lambda s: s if s["gridledger_validator_height"] == g["gridledger_chain_height"]
