@@ -21,6 +21,7 @@ from gridledger.paillier import load_public
 from .areaapp import AreaApp
 from .gateway import load_gateway_config
 from .registry import load_registry
+from .store import block_readings
 from .validator import load_validator_config
 
 __all__ = ["audit_from_config"]
@@ -49,6 +50,7 @@ def audit_from_config(config: Path, database: Path | None = None) -> AuditReport
             with sqlite3.connect(f"file:{rc.database}?mode=ro", uri=True, timeout=10) as conn:
                 registry = RegistryHistory.from_store(ChainStore(conn), rc.chain)
         app = AreaApp(s.area, registry, load_public(s.paillier_public))
-        return verify_chain(database or s.database, s.area, app, load_validator_set(validators))
+        return verify_chain(database or s.database, s.area, app, load_validator_set(validators),
+                            elsewhere=block_readings)
     except FileNotFoundError as exc:
         raise ConfigError(f"no database at {exc}") from None

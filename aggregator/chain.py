@@ -28,7 +28,7 @@ from gridledger.errors import ConfigError
 from gridledger.logs import event
 
 from .areaapp import AreaApp, equivocation_alert, registry_tx
-from .store import GatewayStore
+from .store import GatewayStore, block_readings
 
 if TYPE_CHECKING:
     from gridledger.mqttlink import LinkSession
@@ -53,7 +53,10 @@ class AreaChain:
         self._sk = read_secret_key(settings.proposer_key)
         if vset.proposer is None or vset.proposer.public_key != bls.SkToPk(self._sk):
             raise ConfigError(f"{settings.proposer_key} is not the proposer key in {settings.validators}")
-        self.replica = Replica(area, app, ChainStore(self.conn), vset)
+        # A block's readings are not written twice: its body keeps the leading
+        # registry and alert transactions, and the readings are rebuilt from the
+        # gateway's `readings` rows (`block_readings`) when the block is read.
+        self.replica = Replica(area, app, ChainStore(self.conn, elsewhere=block_readings), vset)
         self.proposer: Proposer | None = None
         self.prefix = f"gl/v1/chains/{area}/"
         self.more = asyncio.Event()
@@ -152,7 +155,8 @@ class AreaChain:
                 store.mark_blocked(self.conn, header.height, rowids, [e for e, _, _ in alerts])
 
             try:
-                return self.proposer.prepare(lead + txs, mark, decoded=decoded), lead + txs
+                return (self.proposer.prepare(lead + txs, mark, decoded=decoded, kept=len(lead) + len(alerts)),
+                        lead + txs)
             except InvalidBlock as exc:
                 if exc.index is None or exc.index < len(lead):
                     raise

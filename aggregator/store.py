@@ -21,7 +21,24 @@ from gridledger.wire import Reading
 
 from .ingest import ChainHead
 
-__all__ = ["GatewayStore", "stored_counts"]
+__all__ = ["GatewayStore", "block_readings", "stored_counts"]
+
+
+def block_readings(conn: sqlite3.Connection, height: int) -> list[bytes]:
+    """The readings of area-chain block `height`, as its body carries them: the
+    canonical JSON of the rows it took (`GatewayStore.mark_blocked`), the ones after
+    the previous block's last rowid up to its own, less those set aside, in rowid
+    order. The block's tx root covers these bytes, so a changed row is a fault that
+    `chain verify` and every light client report."""
+    row = conn.execute("SELECT hi FROM reading_blocks WHERE height = ?", (height,)).fetchone()
+    if row is None:
+        return []  # a block of alerts or registry moves only
+    lo = conn.execute("SELECT COALESCE(MAX(hi), 0) FROM reading_blocks WHERE height < ? AND height > 0",
+                      (height,)).fetchone()[0]
+    rows = conn.execute("SELECT meter, seq, t, dt, prev, kid, c, sig, tq FROM readings "
+                        "WHERE rowid > ? AND rowid <= ? AND rowid NOT IN (SELECT reading FROM readings_set_aside) "
+                        "ORDER BY rowid", (lo, row[0]))
+    return [_reading(r).to_json() for r in rows]
 
 
 def stored_counts(path: Path | str) -> dict[str, int]:

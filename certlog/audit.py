@@ -17,7 +17,7 @@ from pathlib import Path
 from .app import App
 from .block import Certificate, ChainError, Header
 from .replica import Replica
-from .store import ChainStore
+from .store import ChainStore, Elsewhere, read_body
 from .validators import ValidatorSet
 
 __all__ = ["AuditReport", "verify_chain", "verify_store"]
@@ -44,7 +44,9 @@ class AuditReport:
         return out
 
 
-def verify_store(conn: sqlite3.Connection, chain: str, app: App, validators: ValidatorSet) -> AuditReport:
+def verify_store(conn: sqlite3.Connection, chain: str, app: App, validators: ValidatorSet,
+                 elsewhere: Elsewhere | None = None) -> AuditReport:
+    """`elsewhere`: the app's reader of bodies kept in its own tables (`read_body`)."""
     t0 = time.monotonic()
     fresh = Replica(chain, app, ChainStore(sqlite3.connect(":memory:", isolation_level=None)), validators)
     rows = conn.execute("SELECT height, header, cert FROM chain_blocks ORDER BY height").fetchall()
@@ -65,7 +67,7 @@ def verify_store(conn: sqlite3.Connection, chain: str, app: App, validators: Val
                 cert = Certificate.from_dict(json.loads(raw_cert))
             except ValueError:
                 raise ChainError("cert_schema", "certificate is not JSON") from None
-            body = [r[0] for r in conn.execute("SELECT data FROM chain_txs WHERE height = ? ORDER BY idx", (height,))]
+            body = read_body(conn, height, elsewhere)
             fresh.commit(header, body, cert)
             txs += len(body)
         except ChainError as exc:
@@ -75,9 +77,10 @@ def verify_store(conn: sqlite3.Connection, chain: str, app: App, validators: Val
     return AuditReport(chain, fresh.height, txs, uncertified, fault, time.monotonic() - t0)
 
 
-def verify_chain(database: Path, chain: str, app: App, validators: ValidatorSet) -> AuditReport:
+def verify_chain(database: Path, chain: str, app: App, validators: ValidatorSet,
+                 elsewhere: Elsewhere | None = None) -> AuditReport:
     """Audit the chain stored in `database` (opened read-only; safe beside a running node)."""
     if not Path(database).exists():
         raise FileNotFoundError(database)
     with sqlite3.connect(f"file:{database}?mode=ro", uri=True, timeout=10) as conn:
-        return verify_store(conn, chain, app, validators)
+        return verify_store(conn, chain, app, validators, elsewhere)

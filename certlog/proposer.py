@@ -69,12 +69,13 @@ class Proposer:
         return self.replica.store.proposal()
 
     def prepare(self, txs: Sequence[bytes], mark: Callable[[Header], None] | None = None, *,
-                decoded: Sequence[Any] | None = None) -> Header:
+                decoded: Sequence[Any] | None = None, kept: int | None = None) -> Header:
         """Build the next block and store it durably, with `mark(header)` in the same transaction
-        (`decoded`: see `Replica.build`)."""
+        (`decoded`: see `Replica.build`; `kept`: see `ChainStore.put_block`: `mark` is
+        what makes the rest of the body readable from the app's tables)."""
         header = self.replica.build(txs, decoded=decoded)
         with self.replica.store.transaction():
-            self.replica.store.put_block(header, list(txs), None)
+            self.replica.store.put_block(header, list(txs), None, kept=kept)
             if mark is not None:
                 mark(header)
         return header

@@ -16,13 +16,13 @@ import sqlite3
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, MutableMapping
+from typing import Callable, Iterator, MutableMapping
 
 from gridledger.logs import event
 
-from .block import Certificate, Header
+from .block import Certificate, ChainError, Header
 
-__all__ = ["NodeDB", "ChainStore", "connect", "immediate"]
+__all__ = ["NodeDB", "ChainStore", "Elsewhere", "connect", "immediate", "read_body"]
 
 log = logging.getLogger("gridledger.chain")
 
@@ -307,11 +307,38 @@ class _NodeIndex:
             self.rebuild()
 
 
-class ChainStore:
-    """Blocks (header, body, certificate), votes and trie nodes of one chain."""
+# A chain's app may keep the tail of a block's body in tables of its own (the
+# gateway: the readings it already stored at ingest) and rebuild it on demand:
+# `elsewhere(conn, height)` gives those transactions' bytes, in order.
+Elsewhere = Callable[[sqlite3.Connection, int], list[bytes]]
 
-    def __init__(self, conn: sqlite3.Connection):
+
+def read_body(conn: sqlite3.Connection, height: int, elsewhere: Elsewhere | None = None) -> list[bytes]:
+    """The body of block `height` as stored: its `chain_txs` rows, then, when the block
+    keeps only some there (`chain_blocks.kept`), the rest from `elsewhere`. A plain
+    reader of the database: safe on a read-only connection beside a running node."""
+    body = [r[0] for r in conn.execute("SELECT data FROM chain_txs WHERE height = ? ORDER BY idx", (height,))]
+    try:
+        row = conn.execute("SELECT kept FROM chain_blocks WHERE height = ?", (height,)).fetchone()
+    except sqlite3.OperationalError:  # a database from before `kept`: every body is whole in chain_txs
+        return body
+    if row is None or row[0] is None:
+        return body
+    if elsewhere is None:
+        raise ChainError("body_elsewhere", f"block {height} keeps {row[0]} transactions here and the rest in its "
+                         "app's tables: read it with the app's reader", height=height)
+    return body + elsewhere(conn, height)
+
+
+class ChainStore:
+    """Blocks (header, body, certificate), votes and trie nodes of one chain.
+
+    A block's body is its rows in `chain_txs`, unless `chain_blocks.kept` says only
+    its first `kept` transactions are there: the rest come from `elsewhere`."""
+
+    def __init__(self, conn: sqlite3.Connection, elsewhere: Elsewhere | None = None):
         self.conn = conn
+        self.elsewhere = elsewhere
         conn.executescript("""
             CREATE TABLE IF NOT EXISTS chain_blocks (
                 height INTEGER PRIMARY KEY, hash TEXT NOT NULL UNIQUE, header BLOB NOT NULL,
@@ -328,6 +355,11 @@ class ChainStore:
                          "value BLOB NOT NULL)")
         except sqlite3.OperationalError:  # read-only, on a database from before the log: its nodes are all old
             pass
+        if "kept" not in {r[1] for r in conn.execute("PRAGMA table_info(chain_blocks)")}:
+            try:
+                conn.execute("ALTER TABLE chain_blocks ADD COLUMN kept INTEGER")
+            except sqlite3.OperationalError:  # read-only, from before: every body is whole in chain_txs
+                pass
         self.nodes = NodeDB(conn, writer=True)
 
     @contextmanager
@@ -342,15 +374,21 @@ class ChainStore:
         self.nodes.committed()
 
     # -- blocks ---------------------------------------------------------------
-    def put_block(self, header: Header, txs: list[bytes], cert: Certificate | None) -> None:
-        """Store a block; call inside `transaction()`. A proposal has no cert yet."""
+    def put_block(self, header: Header, txs: list[bytes], cert: Certificate | None, *,
+                  kept: int | None = None) -> None:
+        """Store a block; call inside `transaction()`. A proposal has no cert yet.
+        `kept`: only the first `kept` transactions are written here; the others are
+        already stored by the app, for `elsewhere` to give back (in this transaction)."""
+        if kept is not None and self.elsewhere is None:
+            raise ValueError("a block stored in part needs the store's `elsewhere`")
         now = time.time()
         self.conn.execute(
-            "INSERT INTO chain_blocks(height, hash, header, cert, proposed_at, certified_at) VALUES (?, ?, ?, ?, ?, ?)",
+            "INSERT INTO chain_blocks(height, hash, header, cert, proposed_at, certified_at, kept) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
             (header.height, header.hash, header.encode(), cert.encode() if cert else None, now,
-             now if cert else None))
+             now if cert else None, kept))
         self.conn.executemany("INSERT INTO chain_txs(height, idx, data) VALUES (?, ?, ?)",
-                              [(header.height, i, t) for i, t in enumerate(txs)])
+                              [(header.height, i, t) for i, t in enumerate(txs if kept is None else txs[:kept])])
 
     def put_certificate(self, cert: Certificate) -> None:
         self.conn.execute("UPDATE chain_blocks SET cert = ?, certified_at = ? WHERE height = ? AND hash = ?",
@@ -374,8 +412,7 @@ class ChainStore:
         return None if row is None else (row[0], row[1], self.txs(height))
 
     def txs(self, height: int) -> list[bytes]:
-        return [r[0] for r in self.conn.execute(
-            "SELECT data FROM chain_txs WHERE height = ? ORDER BY idx", (height,))]
+        return read_body(self.conn, height, self.elsewhere)
 
     def heights(self) -> list[int]:
         return [r[0] for r in self.conn.execute("SELECT height FROM chain_blocks ORDER BY height")]

@@ -9,10 +9,11 @@ from pathlib import Path
 
 from aggregator.areaapp import AreaApp
 from aggregator.registry import MeterEntry, Registry
+from aggregator.store import block_readings
 from certlog import bls
 from certlog.block import Certificate
 from certlog.replica import Replica
-from certlog.store import ChainStore, connect
+from certlog.store import ChainStore, connect, read_body
 from certlog.validators import ValidatorSet, info_for
 from certlog.voter import Voter
 from gridledger.meterkeys import MeterKey
@@ -120,3 +121,15 @@ class ChainBed:
             if p is not None and p.poll() is None:
                 p.kill()
                 p.wait()
+
+
+def chain_bodies(db: Path, *, certified_only: bool = True) -> dict[int, list[bytes]]:
+    """height -> body of every (certified) block in a node's store, read as sync and
+    `chain verify` read it: a gateway's readings come from its `readings` rows."""
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as conn:
+            where = " WHERE cert IS NOT NULL" if certified_only else ""
+            heights = [h for (h,) in conn.execute(f"SELECT height FROM chain_blocks{where} ORDER BY height")]
+            return {h: read_body(conn, h, block_readings) for h in heights}
+    except sqlite3.OperationalError:
+        return {}

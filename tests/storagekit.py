@@ -20,7 +20,7 @@ from certlog.block import ZERO_HASH, Certificate, Header, cert_message
 from certlog.validators import ValidatorSet, read_secret_key
 from gridledger.testbed import storage_process, wait_up, write_storage_node
 
-from chainkit import CHAIN, validator_keys, validator_set
+from chainkit import CHAIN, chain_bodies, validator_keys, validator_set
 
 
 @dataclass
@@ -124,7 +124,8 @@ def certified(bed) -> dict[int, str]:
 
 
 def certified_txs(bed) -> dict[int, list[bytes]]:
-    return _txs(bed.db(), "chain_txs")
+    """height -> body of every block in the gateway's store (certified or not)."""
+    return chain_bodies(bed.db(), certified_only=False)
 
 
 def _rows(db: Path, sql: str) -> dict:
@@ -163,11 +164,3 @@ def flip_body_byte(db: Path, height: int, at: float = 0.5, *, tx: int | None = N
         f.seek(pos)
         f.write(bytes([byte[0] ^ 0x01]))
     return pos
-
-
-def _txs(db: Path, table: str) -> dict[int, list[bytes]]:
-    out: dict[int, list[bytes]] = {}
-    with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as conn:
-        for h, data in conn.execute(f"SELECT height, data FROM {table} ORDER BY height, idx"):
-            out.setdefault(h, []).append(bytes(data))
-    return out

@@ -11,7 +11,6 @@ import json
 import os
 import random
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -24,7 +23,7 @@ from certlog.net import Topics
 from gridledger.firmware_build import METER_HEAP
 from gridledger.testbed import certified_height, meter_process, read_truth, write_meter_config
 
-from chainkit import CHAIN, ChainBed
+from chainkit import CHAIN, ChainBed, chain_bodies
 from conftest import MqttProbe
 from helpers import N, wait_until
 
@@ -33,10 +32,8 @@ SECONDS_PER_INTERVAL = 0.25
 
 
 def _chain_readings(db) -> Counter:
-    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
-        rows = conn.execute("SELECT t.data FROM chain_txs t JOIN chain_blocks b ON b.height = t.height "
-                            "WHERE b.cert IS NOT NULL").fetchall()
-    return Counter((o["meter"], o["seq"]) for o in (json.loads(r[0]) for r in rows) if "alert" not in o)
+    rows = [tx for body in chain_bodies(db).values() for tx in body]
+    return Counter((o["meter"], o["seq"]) for o in map(json.loads, rows) if "alert" not in o)
 
 
 def _add_loadgen_meters(tmp_path, bed: ChainBed, count: int) -> Path:

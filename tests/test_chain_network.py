@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
+import sqlite3
 import subprocess
 import sys
 
@@ -18,7 +20,7 @@ from certlog.validators import load_validator_set, proposal_message, read_secret
 from gridledger.testbed import certified_height
 from gridledger.wire import ack_topic, readings_topic
 
-from chainkit import CHAIN, Area, ChainBed, replica
+from chainkit import CHAIN, Area, ChainBed, chain_bodies, replica
 from conftest import MqttProbe
 from helpers import wait_until
 
@@ -222,3 +224,33 @@ async def test_proposals_go_on_the_reading_link_while_it_is_up_else_at_qos_1(lea
     else:
         assert paho.sent == [(TOPICS.proposals, b"block", 1)]
         assert lean is None or lean.sent == []
+
+
+async def test_the_gateway_keeps_each_reading_once_and_chain_verify_checks_the_rows(tmp_path, broker):
+    """A block's readings are the gateway's `readings` rows, not a second copy in
+    `chain_txs`; sync and `chain verify` rebuild them, and a changed row is a fault."""
+    bed = ChainBed(tmp_path, broker, ["m1", "m2", "m3"], block_max=4)
+    try:
+        for i in range(4):
+            bed.start_validator(i)
+        bed.start_gateway()
+        async with MqttProbe(broker, f"gl/v1/{CHAIN}/meters/+/ack") as probe:
+            await _publish_readings(probe, bed, 4)
+            _all_in_certified_blocks(bed, 12)
+        head = bed.heads()
+        for i in range(4):  # the validators got every body whole, by proposal or sync
+            wait_until(lambda: bed.heads(f"v{i}") == head, 30, f"v{i} to reach the gateway's head")
+        gateway, v0 = chain_bodies(bed.db()), chain_bodies(bed.db("v0"))
+        assert gateway == v0 and sum(map(len, gateway.values())) == 12
+        with sqlite3.connect(bed.db()) as conn:
+            assert conn.execute("SELECT COUNT(*) FROM chain_txs").fetchone()[0] == 0  # no reading twice
+        bed.gateway.send_signal(signal.SIGTERM)
+        bed.gateway.wait(10)
+        with sqlite3.connect(bed.db()) as conn:  # one reading's time, in block 2
+            rowid = conn.execute("SELECT hi FROM reading_blocks WHERE height = 2").fetchone()[0]
+            conn.execute("UPDATE readings SET t = t + 1 WHERE rowid = ?", (rowid,))
+        report = _chain_verify(bed)
+        assert not report["ok"] and report["fault"]["height"] == 2, report
+        assert report["fault"]["reason"] == "tx_root_mismatch" and report["certified_height"] == 1
+    finally:
+        bed.cleanup()

@@ -15,7 +15,7 @@ from aggregator.storagewire import CHUNK_MIN, StorageTopics, encode_placement
 from certlog.block import Header
 from gridledger.wire import ack_topic, readings_topic
 
-from chainkit import CHAIN, ChainBed
+from chainkit import CHAIN, ChainBed, chain_bodies
 from conftest import MqttProbe
 from helpers import wait_until
 from storagekit import StorageNodes, certified, certified_txs, flip_body_byte
@@ -44,10 +44,7 @@ class Load:
 def _settled(bed: ChainBed, readings: int) -> dict[int, str]:
     """Wait until every reading is in a certified block; the certified heights and hashes."""
     def done():
-        with sqlite3.connect(f"file:{bed.db()}?mode=ro", uri=True, timeout=5) as conn:
-            n = conn.execute("SELECT COUNT(*) FROM chain_txs t JOIN chain_blocks b USING (height) "
-                             "WHERE b.cert IS NOT NULL").fetchone()[0]
-        return n == readings
+        return sum(map(len, chain_bodies(bed.db()).values())) == readings
     wait_until(done, 30, f"{readings} readings in certified blocks")
     return certified(bed)
 
