@@ -223,7 +223,8 @@ class Gateway:
             self.events.close()
             if self.chain is not None:
                 self.chain.close()
-            event(log, "stop", **(self.chain.status() if self.chain else {}), batches=self.batches, **{f"link_{k}": v for k, v in self.readings.io().items()}, **self.counters())
+            event(log, "stop", **(self.chain.status() if self.chain else {}), batches=self.batches,
+                  **{f"link_{k}": v for k, v in self.readings.io().items()}, **self.counters())
 
     async def _serve(self, client: aiomqtt.Client, stop: asyncio.Event) -> None:
         """Everything but the readings, on the aiomqtt session: chain votes and sync, alerts, events."""

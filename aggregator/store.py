@@ -23,6 +23,11 @@ from .ingest import ChainHead
 
 __all__ = ["GatewayStore", "block_readings", "stored_counts"]
 
+# A reading's columns in the order `_reading` takes them.
+_COLUMNS = "meter, seq, t, dt, prev, kid, c, sig, tq"
+# A reading the chain refused is set aside (by rowid), in no block.
+_NOT_SET_ASIDE = "rowid NOT IN (SELECT reading FROM readings_set_aside)"
+
 
 def block_readings(conn: sqlite3.Connection, height: int) -> list[bytes]:
     """The readings of area-chain block `height`, as its body carries them: the
@@ -33,10 +38,8 @@ def block_readings(conn: sqlite3.Connection, height: int) -> list[bytes]:
     row = conn.execute("SELECT hi FROM reading_blocks WHERE height = ?", (height,)).fetchone()
     if row is None:
         return []  # a block of alerts or registry moves only
-    lo = conn.execute("SELECT COALESCE(MAX(hi), 0) FROM reading_blocks WHERE height < ? AND height > 0",
-                      (height,)).fetchone()[0]
-    rows = conn.execute("SELECT meter, seq, t, dt, prev, kid, c, sig, tq FROM readings "
-                        "WHERE rowid > ? AND rowid <= ? AND rowid NOT IN (SELECT reading FROM readings_set_aside) "
+    lo = conn.execute("SELECT COALESCE(MAX(hi), 0) FROM reading_blocks WHERE height < ?", (height,)).fetchone()[0]
+    rows = conn.execute(f"SELECT {_COLUMNS} FROM readings WHERE rowid > ? AND rowid <= ? AND {_NOT_SET_ASIDE} "
                         "ORDER BY rowid", (lo, row[0]))
     return [_reading(r).to_json() for r in rows]
 
@@ -93,8 +96,7 @@ class GatewayStore:
         db.execute("DROP INDEX IF EXISTS idx_readings_t")   # nothing reads readings by time here
 
     # Readings not yet in a block (nor set aside), oldest first.
-    _UNBLOCKED = ("FROM readings WHERE rowid > (SELECT COALESCE(MAX(hi), 0) FROM reading_blocks) "
-                  "AND rowid NOT IN (SELECT reading FROM readings_set_aside)")
+    _UNBLOCKED = f"FROM readings WHERE rowid > (SELECT COALESCE(MAX(hi), 0) FROM reading_blocks) AND {_NOT_SET_ASIDE}"
 
     def unblocked_count(self, conn: sqlite3.Connection) -> int:
         """Readings waiting for a block, without a scan: rowids are dense (the table is
@@ -141,7 +143,7 @@ class GatewayStore:
         return dict(self.db.execute("SELECT reason, count FROM rejections").fetchall())
 
     def readings(self, meter: str | None = None) -> list[Reading]:
-        sql = "SELECT meter, seq, t, dt, prev, kid, c, sig, tq FROM readings"
+        sql = f"SELECT {_COLUMNS} FROM readings"
         args: list = []
         if meter is not None:
             sql += " WHERE meter = ?"
@@ -162,7 +164,7 @@ class GatewayStore:
         missed = [k[0] for k, r in zip(keys, readings) if r is None]
         if missed:
             rows = {row[0]: row[1:] for row in conn.execute(
-                "SELECT rowid, meter, seq, t, dt, prev, kid, c, sig, tq FROM readings WHERE rowid BETWEEN ? AND ?",
+                f"SELECT rowid, {_COLUMNS} FROM readings WHERE rowid BETWEEN ? AND ?",
                 (missed[0], missed[-1]))}
             readings = [r or _reading(rows[k[0]]) for k, r in zip(keys, readings)]
         return [k[0] for k in keys], readings
