@@ -17,7 +17,7 @@ from typing import Iterable, Mapping
 import sqlite_utils
 
 from certlog.store import connect, immediate
-from gridledger.wire import Reading
+from gridledger.wire import Reading, stored_reading
 
 from .ingest import ChainHead
 
@@ -204,6 +204,9 @@ class GatewayStore:
 def _reading(row: tuple) -> Reading:
     """A reading from (meter, seq, t, dt, prev, kid, c, sig, tq), as stored (bytes) or
     as an older gateway stored it (hex)."""
+    r = stored_reading(*row)
+    if r is not None:
+        return r
     meter, seq, t, dt, prev, kid, c, sig, tq = row
     return Reading(meter, seq, t, dt, _hex(prev), kid, _c_hex(c), _hex(sig), tq=tq)
 

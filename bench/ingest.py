@@ -243,6 +243,9 @@ def main() -> None:
             f"gateway_core_readings_per_s{sfx}": round(r["gateway_core_readings_per_s"]),
             f"ratio_gateway_core_to_floor{sfx}": round(r["ratio_gateway_core"], 3),
             f"ratio_gateway_core_to_floor_all{sfx}": [round(x["ratio_gateway_core"], 3) for x in runs[v]],
+            # Each run's own figures, to tell the gateway's drift from the floor's.
+            f"gateway_cpu_us_per_reading_all{sfx}": [round(x["gateway_cpu_us_per_reading"], 1) for x in runs[v]],
+            f"floor_us_all{sfx}": [round(1e6 / x["floor_per_s"], 1) for x in runs[v]],
             # Non-zero: some batch took longer to ack than the meters' 5 s resend timer.
             f"resent{sfx}": r["resent_readings"],
             f"detail{sfx}": {k: (round(x, 3) if isinstance(x, float) else x) for k, x in r.items()

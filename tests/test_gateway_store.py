@@ -12,6 +12,7 @@ import pytest
 
 from aggregator.store import GatewayStore
 from certlog.store import connect
+from gridledger.wire import well_formed
 
 from helpers import SimMeter, meter_keys
 
@@ -114,6 +115,42 @@ def test_hex_fields_are_stored_as_bytes_and_read_back_exactly(tmp_path):
         (len(r.c) + 1) // 2 for r in sent]
     assert store.heads()["m1"].hash == sent[-1].hash
     assert store.stored_hash("m1", 2) == sent[1].hash
+
+
+def test_rows_read_back_are_well_formed_readings_with_their_ciphertext_parsed(tmp_path):
+    """A row read back is what parse_reading makes of the reading's JSON: well formed,
+    the same JSON, and its ciphertext already a number (taken from the stored bytes)."""
+    store, conn, sent = filled(tmp_path, 4)
+    back = store.unblocked(conn, 10)[1]
+    assert back == sent and all(r.parsed and well_formed(r) for r in back)
+    assert [r.to_json() for r in back] == [r.to_json() for r in sent]
+    assert [r.ciphertext_mpz for r in back] == [int(r.c, 16) for r in sent]
+    assert [r.hash for r in back] == [r.hash for r in sent]
+
+
+@pytest.mark.parametrize("column, value", [
+    ("prev", b"\x01" * 31), ("sig", b"\x02" * 65), ("c", b"\x00\x11"), ("c", b""), ("c", b"\x01" * 2049),
+    ("meter", "m 1"), ("kid", "ABCDEF0123456789"), ("kid", "0123"), ("t", -1), ("dt", 0), ("tq", "gps"),
+    ("seq", "x2"),
+], ids=lambda v: v if isinstance(v, str) else None)
+def test_a_row_that_spells_no_reading_is_read_back_as_it_is_and_not_well_formed(tmp_path, column, value):
+    """A row changed behind the gateway's back into something no reading is (a short
+    prev, a ciphertext with a leading zero, a bad key id...) comes back field for field
+    and judged not well formed, so the block it would go into refuses it; the other
+    rows are read back as before."""
+    store, conn, sent = filled(tmp_path, 3)
+    with conn:
+        conn.execute("BEGIN")
+        conn.execute(f"UPDATE readings SET {column} = ? WHERE seq = 2", (value,))
+        conn.execute("COMMIT")
+    back = store.unblocked(conn, 10)[1]
+    assert [back[0], back[2]] == [sent[0], sent[2]] and back[0].parsed and back[2].parsed
+    bad = back[1]
+    assert not bad.parsed and not well_formed(bad)
+    if column == "c":  # the value it spells (a leading zero digit is the store's padding)
+        assert int(bad.c or "0", 16) == int.from_bytes(value, "big")
+    else:
+        assert getattr(bad, column) == (value.hex() if isinstance(value, bytes) else value)
 
 
 def test_rows_an_older_gateway_wrote_in_hex_are_read_as_they_are(tmp_path):
