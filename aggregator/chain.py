@@ -42,7 +42,7 @@ log = logging.getLogger("gridledger.gateway.chain")
 
 # Readings held in memory from their ingest until a block takes them (about 3 KB
 # each: 30 MB at most). A reading not held is rebuilt from its row when its block is
-# built, about 5 µs more: while the validators lag the ingest (a burst, a meter
+# built, 5-9 µs more (in-process harness): while the validators lag the ingest (a burst, a meter
 # backlog flushed after an outage) later blocks came mostly from rows. In
 # bench/ingest.py's four-validator pass, building blocks took 19.1-19.6 µs a reading
 # with four blocks' worth held (4,000), about 1.5 µs more than its one-validator

@@ -20,7 +20,8 @@ DISCONNECT. On request (`coalesce_s`) it coalesces reads: after a short read it
 leaves the socket alone a moment, so a trickle of messages is read in groups
 rather than one wake-up each (the gateway's reading link). What it leaves out,
 by design: sessions (the reading path keeps no broker-side state: meters resend
-what was not acked), QoS 1/2 publishing, wills and MQTT 5. Every refusal is a `LinkError` with the broker's reason.
+what was not acked), QoS 1/2 publishing, wills and MQTT 5. Every refusal is a
+`LinkError` with the broker's reason.
 """
 
 from __future__ import annotations

@@ -213,9 +213,9 @@ def stored_reading(meter: object, seq: object, t: object, dt: object, prev: byte
 
     What `bytes.hex()` writes is lowercase hex, so of `_valid_fields`' checks the
     hex fields need only their lengths and c no leading zero digit; the rest are
-    checked here as they are there. A block rebuilt from the gateway's rows costs
-    half as much this way (bench/ingest.py's four-validator pass takes most of its
-    blocks from the rows: its validators lag the ingest)."""
+    checked here as they are there. Against a plain `Reading` that the area app then
+    re-validated, re-encoded and re-parsed, a reading rebuilt from its row costs
+    about 1.3 µs less (in-process, blocks of 1,000 built wholly from rows)."""
     if not (type(prev) is type(c) is type(sig) is bytes and len(prev) == 32 and len(sig) == 64
             and 0 < len(c) <= 2048 and c[0] and type(seq) is type(t) is type(dt) is int
             and seq >= 1 and t >= 0 and dt > 0 and type(meter) is type(kid) is str
