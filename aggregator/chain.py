@@ -68,19 +68,22 @@ class AreaChain:
         self.prefix = f"gl/v1/chains/{area}/"
         self.more = asyncio.Event()
         self.uncertified = 0  # readings waiting for a block, as of the last block built
-        # Readings the ingest just committed, by (meter, seq): the block takes them as
-        # they are instead of rebuilding each from its row (hash and all). Bounded
+        # Readings the ingest just committed, by rowid: the block takes them as they
+        # are instead of rebuilding each from its row (hash and all). Bounded
         # (HELD_READINGS); what is not here (after a restart, or beyond the bound while
         # the chain lags) comes from the store.
-        self.held: dict[tuple[str, int], "Reading"] = {}
+        self.held: dict[int, "Reading"] = {}
         self._held_max = HELD_READINGS
         self._db = asyncio.Lock()  # one user of self.conn at a time (threads)
 
-    def committed(self, readings: list["Reading"]) -> None:
-        """`readings` are durable: hold them for the block that takes them."""
+    def committed(self, first_rowid: int | None, readings: list["Reading"]) -> None:
+        """`readings` are durable, as rowids `first_rowid` on (`GatewayStore.commit`):
+        hold them for the block that takes them."""
+        if first_rowid is None:
+            return
         room = self._held_max - len(self.held)
-        for r in readings[:max(room, 0)]:
-            self.held[(r.meter, r.seq)] = r
+        for i, r in enumerate(readings[:max(room, 0)]):
+            self.held[first_rowid + i] = r
 
     def subscriptions(self) -> list[str]:
         return [f"{self.prefix}votes", f"{self.prefix}sync"]

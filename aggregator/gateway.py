@@ -368,11 +368,11 @@ class Gateway:
                     nacks.append((meter, {"seq": v.seq, "reason": v.reason}))
                 if v.reason in ("replayed_seq", "equivocation") and meter in self.ingest.heads:
                     touched.add(meter)  # re-ack: the meter may have missed its ack
-        await asyncio.to_thread(self.store.commit, accepted, evidence, rejected)
+        first_rowid = await asyncio.to_thread(self.store.commit, accepted, evidence, rejected)
         self.ingest.committed()
         self.batches += 1
         if self.chain is not None and (accepted or evidence):
-            self.chain.committed(accepted)
+            self.chain.committed(first_rowid, accepted)
             self.chain.more.set()
         # One write at QoS 0, not awaited: see the module's docstring.
         heads, area = self.ingest.heads, self.area

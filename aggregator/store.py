@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
+from itertools import islice
 from pathlib import Path
 from typing import Iterable, Mapping
 
@@ -95,9 +96,6 @@ class GatewayStore:
         db.execute("DROP INDEX IF EXISTS readings_height")  # the old column is no longer kept up to date
         db.execute("DROP INDEX IF EXISTS idx_readings_t")   # nothing reads readings by time here
 
-    # Readings not yet in a block (nor set aside), oldest first.
-    _UNBLOCKED = f"FROM readings WHERE rowid > (SELECT COALESCE(MAX(hi), 0) FROM reading_blocks) AND {_NOT_SET_ASIDE}"
-
     def unblocked_count(self, conn: sqlite3.Connection) -> int:
         """Readings waiting for a block, without a scan: rowids are dense (the table is
         append-only, and SQLite gives each insert the largest rowid plus one)."""
@@ -118,19 +116,22 @@ class GatewayStore:
         return _hex(row[0]) if row else None
 
     def commit(self, accepted: Iterable[Reading], evidence: Iterable[tuple[Reading, str]],
-               rejections: Mapping[str, int]) -> None:
-        """One durable transaction for a batch of readings, evidence and counters."""
+               rejections: Mapping[str, int]) -> int | None:
+        """One durable transaction for a batch of readings, evidence and counters.
+        The rowid of the first reading (the others follow it one by one: each insert
+        takes the largest rowid plus one), None when there were none."""
         now = time.time()
         conn = self.db.conn
         # Plain executemany inside one explicit transaction: sqlite-utils' insert_all
         # commits on its own, which would split the batch.
         fromhex = bytes.fromhex
+        rows = [(r.meter, r.seq, r.t, r.dt, fromhex(r.prev), r.kid, _c_bytes(r.c), fromhex(r.sig), fromhex(r.hash),
+                 now, r.tq) for r in accepted]
         with immediate(conn):
             conn.executemany(
                 "INSERT INTO readings(meter, seq, t, dt, prev, kid, c, sig, hash, received_at, tq) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [(r.meter, r.seq, r.t, r.dt, fromhex(r.prev), r.kid, _c_bytes(r.c), fromhex(r.sig), fromhex(r.hash),
-                  now, r.tq) for r in accepted])
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+            last = conn.execute("SELECT MAX(rowid) FROM readings").fetchone()[0] if rows else None
             conn.executemany(
                 "INSERT INTO evidence(meter, seq, reason, payload, received_at) VALUES (?, ?, ?, ?, ?)",
                 [(r.meter, r.seq, reason, r.to_json().decode(), now) for r, reason in evidence])
@@ -138,6 +139,7 @@ class GatewayStore:
                 "INSERT INTO rejections(reason, count) VALUES (?, ?) "
                 "ON CONFLICT(reason) DO UPDATE SET count = count + excluded.count",
                 list(rejections.items()))
+        return None if last is None else last - len(rows) + 1
 
     def rejection_counts(self) -> dict[str, int]:
         return dict(self.db.execute("SELECT reason, count FROM rejections").fetchall())
@@ -152,22 +154,44 @@ class GatewayStore:
         return [_reading(row) for row in self.db.execute(sql, args).fetchall()]
 
     def unblocked(self, conn: sqlite3.Connection, limit: int,
-                  held: dict[tuple[str, int], Reading] | None = None) -> tuple[list[int], list[Reading]]:
+                  held: dict[int, Reading] | None = None) -> tuple[list[int], list[Reading]]:
         """Readings not yet in a block, in acceptance order (so each meter's in seq order).
-        `held`: readings still in memory from their ingest, by (meter, seq), taken out
-        and used as they are; only the others are read back whole (1.3 KB a row), in
-        one query over their rowids' span."""
-        keys = conn.execute("SELECT rowid, meter, seq " + self._UNBLOCKED + " ORDER BY rowid LIMIT ?",
-                            (limit,)).fetchall()
+        `held`: readings still in memory from their ingest, by rowid (as `commit`
+        numbered them), taken out and used as they are; only the others are read
+        back whole (1.3 KB a row), in one query over their rowids' span.
+
+        Which rowids are unblocked is arithmetic, not a scan: the table is
+        append-only and its rowids dense (each insert takes the largest plus one),
+        so they are those after the last block's up to the largest, less the few
+        set aside. Listing them by query read every page of the block's rows (six
+        to a page) back into the chain's connection, whose cache each of the
+        ingest's commits clears."""
+        lo, top = self._bounds(conn)
+        aside = self._aside(conn, lo)
+        rowids = list(islice((r for r in range(lo + 1, top + 1) if r not in aside), limit))
+        # Every rowid listed is taken out of `held`, used or not, so nothing stays
+        # there below the next block's first (dict.pop only: the ingest adds to
+        # `held` from another thread meanwhile).
         held = {} if held is None else held
-        readings = [held.pop((m, q), None) for _, m, q in keys]
-        missed = [k[0] for k, r in zip(keys, readings) if r is None]
+        readings = [held.pop(r, None) for r in rowids]
+        missed = [k for k, r in zip(rowids, readings) if r is None]
         if missed:
             rows = {row[0]: row[1:] for row in conn.execute(
-                f"SELECT rowid, {_COLUMNS} FROM readings WHERE rowid BETWEEN ? AND ?",
-                (missed[0], missed[-1]))}
-            readings = [r or _reading(rows[k[0]]) for k, r in zip(keys, readings)]
-        return [k[0] for k in keys], readings
+                f"SELECT rowid, {_COLUMNS} FROM readings WHERE rowid BETWEEN ? AND ?", (missed[0], missed[-1]))}
+            kept = [(k, r) for k, r in zip(rowids, readings) if r is not None or k in rows]  # a hole is no reading
+            rowids = [k for k, _ in kept]
+            readings = [r or _reading(rows[k]) for k, r in kept]
+        return rowids, readings
+
+    @staticmethod
+    def _bounds(conn: sqlite3.Connection) -> tuple[int, int]:
+        """(the last blocked rowid, the largest rowid): two descents of a B-tree."""
+        return conn.execute("SELECT (SELECT COALESCE(MAX(hi), 0) FROM reading_blocks), "
+                            "(SELECT COALESCE(MAX(rowid), 0) FROM readings)").fetchone()
+
+    @staticmethod
+    def _aside(conn: sqlite3.Connection, lo: int) -> set[int]:
+        return {r for (r,) in conn.execute("SELECT reading FROM readings_set_aside WHERE reading > ?", (lo,))}
 
     def unblocked_equivocations(self, conn: sqlite3.Connection) -> list[tuple[int, Reading, Reading]]:
         """Equivocation evidence not yet alerted on the chain, with the stored reading it conflicts with."""
@@ -190,10 +214,17 @@ class GatewayStore:
         if height == 0:
             conn.executemany("INSERT OR IGNORE INTO readings_set_aside(reading) VALUES (?)", [(r,) for r in rowids])
         elif rowids:
-            hi = max(rowids)
-            below = conn.execute("SELECT COUNT(*) " + self._UNBLOCKED + " AND rowid <= ?", (hi,)).fetchone()[0]
-            if below != len(rowids) or len(set(rowids)) != len(rowids):
-                raise ValueError(f"block {height}: {len(rowids)} readings are not the oldest {below} unblocked")
+            # Exactly the unblocked rows up to its last. The rowids being dense, that
+            # is arithmetic (a scan would read every page of the block's rows back);
+            # only a list that fails it is compared with the rows themselves.
+            (lo, top), hi = self._bounds(conn), max(rowids)
+            aside = self._aside(conn, lo)
+            dense = (len(set(rowids)) == len(rowids) and min(rowids) > lo and hi <= top
+                     and aside.isdisjoint(rowids) and len(rowids) == hi - lo - sum(1 for r in aside if r <= hi))
+            if not dense and sorted(rowids) != [r for (r,) in conn.execute(
+                    f"SELECT rowid FROM readings WHERE rowid > ? AND rowid <= ? AND {_NOT_SET_ASIDE} ORDER BY rowid",
+                    (lo, hi))]:
+                raise ValueError(f"block {height}: {len(rowids)} readings are not the oldest unblocked run")
             conn.execute("INSERT INTO reading_blocks(height, hi) VALUES (?, ?)", (height, hi))
         conn.executemany("UPDATE evidence SET height = ? WHERE id = ?", [(height, e) for e in evidence_ids])
 

@@ -65,6 +65,59 @@ def test_anything_but_the_oldest_run_is_refused(tmp_path, pick):
     assert seqs(store, conn) == [1, 2, 3, 4]
 
 
+def test_a_reading_already_in_a_block_is_refused_even_when_the_count_fits(tmp_path):
+    """Block 1 took rows 1-2; rows 2 and 4 are as many as the unblocked rows up to 4 beside
+    row 3, but row 2 is in a block already and row 3 would be in none."""
+    store, conn, _ = filled(tmp_path, 5)
+    rowids, _ = store.unblocked(conn, 2)
+    store.mark_blocked(conn, 1, rowids, [])
+    later, _ = store.unblocked(conn, 3)
+    with pytest.raises(ValueError, match="not the oldest"):
+        store.mark_blocked(conn, 2, [rowids[1], later[1]], [])
+    store.mark_blocked(conn, 2, later[:2], [])
+    assert seqs(store, conn) == [5]
+
+
+def test_commit_numbers_its_readings_and_a_block_takes_them_by_those_rowids(tmp_path):
+    """`commit` gives the first rowid of its batch and the others follow one by one, so
+    the chain holds each reading by its rowid and a block uses those very objects
+    without listing the rows; a second batch continues the numbering."""
+    store = GatewayStore(tmp_path / "gw.db")
+    conn = connect(tmp_path / "gw.db")
+    m = SimMeter(meter_keys(["m1"])["m1"])
+    n = SimMeter(meter_keys(["m2"])["m2"])
+    held = {}
+    for batch in ([m.next(), n.next(), m.next()], [n.next(), n.next(), m.next(), m.next()]):
+        first = store.commit(batch, [], {})
+        held.update({first + i: r for i, r in enumerate(batch)})
+    assert store.commit([], [], {}) is None
+    by_rowid = {rowid: (meter, seq) for rowid, meter, seq in conn.execute("SELECT rowid, meter, seq FROM readings")}
+    assert {k: (r.meter, r.seq) for k, r in held.items()} == by_rowid
+    expected = list(held.items())
+    rowids, readings = store.unblocked(conn, 5, held)
+    assert rowids == [k for k, _ in expected[:5]] and all(a is b for a, (_, b) in zip(readings, expected[:5]))
+    assert list(held) == [k for k, _ in expected[5:]]  # taken out, the rest left for the next block
+    store.mark_blocked(conn, 1, rowids, [])
+    assert store.unblocked(conn, 5, held) == ([k for k, _ in expected[5:]], [r for _, r in expected[5:]])
+    assert held == {}
+
+
+def test_a_hole_in_the_rowids_is_no_reading(tmp_path):
+    """Rows are never deleted, so rowids are dense; if one were missing all the same, a
+    block would skip it rather than stop the chain (the check of a block's rowids
+    falls back to the rows themselves), and what the rows hold stays in order."""
+    store, conn, _ = filled(tmp_path, 5)
+    rowids, _ = store.unblocked(conn, 5)
+    with conn:
+        conn.execute("DELETE FROM readings WHERE rowid = ?", (rowids[2],))
+    got, readings = store.unblocked(conn, 5)
+    assert got == rowids[:2] + rowids[3:] and [r.seq for r in readings] == [1, 2, 4, 5]
+    with pytest.raises(ValueError, match="not the oldest"):
+        store.mark_blocked(conn, 1, rowids[3:], [])
+    store.mark_blocked(conn, 1, got, [])
+    assert seqs(store, conn) == []
+
+
 def test_a_database_with_heights_in_its_readings_is_carried_over(tmp_path):
     path = tmp_path / "gw.db"
     store, conn, sent = filled(tmp_path, 6)
@@ -87,7 +140,8 @@ def test_held_readings_are_used_as_they_are_and_the_rest_read_back(tmp_path):
     """A block takes the readings the ingest still holds (the same objects) and reads
     back only the others; either way it gets the stored readings, oldest first."""
     store, conn, sent = filled(tmp_path, 6)
-    held = {(r.meter, r.seq): r for r in sent[1:4]}
+    first = conn.execute("SELECT MIN(rowid) FROM readings").fetchone()[0]
+    held = {first + i: r for i, r in enumerate(sent) if i in (1, 2, 3)}
     rowids, readings = store.unblocked(conn, 5, held)
     assert readings == sent[:5]
     assert all(readings[i] is sent[i] for i in (1, 2, 3)) and readings[0] is not sent[0]
