@@ -27,6 +27,7 @@ what was not acked), QoS 1/2 publishing, wills and MQTT 5. Every refusal is a
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import socket
 import ssl
@@ -70,10 +71,24 @@ def _string(s: str | bytes) -> bytes:
     return len(b).to_bytes(2, "big") + b
 
 
+@functools.lru_cache(maxsize=4096)
+def _topic_part(topic: str) -> bytes:
+    """A topic as a PUBLISH carries it; the gateway sends to the same few thousand
+    (one ack topic per meter, the chain's) over and over."""
+    return _string(topic)
+
+
 def publish_frame(topic: str, payload: bytes) -> bytes:
-    """One PUBLISH packet at QoS 0, not retained (§3.3): no packet id."""
-    body = _string(topic) + payload
-    return b"\x30" + _remaining_length(len(body)) + body
+    """One PUBLISH packet at QoS 0, not retained (§3.3): no packet id.
+
+    The payload is copied once. Adding the parts two at a time copied a 1.3 MB
+    proposal twice, each into freshly mapped memory: 0.96 ms a proposal against
+    0.03 ms, about 1 µs of the gateway's CPU per reading it carries."""
+    t = _topic_part(topic)
+    n = len(t) + len(payload)
+    if n < 128:  # an ack: the remaining length is one byte
+        return b"\x30%c%s%s" % (n, t, payload)
+    return b"".join((b"\x30", _remaining_length(n), t, payload))
 
 
 def _connect_packet(client_id: str, keepalive: int, username: str | None, password: str | None) -> bytes:

@@ -36,6 +36,21 @@ def test_publish_frame_is_a_qos0_publish():
     assert publish_frame("a/b", b"xy") == b"\x30\x07\x00\x03a/bxy"
 
 
+@pytest.mark.parametrize("remaining", [25, 126, 127, 128, 16_383, 16_384, 1_300_025])
+def test_publish_frame_is_the_spec_s_layout_at_every_length_boundary(remaining):
+    """Fixed header, remaining length, topic length and topic, payload, whichever
+    path builds it (one-byte length for an ack, joined parts for a proposal), and the
+    topic's cached encoding changes nothing on a second call."""
+    topic = "gl/v1/a/meters/m-é/ack"
+    t = topic.encode()
+    size = remaining - 2 - len(t)  # 23 bytes of topic: the remaining length is `remaining`
+    payload = bytes(range(256)) * (size // 256) + b"z" * (size % 256)
+    body = len(t).to_bytes(2, "big") + t + payload
+    assert len(body) == remaining
+    expected = b"\x30" + _remaining_length(len(body)) + body
+    assert publish_frame(topic, payload) == expected == publish_frame(topic, payload)
+
+
 class Wire:
     """A transport that records what the link writes and whether it aborted."""
 
