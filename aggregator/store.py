@@ -1,6 +1,16 @@
 """The gateway's SQLite store (WAL, synchronous=FULL): an ack is only sent after
 the transaction holding its reading has reached the disk.
 
+Readings are appended (rowid order is acceptance order) and found by (meter, seq)
+through an index file beside the database (`<database>.readingindex`, certlog's
+`LogIndex`), not a key inside it: a key on (meter, seq) took each new reading at
+its meter's place, so a batch from many meters dirtied one 8 KiB page per meter,
+and the bytes written per reading grew with the table (11.6 KB at 100,000
+readings, in batches of 130: docs/performance.md). The index file's pages are 512
+bytes and it is derived data, rebuilt from the table when lost or behind. A
+database made with the key keeps it (SQLite cannot drop it without copying the
+table) and works as before.
+
 A reading's hex fields (prev, c, sig, hash) are stored as the bytes they spell:
 half the size, so about 0.7 KB less per reading on disk, and twice that less
 written (the WAL, then the checkpoint; bench/writes.py). SQLite's columns take
@@ -9,7 +19,9 @@ either type, so rows an older gateway wrote in hex are read as they are."""
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
+import threading
 import time
 from itertools import islice
 from pathlib import Path
@@ -17,12 +29,15 @@ from typing import Iterable, Mapping
 
 import sqlite_utils
 
-from certlog.store import connect, immediate
+from certlog.store import LogIndex, connect, immediate
+from gridledger.logs import event
 from gridledger.wire import Reading, stored_reading
 
 from .ingest import ChainHead
 
 __all__ = ["GatewayStore", "block_readings", "stored_counts"]
+
+log = logging.getLogger("gridledger.gateway.store")
 
 # A reading's columns in the order `_reading` takes them.
 _COLUMNS = "meter, seq, t, dt, prev, kid, c, sig, tq"
@@ -62,9 +77,16 @@ class GatewayStore:
         readings = self.db["readings"]
         if not readings.exists():
             readings.create({"meter": str, "seq": int, "t": int, "dt": int, "prev": str, "kid": str,
-                             "c": str, "sig": str, "hash": str, "received_at": float},
-                            pk=("meter", "seq"))
+                             "c": str, "sig": str, "hash": str, "received_at": float})
         self._block_bookkeeping(readings)
+        # (meter, seq) -> rowid. Its own connection is used from the ingest's worker
+        # thread (commit) and the block builder's (equivocations): one at a time.
+        self.index = LogIndex(self.db.conn, writer=True, suffix=".readingindex", name="reading", log="readings",
+                              key=(("meter", "TEXT"), ("seq", "INTEGER")), log_id="rowid")
+        self._index_lock = threading.Lock()
+        # Readings committed but not yet in the index file: indexed every INDEX_EVERY
+        # (derived data: after a crash the file catches up from the table).
+        self._unindexed: dict[tuple[str, int], int] = {}
         if "tq" not in readings.columns_dict:  # the time-quality extension; NULL: a plain v1 reading
             self.db.execute("ALTER TABLE readings ADD COLUMN tq TEXT")
         if not self.db["evidence"].exists():
@@ -105,15 +127,45 @@ class GatewayStore:
             "FROM (SELECT COALESCE(MAX(hi), 0) AS hi FROM reading_blocks) w").fetchone()[0]
 
     def heads(self) -> dict[str, ChainHead]:
-        rows = self.db.execute(
-            "SELECT r.meter, r.seq, r.hash, r.t FROM readings r JOIN "
-            "(SELECT meter, MAX(seq) AS seq FROM readings GROUP BY meter) m "
-            "ON r.meter = m.meter AND r.seq = m.seq").fetchall()
-        return {meter: ChainHead(seq, _hex(h), t) for meter, seq, h, t in rows}
+        """Each meter's last stored reading (its highest seq): seq, hash and t."""
+        self._flush_index()
+        with self._index_lock:
+            index = self.index
+            index.catch_up()
+            if index.mem is not None:
+                last: dict[str, tuple[int, int]] = {}
+                for (meter, seq), rid in index.mem.items():
+                    if seq > last.get(meter, (0, 0))[0]:
+                        last[meter] = (seq, rid)
+                rids = [rid for _, rid in last.values()]
+            else:  # SQLite's MAX() gives its row's other bare columns
+                rids = [r[0] for r in index.db.execute("SELECT id, MAX(seq) FROM reading_index GROUP BY meter")]
+        heads = {}
+        for i in range(0, len(rids), 500):
+            chunk = rids[i:i + 500]
+            for meter, seq, h, t in self.db.execute(
+                    "SELECT meter, seq, hash, t FROM readings WHERE rowid IN (%s)" % ",".join("?" * len(chunk)),
+                    chunk):
+                heads[meter] = ChainHead(seq, _hex(h), t)
+        return heads
 
     def stored_hash(self, meter: str, seq: int) -> str | None:
-        row = self.db.execute("SELECT hash FROM readings WHERE meter=? AND seq=?", [meter, seq]).fetchone()
+        row = self._row_of(self.db.conn, meter, seq, "hash")
         return _hex(row[0]) if row else None
+
+    def _row_of(self, conn: sqlite3.Connection, meter: str, seq: int, columns: str) -> tuple | None:
+        """`columns` of the stored reading (meter, seq), found through the index, or None."""
+        for _ in range(2):
+            with self._index_lock:
+                rid = self._unindexed.get((meter, seq)) or self.index.find((meter, seq))
+            if rid is None:
+                return None
+            row = conn.execute(f"SELECT meter, seq, {columns} FROM readings WHERE rowid = ?", (rid,)).fetchone()
+            if row is not None and row[:2] == (meter, seq):
+                return row[2:]
+            with self._index_lock:  # the index named another row: a database restored under it
+                self.index.stale()
+        return None
 
     def commit(self, accepted: Iterable[Reading], evidence: Iterable[tuple[Reading, str]],
                rejections: Mapping[str, int]) -> int | None:
@@ -125,6 +177,7 @@ class GatewayStore:
         # Plain executemany inside one explicit transaction: sqlite-utils' insert_all
         # commits on its own, which would split the batch.
         fromhex = bytes.fromhex
+        accepted = list(accepted)
         rows = [(r.meter, r.seq, r.t, r.dt, fromhex(r.prev), r.kid, _c_bytes(r.c), fromhex(r.sig), fromhex(r.hash),
                  now, r.tq) for r in accepted]
         with immediate(conn):
@@ -139,7 +192,33 @@ class GatewayStore:
                 "INSERT INTO rejections(reason, count) VALUES (?, ?) "
                 "ON CONFLICT(reason) DO UPDATE SET count = count + excluded.count",
                 list(rejections.items()))
-        return None if last is None else last - len(rows) + 1
+        if last is None:
+            return None
+        first = last - len(rows) + 1
+        with self._index_lock:
+            self._unindexed.update(((r.meter, r.seq), first + i) for i, r in enumerate(accepted))
+        if len(self._unindexed) >= self.INDEX_EVERY:
+            self._flush_index()
+        return first
+
+    INDEX_EVERY = 2000
+
+    def _flush_index(self) -> None:
+        with self._index_lock:
+            rows = sorted((rid, key) for key, rid in self._unindexed.items())
+            self._unindexed.clear()
+        if rows:
+            self._index(rows)
+
+    def _index(self, rows: list[tuple[int, tuple[str, int]]]) -> None:
+        """Index readings just committed. An index that cannot take them (its file
+        locked too long, a full disk) must not fail a batch that is already durable:
+        they are still found past the index's end, and the next open indexes them."""
+        try:
+            with self._index_lock:
+                self.index.add(rows)
+        except sqlite3.Error as exc:
+            event(log, "reading_index_behind", logging.WARNING, readings=len(rows), error=str(exc)[:160])
 
     def rejection_counts(self) -> dict[str, int]:
         return dict(self.db.execute("SELECT reason, count FROM rejections").fetchall())
@@ -195,15 +274,16 @@ class GatewayStore:
 
     def unblocked_equivocations(self, conn: sqlite3.Connection) -> list[tuple[int, Reading, Reading]]:
         """Equivocation evidence not yet alerted on the chain, with the stored reading it conflicts with."""
-        rows = conn.execute(
-            "SELECT e.id, e.payload, r.meter, r.seq, r.t, r.dt, r.prev, r.kid, r.c, r.sig, r.tq FROM evidence e "
-            "JOIN readings r ON r.meter = e.meter AND r.seq = e.seq "
-            "WHERE e.reason = 'equivocation' AND e.height IS NULL ORDER BY e.id").fetchall()
+        rows = conn.execute("SELECT id, payload, meter, seq FROM evidence "
+                            "WHERE reason = 'equivocation' AND height IS NULL ORDER BY id").fetchall()
         out = []
-        for row in rows:
-            obj = json.loads(row[1])
-            out.append((row[0], Reading(**{k: obj[k] for k in ("meter", "seq", "t", "dt", "prev", "kid", "c", "sig")},
-                                        tq=obj.get("tq")), _reading(row[2:])))
+        for eid, payload, meter, seq in rows:
+            held = self._row_of(conn, meter, seq, _COLUMNS)
+            if held is None:
+                continue  # as the join this replaced: no stored reading, no alert
+            obj = json.loads(payload)
+            out.append((eid, Reading(**{k: obj[k] for k in ("meter", "seq", "t", "dt", "prev", "kid", "c", "sig")},
+                                     tq=obj.get("tq")), _reading(held)))
         return out
 
     def mark_blocked(self, conn: sqlite3.Connection, height: int, rowids: list[int], evidence_ids: list[int]) -> None:
@@ -229,6 +309,8 @@ class GatewayStore:
         conn.executemany("UPDATE evidence SET height = ? WHERE id = ?", [(height, e) for e in evidence_ids])
 
     def close(self) -> None:
+        self._flush_index()
+        self.index.close()
         self.db.conn.close()
 
 

@@ -22,7 +22,7 @@ from gridledger.logs import event
 
 from .block import Certificate, ChainError, Header
 
-__all__ = ["NodeDB", "ChainStore", "Elsewhere", "connect", "immediate", "read_body"]
+__all__ = ["NodeDB", "ChainStore", "Elsewhere", "LogIndex", "connect", "immediate", "read_body"]
 
 log = logging.getLogger("gridledger.chain")
 
@@ -95,7 +95,7 @@ class NodeDB(MutableMapping[bytes, bytes]):
         """The node stored under `key`, from SQLite (KeyError if none), bypassing the cache."""
         if self.conn is None:
             raise KeyError(key)
-        i = self.index.find(key)
+        i = self.index.find((key,))
         if i is not None:
             row = self.conn.execute("SELECT key, value FROM trie_log WHERE id = ?", (i,)).fetchone()
             if row is not None and row[0] == key:
@@ -152,7 +152,7 @@ class NodeDB(MutableMapping[bytes, bytes]):
         logged, self._logged = self._logged, []
         if logged:
             try:
-                self.index.add(logged)
+                self.index.add([(i, (k,)) for i, k in logged])
             except sqlite3.Error as exc:
                 event(log, "node_index_behind", logging.WARNING, nodes=len(logged), error=str(exc)[:160])
 
@@ -169,38 +169,58 @@ def _main_path(conn: sqlite3.Connection) -> str:
     return next((r[2] for r in conn.execute("PRAGMA database_list") if r[1] == "main"), "") or ""
 
 
-class _NodeIndex:
-    """Log id by node hash, in `<database>.nodeindex` beside the chain's database.
+class LogIndex:
+    """Row id by key for an append-only table (the log) in a database, kept in
+    `<database><suffix>` beside it: the trie's nodes by hash (`_NodeIndex`), the
+    gateway's readings by (meter, seq).
 
-    Derived data: the chain's store brings it up to date from the log when it opens
+    Derived data: the writer brings it up to date from the log when it opens
     (`high` is the last log id it holds with every one before it), so a crash
-    between a block's commit and its index's, a lost index file or a database
-    restored from a copy costs a rebuild, never a node. Pages of 512 bytes: the
-    keys are random, so each insert dirties a page, and the smallest pages are the
-    fewest bytes. Its own fsyncs are left to checkpoints (synchronous=NORMAL), as
-    what it loses in a power cut is rebuilt from the log. A reader (another
-    connection, perhaps read-only) looks up what the index holds and scans the log
-    beyond `high` for the rest; with no index file at all, it indexes the log in
-    memory once."""
+    between a log's commit and its index's, a lost index file or a database
+    restored from a copy costs a rebuild, never a row. Pages of 512 bytes: the keys
+    fall all over the index, so each insert dirties a page, and the smallest pages
+    are the fewest bytes (an index inside the database dirties 8 KiB ones). Its own
+    fsyncs are left to checkpoints (synchronous=NORMAL), as what it loses in a power
+    cut is rebuilt from the log. A reader (another connection, perhaps read-only)
+    looks up what the index holds and scans the log beyond `high` for the rest;
+    with no index file at all, it indexes the log in memory once.
 
-    SUFFIX = ".nodeindex"
+    `key`: the log's key columns with their SQL types; keys are tuples of their
+    values. `name`: the index file's tables are `{name}_index` and `{name}_index_high`."""
+
     PAGE_SIZE = 512
 
-    def __init__(self, main: sqlite3.Connection, *, writer: bool):
+    def __init__(self, main: sqlite3.Connection, *, writer: bool, suffix: str, name: str, log: str,
+                 key: tuple[tuple[str, str], ...], log_id: str = "id"):
         self.main = main
         self.writer = writer
-        self.mem: dict[bytes, int] | None = None  # in memory: the main database is, or no index file
+        self.suffix, self.log, self.log_id = suffix, log, log_id
+        self.key_cols = tuple(c for c, _ in key)
+        self._table, self._high_table = f"{name}_index", f"{name}_index_high"
+        cols = ", ".join(self.key_cols)
+        self._schema = (f"CREATE TABLE IF NOT EXISTS {self._table} ("
+                        + "".join(f"{c} {t} NOT NULL, " for c, t in key)
+                        + f"id INTEGER NOT NULL, PRIMARY KEY ({cols})) WITHOUT ROWID;"
+                        f"CREATE TABLE IF NOT EXISTS {self._high_table} (one INTEGER PRIMARY KEY CHECK (one = 1), "
+                        "high INTEGER NOT NULL);")
+        self._insert = (f"INSERT OR REPLACE INTO {self._table}({cols}, id) VALUES ("
+                        + "?, " * len(self.key_cols) + "?)")
+        self._lookup = f"SELECT id FROM {self._table} WHERE " + " AND ".join(f"{c} = ?" for c in self.key_cols)
+        self._tail = (f"SELECT {log_id} FROM {log} WHERE {log_id} > ? AND "
+                      + " AND ".join(f"{c} = ?" for c in self.key_cols))
+        self._scan = f"SELECT {log_id}, {cols} FROM {log} WHERE {log_id} > ? ORDER BY {log_id} LIMIT 50000"
+        self.mem: dict[tuple, int] | None = None  # in memory: the main database is, or no index file
         self.db: sqlite3.Connection | None = None
         self.high = 0
         path = _main_path(main)
         if path and writer:
             try:
-                self.db = self._open(path + self.SUFFIX)
+                self.db = self._open(path + suffix)
             except sqlite3.OperationalError:  # a store opened where it cannot write: read as readers do
                 self.writer = False
-        if path and self.db is None and Path(path + self.SUFFIX).exists():
+        if path and self.db is None and Path(path + suffix).exists():
             try:
-                self.db = sqlite3.connect(Path(path + self.SUFFIX).resolve().as_uri() + "?mode=ro", uri=True,
+                self.db = sqlite3.connect(Path(path + suffix).resolve().as_uri() + "?mode=ro", uri=True,
                                           check_same_thread=False, timeout=10)
             except sqlite3.OperationalError:
                 self.db = None
@@ -216,11 +236,7 @@ class _NodeIndex:
             db.execute(f"PRAGMA page_size={self.PAGE_SIZE}")
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
-            db.executescript("""
-                CREATE TABLE IF NOT EXISTS node_index (key BLOB PRIMARY KEY, id INTEGER NOT NULL) WITHOUT ROWID;
-                CREATE TABLE IF NOT EXISTS node_index_high (one INTEGER PRIMARY KEY CHECK (one = 1),
-                                                            high INTEGER NOT NULL);
-            """)
+            db.executescript(self._schema)
         except sqlite3.OperationalError:
             db.close()
             raise
@@ -230,7 +246,7 @@ class _NodeIndex:
         if self.db is None:
             return self.high
         try:
-            row = self.db.execute("SELECT high FROM node_index_high").fetchone()
+            row = self.db.execute(f"SELECT high FROM {self._high_table}").fetchone()
         except sqlite3.OperationalError:  # a reader before the writer made the tables
             return 0
         return row[0] if row else 0
@@ -240,7 +256,7 @@ class _NodeIndex:
         the index (a database restored from an older copy)."""
         high = self._stored_high()
         try:
-            last = self.main.execute("SELECT COALESCE(MAX(id), 0) FROM trie_log").fetchone()[0]
+            last = self.main.execute(f"SELECT COALESCE(MAX({self.log_id}), 0) FROM {self.log}").fetchone()[0]
         except sqlite3.OperationalError:  # a reader of a database that has no log yet
             return
         if last < high:
@@ -248,37 +264,36 @@ class _NodeIndex:
             return
         self.high = high
         while True:
-            rows = self.main.execute("SELECT id, key FROM trie_log WHERE id > ? ORDER BY id LIMIT 50000",
-                                     (self.high,)).fetchall()
+            rows = self.main.execute(self._scan, (self.high,)).fetchall()
             if not rows:
                 return
-            self.add(rows)
+            self.add([(r[0], r[1:]) for r in rows])
 
     def rebuild(self) -> None:
         if self.mem is not None:
             self.mem.clear()
         elif self.db is not None:
             with immediate(self.db):
-                self.db.execute("DELETE FROM node_index")
-                self.db.execute("DELETE FROM node_index_high")
+                self.db.execute(f"DELETE FROM {self._table}")
+                self.db.execute(f"DELETE FROM {self._high_table}")
         self.high = 0
         self.catch_up()
 
-    def add(self, rows: list[tuple[int, bytes]]) -> None:
+    def add(self, rows: list[tuple[int, tuple]]) -> None:
         """Index (id, key) rows, ids contiguous and ascending."""
         contiguous = rows[0][0] == self.high + 1
         if self.mem is not None:
             self.mem.update((k, i) for i, k in rows)
         else:
             with immediate(self.db):
-                self.db.executemany("INSERT OR REPLACE INTO node_index(key, id) VALUES (?, ?)",
-                                    sorted((k, i) for i, k in rows))
+                self.db.executemany(self._insert, sorted((*k, i) for i, k in rows))
                 if contiguous:
-                    self.db.execute("INSERT OR REPLACE INTO node_index_high(one, high) VALUES (1, ?)", (rows[-1][0],))
+                    self.db.execute(f"INSERT OR REPLACE INTO {self._high_table}(one, high) VALUES (1, ?)",
+                                    (rows[-1][0],))
         if contiguous:
             self.high = rows[-1][0]
 
-    def find(self, key: bytes) -> int | None:
+    def find(self, key: tuple) -> int | None:
         if self.mem is not None:
             if not self.writer and not self.mem and self.high == 0:
                 self.catch_up()  # a reader without an index file: the log, indexed once
@@ -287,24 +302,39 @@ class _NodeIndex:
                 return i
         elif self.db is not None:
             try:
-                row = self.db.execute("SELECT id FROM node_index WHERE key = ?", (key,)).fetchone()
+                row = self.db.execute(self._lookup, key).fetchone()
             except sqlite3.OperationalError:
                 row = None
             if row is not None:
                 return row[0]
-        # Not indexed (yet): a block committed a moment ago, or a writer that stopped
+        # Not indexed (yet): a row committed a moment ago, or a writer that stopped
         # before indexing it. The log's tail is short; without a log there is none.
         high = self.high if self.writer else self._stored_high()
         try:
-            row = self.main.execute("SELECT id FROM trie_log WHERE id > ? AND key = ?", (high, key)).fetchone()
+            row = self.main.execute(self._tail, (high, *key)).fetchone()
         except sqlite3.OperationalError:
             return None
         return row[0] if row else None
 
     def stale(self) -> None:
-        """The index sent a key to a log row holding another node."""
+        """The index sent a key to a log row holding another one."""
         if self.writer:
             self.rebuild()
+
+    def close(self) -> None:
+        if self.db is not None:
+            self.db.close()
+            self.db = None
+
+
+class _NodeIndex(LogIndex):
+    """Trie log id by node hash, in `<database>.nodeindex`."""
+
+    SUFFIX = ".nodeindex"
+
+    def __init__(self, main: sqlite3.Connection, *, writer: bool):
+        super().__init__(main, writer=writer, suffix=self.SUFFIX, name="node", log="trie_log",
+                         key=(("key", "BLOB"),))
 
 
 # A chain's app may keep the tail of a block's body in tables of its own (the
