@@ -87,6 +87,10 @@ class GatewayStore:
         # Readings committed but not yet in the index file: indexed every INDEX_EVERY
         # (derived data: after a crash the file catches up from the table).
         self._unindexed: dict[tuple[str, int], int] = {}
+        # Each meter's highest stored seq, once `heads` has read them: what the
+        # (meter, seq) key inside the database used to refuse, a second reading
+        # stored for one seq, `commit` refuses by this (a meter's seqs only rise).
+        self._top: dict[str, int] | None = None
         if "tq" not in readings.columns_dict:  # the time-quality extension; NULL: a plain v1 reading
             self.db.execute("ALTER TABLE readings ADD COLUMN tq TEXT")
         if not self.db["evidence"].exists():
@@ -147,6 +151,7 @@ class GatewayStore:
                     "SELECT meter, seq, hash, t FROM readings WHERE rowid IN (%s)" % ",".join("?" * len(chunk)),
                     chunk):
                 heads[meter] = ChainHead(seq, _hex(h), t)
+        self._top = {meter: h.seq for meter, h in heads.items()}
         return heads
 
     def stored_hash(self, meter: str, seq: int) -> str | None:
@@ -178,6 +183,14 @@ class GatewayStore:
         # commits on its own, which would split the batch.
         fromhex = bytes.fromhex
         accepted = list(accepted)
+        top, rose = self._top, {}
+        if top is not None:
+            for r in accepted:
+                if r.seq <= (rose.get(r.meter) or top.get(r.meter, 0)):
+                    raise sqlite3.IntegrityError(
+                        f"reading {r.meter} seq {r.seq}: seq {rose.get(r.meter) or top[r.meter]} is stored already, "
+                        "and a meter's readings are stored once, in rising seq")
+                rose[r.meter] = r.seq
         rows = [(r.meter, r.seq, r.t, r.dt, fromhex(r.prev), r.kid, _c_bytes(r.c), fromhex(r.sig), fromhex(r.hash),
                  now, r.tq) for r in accepted]
         with immediate(conn):
@@ -192,6 +205,8 @@ class GatewayStore:
                 "INSERT INTO rejections(reason, count) VALUES (?, ?) "
                 "ON CONFLICT(reason) DO UPDATE SET count = count + excluded.count",
                 list(rejections.items()))
+        if top is not None:
+            top.update(rose)
         if last is None:
             return None
         first = last - len(rows) + 1

@@ -153,3 +153,27 @@ def test_a_database_made_with_the_key_works_as_before(tmp_path):
     store.close()
     store = GatewayStore(path)
     assert store.stored_hash("m005", 2) == plain(5, 2).hash and store.heads()["m005"].seq == 2
+
+
+def test_a_second_reading_for_a_stored_seq_is_refused_as_the_key_refused_it(tmp_path):
+    """With no (meter, seq) key inside the database, the store keeps each meter's highest
+    stored seq (from `heads`, as the gateway starts) and refuses a batch that would store
+    a seq again, from the table or within the batch itself; nothing of it is stored."""
+    path = tmp_path / "gw.db"
+    store = GatewayStore(path)
+    fill(store, 1, 2)
+    store.close()
+    store = GatewayStore(path)  # a restart: the highest seqs come from the table
+    assert store.heads()["m004"].seq == 2
+    count = lambda: store.db.execute("SELECT COUNT(*) FROM readings").fetchone()[0]
+    before = count()
+    for batch in ([plain(3, 3), plain(4, 2)],             # seq 2 of m004 is stored
+                  [plain(3, 3), plain(3, 3)],             # twice in one batch
+                  [plain(5, 4), plain(5, 3)]):            # falling within the batch
+        with pytest.raises(sqlite3.IntegrityError, match="stored once"):
+            store.commit(batch, [], {})
+        assert count() == before
+    assert store.commit([plain(4, 3), plain(4, 4)], [], {}) is not None
+    with pytest.raises(sqlite3.IntegrityError):
+        store.commit([plain(4, 4)], [], {})
+    assert count() == before + 2 and store.stored_hash("m004", 4) == plain(4, 4).hash
