@@ -128,6 +128,11 @@ class AreaApp:
         self._kid = paillier.kid  # derived values, computed once: they are per-reading checks
         self._n = gmpy2.mpz(paillier.n)
         self._nsq = gmpy2.mpz(paillier.nsquare)
+        # Per account, the leaf this app last wrote and its state: a block's account is
+        # nearly always the leaf the block before left, and decoding one (its RLP, then
+        # the canonical check) costs 3.6 µs where a copy of the state costs 0.13. A memo
+        # of the pure function decode(leaf), used only for exactly those bytes.
+        self._leaves: dict[str, tuple[bytes, AccountState]] = {}
 
     def execute(self, nodes: MutableMapping[bytes, bytes], parent_root: str, time_ms: int,
                 txs: Sequence[bytes], *, trusted: bool = False,
@@ -168,7 +173,7 @@ class AreaApp:
                 st = accounts.get(account)
                 if st is None:
                     leaf = trie.get(account_key(account))
-                    st = accounts[account] = (AccountState.decode(leaf) if leaf else
+                    st = accounts[account] = (self._decoded(account, leaf) if leaf else
                                               AccountState(r.meter, 0, ZERO_HASH, 0, 0, 1))
                 self._chain(i, r, st, time_ms)
             except Exception:
@@ -183,8 +188,12 @@ class AreaApp:
             st.total = int(st.total * p % nsq)
             block_total = block_total * p % nsq
         units.check(block_total)
+        leaves = self._leaves
         for account in sorted(accounts):
-            trie.set(account_key(account), accounts[account].encode())
+            st = accounts[account]
+            leaf = st.encode()
+            trie.set(account_key(account), leaf)
+            leaves[account] = (leaf, st)  # not changed after this: `_decoded` hands out copies
         if ref != start:
             trie.set(REGISTRY_KEY, rlp_encode([_uint(ref[0]), bytes.fromhex(ref[1])]))
         fields = {"registry": ref[1], "registry_height": ref[0]} if self.chained else {
@@ -192,6 +201,14 @@ class AreaApp:
         return Outcome(trie.commit().hex(), {
             "area": self.area, "kid": self._kid, **fields,
             "readings": readings, "alerts": alerts, "total": format(int(block_total), "x")})
+
+    def _decoded(self, account: str, leaf: bytes) -> AccountState:
+        """`AccountState.decode(leaf)`, as a fresh object the block may change."""
+        known = self._leaves.get(account)
+        if known is not None and known[0] == leaf:
+            st = known[1]
+            return AccountState(st.meter, st.seq, st.hash, st.count, st.last_t, st.total)
+        return AccountState.decode(leaf)
 
     def _signature_ok(self, reg: Registry | RegistryView, r: Reading) -> bool:
         def verify() -> bool:

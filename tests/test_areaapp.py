@@ -83,3 +83,28 @@ def test_decoded_readings_give_what_parsing_the_bytes_gives(area):
     assert outcome(app, swapped, trusted=True, decoded=readings) == ("tx_seq_gap", 1)
     with pytest.raises(ValueError):
         app.execute(NodeDB(None), app.genesis_root, NOW_MS, txs, decoded=readings)  # validators parse
+
+
+
+def test_an_app_that_remembers_its_leaves_reaches_the_same_states_as_a_fresh_one(area):
+    """The app keeps each account's last leaf with its decoded state, so the next block
+    need not decode it; a fresh app per block decodes every leaf. Over a chain of blocks,
+    then re-running the last block on its parent (where the remembered leaves are not
+    the trie's, as on a fork), both reach the same roots and fields, and a remembered
+    state is never changed by a block that used it."""
+    meters = [area.meters[m] for m in ("m1", "m2", "m3")]
+    warm = area.app()
+    nodes = NodeDB(None)
+    roots, blocks = [warm.genesis_root], []
+    for height in range(4):
+        txs = [m.next().to_json() for _ in range(1 + height % 2) for m in meters]
+        kept = [(st, (st.seq, st.hash, st.count, st.last_t, st.total)) for _, st in warm._leaves.values()]
+        out = warm.execute(nodes, roots[-1], NOW_MS + height, txs)
+        assert all((st.seq, st.hash, st.count, st.last_t, st.total) == fields for st, fields in kept)
+        cold = area.app().execute(nodes, roots[-1], NOW_MS + height, txs)
+        assert (out.state_root, out.app) == (cold.state_root, cold.app)
+        roots.append(out.state_root)
+        blocks.append(txs)
+    assert len(warm._leaves) == 3
+    again = warm.execute(nodes, roots[-2], NOW_MS + 3, blocks[-1])  # every leaf differs from the one kept
+    assert (again.state_root, again.app) == (out.state_root, out.app)
