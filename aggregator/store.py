@@ -125,10 +125,8 @@ class GatewayStore:
     def unblocked_count(self, conn: sqlite3.Connection) -> int:
         """Readings waiting for a block, without a scan: rowids are dense (the table is
         append-only, and SQLite gives each insert the largest rowid plus one)."""
-        return conn.execute(
-            "SELECT COALESCE((SELECT MAX(rowid) FROM readings), 0) - w.hi "
-            "- (SELECT COUNT(*) FROM readings_set_aside WHERE reading > w.hi) "
-            "FROM (SELECT COALESCE(MAX(hi), 0) AS hi FROM reading_blocks) w").fetchone()[0]
+        lo, top = self._bounds(conn)
+        return top - lo - len(self._aside(conn, lo))
 
     def heads(self) -> dict[str, ChainHead]:
         """Each meter's last stored reading (its highest seq): seq, hash and t."""
