@@ -9,7 +9,6 @@ own rate: four validators re-verifying every signature on one core cannot keep u
 from __future__ import annotations
 
 import argparse
-import asyncio
 import itertools
 import os
 import sqlite3
@@ -22,9 +21,10 @@ from pathlib import Path
 import gmpy2
 
 from certlog.block import Header
-from gridledger.meterkeys import verifier
+from gridledger import eventloop
 from gridledger.broker import start_mosquitto
 from gridledger.loadgen import WINDOW, Outgoing, precompute, run_load
+from gridledger.meterkeys import verifier
 from gridledger.testbed import certified_height, gateway_process, wait_up
 from gridledger.wire import Reading, parse_reading
 
@@ -114,7 +114,7 @@ def run_pass(base: Path, validators: int, payloads: list[Outgoing], keys, n: int
 
         # On the lean QoS 0 link: the gateway receives at QoS 0 whatever the publisher's
         # QoS, and the load generator must leave the shared core to the others.
-        load = asyncio.run(run_load(broker.host, broker.port, AREA, payloads, window=window,
+        load = eventloop.run(run_load(broker.host, broker.port, AREA, payloads, window=window,
                                     timeout=LOAD_TIMEOUT_S, clock=time.time, transport="link"))
         if not load.complete:
             raise RuntimeError(f"not every reading was acknowledged: {load.summary()}")

@@ -395,7 +395,9 @@ GC_THRESHOLDS = (50_000, 20, 10)
 def _run_role(name: str, level: str, role) -> int:
     """Run `role.run(stop)` until SIGTERM or SIGINT."""
     import gc
-    from .logs import setup_logging
+    import logging
+    from . import eventloop
+    from .logs import event, setup_logging
     setup_logging(name, level)
     gc.collect()
     gc.freeze()
@@ -406,9 +408,10 @@ def _run_role(name: str, level: str, role) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        event(logging.getLogger(f"gridledger.{name}"), "event_loop", loop=eventloop.running())
         await role.run(stop)
 
-    asyncio.run(main())
+    eventloop.run(main())
     return 0
 
 
@@ -661,7 +664,8 @@ def _cmd_loadgen(args) -> int:
               f"point the gateway's registry at it, then run without --generate-only", file=sys.stderr)
         print(json.dumps({"meters": len(area.keys), "registry": str(area.registry), "area": area.area}))
         return 0
-    result = asyncio.run(run_area(area, host, port, args.readings, window=args.window, timeout=args.timeout,
+    from . import eventloop
+    result = eventloop.run(run_area(area, host, port, args.readings, window=args.window, timeout=args.timeout,
                                   say=lambda s: print(s, file=sys.stderr, flush=True)))
     print(json.dumps({"meters": len(area.keys), "area": area.area, **result.summary()}))
     return 0 if result.complete else 1

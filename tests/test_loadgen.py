@@ -16,6 +16,7 @@ import pytest
 
 from aggregator.registry import load_registry
 from aggregator.store import GatewayStore
+from gridledger import eventloop
 from gridledger.broker import free_port
 from gridledger.cli import main
 from gridledger.loadgen import (LoadArea, LoadError, LoadMeter, Outgoing, RhoPool, _Flight, default_exp_bits, encrypt_with,
@@ -26,7 +27,7 @@ from gridledger.testbed import gateway_process
 from gridledger.wire import SLOTS, ZERO_HASH, pack_slots, parse_reading, unpack_slots
 
 from conftest import MP_SCRIPTS, VECTORS
-from helpers import N, PRIV
+from helpers import N, PRIV, log_events
 
 READINGS = json.loads((VECTORS / "readings_v1.json").read_text())
 PUB = PublicKey(N)
@@ -241,17 +242,26 @@ def assert_stored_chains(store: GatewayStore, payloads: list[Outgoing], per_mete
     return rows
 
 
-@pytest.mark.parametrize("transport", ["aiomqtt", "link"])
-def test_every_reading_is_acked_and_stored_once(tmp_path, broker, gateway, transport):
+@pytest.mark.parametrize("transport, loop", [("aiomqtt", "uvloop"), ("link", "uvloop"), ("link", "asyncio")])
+def test_every_reading_is_acked_and_stored_once(tmp_path, broker, gateway, transport, loop, monkeypatch):
     """20 meters x 10 readings: all acked with at most `window` in flight, stored exactly once per
     seq in chain order, and the area's product of ciphertexts decrypts to the meters' truth; over
-    QoS 1 as meters publish, and over the benches' lean QoS 0 link."""
+    QoS 1 as meters publish, and over the benches' lean QoS 0 link; the gateway and the load
+    generator on uvloop, as they run by default, and on the standard library's loop."""
+    if loop == "asyncio":
+        monkeypatch.setenv(eventloop.ENV, "asyncio")  # inherited by the gateway's process
     area = generate_area(tmp_path / "lg", 20, area="area1", paillier_public=PUB)
     gateway.start_area(area)
     meters = area.meters(start_t=T0)
     payloads = precompute(meters, 10, RhoPool(N))
-    res = asyncio.run(run_load(broker.host, broker.port, "area1", payloads, window=64, timeout=30,
-                               transport=transport))
+
+    async def load():
+        assert eventloop.running() == loop
+        return await run_load(broker.host, broker.port, "area1", payloads, window=64, timeout=30,
+                              transport=transport)
+
+    res = eventloop.run(load())
+    assert [e["loop"] for e in log_events(gateway.log) if e["ev"] == "event_loop"] == [loop]
     assert res.complete and (res.sent, res.acked_readings, res.nacks) == (200, 200, {})
     assert res.acked == {m.meter: 10 for m in meters}
     assert 0 < res.peak_unacked <= 64
