@@ -4,11 +4,12 @@ made for asyncio servers), or the standard library's with GRIDLEDGER_EVENT_LOOP=
 Every role (gateway, validators, storage, coordinator) and the load generator spends
 a share of each message in the loop itself: waking on a socket, reading it, calling
 the protocol, running the callbacks that follow. uvloop does that part in C; the
-program is the same asyncio program on either loop. On the gateway, with four
-validators re-checking blocks on the other core, it measured about 100 µs of CPU a
-reading against 104-106 on the standard loop (bench/ingest.py passes, alternated;
-docs/performance.md). The standard loop stays one setting away, for debugging
-(asyncio's debug mode and its tools know it best) or a platform uvloop does not build on.
+program is the same asyncio program on either loop. On the gateway (4-validator
+bench passes, the two loops alternated, each function's CPU timed inside the
+process), the main thread's work outside the reading checks fell from 18.8-22.0 to
+15.0-16.7 µs a reading (docs/performance.md). The standard loop stays one setting
+away, for debugging (asyncio's debug mode and its tools know it best) or a platform
+uvloop does not build on.
 """
 
 from __future__ import annotations
