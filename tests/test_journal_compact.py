@@ -8,6 +8,7 @@ on in compact records that a real gateway's checks accept."""
 from __future__ import annotations
 
 import json
+import shutil
 import struct
 import zlib
 from pathlib import Path
@@ -72,13 +73,43 @@ def test_torn_write_at_every_byte_of_the_last_compact_record(mp, tmp_path):
                                "file": f"{last.segment:08d}.seg", "cases": [{"at": a} for a in cuts]}, "read")
     assert len(lines) == len(cuts)
     hashes = [parse_reading(s).hash for s in sent]
+    data = (src / "unacked" / f"{last.segment:08d}.seg").read_bytes()
     for at, got in zip(cuts, lines, strict=True):
         if at < end:
             assert got["records"] == w["sent"][:4], at
             assert (got["seq"], got["prev"]) == (4, hashes[3]), at
-            assert got["damaged"] == (1 if at > last.offset else 0), at
+            assert got["damaged"] == damaged_regions(data[:at], last.offset), at
         else:
             assert got["records"] == w["sent"] and (got["seq"], got["prev"]) == (5, hashes[4])
+
+    # The same cuts with the magic bytes planted in the fifth frame's payload, as its random
+    # seed and signature hold them about once in 400 records: the scan resyncs there, refuses
+    # a frame it cannot check, counts it, and still recovers exactly readings 1-4.
+    planted = tmp_path / "planted"
+    shutil.copytree(src, planted)
+    at_magic = last.offset + 4 + 40
+    data = data[:at_magic] + b"\xa7J" + data[at_magic + 2:]
+    (planted / "unacked" / f"{last.segment:08d}.seg").write_bytes(data)
+    cuts = cuts[:-1]  # whole, the changed frame would fail its CRC: a different case
+    lines = run(mp, tmp_path, {**job, "mode": "read", "src": str(planted), "dir": str(tmp_path / "work2"),
+                               "file": f"{last.segment:08d}.seg", "cases": [{"at": a} for a in cuts]}, "planted")
+    for at, got in zip(cuts, lines, strict=True):
+        assert got["records"] == w["sent"][:4] and got["seq"] == 4, at
+        assert got["damaged"] == damaged_regions(data[:at], last.offset), at
+    assert {got["damaged"] for got in lines} == {0, 1, 2}
+
+
+def damaged_regions(torn: bytes, start: int) -> int:
+    """What recovery counts as damaged in a segment cut inside the frame at `start`: the
+    torn frame, once any of it is written, and then each later place the scan resyncs to
+    (the two magic bytes, which the random seed and signature of a compact record hold
+    about once in 400 records) that has room for a frame's head and tail, each checked
+    and refused in turn. Counted exactly, not ">= 1": a count that also took a whole
+    frame lost, or missed the torn one, would pass that."""
+    if len(torn) == start:
+        return 0
+    magic, room = b"\xa7J", 8  # firmware/journal.py: MAGIC; HEAD + TAIL
+    return 1 + sum(1 for p in range(start + 1, len(torn) - room + 1) if torn[p:p + 2] == magic)
 
 
 def old_reading(key, seq: int, prev: str, m: int) -> tuple[bytes, bytes]:
