@@ -115,7 +115,7 @@ def run_pass(base: Path, validators: int, payloads: list[Outgoing], keys, n: int
         # On the lean QoS 0 link: the gateway receives at QoS 0 whatever the publisher's
         # QoS, and the load generator must leave the shared core to the others.
         load = eventloop.run(run_load(broker.host, broker.port, AREA, payloads, window=window,
-                                    timeout=LOAD_TIMEOUT_S, clock=time.time, transport="link"))
+                                      timeout=LOAD_TIMEOUT_S, clock=time.time, transport="link"))
         if not load.complete:
             raise RuntimeError(f"not every reading was acknowledged: {load.summary()}")
         gw_at_last_ack = cpu_seconds(gateway.pid) - cpu0["gateway"]

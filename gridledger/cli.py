@@ -666,7 +666,7 @@ def _cmd_loadgen(args) -> int:
         return 0
     from . import eventloop
     result = eventloop.run(run_area(area, host, port, args.readings, window=args.window, timeout=args.timeout,
-                                  say=lambda s: print(s, file=sys.stderr, flush=True)))
+                                    say=lambda s: print(s, file=sys.stderr, flush=True)))
     print(json.dumps({"meters": len(area.keys), "area": area.area, **result.summary()}))
     return 0 if result.complete else 1
 

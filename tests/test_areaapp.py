@@ -85,7 +85,6 @@ def test_decoded_readings_give_what_parsing_the_bytes_gives(area):
         app.execute(NodeDB(None), app.genesis_root, NOW_MS, txs, decoded=readings)  # validators parse
 
 
-
 def test_an_app_that_remembers_its_leaves_reaches_the_same_states_as_a_fresh_one(area):
     """The app keeps each account's last leaf with its decoded state, so the next block
     need not decode it; a fresh app per block decodes every leaf. Over a chain of blocks,

@@ -56,12 +56,11 @@ def test_another_name_is_a_config_error_and_runs_nothing(monkeypatch, value):
     assert ran == []
 
 
-def test_a_role_stops_cleanly_on_either_loop_and_says_which(tmp_path, monkeypatch):
+def test_a_role_stops_cleanly_on_either_loop_and_says_which(tmp_path):
     """The CLI's role runner on each loop: SIGTERM's handler is installed (add_signal_handler), the
     role runs, and the process logs the loop it ran on."""
     script = tmp_path / "role.py"
     script.write_text(
-        "import asyncio, os\n"
         "from gridledger.cli import _run_role\n"
         "class Role:\n"
         "    async def run(self, stop):\n"
@@ -75,7 +74,7 @@ def test_a_role_stops_cleanly_on_either_loop_and_says_which(tmp_path, monkeypatc
         assert proc.stdout.readline().strip() == "up"
         time.sleep(0.1)
         proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=15)
+        _, err = proc.communicate(timeout=15)
         assert proc.returncode == 0, err
         events = [json.loads(x) for x in err.splitlines() if x.startswith("{")]
         assert [e["loop"] for e in events if e.get("ev") == "event_loop"] == [loop]

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from gridledger.meterjournal import journal_records, read_counters
+from gridledger.meterjournal import FRAME_MAGIC, journal_records, read_counters
 from gridledger.paillier import djn_exponent, encrypt_raw
 from gridledger.wire import ZERO_HASH, kid_of, make_reading, pack_slots, parse_reading
 
@@ -40,7 +40,7 @@ def run(mp, tmp: Path, job: dict, name: str, heap: str = "256k") -> list[dict]:
 
 
 def frame(payload: bytes) -> bytes:
-    head = b"\xa7J" + struct.pack(">H", len(payload))
+    head = FRAME_MAGIC + struct.pack(">H", len(payload))
     return head + payload + struct.pack(">I", zlib.crc32(head + payload))
 
 
@@ -88,7 +88,7 @@ def test_torn_write_at_every_byte_of_the_last_compact_record(mp, tmp_path):
     planted = tmp_path / "planted"
     shutil.copytree(src, planted)
     at_magic = last.offset + 4 + 40
-    data = data[:at_magic] + b"\xa7J" + data[at_magic + 2:]
+    data = data[:at_magic] + FRAME_MAGIC + data[at_magic + 2:]
     (planted / "unacked" / f"{last.segment:08d}.seg").write_bytes(data)
     cuts = cuts[:-1]  # whole, the changed frame would fail its CRC: a different case
     lines = run(mp, tmp_path, {**job, "mode": "read", "src": str(planted), "dir": str(tmp_path / "work2"),
@@ -108,8 +108,7 @@ def damaged_regions(torn: bytes, start: int) -> int:
     frame lost, or missed the torn one, would pass that."""
     if len(torn) == start:
         return 0
-    magic, room = b"\xa7J", 8  # firmware/journal.py: MAGIC; HEAD + TAIL
-    return 1 + sum(1 for p in range(start + 1, len(torn) - room + 1) if torn[p:p + 2] == magic)
+    return 1 + sum(1 for p in range(start + 1, len(torn) - FRAME + 1) if torn[p:p + 2] == FRAME_MAGIC)
 
 
 def old_reading(key, seq: int, prev: str, m: int) -> tuple[bytes, bytes]:

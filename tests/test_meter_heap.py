@@ -1,9 +1,9 @@
 """1,000 cycles of the meter's full loop under `micropython -X heapsize=METER_HEAP` (128k), against a
 real Mosquitto and the real gateway, with the broker stopped for a hundred cycles (a hundred and
 fifty with alerts, so that the outbox overflows; publishes fail, the journal grows) and started
-again: no MemoryError, the heap stays flat, and the
-health report carries the journal's figures. Once for a plain meter, once for a meter with
-device alerts configured (docs/alerts.md, "Heap")."""
+again: no MemoryError, the heap stays flat, and the health report carries the journal's
+figures. Once for a plain meter, once for a meter with device alerts configured
+(docs/alerts.md, "Heap")."""
 
 from __future__ import annotations
 
