@@ -189,7 +189,7 @@ class GatewayStore:
                         f"reading {r.meter} seq {r.seq}: seq {rose.get(r.meter) or top[r.meter]} is stored already, "
                         "and a meter's readings are stored once, in rising seq")
                 rose[r.meter] = r.seq
-        rows = [(r.meter, r.seq, r.t, r.dt, fromhex(r.prev), r.kid, _c_bytes(r.c), fromhex(r.sig), fromhex(r.hash),
+        rows = [(r.meter, r.seq, r.t, r.dt, fromhex(r.prev), r.kid, _c_bytes(r), fromhex(r.sig), fromhex(r.hash),
                  now, r.tq) for r in accepted]
         with immediate(conn):
             conn.executemany(
@@ -341,13 +341,14 @@ def _hex(v: bytes | str) -> str:
     return v.hex() if type(v) is bytes else v
 
 
-def _c_bytes(c: str) -> bytes | str:
+def _c_bytes(r: Reading) -> bytes | str:
     """A ciphertext's hex as bytes: an odd number of digits gets a leading 0, which
     `_c_hex` takes off again (a well-formed c has no leading zero of its own). One
     that does, which no parsed reading has, is kept as it is."""
+    c = r.c
     if c[:1] == "0" or not c:
         return c
-    return bytes.fromhex("0" + c if len(c) & 1 else c)
+    return r.ciphertext_bytes()
 
 
 def _c_hex(c: bytes | str) -> str:

@@ -92,3 +92,25 @@ def test_out_of_range_secret_keys_are_refused():
     for sk in (0, bls.CURVE_ORDER):
         with pytest.raises(ValueError):
             fast.Sign(sk, MSG)
+
+
+def test_public_keys_are_decoded_once_and_refusals_never_kept():
+    """A key that passes KeyValidate is decoded once for every later check (a
+    certificate is checked against the same few validator keys); a key that fails
+    is refused again every time, never remembered as valid, and a bytearray
+    spelling of a key is the same key."""
+    be = bls.BlspyBackend()
+    pks = [be.SkToPk(sk) for sk in SKS[:3]]
+    agg = be.Aggregate([be.Sign(sk, MSG) for sk in SKS[:3]])
+    for _ in range(5):
+        assert be.FastAggregateVerify(pks, MSG, agg)
+    assert be.FastAggregateVerify([bytearray(pk) for pk in pks], MSG, agg)
+    info = be._validated_pk.cache_info()
+    assert (info.misses, info.hits) == (3, 15)
+    bad = _cases()
+    for case in ("identity_pubkey", "garbage_pubkey", "uncompressed_flag_cleared"):
+        pk, msg, sig = bad[case]
+        for _ in range(3):
+            assert not be.Verify(pk, msg, sig)
+            assert not be.FastAggregateVerify([pk, *pks[1:]], MSG, agg)
+    assert be._validated_pk.cache_info().currsize == 3

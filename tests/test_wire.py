@@ -250,3 +250,18 @@ def test_an_integer_beyond_64_bits_is_read_by_json_loads(big):
         with pytest.raises(Rejected) as exc:
             parse_reading(payload)
         assert exc.value.reason == _slow_parse(payload) == "bad_value"
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(min_value=1, max_value=(1 << 4096) - 1), st.booleans(), st.integers(min_value=0, max_value=3))
+def test_ciphertext_bytes_are_the_hex_decoded_with_or_without_the_number(value, parsed_first, zeros):
+    """From the number the checks made or from the hex: the same bytes, one per two
+    digits, an odd count read with a leading 0 digit (leading zero digits, which no
+    parsed reading has, included)."""
+    c = "0" * zeros + format(value, "x")
+    r = Reading(meter="m1", seq=1, t=900, dt=900, prev="0" * 64, kid="ab" * 8, c=c, sig="cd" * 64)
+    if parsed_first:
+        assert r.ciphertext_mpz == value
+    got = r.ciphertext_bytes()
+    assert got == bytes.fromhex(c if len(c) % 2 == 0 else "0" + c)
+    assert len(got) == (len(c) + 1) // 2 and int.from_bytes(got, "big") == value
