@@ -6,8 +6,8 @@ The gateway runs alone on CPU 0; Mosquitto, the validators and this process (the
 generator) share CPU 1. A second pass with one validator (f = 0) shows the gateway's
 own rate: four validators re-verifying every signature on one core cannot keep up.
 
-In the main pass the shared core cannot feed the gateway either: it is busy about a
-quarter of the time and takes its readings in batches of about 120 (measured:
+In the main pass the shared core cannot feed the gateway either: while readings come
+in it is busy about half the time and takes them in batches of about 120 (measured:
 docs/performance.md). So the one-validator pass keeps `--own-window` readings in
 flight, twice a full batch: a full batch is always waiting, the gateway is busy for
 the whole ingest (`gateway_busy_while_acking`), and its CPU per reading is its
