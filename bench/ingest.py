@@ -155,6 +155,7 @@ def run_pass(base: Path, validators: int, payloads: list[Outgoing], keys, n: int
     return {
         "readings_per_s": readings / seconds,
         "seconds": seconds,
+        "window": window,
         "ack_seconds": load.seconds,
         "acked_per_s": readings / load.seconds,  # durable in the gateway's store: ingest alone
         "gateway_cpu_s": gw_cpu,
@@ -223,7 +224,6 @@ def main() -> None:
                 before = floor_now()
                 window = args.window if v == args.validators else args.own_window
                 r = run_pass(Path(tmp) / f"r{rep}", v, payloads, keys, n, window, pinned)
-                r["window"] = window
                 after = floor_now()
                 floors += [before, after]
                 r["floor_per_s"] = 2 / (before[0] + before[1] + after[0] + after[1])

@@ -134,8 +134,7 @@ class Reading:
         product take it as it is, where an int would be converted for each. By
         bytes: twice as fast as int(c, 16) for 1,024 hex digits."""
         if self._mpz is None:
-            c = self.c
-            object.__setattr__(self, "_mpz", gmpy2.mpz.from_bytes(bytes.fromhex(c if not len(c) & 1 else "0" + c)))
+            object.__setattr__(self, "_mpz", gmpy2.mpz.from_bytes(self.ciphertext_bytes()))
         return self._mpz
 
     def ciphertext_bytes(self) -> bytes:
